@@ -1,0 +1,141 @@
+//! The `testvm` binary: run a KVM guest workload, harvesting and checking its dirty pages, or serve it to
+//! a sidecar over the attach protocol.
+
+use std::time::Duration;
+
+use anyhow::{bail, Context};
+use clap::{Parser, Subcommand, ValueEnum};
+use testvm::layout::parse_bytes;
+use testvm::run::{run, RunOptions};
+use testvm::{DirtySource, WorkloadConfig};
+
+#[derive(Parser)]
+#[command(name = "testvm", version, about = "A tiny KVM VMM running Endophyte's guest workloads")]
+struct Cli {
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Clone, Copy, PartialEq, Eq, ValueEnum)]
+enum Output {
+    Text,
+    Json,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Boot a VM, run a workload, harvest dirty pages periodically, report.
+    Run {
+        /// Guest RAM (K, M, G suffixes).
+        #[arg(long, default_value = "256M", value_parser = parse_size)]
+        mem: u64,
+        /// vCPUs.
+        #[arg(long, default_value_t = 1)]
+        vcpus: u32,
+        /// Workload: idle | hotset[:size=S,rate=R] | uniform[:rate=R] | scan[:stride=N,rate=R].
+        #[arg(long, default_value = "hotset:size=64M,rate=20000", value_parser = parse_workload)]
+        workload: WorkloadConfig,
+        /// Fill all of RAM with PRNG output before the workload starts.
+        #[arg(long)]
+        fill: bool,
+        /// How long to run (e.g. 10s, 500ms).
+        #[arg(long, default_value = "3s", value_parser = parse_duration)]
+        duration: Duration,
+        /// Harvest interval in milliseconds.
+        #[arg(long, default_value_t = 50)]
+        harvest_ms: u64,
+        /// Have the guest log every page it writes and check the harvests against it.
+        #[arg(long)]
+        verify_dirty: bool,
+        /// KVM dirty-page source.
+        #[arg(long, value_enum, default_value = "bitmap")]
+        dirty_source: DirtySource,
+        /// Throttle fraction (0..0.99) for the whole run.
+        #[arg(long, default_value_t = 0.0)]
+        throttle: f64,
+        /// Output format.
+        #[arg(long, value_enum, default_value = "text")]
+        output: Output,
+    },
+}
+
+fn parse_size(s: &str) -> Result<u64, String> {
+    parse_bytes(s).ok_or_else(|| format!("{s:?} is not a size like 256M or 1G"))
+}
+
+fn parse_workload(s: &str) -> Result<WorkloadConfig, String> {
+    WorkloadConfig::parse(s).map_err(|e| e.to_string())
+}
+
+fn parse_duration(s: &str) -> Result<Duration, String> {
+    let bad = || format!("{s:?} is not a duration like 10s or 500ms");
+    let (num, unit) = s.find(|c: char| !c.is_ascii_digit() && c != '.').map(|i| s.split_at(i)).ok_or_else(bad)?;
+    let v: f64 = num.parse().map_err(|_| bad())?;
+    let secs = match unit {
+        "ms" => v / 1000.0,
+        "s" => v,
+        "m" | "min" => v * 60.0,
+        _ => return Err(bad()),
+    };
+    Ok(Duration::from_secs_f64(secs))
+}
+
+/// Where guest serial output goes: stderr, line by line with a prefix.
+struct ConsoleToStderr(Vec<u8>);
+
+impl std::io::Write for ConsoleToStderr {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        for &b in buf {
+            if b == b'\n' {
+                eprintln!("[guest] {}", String::from_utf8_lossy(&self.0));
+                self.0.clear();
+            } else {
+                self.0.push(b);
+            }
+        }
+        Ok(buf.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+fn main() -> anyhow::Result<()> {
+    tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
+        .with_writer(std::io::stderr)
+        .init();
+    match Cli::parse().cmd {
+        Cmd::Run { mem, vcpus, mut workload, fill, duration, harvest_ms, verify_dirty, dirty_source, throttle, output } => {
+            workload.fill = fill;
+            if harvest_ms == 0 {
+                bail!("--harvest-ms must be at least 1");
+            }
+            let report = run(RunOptions {
+                mem_bytes: mem,
+                vcpus,
+                workload,
+                duration,
+                harvest_interval: Duration::from_millis(harvest_ms),
+                verify_dirty,
+                dirty_source,
+                throttle,
+                console: Box::new(ConsoleToStderr(Vec::new())),
+            })
+            .context("testvm run")?;
+            match output {
+                Output::Json => println!("{}", serde_json::to_string(&report)?),
+                Output::Text => {
+                    println!("{}", serde_json::to_string_pretty(&report)?);
+                }
+            }
+            if let Some(f) = &report.fault {
+                bail!("the guest stopped: {f}");
+            }
+            if report.missed_pages.unwrap_or(0) > 0 {
+                bail!("dirty tracking missed {} pages the guest wrote", report.missed_pages.unwrap_or(0));
+            }
+        }
+    }
+    Ok(())
+}
