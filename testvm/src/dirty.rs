@@ -19,12 +19,17 @@ use std::os::fd::AsRawFd;
 use std::sync::atomic::{AtomicU32, Ordering};
 
 use endophyte_attach::bitmap::DirtyBitmap;
-use kvm_bindings::{kvm_clear_dirty_log, kvm_dirty_gfn, KVMIO};
-use vmm_sys_util::ioctl::{ioctl_with_ref, ioctl};
-use vmm_sys_util::{ioctl_io_nr, ioctl_iowr_nr};
+use kvm_bindings::{kvm_clear_dirty_log, kvm_dirty_gfn};
+use vmm_sys_util::ioctl::{ioctl, ioctl_with_ref};
 
-ioctl_iowr_nr!(KVM_CLEAR_DIRTY_LOG, KVMIO, 0xc0, kvm_clear_dirty_log);
-ioctl_io_nr!(KVM_RESET_DIRTY_RINGS, KVMIO, 0xc7);
+// `_IOWR(KVMIO, 0xc0, struct kvm_clear_dirty_log)` and `_IO(KVMIO, 0xc7)`, include/uapi/linux/kvm.h.
+mod nr {
+    #![allow(missing_docs)]
+    use kvm_bindings::{kvm_clear_dirty_log, KVMIO};
+    vmm_sys_util::ioctl_iowr_nr!(KVM_CLEAR_DIRTY_LOG, KVMIO, 0xc0, kvm_clear_dirty_log);
+    vmm_sys_util::ioctl_io_nr!(KVM_RESET_DIRTY_RINGS, KVMIO, 0xc7);
+}
+use nr::{KVM_CLEAR_DIRTY_LOG, KVM_RESET_DIRTY_RINGS};
 
 /// `kvm_dirty_gfn.flags`: the entry holds a dirty GFN not yet collected (include/uapi/linux/kvm.h).
 const KVM_DIRTY_GFN_F_DIRTY: u32 = 1 << 0;
@@ -34,7 +39,9 @@ const KVM_DIRTY_GFN_F_RESET: u32 = 1 << 1;
 pub const KVM_EXIT_DIRTY_RING_FULL: u32 = 31;
 
 /// Which KVM mechanism reports the guest's dirty pages.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize, clap::ValueEnum)]
+#[derive(
+    Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize, clap::ValueEnum,
+)]
 #[serde(rename_all = "lowercase")]
 pub enum DirtySource {
     /// `KVM_GET_DIRTY_LOG` with manual protect and `KVM_CLEAR_DIRTY_LOG`.
@@ -94,12 +101,20 @@ pub enum DirtyError {
 /// # Errors
 /// [`DirtyError::Ioctl`] if either ioctl fails; bits already read but not cleared stay set in KVM and are
 /// reported again next time.
-pub fn harvest_bitmap(vm: &kvm_ioctls::VmFd, slot: u32, into: &mut DirtyBitmap) -> Result<(), DirtyError> {
+pub fn harvest_bitmap(
+    vm: &kvm_ioctls::VmFd,
+    slot: u32,
+    into: &mut DirtyBitmap,
+) -> Result<(), DirtyError> {
     let pages = into.pages();
     let page_size = into.page_size();
     let mut words = vm
         .get_dirty_log(slot, (pages * page_size) as usize)
-        .map_err(|e| DirtyError::Ioctl { op: "KVM_GET_DIRTY_LOG", slot, source: e.into() })?;
+        .map_err(|e| DirtyError::Ioctl {
+            op: "KVM_GET_DIRTY_LOG",
+            slot,
+            source: e.into(),
+        })?;
     // Clear only what we read, in runs of 64-page words that have bits, so untouched parts of a large
     // slot cost nothing in the kernel.
     let mut i = 0;
@@ -133,7 +148,6 @@ pub fn harvest_bitmap(vm: &kvm_ioctls::VmFd, slot: u32, into: &mut DirtyBitmap) 
         }
     }
     into.or_words(&words);
-    words.clear();
     Ok(())
 }
 
@@ -159,7 +173,12 @@ impl DirtyRing {
     ///
     /// # Errors
     /// [`DirtyError::RingMap`].
-    pub fn map(vcpu: u32, vcpu_fd: &impl AsRawFd, ring_bytes: usize, page_size: u64) -> Result<Self, DirtyError> {
+    pub fn map(
+        vcpu: u32,
+        vcpu_fd: &impl AsRawFd,
+        ring_bytes: usize,
+        page_size: u64,
+    ) -> Result<Self, DirtyError> {
         let offset = i64::from(kvm_bindings::KVM_DIRTY_LOG_PAGE_OFFSET) * page_size as i64;
         // SAFETY: mapping a KVM vCPU fd at the documented dirty-ring offset with the size enabled on the VM;
         // the result is checked before use.
@@ -174,7 +193,11 @@ impl DirtyRing {
             )
         };
         if p == libc::MAP_FAILED {
-            return Err(DirtyError::RingMap { vcpu, bytes: ring_bytes, source: std::io::Error::last_os_error() });
+            return Err(DirtyError::RingMap {
+                vcpu,
+                bytes: ring_bytes,
+                source: std::io::Error::last_os_error(),
+            });
         }
         Ok(Self {
             vcpu,
@@ -206,7 +229,13 @@ impl DirtyRing {
             let (slot, offset) = (e.slot, e.offset);
             match bitmaps.get_mut(slot as usize) {
                 Some(bm) if offset < bm.pages() => bm.set(offset),
-                _ => bad = Some(DirtyError::BadRingEntry { vcpu: self.vcpu, slot, offset }),
+                _ => {
+                    bad = Some(DirtyError::BadRingEntry {
+                        vcpu: self.vcpu,
+                        slot,
+                        offset,
+                    })
+                }
             }
             flags.store(KVM_DIRTY_GFN_F_RESET, Ordering::Release);
             fetch = fetch.wrapping_add(1);
@@ -224,7 +253,10 @@ impl Drop for DirtyRing {
     fn drop(&mut self) {
         // SAFETY: unmapping exactly the mapping created in `map`; nothing uses it after drop.
         unsafe {
-            libc::munmap(self.entries.cast(), self.count as usize * std::mem::size_of::<kvm_dirty_gfn>());
+            libc::munmap(
+                self.entries.cast(),
+                self.count as usize * std::mem::size_of::<kvm_dirty_gfn>(),
+            );
         }
     }
 }
@@ -237,7 +269,11 @@ pub fn reset_dirty_rings(vm: &kvm_ioctls::VmFd) -> Result<(), DirtyError> {
     // SAFETY: KVM_RESET_DIRTY_RINGS takes no argument and only touches the VM's own rings.
     let ret = unsafe { ioctl(vm, KVM_RESET_DIRTY_RINGS()) };
     if ret < 0 {
-        return Err(DirtyError::Ioctl { op: "KVM_RESET_DIRTY_RINGS", slot: 0, source: std::io::Error::last_os_error() });
+        return Err(DirtyError::Ioctl {
+            op: "KVM_RESET_DIRTY_RINGS",
+            slot: 0,
+            source: std::io::Error::last_os_error(),
+        });
     }
     Ok(())
 }

@@ -128,12 +128,21 @@ impl Layout {
     /// # Errors
     /// [`LayoutError`] when the size is not page-aligned, too large, too small, or the vCPU count is
     /// out of range.
-    pub fn new(mem_bytes: u64, vcpus: u32, page_size: u64, image_bytes: u64, verify: bool) -> Result<Self, LayoutError> {
+    pub fn new(
+        mem_bytes: u64,
+        vcpus: u32,
+        page_size: u64,
+        image_bytes: u64,
+        verify: bool,
+    ) -> Result<Self, LayoutError> {
         if !(1..=64).contains(&vcpus) {
             return Err(LayoutError::BadVcpus { vcpus });
         }
         if mem_bytes == 0 || mem_bytes % page_size != 0 || mem_bytes > 512 * PD_SPAN_BYTES {
-            return Err(LayoutError::BadSize { mem_bytes, page_size });
+            return Err(LayoutError::BadSize {
+                mem_bytes,
+                page_size,
+            });
         }
         let align = |x: u64| x.next_multiple_of(page_size);
         let mut cursor = align(X86_TABLE_BYTES.max(page_size)); // leave page 0 unused
@@ -154,15 +163,25 @@ impl Layout {
         let status_gpa = take(page_size * u64::from(vcpus));
         let mem_pages = mem_bytes / page_size;
         let (log_cap, log_stride) = if verify {
-            let cap = (mem_pages / 4).next_power_of_two().clamp(MIN_LOG_CAP, MAX_LOG_CAP);
+            let cap = (mem_pages / 4)
+                .next_power_of_two()
+                .clamp(MIN_LOG_CAP, MAX_LOG_CAP);
             (cap, page_size + align(cap * 4))
         } else {
             (0, 0)
         };
-        let log_gpa = if verify { take(log_stride * u64::from(vcpus)) } else { 0 };
+        let log_gpa = if verify {
+            take(log_stride * u64::from(vcpus))
+        } else {
+            0
+        };
         let work_gpa = cursor;
         if work_gpa + page_size * u64::from(vcpus) > mem_bytes {
-            return Err(LayoutError::TooSmall { mem_bytes, vcpus, needed_bytes: work_gpa });
+            return Err(LayoutError::TooSmall {
+                mem_bytes,
+                vcpus,
+                needed_bytes: work_gpa,
+            });
         }
         Ok(Self {
             mem_bytes,
@@ -262,7 +281,10 @@ impl Layout {
                     *e = (n * LARGE_PAGE_BYTES) | table | pte::DIRTY | pte::LARGE;
                 }
             }
-            write(self.pd_gpa + pd * X86_TABLE_BYTES, &words_to_bytes(&entries));
+            write(
+                self.pd_gpa + pd * X86_TABLE_BYTES,
+                &words_to_bytes(&entries),
+            );
         }
         write(self.image_gpa, image.bytes);
     }
@@ -282,9 +304,6 @@ impl Layout {
         put(cfg::RATE, w.rate_pages_per_s / u64::from(self.vcpus));
         put(cfg::TSC_HZ, tsc_hz);
         let mut flags = 0;
-        if w.fill {
-            flags |= guest::FLAG_FILL;
-        }
         if self.log_cap > 0 {
             flags |= guest::FLAG_VERIFY;
         }
@@ -315,7 +334,7 @@ pub struct WorkloadConfig {
     pub rate_pages_per_s: u64,
     /// Scan stride in pages (scan).
     pub scan_stride: u64,
-    /// Fill all of the workload area with PRNG output first.
+    /// Fill all of the workload area with PRNG output (the VMM does it, before boot).
     pub fill: bool,
     /// PRNG seed.
     pub seed: u64,
@@ -333,7 +352,8 @@ mod kind_serde {
 
     pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<WorkloadKind, D::Error> {
         let name = String::deserialize(d)?;
-        super::kind_from_name(&name).ok_or_else(|| serde::de::Error::custom(format!("unknown workload kind {name:?}")))
+        super::kind_from_name(&name)
+            .ok_or_else(|| serde::de::Error::custom(format!("unknown workload kind {name:?}")))
     }
 }
 
@@ -383,7 +403,8 @@ impl WorkloadConfig {
     /// [`WorkloadParseError`] naming the unknown kind or the bad parameter.
     pub fn parse(s: &str) -> Result<Self, WorkloadParseError> {
         let (kind_s, params) = s.split_once(':').unwrap_or((s, ""));
-        let kind = kind_from_name(kind_s).ok_or_else(|| WorkloadParseError::UnknownKind(kind_s.to_string()))?;
+        let kind = kind_from_name(kind_s)
+            .ok_or_else(|| WorkloadParseError::UnknownKind(kind_s.to_string()))?;
         let mut w = Self {
             kind,
             hot_bytes: 64 << 20,
@@ -399,15 +420,20 @@ impl WorkloadConfig {
                 param: param.to_string(),
                 why: why.to_string(),
             };
-            let (k, v) = param.split_once('=').ok_or_else(|| bad("expected key=value"))?;
+            let (k, v) = param
+                .split_once('=')
+                .ok_or_else(|| bad("expected key=value"))?;
             match (k, kind) {
                 ("size", WorkloadKind::Hotset) => {
-                    w.hot_bytes = parse_bytes(v).ok_or_else(|| bad("expected a byte size like 256M"))?;
+                    w.hot_bytes =
+                        parse_bytes(v).ok_or_else(|| bad("expected a byte size like 256M"))?;
                     if w.hot_bytes == 0 {
                         return Err(bad("hot set must not be empty"));
                     }
                 }
-                ("rate", _) => w.rate_pages_per_s = v.parse().map_err(|_| bad("expected pages per second"))?,
+                ("rate", _) => {
+                    w.rate_pages_per_s = v.parse().map_err(|_| bad("expected pages per second"))?
+                }
                 ("stride", WorkloadKind::Scan) => {
                     w.scan_stride = v.parse().map_err(|_| bad("expected a page count"))?;
                     if w.scan_stride == 0 {
@@ -415,7 +441,9 @@ impl WorkloadConfig {
                     }
                 }
                 ("seed", _) => w.seed = v.parse().map_err(|_| bad("expected an integer"))?,
-                ("stop_at", _) => w.stop_at_pages = v.parse().map_err(|_| bad("expected a page count"))?,
+                ("stop_at", _) => {
+                    w.stop_at_pages = v.parse().map_err(|_| bad("expected a page count"))?
+                }
                 _ => return Err(bad("unknown key for this workload")),
             }
         }
@@ -426,9 +454,15 @@ impl WorkloadConfig {
     pub fn describe(&self) -> String {
         match self.kind {
             WorkloadKind::Idle => "idle".to_string(),
-            WorkloadKind::Hotset => format!("hotset:size={},rate={}", self.hot_bytes, self.rate_pages_per_s),
+            WorkloadKind::Hotset => format!(
+                "hotset:size={},rate={}",
+                self.hot_bytes, self.rate_pages_per_s
+            ),
             WorkloadKind::Uniform => format!("uniform:rate={}", self.rate_pages_per_s),
-            WorkloadKind::Scan => format!("scan:stride={},rate={}", self.scan_stride, self.rate_pages_per_s),
+            WorkloadKind::Scan => format!(
+                "scan:stride={},rate={}",
+                self.scan_stride, self.rate_pages_per_s
+            ),
         }
     }
 }
@@ -469,20 +503,44 @@ mod tests {
 
     #[test]
     fn rejects_bad_sizes() {
-        assert!(matches!(Layout::new(4096 * 3, 1, 4096, 8192, false), Err(LayoutError::TooSmall { .. })));
-        assert!(matches!(Layout::new(12345, 1, 4096, 8192, false), Err(LayoutError::BadSize { .. })));
-        assert!(matches!(Layout::new(1 << 30, 0, 4096, 8192, false), Err(LayoutError::BadVcpus { .. })));
+        assert!(matches!(
+            Layout::new(4096 * 3, 1, 4096, 8192, false),
+            Err(LayoutError::TooSmall { .. })
+        ));
+        assert!(matches!(
+            Layout::new(12345, 1, 4096, 8192, false),
+            Err(LayoutError::BadSize { .. })
+        ));
+        assert!(matches!(
+            Layout::new(1 << 30, 0, 4096, 8192, false),
+            Err(LayoutError::BadVcpus { .. })
+        ));
     }
 
     #[test]
     fn parses_workloads() {
         let w = WorkloadConfig::parse("hotset:size=256M,rate=50000").unwrap();
-        assert_eq!((w.kind, w.hot_bytes, w.rate_pages_per_s), (WorkloadKind::Hotset, 256 << 20, 50000));
+        assert_eq!(
+            (w.kind, w.hot_bytes, w.rate_pages_per_s),
+            (WorkloadKind::Hotset, 256 << 20, 50000)
+        );
         assert_eq!(WorkloadConfig::parse(&w.describe()).unwrap(), w);
-        assert_eq!(WorkloadConfig::parse("scan:stride=8").unwrap().scan_stride, 8);
-        assert!(matches!(WorkloadConfig::parse("hotspot"), Err(WorkloadParseError::UnknownKind(_))));
-        assert!(matches!(WorkloadConfig::parse("idle:size=1M"), Err(WorkloadParseError::BadParam { .. })));
-        assert!(matches!(WorkloadConfig::parse("hotset:size=lots"), Err(WorkloadParseError::BadParam { .. })));
+        assert_eq!(
+            WorkloadConfig::parse("scan:stride=8").unwrap().scan_stride,
+            8
+        );
+        assert!(matches!(
+            WorkloadConfig::parse("hotspot"),
+            Err(WorkloadParseError::UnknownKind(_))
+        ));
+        assert!(matches!(
+            WorkloadConfig::parse("idle:size=1M"),
+            Err(WorkloadParseError::BadParam { .. })
+        ));
+        assert!(matches!(
+            WorkloadConfig::parse("hotset:size=lots"),
+            Err(WorkloadParseError::BadParam { .. })
+        ));
         assert_eq!(parse_bytes("1G"), Some(1 << 30));
         assert_eq!(parse_bytes("512MiB"), Some(512 << 20));
     }

@@ -10,7 +10,11 @@ use testvm::run::{run, RunOptions};
 use testvm::{DirtySource, WorkloadConfig};
 
 #[derive(Parser)]
-#[command(name = "testvm", version, about = "A tiny KVM VMM running Endophyte's guest workloads")]
+#[command(
+    name = "testvm",
+    version,
+    about = "A tiny KVM VMM running Endophyte's guest workloads"
+)]
 struct Cli {
     #[command(subcommand)]
     cmd: Cmd,
@@ -69,7 +73,10 @@ fn parse_workload(s: &str) -> Result<WorkloadConfig, String> {
 
 fn parse_duration(s: &str) -> Result<Duration, String> {
     let bad = || format!("{s:?} is not a duration like 10s or 500ms");
-    let (num, unit) = s.find(|c: char| !c.is_ascii_digit() && c != '.').map(|i| s.split_at(i)).ok_or_else(bad)?;
+    let (num, unit) = s
+        .find(|c: char| !c.is_ascii_digit() && c != '.')
+        .map(|i| s.split_at(i))
+        .ok_or_else(bad)?;
     let v: f64 = num.parse().map_err(|_| bad())?;
     let secs = match unit {
         "ms" => v / 1000.0,
@@ -106,7 +113,18 @@ fn main() -> anyhow::Result<()> {
         .with_writer(std::io::stderr)
         .init();
     match Cli::parse().cmd {
-        Cmd::Run { mem, vcpus, mut workload, fill, duration, harvest_ms, verify_dirty, dirty_source, throttle, output } => {
+        Cmd::Run {
+            mem,
+            vcpus,
+            mut workload,
+            fill,
+            duration,
+            harvest_ms,
+            verify_dirty,
+            dirty_source,
+            throttle,
+            output,
+        } => {
             workload.fill = fill;
             if harvest_ms == 0 {
                 bail!("--harvest-ms must be at least 1");
@@ -133,7 +151,10 @@ fn main() -> anyhow::Result<()> {
                 bail!("the guest stopped: {f}");
             }
             if report.missed_pages.unwrap_or(0) > 0 {
-                bail!("dirty tracking missed {} pages the guest wrote", report.missed_pages.unwrap_or(0));
+                bail!(
+                    "dirty tracking missed {} pages the guest wrote",
+                    report.missed_pages.unwrap_or(0)
+                );
             }
         }
     }

@@ -7,8 +7,8 @@
 use std::fs::File;
 use std::os::fd::{AsRawFd, FromRawFd};
 
-use vm_memory::bitmap::AtomicBitmap;
 use std::sync::Arc;
+use vm_memory::bitmap::AtomicBitmap;
 
 use vm_memory::{Bytes, FileOffset, GuestAddress, GuestMemoryMmap, GuestRegionMmap, MmapRegion};
 
@@ -96,9 +96,14 @@ impl GuestRam {
             .map_err(|source| MemoryError::Memfd { size_bytes, source })?
             .len();
         if actual != size_bytes {
-            return Err(MemoryError::FileSize { actual_bytes: actual, expected_bytes: size_bytes });
+            return Err(MemoryError::FileSize {
+                actual_bytes: actual,
+                expected_bytes: size_bytes,
+            });
         }
-        let dup = file.try_clone().map_err(|source| MemoryError::Memfd { size_bytes, source })?;
+        let dup = file
+            .try_clone()
+            .map_err(|source| MemoryError::Memfd { size_bytes, source })?;
         let region = GuestRegionMmap::<AtomicBitmap>::from_range(
             GuestAddress(0),
             size_bytes as usize,
@@ -106,9 +111,17 @@ impl GuestRam {
         )
         .map_err(|source| MemoryError::Map { size_bytes, source })?;
         let mapping = region.get_mmap();
-        let mem = GuestMemoryMmap::from_regions(vec![region])
-            .map_err(|e| MemoryError::Map { size_bytes, source: e.into() })?;
-        Ok(Self { mem, mapping, file, size_bytes, page_size })
+        let mem = GuestMemoryMmap::from_regions(vec![region]).map_err(|e| MemoryError::Map {
+            size_bytes,
+            source: e.into(),
+        })?;
+        Ok(Self {
+            mem,
+            mapping,
+            file,
+            size_bytes,
+            page_size,
+        })
     }
 
     /// Size in bytes.
@@ -143,7 +156,11 @@ impl GuestRam {
     pub fn write(&self, gpa: u64, data: &[u8]) -> Result<(), MemoryError> {
         self.mem
             .write_slice(data, GuestAddress(gpa))
-            .map_err(|_| MemoryError::OutOfRange { gpa, len: data.len(), mem_bytes: self.size_bytes })
+            .map_err(|_| MemoryError::OutOfRange {
+                gpa,
+                len: data.len(),
+                mem_bytes: self.size_bytes,
+            })
     }
 
     /// Reads `buf.len()` bytes at `gpa`.
@@ -153,7 +170,11 @@ impl GuestRam {
     pub fn read(&self, gpa: u64, buf: &mut [u8]) -> Result<(), MemoryError> {
         self.mem
             .read_slice(buf, GuestAddress(gpa))
-            .map_err(|_| MemoryError::OutOfRange { gpa, len: buf.len(), mem_bytes: self.size_bytes })
+            .map_err(|_| MemoryError::OutOfRange {
+                gpa,
+                len: buf.len(),
+                mem_bytes: self.size_bytes,
+            })
     }
 
     /// Reads the little-endian `u64` at `gpa` (8-byte aligned) atomically.
@@ -165,7 +186,9 @@ impl GuestRam {
         // SAFETY: the range was checked to lie inside the mapping, which lives as long as self; the address
         // is 8-byte aligned (callers pass aligned record fields) and AtomicU64 has u64's layout. Atomic
         // access is the right tool for memory another agent (the guest) writes concurrently.
-        let a = unsafe { &*(self.host_addr().add(gpa as usize) as *const std::sync::atomic::AtomicU64) };
+        let a = unsafe {
+            &*(self.host_addr().add(gpa as usize) as *const std::sync::atomic::AtomicU64)
+        };
         Ok(a.load(std::sync::atomic::Ordering::Acquire))
     }
 
@@ -176,7 +199,9 @@ impl GuestRam {
     pub fn read_u32(&self, gpa: u64) -> Result<u32, MemoryError> {
         self.check(gpa, 4)?;
         // SAFETY: as in read_u64, for a 4-byte aligned u32.
-        let a = unsafe { &*(self.host_addr().add(gpa as usize) as *const std::sync::atomic::AtomicU32) };
+        let a = unsafe {
+            &*(self.host_addr().add(gpa as usize) as *const std::sync::atomic::AtomicU32)
+        };
         Ok(a.load(std::sync::atomic::Ordering::Acquire))
     }
 
@@ -187,15 +212,24 @@ impl GuestRam {
     pub fn write_u64(&self, gpa: u64, v: u64) -> Result<(), MemoryError> {
         self.check(gpa, 8)?;
         // SAFETY: as in read_u64.
-        let a = unsafe { &*(self.host_addr().add(gpa as usize) as *const std::sync::atomic::AtomicU64) };
+        let a = unsafe {
+            &*(self.host_addr().add(gpa as usize) as *const std::sync::atomic::AtomicU64)
+        };
         a.store(v, std::sync::atomic::Ordering::Release);
         self.vmm_bitmap().set_addr_range(gpa as usize, 8);
         Ok(())
     }
 
     fn check(&self, gpa: u64, len: usize) -> Result<(), MemoryError> {
-        if gpa.checked_add(len as u64).is_none_or(|end| end > self.size_bytes) {
-            return Err(MemoryError::OutOfRange { gpa, len, mem_bytes: self.size_bytes });
+        if gpa
+            .checked_add(len as u64)
+            .is_none_or(|end| end > self.size_bytes)
+        {
+            return Err(MemoryError::OutOfRange {
+                gpa,
+                len,
+                mem_bytes: self.size_bytes,
+            });
         }
         Ok(())
     }

@@ -52,8 +52,6 @@ pub struct RunReport {
     pub elapsed_s: f64,
     /// Pages the guest's workload wrote (its own counters, all vCPUs).
     pub guest_pages_written: u64,
-    /// Pages the fill wrote (its own counters).
-    pub guest_fill_pages: u64,
     /// Write rate the guest measured with its own TSC, pages/s, all vCPUs.
     pub guest_rate_pages_per_s: f64,
     /// The guest's running checksums combined (XOR over vCPUs).
@@ -159,7 +157,9 @@ pub fn run(opts: RunOptions) -> Result<RunReport, VmError> {
         next += opts.harvest_interval;
         harvest_no += 1;
         let heads: Vec<u64> = if verifier.is_some() {
-            (0..layout.vcpus).map(|i| vm.guest_log_head(i)).collect::<Result<_, _>>()?
+            (0..layout.vcpus)
+                .map(|i| vm.guest_log_head(i))
+                .collect::<Result<_, _>>()?
         } else {
             Vec::new()
         };
@@ -183,14 +183,12 @@ pub fn run(opts: RunOptions) -> Result<RunReport, VmError> {
     }
     let tsc_hz = f64::from(vm.tsc_khz()) * 1000.0;
     let mut written = 0;
-    let mut fill = 0;
     let mut checksum = 0u64;
     let mut rate = 0.0;
     let mut stalls = 0;
     for i in 0..layout.vcpus {
         let s = vm.guest_status(i)?;
         written += s.pages_written;
-        fill += s.fill_pages;
         checksum ^= s.checksum;
         stalls += s.log_stalls;
         if s.pages_written > 0 && s.last_tsc > s.work_start_tsc {
@@ -205,7 +203,6 @@ pub fn run(opts: RunOptions) -> Result<RunReport, VmError> {
         dirty_source: vm.dirty_source(),
         elapsed_s: elapsed.as_secs_f64(),
         guest_pages_written: written,
-        guest_fill_pages: fill,
         guest_rate_pages_per_s: rate,
         guest_checksum: format!("{checksum:016x}"),
         harvests: harvest_us.len() as u64,
@@ -216,7 +213,10 @@ pub fn run(opts: RunOptions) -> Result<RunReport, VmError> {
         verified_writes: verifier.as_ref().map(|v| v.checked),
         log_stalls: stalls,
         ring_full_exits: vm.ring_full_exits(),
-        exceptions: u64::from(matches!(fault, Some(crate::vcpu::VmFault::GuestException { .. }))),
+        exceptions: u64::from(matches!(
+            fault,
+            Some(crate::vcpu::VmFault::GuestException { .. })
+        )),
         fault: fault.map(|f| f.to_string()),
     })
 }

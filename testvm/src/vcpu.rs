@@ -47,7 +47,8 @@ extern "C" fn handle_kick(_: libc::c_int, _: *mut libc::siginfo_t, _: *mut libc:
 pub fn install_kick_handler() -> std::io::Result<()> {
     static ONCE: std::sync::OnceLock<Result<(), i32>> = std::sync::OnceLock::new();
     (*ONCE.get_or_init(|| {
-        vmm_sys_util::signal::register_signal_handler(kick_signal(), handle_kick).map_err(|e| e.errno())
+        vmm_sys_util::signal::register_signal_handler(kick_signal(), handle_kick)
+            .map_err(|e| e.errno())
     }))
     .map_err(std::io::Error::from_raw_os_error)
 }
@@ -95,9 +96,9 @@ pub enum VmFault {
 /// Mnemonic of an exception vector (Intel SDM vol. 3A, table 6-1).
 pub fn vector_name(v: u64) -> &'static str {
     const NAMES: [&str; 32] = [
-        "#DE", "#DB", "NMI", "#BP", "#OF", "#BR", "#UD", "#NM", "#DF", "CSO", "#TS", "#NP", "#SS", "#GP", "#PF",
-        "reserved", "#MF", "#AC", "#MC", "#XM", "#VE", "#CP", "reserved", "reserved", "reserved", "reserved",
-        "reserved", "reserved", "#HV", "#VC", "#SX", "reserved",
+        "#DE", "#DB", "NMI", "#BP", "#OF", "#BR", "#UD", "#NM", "#DF", "CSO", "#TS", "#NP", "#SS",
+        "#GP", "#PF", "reserved", "#MF", "#AC", "#MC", "#XM", "#VE", "#CP", "reserved", "reserved",
+        "reserved", "reserved", "reserved", "reserved", "#HV", "#VC", "#SX", "reserved",
     ];
     NAMES.get(v as usize).copied().unwrap_or("unknown")
 }
@@ -219,7 +220,8 @@ impl VcpuHandle {
 }
 
 /// Where the guest's serial output goes.
-pub type Console = vm_superio::Serial<NoIrq, vm_superio::serial::NoEvents, Box<dyn std::io::Write + Send>>;
+pub type Console =
+    vm_superio::Serial<NoIrq, vm_superio::serial::NoEvents, Box<dyn std::io::Write + Send>>;
 
 /// The serial port's interrupt line: testvm has no interrupt controller, and the guest polls.
 #[derive(Debug)]
@@ -319,11 +321,14 @@ fn vcpu_loop(cx: &VcpuContext) {
                     Action::Continue
                 }
                 Ok(VcpuExit::Hlt) => Action::Nap(Duration::from_millis(1)),
-                Ok(VcpuExit::Unsupported(crate::dirty::KVM_EXIT_DIRTY_RING_FULL)) => Action::RingFull,
-                Ok(VcpuExit::Shutdown) => fail(cx, "triple fault (KVM_EXIT_SHUTDOWN)".into()),
-                Ok(VcpuExit::FailEntry(reason, cpu)) => {
-                    fail(cx, format!("KVM_EXIT_FAIL_ENTRY, hardware reason {reason:#x} on host CPU {cpu}"))
+                Ok(VcpuExit::Unsupported(crate::dirty::KVM_EXIT_DIRTY_RING_FULL)) => {
+                    Action::RingFull
                 }
+                Ok(VcpuExit::Shutdown) => fail(cx, "triple fault (KVM_EXIT_SHUTDOWN)".into()),
+                Ok(VcpuExit::FailEntry(reason, cpu)) => fail(
+                    cx,
+                    format!("KVM_EXIT_FAIL_ENTRY, hardware reason {reason:#x} on host CPU {cpu}"),
+                ),
                 Ok(VcpuExit::InternalError) => fail(cx, "KVM_EXIT_INTERNAL_ERROR".into()),
                 Ok(other) => fail(cx, format!("unexpected exit {other:?}")),
                 Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => Action::Continue,
@@ -340,7 +345,9 @@ fn vcpu_loop(cx: &VcpuContext) {
             Action::Nap(d) => {
                 let st = ctl.lock();
                 let seq = st.throttle_seq;
-                let _ = ctl.wait_until(st, d.min(MAX_NAP), |s| s.want != Want::Run || s.throttle_seq != seq);
+                let _ = ctl.wait_until(st, d.min(MAX_NAP), |s| {
+                    s.want != Want::Run || s.throttle_seq != seq
+                });
             }
             Action::RingFull => {
                 ctl.ring_full_exits.fetch_add(1, Ordering::Relaxed);
@@ -378,7 +385,10 @@ enum Action {
 }
 
 fn fail(cx: &VcpuContext, why: String) -> Action {
-    Action::Fault(VmFault::VcpuFailed { vcpu: cx.index, why })
+    Action::Fault(VmFault::VcpuFailed {
+        vcpu: cx.index,
+        why,
+    })
 }
 
 fn io_out(cx: &VcpuContext, port: u16, data: &[u8]) -> Action {
@@ -441,7 +451,11 @@ pub fn sync_vcpus(vcpus: &[Arc<VcpuHandle>], ctl: &Control) -> Duration {
     let t0 = Instant::now();
     let before: Vec<Option<u64>> = vcpus
         .iter()
-        .map(|v| v.in_guest.load(Ordering::SeqCst).then(|| v.exits.load(Ordering::SeqCst)))
+        .map(|v| {
+            v.in_guest
+                .load(Ordering::SeqCst)
+                .then(|| v.exits.load(Ordering::SeqCst))
+        })
         .collect();
     for (v, b) in vcpus.iter().zip(&before) {
         if b.is_some() {

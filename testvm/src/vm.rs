@@ -8,7 +8,9 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use endophyte_attach::bitmap::DirtyBitmap;
-use kvm_bindings::{kvm_enable_cap, kvm_fpu, kvm_regs, kvm_sregs, kvm_userspace_memory_region, Msrs, kvm_msr_entry};
+use kvm_bindings::{
+    kvm_enable_cap, kvm_fpu, kvm_msr_entry, kvm_regs, kvm_sregs, kvm_userspace_memory_region, Msrs,
+};
 use kvm_ioctls::{Kvm, VmFd};
 use serde::{Deserialize, Serialize};
 
@@ -216,8 +218,6 @@ pub struct GuestStatus {
     pub checksum: u64,
     /// Guest TSC at the last write.
     pub last_tsc: u64,
-    /// Pages written by the fill.
-    pub fill_pages: u64,
     /// Times the log ring was full.
     pub log_stalls: u64,
     /// Guest TSC when the workload started.
@@ -253,9 +253,21 @@ impl Vm {
     pub fn boot(cfg: VmConfig) -> Result<Self, VmError> {
         let page_size = crate::memory::host_page_size();
         let image = GuestImage::get();
-        let layout = Layout::new(cfg.mem_bytes, cfg.vcpus, page_size, image.bytes.len() as u64, cfg.verify_dirty)?;
+        let layout = Layout::new(
+            cfg.mem_bytes,
+            cfg.vcpus,
+            page_size,
+            image.bytes.len() as u64,
+            cfg.verify_dirty,
+        )?;
         let ram = GuestRam::new_memfd(cfg.mem_bytes, page_size)?;
-        let mut vm = Self::create(ram, layout.clone(), cfg.workload.clone(), cfg.dirty_source, cfg.console)?;
+        let mut vm = Self::create(
+            ram,
+            layout.clone(),
+            cfg.workload.clone(),
+            cfg.dirty_source,
+            cfg.console,
+        )?;
         let mut werr = None;
         layout.write_system_area(&image, &mut |gpa, bytes| {
             if let Err(e) = vm.ram.write(gpa, bytes) {
@@ -265,10 +277,28 @@ impl Vm {
         if let Some(e) = werr {
             return Err(e.into());
         }
-        vm.ram.write(layout.config_gpa, &layout.config_block(&cfg.workload, u64::from(vm.tsc_khz) * 1000))?;
+        vm.ram.write(
+            layout.config_gpa,
+            &layout.config_block(&cfg.workload, u64::from(vm.tsc_khz) * 1000),
+        )?;
+        if cfg.workload.fill {
+            fill_prng(
+                &vm.ram,
+                layout.work_gpa,
+                layout.mem_bytes,
+                cfg.workload.seed,
+            )?;
+        }
         for i in 0..layout.vcpus {
-            let fd = vm.vcpus[i as usize].fd.lock().unwrap_or_else(|e| e.into_inner());
-            let verr = |op, source| VmError::Vcpu { op, vcpu: i, source };
+            let fd = vm.vcpus[i as usize]
+                .fd
+                .lock()
+                .unwrap_or_else(|e| e.into_inner());
+            let verr = |op, source| VmError::Vcpu {
+                op,
+                vcpu: i,
+                source,
+            };
             let mut sregs = fd.get_sregs().map_err(|e| verr("KVM_GET_SREGS", e))?;
             long_mode_sregs(&mut sregs, &layout);
             fd.set_sregs(&sregs).map_err(|e| verr("KVM_SET_SREGS", e))?;
@@ -281,11 +311,12 @@ impl Vm {
                 ..Default::default()
             };
             fd.set_regs(&regs).map_err(|e| verr("KVM_SET_REGS", e))?;
-            let fpu = kvm_fpu { fcw: 0x37f, mxcsr: 0x1f80, ..Default::default() };
+            let fpu = kvm_fpu {
+                fcw: 0x37f,
+                mxcsr: 0x1f80,
+                ..Default::default()
+            };
             fd.set_fpu(&fpu).map_err(|e| verr("KVM_SET_FPU", e))?;
-            let star = (0x23u64 << 48) | (u64::from(layout::CODE_SELECTOR) << 32);
-            let msrs = Msrs::from_entries(&[kvm_msr_entry { index: 0xc000_0081, data: star, ..Default::default() }]).expect("fits");
-            fd.set_msrs(&msrs).map_err(|e| verr("KVM_SET_MSRS", e))?;
         }
         vm.spawn_threads()?;
         Ok(vm)
@@ -323,15 +354,31 @@ impl Vm {
             )));
         }
         let ram = GuestRam::from_file(ram_file, state.layout.mem_bytes, page_size)?;
-        let mut vm = Self::create(ram, state.layout.clone(), state.workload.clone(), dirty_source, console)?;
+        let mut vm = Self::create(
+            ram,
+            state.layout.clone(),
+            state.workload.clone(),
+            dirty_source,
+            console,
+        )?;
         for (i, s) in state.vcpus.iter().enumerate() {
             let fd = vm.vcpus[i].fd.lock().unwrap_or_else(|e| e.into_inner());
-            let verr = |op, source| VmError::Vcpu { op, vcpu: i as u32, source };
-            fd.set_sregs(&s.sregs).map_err(|e| verr("KVM_SET_SREGS", e))?;
+            let verr = |op, source| VmError::Vcpu {
+                op,
+                vcpu: i as u32,
+                source,
+            };
+            fd.set_sregs(&s.sregs)
+                .map_err(|e| verr("KVM_SET_SREGS", e))?;
             fd.set_regs(&s.regs).map_err(|e| verr("KVM_SET_REGS", e))?;
-            fd.set_fpu(&kvm_fpu::from(&s.fpu)).map_err(|e| verr("KVM_SET_FPU", e))?;
-            let msrs = Msrs::from_entries(&[kvm_msr_entry { index: MSR_IA32_TSC, data: s.tsc, ..Default::default() }])
-                .expect("one MSR fits");
+            fd.set_fpu(&kvm_fpu::from(&s.fpu))
+                .map_err(|e| verr("KVM_SET_FPU", e))?;
+            let msrs = Msrs::from_entries(&[kvm_msr_entry {
+                index: MSR_IA32_TSC,
+                data: s.tsc,
+                ..Default::default()
+            }])
+            .expect("one MSR fits");
             fd.set_msrs(&msrs).map_err(|e| verr("KVM_SET_MSRS", e))?;
         }
         {
@@ -350,8 +397,13 @@ impl Vm {
                 in_buffer: state.serial.in_buffer.clone(),
             };
             let sink = std::mem::replace(c.writer_mut(), Box::new(std::io::sink()));
-            *c = vm_superio::Serial::from_state(&st, vcpu::NoIrq, vm_superio::serial::NoEvents, sink)
-                .map_err(|e| VmError::BadState(format!("serial state: {e:?}")))?;
+            *c = vm_superio::Serial::from_state(
+                &st,
+                vcpu::NoIrq,
+                vm_superio::serial::NoEvents,
+                sink,
+            )
+            .map_err(|e| VmError::BadState(format!("serial state: {e:?}")))?;
         }
         vm.spawn_threads()?;
         Ok(vm)
@@ -365,32 +417,56 @@ impl Vm {
         console: Box<dyn std::io::Write + Send>,
     ) -> Result<Self, VmError> {
         let kerr = |op| move |source| VmError::Kvm { op, source };
-        vcpu::install_kick_handler().map_err(|e| VmError::Kvm { op: "installing the kick signal handler", source: e.into() })?;
+        vcpu::install_kick_handler().map_err(|e| VmError::Kvm {
+            op: "installing the kick signal handler",
+            source: e.into(),
+        })?;
         let kvm = Kvm::new().map_err(kerr("opening /dev/kvm"))?;
         let vm_fd = kvm.create_vm().map_err(kerr("KVM_CREATE_VM"))?;
         match dirty_source {
             DirtySource::Bitmap => {
-                if vm_fd.check_extension_raw(u64::from(kvm_bindings::KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2)) == 0 {
-                    return Err(DirtyError::Unsupported { cap: "KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2", what: "the bitmap dirty source" }.into());
+                if vm_fd
+                    .check_extension_raw(u64::from(kvm_bindings::KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2))
+                    == 0
+                {
+                    return Err(DirtyError::Unsupported {
+                        cap: "KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2",
+                        what: "the bitmap dirty source",
+                    }
+                    .into());
                 }
                 let cap = kvm_enable_cap {
                     cap: kvm_bindings::KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2,
-                    args: [u64::from(kvm_bindings::KVM_DIRTY_LOG_MANUAL_PROTECT_ENABLE), 0, 0, 0],
+                    args: [
+                        u64::from(kvm_bindings::KVM_DIRTY_LOG_MANUAL_PROTECT_ENABLE),
+                        0,
+                        0,
+                        0,
+                    ],
                     ..Default::default()
                 };
-                vm_fd.enable_cap(&cap).map_err(kerr("enabling KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2"))?;
+                vm_fd
+                    .enable_cap(&cap)
+                    .map_err(kerr("enabling KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2"))?;
             }
             DirtySource::Ring => {
-                let max = vm_fd.check_extension_raw(u64::from(kvm_bindings::KVM_CAP_DIRTY_LOG_RING));
+                let max =
+                    vm_fd.check_extension_raw(u64::from(kvm_bindings::KVM_CAP_DIRTY_LOG_RING));
                 if max <= 0 {
-                    return Err(DirtyError::Unsupported { cap: "KVM_CAP_DIRTY_LOG_RING", what: "the ring dirty source" }.into());
+                    return Err(DirtyError::Unsupported {
+                        cap: "KVM_CAP_DIRTY_LOG_RING",
+                        what: "the ring dirty source",
+                    }
+                    .into());
                 }
                 let cap = kvm_enable_cap {
                     cap: kvm_bindings::KVM_CAP_DIRTY_LOG_RING,
                     args: [RING_BYTES.min(max as usize) as u64, 0, 0, 0],
                     ..Default::default()
                 };
-                vm_fd.enable_cap(&cap).map_err(kerr("enabling KVM_CAP_DIRTY_LOG_RING"))?;
+                vm_fd
+                    .enable_cap(&cap)
+                    .map_err(kerr("enabling KVM_CAP_DIRTY_LOG_RING"))?;
             }
         }
         let region = kvm_userspace_memory_region {
@@ -402,20 +478,37 @@ impl Vm {
         };
         // SAFETY: the region describes guest RAM's mapping, which `ram` keeps alive for as long as the VM:
         // it is stored in the Vm and dropped after the VM fd (field order) and the vCPU threads are joined.
-        unsafe { vm_fd.set_user_memory_region(region) }.map_err(kerr("KVM_SET_USER_MEMORY_REGION"))?;
-        let cpuid = kvm.get_supported_cpuid(MAX_CPUID_ENTRIES).map_err(kerr("KVM_GET_SUPPORTED_CPUID"))?;
+        unsafe { vm_fd.set_user_memory_region(region) }
+            .map_err(kerr("KVM_SET_USER_MEMORY_REGION"))?;
+        let cpuid = kvm
+            .get_supported_cpuid(MAX_CPUID_ENTRIES)
+            .map_err(kerr("KVM_GET_SUPPORTED_CPUID"))?;
         let mut vcpus = Vec::new();
         let mut rings = Vec::new();
-        let ring_bytes = RING_BYTES.min(vm_fd.check_extension_raw(u64::from(kvm_bindings::KVM_CAP_DIRTY_LOG_RING)).max(0) as usize);
+        let ring_bytes = RING_BYTES.min(
+            vm_fd
+                .check_extension_raw(u64::from(kvm_bindings::KVM_CAP_DIRTY_LOG_RING))
+                .max(0) as usize,
+        );
         for i in 0..layout.vcpus {
-            let fd = vm_fd.create_vcpu(u64::from(i)).map_err(|source| VmError::Vcpu { op: "KVM_CREATE_VCPU", vcpu: i, source })?;
+            let fd = vm_fd
+                .create_vcpu(u64::from(i))
+                .map_err(|source| VmError::Vcpu {
+                    op: "KVM_CREATE_VCPU",
+                    vcpu: i,
+                    source,
+                })?;
             let mut c = cpuid.clone();
             for e in c.as_mut_slice() {
                 if e.function == 1 {
                     e.ebx = (e.ebx & 0x00ff_ffff) | (i << 24); // initial APIC ID
                 }
             }
-            fd.set_cpuid2(&c).map_err(|source| VmError::Vcpu { op: "KVM_SET_CPUID2", vcpu: i, source })?;
+            fd.set_cpuid2(&c).map_err(|source| VmError::Vcpu {
+                op: "KVM_SET_CPUID2",
+                vcpu: i,
+                source,
+            })?;
             if dirty_source == DirtySource::Ring {
                 rings.push(DirtyRing::map(i, &fd, ring_bytes, layout.page_size)?);
             }
@@ -431,7 +524,11 @@ impl Vm {
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .get_tsc_khz()
-            .map_err(|source| VmError::Vcpu { op: "KVM_GET_TSC_KHZ", vcpu: 0, source })?;
+            .map_err(|source| VmError::Vcpu {
+                op: "KVM_GET_TSC_KHZ",
+                vcpu: 0,
+                source,
+            })?;
         let console = vm_superio::Serial::new(vcpu::NoIrq, console);
         Ok(Self {
             vm_fd: Arc::new(vm_fd),
@@ -467,7 +564,8 @@ impl Vm {
                 .name(name.clone())
                 .spawn(move || vcpu::run_vcpu(cx))
                 .map_err(|source| VmError::Spawn { what: name, source })?;
-            *h.thread.lock().unwrap_or_else(|e| e.into_inner()) = Some(std::os::unix::thread::JoinHandleExt::as_pthread_t(&t));
+            *h.thread.lock().unwrap_or_else(|e| e.into_inner()) =
+                Some(std::os::unix::thread::JoinHandleExt::as_pthread_t(&t));
             self.threads.push(t);
         }
         // Wait for every vCPU to park, so that pause/resume accounting starts from a known state.
@@ -477,12 +575,19 @@ impl Vm {
         if !ok {
             return Err(VmError::PauseTimeout(PAUSE_TIMEOUT));
         }
-        let (ctl, vcpus, stop) = (self.ctl.clone(), self.vcpus.clone(), self.throttler_stop.clone());
+        let (ctl, vcpus, stop) = (
+            self.ctl.clone(),
+            self.vcpus.clone(),
+            self.throttler_stop.clone(),
+        );
         self.throttler = Some(
             std::thread::Builder::new()
                 .name("throttle".into())
                 .spawn(move || throttler(ctl, vcpus, stop))
-                .map_err(|source| VmError::Spawn { what: "throttle".into(), source })?,
+                .map_err(|source| VmError::Spawn {
+                    what: "throttle".into(),
+                    source,
+                })?,
         );
         Ok(())
     }
@@ -557,7 +662,9 @@ impl Vm {
         let n = self.layout.vcpus;
         let mut st = self.ctl.lock();
         loop {
-            let (g, ok) = self.ctl.wait_until(st, Duration::from_millis(2), |s| s.parked + s.exited >= n);
+            let (g, ok) = self
+                .ctl
+                .wait_until(st, Duration::from_millis(2), |s| s.parked + s.exited >= n);
             st = g;
             if ok {
                 break;
@@ -593,8 +700,14 @@ impl Vm {
     /// Sets the throttle: each vCPU sleeps `fraction` (clamped to `[0, 0.99]`) of every
     /// [`vcpu::THROTTLE_PERIOD`].
     pub fn set_throttle(&self, fraction: f64) {
-        let f = if fraction.is_finite() { fraction.clamp(0.0, 0.99) } else { 0.0 };
-        self.ctl.throttle_ppm.store((f * 1e6) as u64, Ordering::Relaxed);
+        let f = if fraction.is_finite() {
+            fraction.clamp(0.0, 0.99)
+        } else {
+            0.0
+        };
+        self.ctl
+            .throttle_ppm
+            .store((f * 1e6) as u64, Ordering::Relaxed);
     }
 
     /// The current throttle fraction.
@@ -627,14 +740,20 @@ impl Vm {
         let _g = self.harvest_lock.lock().unwrap_or_else(|e| e.into_inner());
         let region = kvm_userspace_memory_region {
             slot: 0,
-            flags: if on { kvm_bindings::KVM_MEM_LOG_DIRTY_PAGES } else { 0 },
+            flags: if on {
+                kvm_bindings::KVM_MEM_LOG_DIRTY_PAGES
+            } else {
+                0
+            },
             guest_phys_addr: 0,
             memory_size: self.ram.size_bytes(),
             userspace_addr: self.ram.host_addr() as u64,
         };
         // SAFETY: same region as at creation, only the logging flag changes; the mapping outlives the VM.
-        unsafe { self.vm_fd.set_user_memory_region(region) }
-            .map_err(|source| VmError::Kvm { op: "KVM_SET_USER_MEMORY_REGION (dirty logging)", source })
+        unsafe { self.vm_fd.set_user_memory_region(region) }.map_err(|source| VmError::Kvm {
+            op: "KVM_SET_USER_MEMORY_REGION (dirty logging)",
+            source,
+        })
     }
 
     /// Whether dirty logging is on.
@@ -655,7 +774,11 @@ impl Vm {
         if !self.is_logging() {
             return Err(VmError::NotLogging);
         }
-        let mut bm = DirtyBitmap::new(0, self.layout.page_size, self.layout.mem_bytes / self.layout.page_size);
+        let mut bm = DirtyBitmap::new(
+            0,
+            self.layout.page_size,
+            self.layout.mem_bytes / self.layout.page_size,
+        );
         let kvm_result = match self.dirty_source {
             DirtySource::Bitmap => dirty::harvest_bitmap(&self.vm_fd, 0, &mut bm),
             DirtySource::Ring => {
@@ -730,10 +853,18 @@ impl Vm {
         let mut vcpus = Vec::new();
         for (i, h) in self.vcpus.iter().enumerate() {
             let fd = h.fd.lock().unwrap_or_else(|e| e.into_inner());
-            let verr = |op, source| VmError::Vcpu { op, vcpu: i as u32, source };
-            let mut msrs = Msrs::from_entries(&[kvm_msr_entry { index: MSR_IA32_TSC, ..Default::default() }])
-                .expect("one MSR fits");
-            fd.get_msrs(&mut msrs).map_err(|e| verr("KVM_GET_MSRS", e))?;
+            let verr = |op, source| VmError::Vcpu {
+                op,
+                vcpu: i as u32,
+                source,
+            };
+            let mut msrs = Msrs::from_entries(&[kvm_msr_entry {
+                index: MSR_IA32_TSC,
+                ..Default::default()
+            }])
+            .expect("one MSR fits");
+            fd.get_msrs(&mut msrs)
+                .map_err(|e| verr("KVM_GET_MSRS", e))?;
             vcpus.push(VcpuState {
                 regs: fd.get_regs().map_err(|e| verr("KVM_GET_REGS", e))?,
                 sregs: fd.get_sregs().map_err(|e| verr("KVM_GET_SREGS", e))?,
@@ -777,12 +908,15 @@ impl Vm {
         let r = |off: usize| self.ram.read_u64(base + off as u64);
         let magic = r(s::MAGIC)?;
         Ok(GuestStatus {
-            state: if magic == guest::STATUS_MAGIC { GuestState::from_raw(r(s::STATE)?) } else { Some(GuestState::NotStarted) },
+            state: if magic == guest::STATUS_MAGIC {
+                GuestState::from_raw(r(s::STATE)?)
+            } else {
+                Some(GuestState::NotStarted)
+            },
             pages_written: r(s::PAGES_WRITTEN)?,
             passes: r(s::PASSES)?,
             checksum: r(s::CHECKSUM)?,
             last_tsc: r(s::LAST_TSC)?,
-            fill_pages: r(s::FILL_PAGES)?,
             log_stalls: r(s::LOG_STALLS)?,
             work_start_tsc: r(s::WORK_START_TSC)?,
         })
@@ -793,7 +927,10 @@ impl Vm {
     /// # Errors
     /// [`VmError::Memory`] on a corrupt layout.
     pub fn set_stop_at_pages(&self, pages: u64) -> Result<(), VmError> {
-        self.ram.write_u64(self.layout.config_gpa + guest::cfg::STOP_AT_PAGES as u64, pages)?;
+        self.ram.write_u64(
+            self.layout.config_gpa + guest::cfg::STOP_AT_PAGES as u64,
+            pages,
+        )?;
         Ok(())
     }
 
@@ -802,8 +939,16 @@ impl Vm {
     ///
     /// # Errors
     /// [`VmError::Memory`] on a corrupt layout; [`VmError::BadState`] when not verifying.
-    pub fn drain_guest_log(&self, vcpu: u32, head: u64, mut f: impl FnMut(u64)) -> Result<u64, VmError> {
-        let ring = self.layout.log_ring(vcpu).ok_or_else(|| VmError::BadState("the guest is not logging writes".into()))?;
+    pub fn drain_guest_log(
+        &self,
+        vcpu: u32,
+        head: u64,
+        mut f: impl FnMut(u64),
+    ) -> Result<u64, VmError> {
+        let ring = self
+            .layout
+            .log_ring(vcpu)
+            .ok_or_else(|| VmError::BadState("the guest is not logging writes".into()))?;
         let tail = self.ram.read_u64(ring + guest::log::TAIL as u64)?;
         let cap = self.layout.log_cap;
         for i in tail..head {
@@ -821,7 +966,10 @@ impl Vm {
     /// # Errors
     /// As [`Vm::drain_guest_log`].
     pub fn guest_log_head(&self, vcpu: u32) -> Result<u64, VmError> {
-        let ring = self.layout.log_ring(vcpu).ok_or_else(|| VmError::BadState("the guest is not logging writes".into()))?;
+        let ring = self
+            .layout
+            .log_ring(vcpu)
+            .ok_or_else(|| VmError::BadState("the guest is not logging writes".into()))?;
         Ok(self.ram.read_u64(ring + guest::log::HEAD as u64)?)
     }
 
@@ -851,6 +999,26 @@ impl Drop for Vm {
     fn drop(&mut self) {
         self.shutdown();
     }
+}
+
+/// Fills `[start, end)` of guest RAM with xorshift64 output seeded from `seed` (host speed, before boot).
+fn fill_prng(ram: &GuestRam, start: u64, end: u64, seed: u64) -> Result<(), MemoryError> {
+    const CHUNK: usize = 1 << 20;
+    let mut x = seed | 1;
+    let mut buf = vec![0u8; CHUNK];
+    let mut gpa = start;
+    while gpa < end {
+        let n = CHUNK.min((end - gpa) as usize);
+        for w in buf[..n].chunks_exact_mut(8) {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            w.copy_from_slice(&x.to_le_bytes());
+        }
+        ram.write(gpa, &buf[..n])?;
+        gpa += n as u64;
+    }
+    Ok(())
 }
 
 fn long_mode_sregs(sregs: &mut kvm_sregs, layout: &Layout) {
@@ -886,9 +1054,9 @@ fn long_mode_sregs(sregs: &mut kvm_sregs, layout: &Layout) {
     sregs.idt.limit = 256 * 16 - 1;
     sregs.cr3 = layout.pml4_gpa;
     // CR0: PE | MP | ET | NE | WP | PG. CR4: PAE | OSFXSR | OSXMMEXCPT. EFER: LME | LMA.
-    sregs.cr0 = 0x1 | 0x2 | 0x10 | 0x20 | 0x1_0000 | 0x4_0000 | 0x8000_0000;
-    sregs.cr4 = 0x20 | 0x200 | 0x400 | 0x1_0000;
-    sregs.efer = 0x1 | 0x100 | 0x400;
+    sregs.cr0 = 0x1 | 0x2 | 0x10 | 0x20 | 0x1_0000 | 0x8000_0000;
+    sregs.cr4 = 0x20 | 0x200 | 0x400;
+    sregs.efer = 0x100 | 0x400;
 }
 
 /// Starts a throttle period every [`vcpu::THROTTLE_PERIOD`] while a throttle is set: kicks the vCPUs so

@@ -27,7 +27,12 @@ pub struct DirtyBitmap {
 impl DirtyBitmap {
     /// An all-clean bitmap for `pages` pages of `page_size` bytes starting at `base_gpa`.
     pub fn new(base_gpa: u64, page_size: u64, pages: u64) -> Self {
-        Self { base_gpa, page_size, pages, words: vec![0; words_for(pages)] }
+        Self {
+            base_gpa,
+            page_size,
+            pages,
+            words: vec![0; words_for(pages)],
+        }
     }
 
     /// Wraps `words` (KVM layout) as the bitmap of `pages` pages. Bits past `pages` are cleared.
@@ -35,14 +40,24 @@ impl DirtyBitmap {
     /// # Panics
     /// If `words.len()` is not `ceil(pages / 64)`.
     pub fn from_words(base_gpa: u64, page_size: u64, pages: u64, mut words: Vec<u64>) -> Self {
-        assert_eq!(words.len(), words_for(pages), "bitmap of {pages} pages needs {} words", words_for(pages));
+        assert_eq!(
+            words.len(),
+            words_for(pages),
+            "bitmap of {pages} pages needs {} words",
+            words_for(pages)
+        );
         let tail = pages % 64;
         if tail != 0 {
             if let Some(last) = words.last_mut() {
                 *last &= (1u64 << tail) - 1;
             }
         }
-        Self { base_gpa, page_size, pages, words }
+        Self {
+            base_gpa,
+            page_size,
+            pages,
+            words,
+        }
     }
 
     /// Guest physical address of the region's first page.
@@ -75,7 +90,11 @@ impl DirtyBitmap {
     /// # Panics
     /// If `index >= pages()`.
     pub fn set(&mut self, index: u64) {
-        assert!(index < self.pages, "page {index} outside a bitmap of {} pages", self.pages);
+        assert!(
+            index < self.pages,
+            "page {index} outside a bitmap of {} pages",
+            self.pages
+        );
         self.words[(index / 64) as usize] |= 1 << (index % 64);
     }
 
@@ -208,7 +227,10 @@ mod tests {
             let gpa = bm.base_gpa() + p * bm.page_size();
             match out.last_mut() {
                 Some(r) if r.gpa + r.len_bytes == gpa => r.len_bytes += bm.page_size(),
-                _ => out.push(GpaRange { gpa, len_bytes: bm.page_size() }),
+                _ => out.push(GpaRange {
+                    gpa,
+                    len_bytes: bm.page_size(),
+                }),
             }
         }
         out
@@ -223,10 +245,22 @@ mod tests {
         assert_eq!(
             bm.ranges(),
             vec![
-                GpaRange { gpa: 0x10_0000, len_bytes: 3 * 4096 },
-                GpaRange { gpa: 0x10_0000 + 63 * 4096, len_bytes: 3 * 4096 },
-                GpaRange { gpa: 0x10_0000 + 127 * 4096, len_bytes: 2 * 4096 },
-                GpaRange { gpa: 0x10_0000 + 199 * 4096, len_bytes: 4096 },
+                GpaRange {
+                    gpa: 0x10_0000,
+                    len_bytes: 3 * 4096
+                },
+                GpaRange {
+                    gpa: 0x10_0000 + 63 * 4096,
+                    len_bytes: 3 * 4096
+                },
+                GpaRange {
+                    gpa: 0x10_0000 + 127 * 4096,
+                    len_bytes: 2 * 4096
+                },
+                GpaRange {
+                    gpa: 0x10_0000 + 199 * 4096,
+                    len_bytes: 4096
+                },
             ]
         );
     }
@@ -235,7 +269,13 @@ mod tests {
     fn full_bitmap_is_one_range() {
         let bm = DirtyBitmap::from_words(0, 4096, 130, vec![u64::MAX; 3]);
         assert_eq!(bm.count(), 130, "bits past the end must be cleared");
-        assert_eq!(bm.ranges(), vec![GpaRange { gpa: 0, len_bytes: 130 * 4096 }]);
+        assert_eq!(
+            bm.ranges(),
+            vec![GpaRange {
+                gpa: 0,
+                len_bytes: 130 * 4096
+            }]
+        );
     }
 
     proptest! {
