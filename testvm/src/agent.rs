@@ -1,1 +1,156 @@
-//! agent placeholder
+//! The VMM side of the attach protocol for testvm: [`VmHost`] serves a [`Vm`] (or a VMM on standby that
+//! waits for a restore) through [`endophyte_attach::agent`].
+
+use std::fs::File;
+use std::os::fd::OwnedFd;
+use std::sync::{Condvar, Mutex, RwLock};
+use std::time::Duration;
+
+use endophyte_attach::agent::{AttachTarget, TargetError, TargetRegion};
+use endophyte_attach::bitmap::DirtyBitmap;
+use endophyte_attach::proto::{ErrorCode, RegionInfo, VmInfo};
+
+use crate::dirty::DirtySource;
+use crate::vm::{Vm, VmError, VmState};
+
+/// Makes a console sink for a VM that is about to start (restores need a fresh one).
+pub type ConsoleFactory = Box<dyn Fn() -> Box<dyn std::io::Write + Send> + Send + Sync>;
+
+/// A VMM process's VM, shared between its own driver and attach connections.
+pub struct VmHost {
+    vm: RwLock<Option<Vm>>,
+    dirty_source: DirtySource,
+    console: ConsoleFactory,
+    shutdown: Mutex<bool>,
+    shutdown_cv: Condvar,
+}
+
+impl VmHost {
+    /// Hosts `vm`, or nothing (standby) until a client restores one.
+    pub fn new(vm: Option<Vm>, dirty_source: DirtySource, console: ConsoleFactory) -> Self {
+        Self { vm: RwLock::new(vm), dirty_source, console, shutdown: Mutex::new(false), shutdown_cv: Condvar::new() }
+    }
+
+    /// Runs `f` on the VM, if there is one.
+    pub fn with_vm<T>(&self, f: impl FnOnce(&Vm) -> T) -> Option<T> {
+        self.vm.read().unwrap_or_else(|e| e.into_inner()).as_ref().map(f)
+    }
+
+    /// Waits until a client asked for shutdown or `timeout` passed; returns whether shutdown was asked.
+    pub fn wait_shutdown(&self, timeout: Duration) -> bool {
+        let g = self.shutdown.lock().unwrap_or_else(|e| e.into_inner());
+        let (g, _) = self.shutdown_cv.wait_timeout_while(g, timeout, |s| !*s).unwrap_or_else(|e| e.into_inner());
+        *g
+    }
+
+    /// Takes the VM out (for the final report and teardown).
+    pub fn take_vm(&self) -> Option<Vm> {
+        self.vm.write().unwrap_or_else(|e| e.into_inner()).take()
+    }
+
+    fn vm<T>(&self, f: impl FnOnce(&Vm) -> Result<T, VmError>) -> Result<T, TargetError> {
+        let g = self.vm.read().unwrap_or_else(|e| e.into_inner());
+        let vm = g.as_ref().ok_or_else(|| TargetError::bad_state("this VMM is on standby: no VM yet"))?;
+        f(vm).map_err(to_target_error)
+    }
+}
+
+fn to_target_error(e: VmError) -> TargetError {
+    let code = match &e {
+        VmError::NotPaused { .. } | VmError::NotLogging => ErrorCode::BadState,
+        VmError::Faulted(_) => ErrorCode::Faulted,
+        VmError::BadState(_) => ErrorCode::BadRequest,
+        _ => ErrorCode::Internal,
+    };
+    TargetError { code, message: e.to_string() }
+}
+
+impl AttachTarget for VmHost {
+    fn describe(&self) -> (VmInfo, Vec<TargetRegion>) {
+        let page_size = crate::memory::host_page_size();
+        let g = self.vm.read().unwrap_or_else(|e| e.into_inner());
+        let mut info = VmInfo {
+            vmm: format!("testvm {}", env!("CARGO_PKG_VERSION")),
+            vcpus: 0,
+            page_size,
+            regions: Vec::new(),
+            bitmap_bytes: 0,
+            running: false,
+            dirty_logging: false,
+        };
+        let mut regions = Vec::new();
+        if let Some(vm) = g.as_ref() {
+            info.vcpus = vm.layout().vcpus;
+            info.running = !vm.is_paused() && vm.fault().is_none();
+            info.dirty_logging = vm.is_logging();
+            let r = RegionInfo { gpa: 0, size_bytes: vm.ram().size_bytes(), fd_offset: 0 };
+            if let Ok(fd) = vm.ram().file().try_clone() {
+                info.regions.push(r.clone());
+                regions.push(TargetRegion { info: r, fd: OwnedFd::from(fd) });
+            }
+        }
+        (info, regions)
+    }
+
+    fn start_dirty_log(&self) -> Result<(), TargetError> {
+        self.vm(|vm| vm.start_dirty_log())
+    }
+
+    fn stop_dirty_log(&self) -> Result<(), TargetError> {
+        self.vm(|vm| vm.stop_dirty_log())
+    }
+
+    fn harvest(&self) -> Result<Vec<DirtyBitmap>, TargetError> {
+        self.vm(|vm| vm.harvest())
+    }
+
+    fn put_back(&self, bitmaps: &[DirtyBitmap]) {
+        self.with_vm(|vm| vm.put_back(bitmaps));
+    }
+
+    fn pause(&self) -> Result<Duration, TargetError> {
+        self.vm(|vm| vm.pause())
+    }
+
+    fn resume(&self) -> Result<(), TargetError> {
+        self.vm(|vm| vm.resume())
+    }
+
+    fn set_throttle(&self, fraction: f64) -> Result<(), TargetError> {
+        self.vm(|vm| {
+            vm.set_throttle(fraction);
+            Ok(())
+        })
+    }
+
+    fn hash_ram(&self) -> Result<blake3::Hash, TargetError> {
+        self.vm(|vm| vm.hash_ram())
+    }
+
+    fn save_state(&self) -> Result<serde_json::Value, TargetError> {
+        let state = self.vm(|vm| vm.save_state())?;
+        serde_json::to_value(state).map_err(|e| TargetError::internal(format!("encoding state: {e}")))
+    }
+
+    fn restore(&self, state: serde_json::Value, ram: File) -> Result<(), TargetError> {
+        let mut g = self.vm.write().unwrap_or_else(|e| e.into_inner());
+        if g.is_some() {
+            return Err(TargetError::bad_state("this VMM already runs a VM; restore needs one on standby"));
+        }
+        let state: VmState = serde_json::from_value(state).map_err(|e| TargetError {
+            code: ErrorCode::BadRequest,
+            message: format!("not a testvm state: {e}"),
+        })?;
+        let vm = Vm::restore(&state, ram, self.dirty_source, (self.console)()).map_err(to_target_error)?;
+        *g = Some(vm);
+        Ok(())
+    }
+
+    fn shutdown(&self) {
+        if let Some(vm) = self.vm.read().unwrap_or_else(|e| e.into_inner()).as_ref() {
+            let _ = vm.pause();
+        }
+        *self.shutdown.lock().unwrap_or_else(|e| e.into_inner()) = true;
+        self.shutdown_cv.notify_all();
+    }
+}

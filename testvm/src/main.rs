@@ -7,7 +7,8 @@ use anyhow::{bail, Context};
 use clap::{Parser, Subcommand, ValueEnum};
 use testvm::layout::parse_bytes;
 use testvm::run::{run, RunOptions};
-use testvm::{DirtySource, WorkloadConfig};
+use testvm::agent::VmHost;
+use testvm::{DirtySource, Vm, VmConfig, WorkloadConfig};
 
 #[derive(Parser)]
 #[command(
@@ -61,6 +62,43 @@ enum Cmd {
         #[arg(long, value_enum, default_value = "text")]
         output: Output,
     },
+    /// Boot a VM and serve it over the attach protocol; a sidecar drives harvests, pause, throttle.
+    /// Runs until a client asks for shutdown (or --duration passes, if given).
+    Serve {
+        /// Unix socket to listen on.
+        #[arg(long)]
+        attach_socket: std::path::PathBuf,
+        /// Guest RAM (K, M, G suffixes).
+        #[arg(long, default_value = "256M", value_parser = parse_size)]
+        mem: u64,
+        /// vCPUs.
+        #[arg(long, default_value_t = 1)]
+        vcpus: u32,
+        /// Workload (as for `run`).
+        #[arg(long, default_value = "hotset:size=64M,rate=20000", value_parser = parse_workload)]
+        workload: WorkloadConfig,
+        /// Fill all of RAM with PRNG output first.
+        #[arg(long)]
+        fill: bool,
+        /// KVM dirty-page source.
+        #[arg(long, value_enum, default_value = "bitmap")]
+        dirty_source: DirtySource,
+        /// Start with the vCPUs paused.
+        #[arg(long)]
+        paused: bool,
+        /// Stop after this long even without a shutdown request.
+        #[arg(long, value_parser = parse_duration)]
+        duration: Option<Duration>,
+    },
+    /// Wait on the attach socket, with no VM, for a client to restore one (migration or failover target).
+    Standby {
+        /// Unix socket to listen on.
+        #[arg(long)]
+        attach_socket: std::path::PathBuf,
+        /// KVM dirty-page source for the restored VM.
+        #[arg(long, value_enum, default_value = "bitmap")]
+        dirty_source: DirtySource,
+    },
 }
 
 fn parse_size(s: &str) -> Result<u64, String> {
@@ -105,6 +143,38 @@ impl std::io::Write for ConsoleToStderr {
     fn flush(&mut self) -> std::io::Result<()> {
         Ok(())
     }
+}
+
+/// Serves `host` on `socket` until shutdown is requested or `duration` passes.
+fn serve_host(host: std::sync::Arc<VmHost>, socket: &std::path::Path, duration: Option<Duration>) -> anyhow::Result<()> {
+    let _ = std::fs::remove_file(socket);
+    let listener = std::os::unix::net::UnixListener::bind(socket)
+        .with_context(|| format!("binding the attach socket {}", socket.display()))?;
+    let target: std::sync::Arc<dyn endophyte_attach::AttachTarget> = host.clone();
+    std::thread::Builder::new()
+        .name("attach".into())
+        .spawn(move || endophyte_attach::agent::serve(listener, target))?;
+    eprintln!("testvm: serving the attach protocol on {}", socket.display());
+    let deadline = duration.map(|d| std::time::Instant::now() + d);
+    loop {
+        if host.wait_shutdown(Duration::from_millis(100)) {
+            break;
+        }
+        if deadline.is_some_and(|d| std::time::Instant::now() >= d) {
+            break;
+        }
+        if let Some(Some(fault)) = host.with_vm(|vm| vm.fault()) {
+            let _ = std::fs::remove_file(socket);
+            bail!("the guest stopped: {fault}");
+        }
+    }
+    drop(host.take_vm());
+    let _ = std::fs::remove_file(socket);
+    Ok(())
+}
+
+fn console_factory() -> testvm::agent::ConsoleFactory {
+    Box::new(|| Box::new(ConsoleToStderr(Vec::new())))
 }
 
 fn main() -> anyhow::Result<()> {
@@ -156,6 +226,27 @@ fn main() -> anyhow::Result<()> {
                     report.missed_pages.unwrap_or(0)
                 );
             }
+        }
+        Cmd::Serve { attach_socket, mem, vcpus, mut workload, fill, dirty_source, paused, duration } => {
+            workload.fill = fill;
+            let vm = Vm::boot(VmConfig {
+                mem_bytes: mem,
+                vcpus,
+                workload,
+                verify_dirty: false,
+                dirty_source,
+                console: Box::new(ConsoleToStderr(Vec::new())),
+            })
+            .context("booting the VM")?;
+            if !paused {
+                vm.resume()?;
+            }
+            let host = std::sync::Arc::new(VmHost::new(Some(vm), dirty_source, console_factory()));
+            serve_host(host, &attach_socket, duration)?;
+        }
+        Cmd::Standby { attach_socket, dirty_source } => {
+            let host = std::sync::Arc::new(VmHost::new(None, dirty_source, console_factory()));
+            serve_host(host, &attach_socket, None)?;
         }
     }
     Ok(())

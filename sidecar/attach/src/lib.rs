@@ -1,4 +1,21 @@
 //! Endophyte's attach protocol: how a sidecar process sees a VMM's guest RAM and drives its VM.
 //!
+//! KVM's VM ioctls only work from the process that created the VM, so the VMM links a small agent
+//! ([`agent`]) that does the KVM calls, and the sidecar uses a client ([`client`]). They talk over a Unix
+//! socket ([`proto`]): a versioned handshake hands the sidecar the guest RAM regions as memfds
+//! (`SCM_RIGHTS`), which it maps read-only, plus a shared memfd into which the agent writes harvested dirty
+//! bitmaps ([`bitmap`]). See docs/attach-protocol.md for the sequence.
+//!
 //! - [`bitmap`]: dirty-page bitmaps and their coalescing into `{gpa, len}` ranges.
+//! - [`proto`]: messages and framing.
+//! - [`agent`]: the VMM side, serving any [`agent::AttachTarget`].
+//! - [`client`]: the sidecar side.
+
+pub mod agent;
 pub mod bitmap;
+pub mod client;
+pub mod proto;
+
+pub use agent::{AttachTarget, TargetError};
+pub use client::{AttachClient, ClientError, Harvest};
+pub use proto::{ErrorCode, VmInfo};

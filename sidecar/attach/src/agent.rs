@@ -1,0 +1,299 @@
+//! The VMM side of the attach protocol: serves an [`AttachTarget`] (the VMM's VM) to sidecar clients.
+//!
+//! Each connection gets its own thread and its own shared dirty-bitmap memfd. A harvest taken on a
+//! connection stays outstanding until the client releases it; if the client releases it as not
+//! consumed, or the connection ends first, its pages are put back into the VMM, so that no dirty page is
+//! ever lost to a sidecar that crashed mid-epoch.
+
+use std::fs::File;
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use crate::bitmap::{words_for, DirtyBitmap};
+use crate::proto::{self, ErrorCode, FrameError, RegionInfo, Request, Response, VmInfo, SUPPORTED_VERSIONS};
+
+/// An error a target reports for a request; becomes [`Response::Error`].
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+#[error("{message}")]
+pub struct TargetError {
+    /// Category.
+    pub code: ErrorCode,
+    /// What went wrong.
+    pub message: String,
+}
+
+impl TargetError {
+    /// A [`ErrorCode::BadState`] error.
+    pub fn bad_state(message: impl Into<String>) -> Self {
+        Self { code: ErrorCode::BadState, message: message.into() }
+    }
+
+    /// An [`ErrorCode::Internal`] error.
+    pub fn internal(message: impl Into<String>) -> Self {
+        Self { code: ErrorCode::Internal, message: message.into() }
+    }
+}
+
+/// A guest RAM region with the descriptor that backs it.
+pub struct TargetRegion {
+    /// Region description.
+    pub info: RegionInfo,
+    /// A duplicate of the descriptor that backs the region (memfd or file), sent to the client.
+    pub fd: OwnedFd,
+}
+
+/// What a VMM exposes to the agent. Every method may be called from any connection thread.
+pub trait AttachTarget: Send + Sync {
+    /// Describes the VM, with a duplicate descriptor for each region.
+    fn describe(&self) -> (VmInfo, Vec<TargetRegion>);
+    /// Starts dirty logging.
+    fn start_dirty_log(&self) -> Result<(), TargetError>;
+    /// Stops dirty logging.
+    fn stop_dirty_log(&self) -> Result<(), TargetError>;
+    /// Takes the dirty pages since the last harvest (one bitmap per region, in region order).
+    fn harvest(&self) -> Result<Vec<DirtyBitmap>, TargetError>;
+    /// Marks these pages dirty again.
+    fn put_back(&self, bitmaps: &[DirtyBitmap]);
+    /// Stops every vCPU; returns how long it took.
+    fn pause(&self) -> Result<Duration, TargetError>;
+    /// Lets the vCPUs run.
+    fn resume(&self) -> Result<(), TargetError>;
+    /// Sets the vCPU throttle fraction.
+    fn set_throttle(&self, fraction: f64) -> Result<(), TargetError>;
+    /// BLAKE3 of all guest RAM (paused only).
+    fn hash_ram(&self) -> Result<blake3::Hash, TargetError>;
+    /// Saves vCPU and device state (paused only).
+    fn save_state(&self) -> Result<serde_json::Value, TargetError>;
+    /// Starts a VM from `state` on `ram` (a VMM on standby only).
+    fn restore(&self, state: serde_json::Value, ram: File) -> Result<(), TargetError>;
+    /// Stops the VM; the VMM exits once the agent returns.
+    fn shutdown(&self);
+}
+
+/// Serves `target` on `listener` until [`AttachTarget::shutdown`] is requested by a client; each
+/// connection runs on its own thread. Returns when a client asked for shutdown.
+///
+/// # Errors
+/// Errors of `accept` other than interruptions.
+pub fn serve(listener: UnixListener, target: Arc<dyn AttachTarget>) -> std::io::Result<()> {
+    let (stop_tx, stop_rx) = std::sync::mpsc::channel::<()>();
+    listener.set_nonblocking(true)?;
+    loop {
+        if stop_rx.try_recv().is_ok() {
+            return Ok(());
+        }
+        match listener.accept() {
+            Ok((stream, _)) => {
+                stream.set_nonblocking(false)?;
+                let target = target.clone();
+                let stop_tx = stop_tx.clone();
+                std::thread::Builder::new().name("attach-conn".into()).spawn(move || {
+                    if let Ok(true) = Connection::new(stream, target).run() {
+                        let _ = stop_tx.send(());
+                    }
+                })?;
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
+    }
+}
+
+struct Connection {
+    stream: UnixStream,
+    target: Arc<dyn AttachTarget>,
+    /// Shared bitmap memory and its mapping (created at the handshake).
+    bitmap: Option<(File, *mut u8, usize)>,
+    pending: Option<(u64, Vec<DirtyBitmap>)>,
+    next_seq: u64,
+}
+
+// SAFETY: the raw pointer is a private MAP_SHARED mapping owned by this connection and only used by the
+// thread that runs it; Connection is moved into that thread once.
+unsafe impl Send for Connection {}
+
+impl Connection {
+    fn new(stream: UnixStream, target: Arc<dyn AttachTarget>) -> Self {
+        Self { stream, target, bitmap: None, pending: None, next_seq: 1 }
+    }
+
+    /// Returns Ok(true) if the client asked for shutdown.
+    fn run(mut self) -> Result<bool, FrameError> {
+        let result = self.serve_requests();
+        if let Some((_, bitmaps)) = self.pending.take() {
+            // The client went away mid-harvest: nothing it took may be lost.
+            self.target.put_back(&bitmaps);
+        }
+        result
+    }
+
+    fn serve_requests(&mut self) -> Result<bool, FrameError> {
+        // Handshake first.
+        let (req, _fds): (Request, Vec<OwnedFd>) = proto::recv(&self.stream)?;
+        match req {
+            Request::Hello { versions, .. } => {
+                let Some(&v) = SUPPORTED_VERSIONS.iter().find(|v| versions.contains(v)) else {
+                    let msg = format!("client speaks {versions:?}, agent speaks {SUPPORTED_VERSIONS:?}");
+                    proto::send(&self.stream, &Response::Error { code: ErrorCode::VersionMismatch, message: msg }, &[])?;
+                    return Ok(false);
+                };
+                let (mut vm, regions) = self.target.describe();
+                let bitmap_bytes: u64 = vm.regions.iter().map(|r| words_for(r.size_bytes / vm.page_size) as u64 * 8).sum();
+                let bitmap_bytes = bitmap_bytes.max(8);
+                let (file, ptr) = create_shared(bitmap_bytes as usize).map_err(FrameError::Io)?;
+                vm.bitmap_bytes = bitmap_bytes;
+                let mut fds: Vec<RawFd> = regions.iter().map(|r| r.fd.as_raw_fd()).collect();
+                fds.push(file.as_raw_fd());
+                proto::send(&self.stream, &Response::Hello { version: v, vm }, &fds)?;
+                self.bitmap = Some((file, ptr, bitmap_bytes as usize));
+            }
+            _ => {
+                let msg = "the first request must be hello".to_string();
+                proto::send(&self.stream, &Response::Error { code: ErrorCode::BadRequest, message: msg }, &[])?;
+                return Ok(false);
+            }
+        }
+        loop {
+            let (req, mut fds): (Request, Vec<OwnedFd>) = match proto::recv(&self.stream) {
+                Ok(x) => x,
+                Err(FrameError::Closed) => return Ok(false),
+                Err(FrameError::Malformed(e)) => {
+                    let msg = format!("malformed request: {e}");
+                    proto::send(&self.stream, &Response::Error { code: ErrorCode::BadRequest, message: msg }, &[])?;
+                    continue;
+                }
+                Err(e) => return Err(e),
+            };
+            let shutdown = matches!(req, Request::Shutdown);
+            let resp = self.handle(req, &mut fds).unwrap_or_else(|e| Response::Error { code: e.code, message: e.message });
+            proto::send(&self.stream, &resp, &[])?;
+            if shutdown {
+                return Ok(true);
+            }
+        }
+    }
+
+    fn handle(&mut self, req: Request, fds: &mut Vec<OwnedFd>) -> Result<Response, TargetError> {
+        let t = self.target.clone();
+        Ok(match req {
+            Request::Hello { .. } => return Err(TargetError { code: ErrorCode::BadRequest, message: "hello was already done".into() }),
+            Request::StartDirtyLog => {
+                t.start_dirty_log()?;
+                Response::Ok
+            }
+            Request::StopDirtyLog => {
+                t.stop_dirty_log()?;
+                Response::Ok
+            }
+            Request::Harvest => {
+                if let Some((seq, _)) = &self.pending {
+                    return Err(TargetError::bad_state(format!("harvest {seq} is still outstanding; release it first")));
+                }
+                let t0 = Instant::now();
+                let bitmaps = t.harvest()?;
+                let harvest_us = t0.elapsed().as_micros() as u64;
+                if let Err(e) = self.publish(&bitmaps) {
+                    t.put_back(&bitmaps);
+                    return Err(e);
+                }
+                let seq = self.next_seq;
+                self.next_seq += 1;
+                let dirty_pages = bitmaps.iter().map(DirtyBitmap::count).sum();
+                self.pending = Some((seq, bitmaps));
+                Response::Harvested { seq, dirty_pages, harvest_us }
+            }
+            Request::ReleaseHarvest { seq, consumed } => match self.pending.take() {
+                Some((s, bitmaps)) if s == seq => {
+                    if !consumed {
+                        t.put_back(&bitmaps);
+                    }
+                    Response::Ok
+                }
+                other => {
+                    self.pending = other;
+                    return Err(TargetError::bad_state(format!("harvest {seq} is not outstanding")));
+                }
+            },
+            Request::Pause => Response::Paused { pause_us: t.pause()?.as_micros() as u64 },
+            Request::Resume => {
+                t.resume()?;
+                Response::Ok
+            }
+            Request::SetThrottle { fraction } => {
+                if !(0.0..=0.99).contains(&fraction) {
+                    return Err(TargetError {
+                        code: ErrorCode::BadRequest,
+                        message: format!("throttle fraction {fraction} is outside 0..=0.99"),
+                    });
+                }
+                t.set_throttle(fraction)?;
+                Response::Ok
+            }
+            Request::HashRam => Response::Hash { blake3: t.hash_ram()?.to_hex().to_string() },
+            Request::SaveState => Response::State { state: t.save_state()? },
+            Request::Restore { state } => {
+                let Some(fd) = fds.pop() else {
+                    return Err(TargetError { code: ErrorCode::BadRequest, message: "restore needs the RAM file descriptor".into() });
+                };
+                t.restore(state, File::from(fd))?;
+                Response::Ok
+            }
+            Request::Status => Response::Status { vm: t.describe().0 },
+            Request::Shutdown => {
+                t.shutdown();
+                Response::Ok
+            }
+        })
+    }
+
+    /// Copies `bitmaps` into the shared bitmap memory, back to back in region order.
+    fn publish(&self, bitmaps: &[DirtyBitmap]) -> Result<(), TargetError> {
+        let (_, ptr, len) = self.bitmap.as_ref().ok_or_else(|| TargetError::bad_state("no handshake"))?;
+        let mut off = 0usize;
+        for bm in bitmaps {
+            let bytes = bm.words().len() * 8;
+            if off + bytes > *len {
+                return Err(TargetError::internal("harvest larger than the shared bitmap"));
+            }
+            // SAFETY: [off, off + bytes) lies inside the mapping of `len` bytes (checked above); the source
+            // is the bitmap's own word slice; the regions do not overlap.
+            unsafe { std::ptr::copy_nonoverlapping(bm.words().as_ptr().cast::<u8>(), ptr.add(off), bytes) };
+            off += bytes;
+        }
+        Ok(())
+    }
+}
+
+impl Drop for Connection {
+    fn drop(&mut self) {
+        if let Some((_, ptr, len)) = self.bitmap.take() {
+            // SAFETY: unmapping the mapping created in create_shared, exactly once.
+            unsafe { libc::munmap(ptr.cast(), len) };
+        }
+    }
+}
+
+/// Creates a memfd of `len` bytes and maps it shared read-write.
+fn create_shared(len: usize) -> std::io::Result<(File, *mut u8)> {
+    // SAFETY: valid NUL-terminated name; the result is checked.
+    let fd = unsafe { libc::memfd_create(c"endophyte-dirty-bitmap".as_ptr(), libc::MFD_CLOEXEC) };
+    if fd < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    // SAFETY: fd is a fresh descriptor nobody else owns.
+    let file = unsafe { File::from_raw_fd(fd) };
+    file.set_len(len as u64)?;
+    // SAFETY: mapping a file we own of exactly `len` bytes; checked for failure.
+    let p = unsafe {
+        libc::mmap(std::ptr::null_mut(), len, libc::PROT_READ | libc::PROT_WRITE, libc::MAP_SHARED, file.as_raw_fd(), 0)
+    };
+    if p == libc::MAP_FAILED {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok((file, p.cast()))
+}

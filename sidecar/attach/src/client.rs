@@ -1,0 +1,328 @@
+//! The sidecar side of the attach protocol: connect to a VMM's agent, map its guest RAM read-only, and
+//! drive the VM.
+
+use std::fs::File;
+use std::os::fd::{AsRawFd, OwnedFd};
+use std::os::unix::net::UnixStream;
+use std::path::Path;
+use std::time::Duration;
+
+use memmap2::{Mmap, MmapOptions};
+
+use crate::bitmap::{words_for, DirtyBitmap};
+use crate::proto::{self, ErrorCode, FrameError, Request, Response, VmInfo, SUPPORTED_VERSIONS};
+
+/// Errors of the client.
+#[derive(Debug, thiserror::Error)]
+pub enum ClientError {
+    /// Connecting failed.
+    #[error("connecting to the VMM agent at {path}: {source}")]
+    Connect {
+        /// Socket path.
+        path: String,
+        /// OS error.
+        source: std::io::Error,
+    },
+    /// Framing or socket error.
+    #[error(transparent)]
+    Frame(#[from] FrameError),
+    /// The agent refused the request.
+    #[error("the VMM refused {request}: {message} ({code:?})")]
+    Refused {
+        /// The request, by name.
+        request: &'static str,
+        /// Category.
+        code: ErrorCode,
+        /// The agent's message.
+        message: String,
+    },
+    /// The agent answered something that makes no sense for the request.
+    #[error("unexpected answer to {request}: {got}")]
+    Unexpected {
+        /// The request, by name.
+        request: &'static str,
+        /// What came back.
+        got: String,
+    },
+    /// Mapping guest RAM or the bitmap failed.
+    #[error("mapping {what}: {source}")]
+    Map {
+        /// What was mapped.
+        what: &'static str,
+        /// OS error.
+        source: std::io::Error,
+    },
+    /// An access outside guest RAM.
+    #[error("guest RAM access of {len} bytes at GPA {gpa:#x} is outside every region")]
+    OutOfRange {
+        /// GPA.
+        gpa: u64,
+        /// Length.
+        len: usize,
+    },
+}
+
+/// One guest RAM region mapped read-only.
+pub struct MappedRegion {
+    /// Guest physical address of its first byte.
+    pub gpa: u64,
+    map: Mmap,
+}
+
+/// A harvest held in the shared bitmap; release it with [`AttachClient::release`].
+#[derive(Debug)]
+pub struct Harvest {
+    /// Sequence number.
+    pub seq: u64,
+    /// One bitmap per region.
+    pub bitmaps: Vec<DirtyBitmap>,
+    /// Time the harvest took in the VMM.
+    pub harvest_time: Duration,
+}
+
+/// A connection to a VMM's attach agent.
+pub struct AttachClient {
+    stream: UnixStream,
+    version: u16,
+    info: VmInfo,
+    regions: Vec<MappedRegion>,
+    bitmap: Option<Mmap>,
+}
+
+impl AttachClient {
+    /// Connects to the agent at `path`, performs the handshake and maps guest RAM read-only.
+    ///
+    /// # Errors
+    /// [`ClientError`] if the socket, the handshake or a mapping fails.
+    pub fn connect(path: impl AsRef<Path>, client_name: &str) -> Result<Self, ClientError> {
+        let path = path.as_ref();
+        let stream = UnixStream::connect(path)
+            .map_err(|source| ClientError::Connect { path: path.display().to_string(), source })?;
+        proto::send(&stream, &Request::Hello { versions: SUPPORTED_VERSIONS.to_vec(), client: client_name.into() }, &[])?;
+        let (resp, mut fds): (Response, Vec<OwnedFd>) = proto::recv(&stream)?;
+        let (version, info) = match resp {
+            Response::Hello { version, vm } => (version, vm),
+            Response::Error { code, message } => return Err(ClientError::Refused { request: "hello", code, message }),
+            other => return Err(ClientError::Unexpected { request: "hello", got: format!("{other:?}") }),
+        };
+        if fds.len() != info.regions.len() + 1 {
+            return Err(ClientError::Unexpected {
+                request: "hello",
+                got: format!("{} descriptors for {} regions plus the bitmap", fds.len(), info.regions.len()),
+            });
+        }
+        let bitmap_fd = File::from(fds.pop().expect("checked length"));
+        let mut regions = Vec::new();
+        for (r, fd) in info.regions.iter().zip(fds) {
+            let file = File::from(fd);
+            // SAFETY: a read-only shared mapping of guest RAM. The guest keeps writing it, so the bytes are
+            // only ever read through raw-pointer copies (see `read`), never as long-lived references.
+            let map = unsafe { MmapOptions::new().offset(r.fd_offset).len(r.size_bytes as usize).map(&file) }
+                .map_err(|source| ClientError::Map { what: "guest RAM", source })?;
+            regions.push(MappedRegion { gpa: r.gpa, map });
+        }
+        // SAFETY: read-only shared mapping of the bitmap memfd; read only between a Harvested reply and the
+        // next request, while the agent does not write it.
+        let bitmap = unsafe { MmapOptions::new().len(info.bitmap_bytes as usize).map(&bitmap_fd) }
+            .map_err(|source| ClientError::Map { what: "the dirty bitmap", source })?;
+        Ok(Self { stream, version, info, regions, bitmap: Some(bitmap) })
+    }
+
+    /// Protocol version in use.
+    pub fn version(&self) -> u16 {
+        self.version
+    }
+
+    /// What the VMM reported at the handshake.
+    pub fn info(&self) -> &VmInfo {
+        &self.info
+    }
+
+    fn call(&self, request: &'static str, req: &Request, fds: &[i32]) -> Result<Response, ClientError> {
+        proto::send(&self.stream, req, fds)?;
+        let (resp, _fds): (Response, Vec<OwnedFd>) = proto::recv(&self.stream)?;
+        match resp {
+            Response::Error { code, message } => Err(ClientError::Refused { request, code, message }),
+            r => Ok(r),
+        }
+    }
+
+    fn expect_ok(&self, request: &'static str, req: &Request) -> Result<(), ClientError> {
+        match self.call(request, req, &[])? {
+            Response::Ok => Ok(()),
+            other => Err(ClientError::Unexpected { request, got: format!("{other:?}") }),
+        }
+    }
+
+    /// Starts dirty logging.
+    ///
+    /// # Errors
+    /// [`ClientError`].
+    pub fn start_dirty_log(&self) -> Result<(), ClientError> {
+        self.expect_ok("start_dirty_log", &Request::StartDirtyLog)
+    }
+
+    /// Stops dirty logging.
+    ///
+    /// # Errors
+    /// [`ClientError`].
+    pub fn stop_dirty_log(&self) -> Result<(), ClientError> {
+        self.expect_ok("stop_dirty_log", &Request::StopDirtyLog)
+    }
+
+    /// Takes the dirty pages since the last harvest. Release the harvest with [`AttachClient::release`]
+    /// once its pages are safely copied (or as not consumed, to have them reported again).
+    ///
+    /// # Errors
+    /// [`ClientError`].
+    pub fn harvest(&self) -> Result<Harvest, ClientError> {
+        let (seq, harvest_us) = match self.call("harvest", &Request::Harvest, &[])? {
+            Response::Harvested { seq, harvest_us, .. } => (seq, harvest_us),
+            other => return Err(ClientError::Unexpected { request: "harvest", got: format!("{other:?}") }),
+        };
+        let shm = self.bitmap.as_ref().expect("mapped at connect");
+        let page = self.info.page_size;
+        let mut off = 0usize;
+        let mut bitmaps = Vec::new();
+        for r in &self.info.regions {
+            let pages = r.size_bytes / page;
+            let n = words_for(pages);
+            let mut words = vec![0u64; n];
+            if off + n * 8 > shm.len() {
+                return Err(ClientError::Unexpected { request: "harvest", got: "bitmap shorter than the regions".into() });
+            }
+            // SAFETY: [off, off + n * 8) is inside the shared bitmap (checked above), which the agent does not
+            // write until our next request; any bit pattern is a valid u64.
+            unsafe { std::ptr::copy_nonoverlapping(shm.as_ptr().add(off), words.as_mut_ptr().cast::<u8>(), n * 8) };
+            off += n * 8;
+            bitmaps.push(DirtyBitmap::from_words(r.gpa, page, pages, words));
+        }
+        Ok(Harvest { seq, bitmaps, harvest_time: Duration::from_micros(harvest_us) })
+    }
+
+    /// Releases harvest `seq`; `consumed = false` puts its pages back.
+    ///
+    /// # Errors
+    /// [`ClientError`].
+    pub fn release(&self, seq: u64, consumed: bool) -> Result<(), ClientError> {
+        self.expect_ok("release_harvest", &Request::ReleaseHarvest { seq, consumed })
+    }
+
+    /// Stops every vCPU; returns how long that took in the VMM.
+    ///
+    /// # Errors
+    /// [`ClientError`].
+    pub fn pause(&self) -> Result<Duration, ClientError> {
+        match self.call("pause", &Request::Pause, &[])? {
+            Response::Paused { pause_us } => Ok(Duration::from_micros(pause_us)),
+            other => Err(ClientError::Unexpected { request: "pause", got: format!("{other:?}") }),
+        }
+    }
+
+    /// Lets the vCPUs run.
+    ///
+    /// # Errors
+    /// [`ClientError`].
+    pub fn resume(&self) -> Result<(), ClientError> {
+        self.expect_ok("resume", &Request::Resume)
+    }
+
+    /// Sets the vCPU throttle fraction (0..=0.99).
+    ///
+    /// # Errors
+    /// [`ClientError`], e.g. `BadRequest` for a fraction out of range.
+    pub fn set_throttle(&self, fraction: f64) -> Result<(), ClientError> {
+        self.expect_ok("set_throttle", &Request::SetThrottle { fraction })
+    }
+
+    /// BLAKE3 of guest RAM as the VMM computes it (paused only), hex.
+    ///
+    /// # Errors
+    /// [`ClientError`], `BadState` while running.
+    pub fn vmm_hash(&self) -> Result<String, ClientError> {
+        match self.call("hash_ram", &Request::HashRam, &[])? {
+            Response::Hash { blake3 } => Ok(blake3),
+            other => Err(ClientError::Unexpected { request: "hash_ram", got: format!("{other:?}") }),
+        }
+    }
+
+    /// BLAKE3 of guest RAM computed here, through this process's own read-only mapping, in GPA order.
+    /// Only meaningful while the VM is paused.
+    pub fn local_hash(&self) -> String {
+        let mut h = blake3::Hasher::new();
+        let mut buf = vec![0u8; 1 << 20];
+        for r in &self.regions {
+            let mut off = 0;
+            while off < r.map.len() {
+                let n = buf.len().min(r.map.len() - off);
+                copy_from(&r.map, off, &mut buf[..n]);
+                h.update(&buf[..n]);
+                off += n;
+            }
+        }
+        h.finalize().to_hex().to_string()
+    }
+
+    /// Copies guest RAM at `gpa` into `buf` through this process's mapping.
+    ///
+    /// # Errors
+    /// [`ClientError::OutOfRange`] if the range is not inside one region.
+    pub fn read(&self, gpa: u64, buf: &mut [u8]) -> Result<(), ClientError> {
+        let r = self
+            .regions
+            .iter()
+            .find(|r| gpa >= r.gpa && gpa + buf.len() as u64 <= r.gpa + r.map.len() as u64)
+            .ok_or(ClientError::OutOfRange { gpa, len: buf.len() })?;
+        copy_from(&r.map, (gpa - r.gpa) as usize, buf);
+        Ok(())
+    }
+
+    /// Saves vCPU and device state (paused only).
+    ///
+    /// # Errors
+    /// [`ClientError`].
+    pub fn save_state(&self) -> Result<serde_json::Value, ClientError> {
+        match self.call("save_state", &Request::SaveState, &[])? {
+            Response::State { state } => Ok(state),
+            other => Err(ClientError::Unexpected { request: "save_state", got: format!("{other:?}") }),
+        }
+    }
+
+    /// Asks a VMM on standby to start a VM from `state` on `ram` (sent as a descriptor).
+    ///
+    /// # Errors
+    /// [`ClientError`].
+    pub fn restore(&self, state: serde_json::Value, ram: &File) -> Result<(), ClientError> {
+        match self.call("restore", &Request::Restore { state }, &[ram.as_raw_fd()])? {
+            Response::Ok => Ok(()),
+            other => Err(ClientError::Unexpected { request: "restore", got: format!("{other:?}") }),
+        }
+    }
+
+    /// Current VM info.
+    ///
+    /// # Errors
+    /// [`ClientError`].
+    pub fn status(&self) -> Result<VmInfo, ClientError> {
+        match self.call("status", &Request::Status, &[])? {
+            Response::Status { vm } => Ok(vm),
+            other => Err(ClientError::Unexpected { request: "status", got: format!("{other:?}") }),
+        }
+    }
+
+    /// Stops the VM and the VMM.
+    ///
+    /// # Errors
+    /// [`ClientError`].
+    pub fn shutdown(&self) -> Result<(), ClientError> {
+        self.expect_ok("shutdown", &Request::Shutdown)
+    }
+}
+
+/// Copies `out.len()` bytes at `off` of a mapping another process writes concurrently.
+fn copy_from(map: &Mmap, off: usize, out: &mut [u8]) {
+    assert!(off + out.len() <= map.len(), "copy outside the mapping");
+    // SAFETY: the range is inside the mapping (asserted); copying through raw pointers never creates a
+    // reference to memory the guest may be writing, and any byte pattern is a valid u8.
+    unsafe { std::ptr::copy_nonoverlapping(map.as_ptr().add(off), out.as_mut_ptr(), out.len()) };
+}
