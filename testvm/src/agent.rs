@@ -28,18 +28,31 @@ pub struct VmHost {
 impl VmHost {
     /// Hosts `vm`, or nothing (standby) until a client restores one.
     pub fn new(vm: Option<Vm>, dirty_source: DirtySource, console: ConsoleFactory) -> Self {
-        Self { vm: RwLock::new(vm), dirty_source, console, shutdown: Mutex::new(false), shutdown_cv: Condvar::new() }
+        Self {
+            vm: RwLock::new(vm),
+            dirty_source,
+            console,
+            shutdown: Mutex::new(false),
+            shutdown_cv: Condvar::new(),
+        }
     }
 
     /// Runs `f` on the VM, if there is one.
     pub fn with_vm<T>(&self, f: impl FnOnce(&Vm) -> T) -> Option<T> {
-        self.vm.read().unwrap_or_else(|e| e.into_inner()).as_ref().map(f)
+        self.vm
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .as_ref()
+            .map(f)
     }
 
     /// Waits until a client asked for shutdown or `timeout` passed; returns whether shutdown was asked.
     pub fn wait_shutdown(&self, timeout: Duration) -> bool {
         let g = self.shutdown.lock().unwrap_or_else(|e| e.into_inner());
-        let (g, _) = self.shutdown_cv.wait_timeout_while(g, timeout, |s| !*s).unwrap_or_else(|e| e.into_inner());
+        let (g, _) = self
+            .shutdown_cv
+            .wait_timeout_while(g, timeout, |s| !*s)
+            .unwrap_or_else(|e| e.into_inner());
         *g
     }
 
@@ -50,7 +63,9 @@ impl VmHost {
 
     fn vm<T>(&self, f: impl FnOnce(&Vm) -> Result<T, VmError>) -> Result<T, TargetError> {
         let g = self.vm.read().unwrap_or_else(|e| e.into_inner());
-        let vm = g.as_ref().ok_or_else(|| TargetError::bad_state("this VMM is on standby: no VM yet"))?;
+        let vm = g
+            .as_ref()
+            .ok_or_else(|| TargetError::bad_state("this VMM is on standby: no VM yet"))?;
         f(vm).map_err(to_target_error)
     }
 }
@@ -62,7 +77,10 @@ fn to_target_error(e: VmError) -> TargetError {
         VmError::BadState(_) => ErrorCode::BadRequest,
         _ => ErrorCode::Internal,
     };
-    TargetError { code, message: e.to_string() }
+    TargetError {
+        code,
+        message: e.to_string(),
+    }
 }
 
 impl AttachTarget for VmHost {
@@ -83,10 +101,17 @@ impl AttachTarget for VmHost {
             info.vcpus = vm.layout().vcpus;
             info.running = !vm.is_paused() && vm.fault().is_none();
             info.dirty_logging = vm.is_logging();
-            let r = RegionInfo { gpa: 0, size_bytes: vm.ram().size_bytes(), fd_offset: 0 };
+            let r = RegionInfo {
+                gpa: 0,
+                size_bytes: vm.ram().size_bytes(),
+                fd_offset: 0,
+            };
             if let Ok(fd) = vm.ram().file().try_clone() {
                 info.regions.push(r.clone());
-                regions.push(TargetRegion { info: r, fd: OwnedFd::from(fd) });
+                regions.push(TargetRegion {
+                    info: r,
+                    fd: OwnedFd::from(fd),
+                });
             }
         }
         (info, regions)
@@ -129,19 +154,23 @@ impl AttachTarget for VmHost {
 
     fn save_state(&self) -> Result<serde_json::Value, TargetError> {
         let state = self.vm(|vm| vm.save_state())?;
-        serde_json::to_value(state).map_err(|e| TargetError::internal(format!("encoding state: {e}")))
+        serde_json::to_value(state)
+            .map_err(|e| TargetError::internal(format!("encoding state: {e}")))
     }
 
     fn restore(&self, state: serde_json::Value, ram: File) -> Result<(), TargetError> {
         let mut g = self.vm.write().unwrap_or_else(|e| e.into_inner());
         if g.is_some() {
-            return Err(TargetError::bad_state("this VMM already runs a VM; restore needs one on standby"));
+            return Err(TargetError::bad_state(
+                "this VMM already runs a VM; restore needs one on standby",
+            ));
         }
         let state: VmState = serde_json::from_value(state).map_err(|e| TargetError {
             code: ErrorCode::BadRequest,
             message: format!("not a testvm state: {e}"),
         })?;
-        let vm = Vm::restore(&state, ram, self.dirty_source, (self.console)()).map_err(to_target_error)?;
+        let vm = Vm::restore(&state, ram, self.dirty_source, (self.console)())
+            .map_err(to_target_error)?;
         *g = Some(vm);
         Ok(())
     }

@@ -5,9 +5,9 @@ use std::time::Duration;
 
 use anyhow::{bail, Context};
 use clap::{Parser, Subcommand, ValueEnum};
+use testvm::agent::VmHost;
 use testvm::layout::parse_bytes;
 use testvm::run::{run, RunOptions};
-use testvm::agent::VmHost;
 use testvm::{DirtySource, Vm, VmConfig, WorkloadConfig};
 
 #[derive(Parser)]
@@ -146,7 +146,11 @@ impl std::io::Write for ConsoleToStderr {
 }
 
 /// Serves `host` on `socket` until shutdown is requested or `duration` passes.
-fn serve_host(host: std::sync::Arc<VmHost>, socket: &std::path::Path, duration: Option<Duration>) -> anyhow::Result<()> {
+fn serve_host(
+    host: std::sync::Arc<VmHost>,
+    socket: &std::path::Path,
+    duration: Option<Duration>,
+) -> anyhow::Result<()> {
     let _ = std::fs::remove_file(socket);
     let listener = std::os::unix::net::UnixListener::bind(socket)
         .with_context(|| format!("binding the attach socket {}", socket.display()))?;
@@ -154,7 +158,10 @@ fn serve_host(host: std::sync::Arc<VmHost>, socket: &std::path::Path, duration: 
     std::thread::Builder::new()
         .name("attach".into())
         .spawn(move || endophyte_attach::agent::serve(listener, target))?;
-    eprintln!("testvm: serving the attach protocol on {}", socket.display());
+    eprintln!(
+        "testvm: serving the attach protocol on {}",
+        socket.display()
+    );
     let deadline = duration.map(|d| std::time::Instant::now() + d);
     loop {
         if host.wait_shutdown(Duration::from_millis(100)) {
@@ -227,7 +234,16 @@ fn main() -> anyhow::Result<()> {
                 );
             }
         }
-        Cmd::Serve { attach_socket, mem, vcpus, mut workload, fill, dirty_source, paused, duration } => {
+        Cmd::Serve {
+            attach_socket,
+            mem,
+            vcpus,
+            mut workload,
+            fill,
+            dirty_source,
+            paused,
+            duration,
+        } => {
             workload.fill = fill;
             let vm = Vm::boot(VmConfig {
                 mem_bytes: mem,
@@ -244,7 +260,10 @@ fn main() -> anyhow::Result<()> {
             let host = std::sync::Arc::new(VmHost::new(Some(vm), dirty_source, console_factory()));
             serve_host(host, &attach_socket, duration)?;
         }
-        Cmd::Standby { attach_socket, dirty_source } => {
+        Cmd::Standby {
+            attach_socket,
+            dirty_source,
+        } => {
             let host = std::sync::Arc::new(VmHost::new(None, dirty_source, console_factory()));
             serve_host(host, &attach_socket, None)?;
         }

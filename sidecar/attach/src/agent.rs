@@ -12,7 +12,9 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use crate::bitmap::{words_for, DirtyBitmap};
-use crate::proto::{self, ErrorCode, FrameError, RegionInfo, Request, Response, VmInfo, SUPPORTED_VERSIONS};
+use crate::proto::{
+    self, ErrorCode, FrameError, RegionInfo, Request, Response, VmInfo, SUPPORTED_VERSIONS,
+};
 
 /// An error a target reports for a request; becomes [`Response::Error`].
 #[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
@@ -27,12 +29,18 @@ pub struct TargetError {
 impl TargetError {
     /// A [`ErrorCode::BadState`] error.
     pub fn bad_state(message: impl Into<String>) -> Self {
-        Self { code: ErrorCode::BadState, message: message.into() }
+        Self {
+            code: ErrorCode::BadState,
+            message: message.into(),
+        }
     }
 
     /// An [`ErrorCode::Internal`] error.
     pub fn internal(message: impl Into<String>) -> Self {
-        Self { code: ErrorCode::Internal, message: message.into() }
+        Self {
+            code: ErrorCode::Internal,
+            message: message.into(),
+        }
     }
 }
 
@@ -89,11 +97,13 @@ pub fn serve(listener: UnixListener, target: Arc<dyn AttachTarget>) -> std::io::
                 stream.set_nonblocking(false)?;
                 let target = target.clone();
                 let stop_tx = stop_tx.clone();
-                std::thread::Builder::new().name("attach-conn".into()).spawn(move || {
-                    if let Ok(true) = Connection::new(stream, target).run() {
-                        let _ = stop_tx.send(());
-                    }
-                })?;
+                std::thread::Builder::new()
+                    .name("attach-conn".into())
+                    .spawn(move || {
+                        if let Ok(true) = Connection::new(stream, target).run() {
+                            let _ = stop_tx.send(());
+                        }
+                    })?;
             }
             Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
                 std::thread::sleep(Duration::from_millis(20));
@@ -119,7 +129,13 @@ unsafe impl Send for Connection {}
 
 impl Connection {
     fn new(stream: UnixStream, target: Arc<dyn AttachTarget>) -> Self {
-        Self { stream, target, bitmap: None, pending: None, next_seq: 1 }
+        Self {
+            stream,
+            target,
+            bitmap: None,
+            pending: None,
+            next_seq: 1,
+        }
     }
 
     /// Returns Ok(true) if the client asked for shutdown.
@@ -138,12 +154,24 @@ impl Connection {
         match req {
             Request::Hello { versions, .. } => {
                 let Some(&v) = SUPPORTED_VERSIONS.iter().find(|v| versions.contains(v)) else {
-                    let msg = format!("client speaks {versions:?}, agent speaks {SUPPORTED_VERSIONS:?}");
-                    proto::send(&self.stream, &Response::Error { code: ErrorCode::VersionMismatch, message: msg }, &[])?;
+                    let msg =
+                        format!("client speaks {versions:?}, agent speaks {SUPPORTED_VERSIONS:?}");
+                    proto::send(
+                        &self.stream,
+                        &Response::Error {
+                            code: ErrorCode::VersionMismatch,
+                            message: msg,
+                        },
+                        &[],
+                    )?;
                     return Ok(false);
                 };
                 let (mut vm, regions) = self.target.describe();
-                let bitmap_bytes: u64 = vm.regions.iter().map(|r| words_for(r.size_bytes / vm.page_size) as u64 * 8).sum();
+                let bitmap_bytes: u64 = vm
+                    .regions
+                    .iter()
+                    .map(|r| words_for(r.size_bytes / vm.page_size) as u64 * 8)
+                    .sum();
                 let bitmap_bytes = bitmap_bytes.max(8);
                 let (file, ptr) = create_shared(bitmap_bytes as usize).map_err(FrameError::Io)?;
                 vm.bitmap_bytes = bitmap_bytes;
@@ -154,7 +182,14 @@ impl Connection {
             }
             _ => {
                 let msg = "the first request must be hello".to_string();
-                proto::send(&self.stream, &Response::Error { code: ErrorCode::BadRequest, message: msg }, &[])?;
+                proto::send(
+                    &self.stream,
+                    &Response::Error {
+                        code: ErrorCode::BadRequest,
+                        message: msg,
+                    },
+                    &[],
+                )?;
                 return Ok(false);
             }
         }
@@ -164,13 +199,25 @@ impl Connection {
                 Err(FrameError::Closed) => return Ok(false),
                 Err(FrameError::Malformed(e)) => {
                     let msg = format!("malformed request: {e}");
-                    proto::send(&self.stream, &Response::Error { code: ErrorCode::BadRequest, message: msg }, &[])?;
+                    proto::send(
+                        &self.stream,
+                        &Response::Error {
+                            code: ErrorCode::BadRequest,
+                            message: msg,
+                        },
+                        &[],
+                    )?;
                     continue;
                 }
                 Err(e) => return Err(e),
             };
             let shutdown = matches!(req, Request::Shutdown);
-            let resp = self.handle(req, &mut fds).unwrap_or_else(|e| Response::Error { code: e.code, message: e.message });
+            let resp = self
+                .handle(req, &mut fds)
+                .unwrap_or_else(|e| Response::Error {
+                    code: e.code,
+                    message: e.message,
+                });
             proto::send(&self.stream, &resp, &[])?;
             if shutdown {
                 return Ok(true);
@@ -181,7 +228,12 @@ impl Connection {
     fn handle(&mut self, req: Request, fds: &mut Vec<OwnedFd>) -> Result<Response, TargetError> {
         let t = self.target.clone();
         Ok(match req {
-            Request::Hello { .. } => return Err(TargetError { code: ErrorCode::BadRequest, message: "hello was already done".into() }),
+            Request::Hello { .. } => {
+                return Err(TargetError {
+                    code: ErrorCode::BadRequest,
+                    message: "hello was already done".into(),
+                })
+            }
             Request::StartDirtyLog => {
                 t.start_dirty_log()?;
                 Response::Ok
@@ -192,7 +244,9 @@ impl Connection {
             }
             Request::Harvest => {
                 if let Some((seq, _)) = &self.pending {
-                    return Err(TargetError::bad_state(format!("harvest {seq} is still outstanding; release it first")));
+                    return Err(TargetError::bad_state(format!(
+                        "harvest {seq} is still outstanding; release it first"
+                    )));
                 }
                 let t0 = Instant::now();
                 let bitmaps = t.harvest()?;
@@ -205,7 +259,11 @@ impl Connection {
                 self.next_seq += 1;
                 let dirty_pages = bitmaps.iter().map(DirtyBitmap::count).sum();
                 self.pending = Some((seq, bitmaps));
-                Response::Harvested { seq, dirty_pages, harvest_us }
+                Response::Harvested {
+                    seq,
+                    dirty_pages,
+                    harvest_us,
+                }
             }
             Request::ReleaseHarvest { seq, consumed } => match self.pending.take() {
                 Some((s, bitmaps)) if s == seq => {
@@ -216,10 +274,14 @@ impl Connection {
                 }
                 other => {
                     self.pending = other;
-                    return Err(TargetError::bad_state(format!("harvest {seq} is not outstanding")));
+                    return Err(TargetError::bad_state(format!(
+                        "harvest {seq} is not outstanding"
+                    )));
                 }
             },
-            Request::Pause => Response::Paused { pause_us: t.pause()?.as_micros() as u64 },
+            Request::Pause => Response::Paused {
+                pause_us: t.pause()?.as_micros() as u64,
+            },
             Request::Resume => {
                 t.resume()?;
                 Response::Ok
@@ -234,11 +296,18 @@ impl Connection {
                 t.set_throttle(fraction)?;
                 Response::Ok
             }
-            Request::HashRam => Response::Hash { blake3: t.hash_ram()?.to_hex().to_string() },
-            Request::SaveState => Response::State { state: t.save_state()? },
+            Request::HashRam => Response::Hash {
+                blake3: t.hash_ram()?.to_hex().to_string(),
+            },
+            Request::SaveState => Response::State {
+                state: t.save_state()?,
+            },
             Request::Restore { state } => {
                 let Some(fd) = fds.pop() else {
-                    return Err(TargetError { code: ErrorCode::BadRequest, message: "restore needs the RAM file descriptor".into() });
+                    return Err(TargetError {
+                        code: ErrorCode::BadRequest,
+                        message: "restore needs the RAM file descriptor".into(),
+                    });
                 };
                 t.restore(state, File::from(fd))?;
                 Response::Ok
@@ -253,16 +322,23 @@ impl Connection {
 
     /// Copies `bitmaps` into the shared bitmap memory, back to back in region order.
     fn publish(&self, bitmaps: &[DirtyBitmap]) -> Result<(), TargetError> {
-        let (_, ptr, len) = self.bitmap.as_ref().ok_or_else(|| TargetError::bad_state("no handshake"))?;
+        let (_, ptr, len) = self
+            .bitmap
+            .as_ref()
+            .ok_or_else(|| TargetError::bad_state("no handshake"))?;
         let mut off = 0usize;
         for bm in bitmaps {
             let bytes = bm.words().len() * 8;
             if off + bytes > *len {
-                return Err(TargetError::internal("harvest larger than the shared bitmap"));
+                return Err(TargetError::internal(
+                    "harvest larger than the shared bitmap",
+                ));
             }
             // SAFETY: [off, off + bytes) lies inside the mapping of `len` bytes (checked above); the source
             // is the bitmap's own word slice; the regions do not overlap.
-            unsafe { std::ptr::copy_nonoverlapping(bm.words().as_ptr().cast::<u8>(), ptr.add(off), bytes) };
+            unsafe {
+                std::ptr::copy_nonoverlapping(bm.words().as_ptr().cast::<u8>(), ptr.add(off), bytes)
+            };
             off += bytes;
         }
         Ok(())
@@ -290,7 +366,14 @@ fn create_shared(len: usize) -> std::io::Result<(File, *mut u8)> {
     file.set_len(len as u64)?;
     // SAFETY: mapping a file we own of exactly `len` bytes; checked for failure.
     let p = unsafe {
-        libc::mmap(std::ptr::null_mut(), len, libc::PROT_READ | libc::PROT_WRITE, libc::MAP_SHARED, file.as_raw_fd(), 0)
+        libc::mmap(
+            std::ptr::null_mut(),
+            len,
+            libc::PROT_READ | libc::PROT_WRITE,
+            libc::MAP_SHARED,
+            file.as_raw_fd(),
+            0,
+        )
     };
     if p == libc::MAP_FAILED {
         return Err(std::io::Error::last_os_error());

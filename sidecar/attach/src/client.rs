@@ -96,19 +96,43 @@ impl AttachClient {
     /// [`ClientError`] if the socket, the handshake or a mapping fails.
     pub fn connect(path: impl AsRef<Path>, client_name: &str) -> Result<Self, ClientError> {
         let path = path.as_ref();
-        let stream = UnixStream::connect(path)
-            .map_err(|source| ClientError::Connect { path: path.display().to_string(), source })?;
-        proto::send(&stream, &Request::Hello { versions: SUPPORTED_VERSIONS.to_vec(), client: client_name.into() }, &[])?;
+        let stream = UnixStream::connect(path).map_err(|source| ClientError::Connect {
+            path: path.display().to_string(),
+            source,
+        })?;
+        proto::send(
+            &stream,
+            &Request::Hello {
+                versions: SUPPORTED_VERSIONS.to_vec(),
+                client: client_name.into(),
+            },
+            &[],
+        )?;
         let (resp, mut fds): (Response, Vec<OwnedFd>) = proto::recv(&stream)?;
         let (version, info) = match resp {
             Response::Hello { version, vm } => (version, vm),
-            Response::Error { code, message } => return Err(ClientError::Refused { request: "hello", code, message }),
-            other => return Err(ClientError::Unexpected { request: "hello", got: format!("{other:?}") }),
+            Response::Error { code, message } => {
+                return Err(ClientError::Refused {
+                    request: "hello",
+                    code,
+                    message,
+                })
+            }
+            other => {
+                return Err(ClientError::Unexpected {
+                    request: "hello",
+                    got: format!("{other:?}"),
+                })
+            }
         };
         if fds.len() != info.regions.len() + 1 {
             return Err(ClientError::Unexpected {
                 request: "hello",
-                got: format!("{} descriptors for {} regions plus the bitmap", fds.len(), info.regions.len()),
+                got: format!(
+                    "{} descriptors for {} regions plus the bitmap",
+                    fds.len(),
+                    info.regions.len()
+                ),
             });
         }
         let bitmap_fd = File::from(fds.pop().expect("checked length"));
@@ -117,15 +141,36 @@ impl AttachClient {
             let file = File::from(fd);
             // SAFETY: a read-only shared mapping of guest RAM. The guest keeps writing it, so the bytes are
             // only ever read through raw-pointer copies (see `read`), never as long-lived references.
-            let map = unsafe { MmapOptions::new().offset(r.fd_offset).len(r.size_bytes as usize).map(&file) }
-                .map_err(|source| ClientError::Map { what: "guest RAM", source })?;
+            let map = unsafe {
+                MmapOptions::new()
+                    .offset(r.fd_offset)
+                    .len(r.size_bytes as usize)
+                    .map(&file)
+            }
+            .map_err(|source| ClientError::Map {
+                what: "guest RAM",
+                source,
+            })?;
             regions.push(MappedRegion { gpa: r.gpa, map });
         }
         // SAFETY: read-only shared mapping of the bitmap memfd; read only between a Harvested reply and the
         // next request, while the agent does not write it.
-        let bitmap = unsafe { MmapOptions::new().len(info.bitmap_bytes as usize).map(&bitmap_fd) }
-            .map_err(|source| ClientError::Map { what: "the dirty bitmap", source })?;
-        Ok(Self { stream, version, info, regions, bitmap: Some(bitmap) })
+        let bitmap = unsafe {
+            MmapOptions::new()
+                .len(info.bitmap_bytes as usize)
+                .map(&bitmap_fd)
+        }
+        .map_err(|source| ClientError::Map {
+            what: "the dirty bitmap",
+            source,
+        })?;
+        Ok(Self {
+            stream,
+            version,
+            info,
+            regions,
+            bitmap: Some(bitmap),
+        })
     }
 
     /// Protocol version in use.
@@ -138,11 +183,20 @@ impl AttachClient {
         &self.info
     }
 
-    fn call(&self, request: &'static str, req: &Request, fds: &[i32]) -> Result<Response, ClientError> {
+    fn call(
+        &self,
+        request: &'static str,
+        req: &Request,
+        fds: &[i32],
+    ) -> Result<Response, ClientError> {
         proto::send(&self.stream, req, fds)?;
         let (resp, _fds): (Response, Vec<OwnedFd>) = proto::recv(&self.stream)?;
         match resp {
-            Response::Error { code, message } => Err(ClientError::Refused { request, code, message }),
+            Response::Error { code, message } => Err(ClientError::Refused {
+                request,
+                code,
+                message,
+            }),
             r => Ok(r),
         }
     }
@@ -150,7 +204,10 @@ impl AttachClient {
     fn expect_ok(&self, request: &'static str, req: &Request) -> Result<(), ClientError> {
         match self.call(request, req, &[])? {
             Response::Ok => Ok(()),
-            other => Err(ClientError::Unexpected { request, got: format!("{other:?}") }),
+            other => Err(ClientError::Unexpected {
+                request,
+                got: format!("{other:?}"),
+            }),
         }
     }
 
@@ -177,8 +234,15 @@ impl AttachClient {
     /// [`ClientError`].
     pub fn harvest(&self) -> Result<Harvest, ClientError> {
         let (seq, harvest_us) = match self.call("harvest", &Request::Harvest, &[])? {
-            Response::Harvested { seq, harvest_us, .. } => (seq, harvest_us),
-            other => return Err(ClientError::Unexpected { request: "harvest", got: format!("{other:?}") }),
+            Response::Harvested {
+                seq, harvest_us, ..
+            } => (seq, harvest_us),
+            other => {
+                return Err(ClientError::Unexpected {
+                    request: "harvest",
+                    got: format!("{other:?}"),
+                })
+            }
         };
         let shm = self.bitmap.as_ref().expect("mapped at connect");
         let page = self.info.page_size;
@@ -189,15 +253,28 @@ impl AttachClient {
             let n = words_for(pages);
             let mut words = vec![0u64; n];
             if off + n * 8 > shm.len() {
-                return Err(ClientError::Unexpected { request: "harvest", got: "bitmap shorter than the regions".into() });
+                return Err(ClientError::Unexpected {
+                    request: "harvest",
+                    got: "bitmap shorter than the regions".into(),
+                });
             }
             // SAFETY: [off, off + n * 8) is inside the shared bitmap (checked above), which the agent does not
             // write until our next request; any bit pattern is a valid u64.
-            unsafe { std::ptr::copy_nonoverlapping(shm.as_ptr().add(off), words.as_mut_ptr().cast::<u8>(), n * 8) };
+            unsafe {
+                std::ptr::copy_nonoverlapping(
+                    shm.as_ptr().add(off),
+                    words.as_mut_ptr().cast::<u8>(),
+                    n * 8,
+                )
+            };
             off += n * 8;
             bitmaps.push(DirtyBitmap::from_words(r.gpa, page, pages, words));
         }
-        Ok(Harvest { seq, bitmaps, harvest_time: Duration::from_micros(harvest_us) })
+        Ok(Harvest {
+            seq,
+            bitmaps,
+            harvest_time: Duration::from_micros(harvest_us),
+        })
     }
 
     /// Releases harvest `seq`; `consumed = false` puts its pages back.
@@ -205,7 +282,10 @@ impl AttachClient {
     /// # Errors
     /// [`ClientError`].
     pub fn release(&self, seq: u64, consumed: bool) -> Result<(), ClientError> {
-        self.expect_ok("release_harvest", &Request::ReleaseHarvest { seq, consumed })
+        self.expect_ok(
+            "release_harvest",
+            &Request::ReleaseHarvest { seq, consumed },
+        )
     }
 
     /// Stops every vCPU; returns how long that took in the VMM.
@@ -215,7 +295,10 @@ impl AttachClient {
     pub fn pause(&self) -> Result<Duration, ClientError> {
         match self.call("pause", &Request::Pause, &[])? {
             Response::Paused { pause_us } => Ok(Duration::from_micros(pause_us)),
-            other => Err(ClientError::Unexpected { request: "pause", got: format!("{other:?}") }),
+            other => Err(ClientError::Unexpected {
+                request: "pause",
+                got: format!("{other:?}"),
+            }),
         }
     }
 
@@ -242,7 +325,10 @@ impl AttachClient {
     pub fn vmm_hash(&self) -> Result<String, ClientError> {
         match self.call("hash_ram", &Request::HashRam, &[])? {
             Response::Hash { blake3 } => Ok(blake3),
-            other => Err(ClientError::Unexpected { request: "hash_ram", got: format!("{other:?}") }),
+            other => Err(ClientError::Unexpected {
+                request: "hash_ram",
+                got: format!("{other:?}"),
+            }),
         }
     }
 
@@ -272,7 +358,10 @@ impl AttachClient {
             .regions
             .iter()
             .find(|r| gpa >= r.gpa && gpa + buf.len() as u64 <= r.gpa + r.map.len() as u64)
-            .ok_or(ClientError::OutOfRange { gpa, len: buf.len() })?;
+            .ok_or(ClientError::OutOfRange {
+                gpa,
+                len: buf.len(),
+            })?;
         copy_from(&r.map, (gpa - r.gpa) as usize, buf);
         Ok(())
     }
@@ -284,7 +373,10 @@ impl AttachClient {
     pub fn save_state(&self) -> Result<serde_json::Value, ClientError> {
         match self.call("save_state", &Request::SaveState, &[])? {
             Response::State { state } => Ok(state),
-            other => Err(ClientError::Unexpected { request: "save_state", got: format!("{other:?}") }),
+            other => Err(ClientError::Unexpected {
+                request: "save_state",
+                got: format!("{other:?}"),
+            }),
         }
     }
 
@@ -295,7 +387,10 @@ impl AttachClient {
     pub fn restore(&self, state: serde_json::Value, ram: &File) -> Result<(), ClientError> {
         match self.call("restore", &Request::Restore { state }, &[ram.as_raw_fd()])? {
             Response::Ok => Ok(()),
-            other => Err(ClientError::Unexpected { request: "restore", got: format!("{other:?}") }),
+            other => Err(ClientError::Unexpected {
+                request: "restore",
+                got: format!("{other:?}"),
+            }),
         }
     }
 
@@ -306,7 +401,10 @@ impl AttachClient {
     pub fn status(&self) -> Result<VmInfo, ClientError> {
         match self.call("status", &Request::Status, &[])? {
             Response::Status { vm } => Ok(vm),
-            other => Err(ClientError::Unexpected { request: "status", got: format!("{other:?}") }),
+            other => Err(ClientError::Unexpected {
+                request: "status",
+                got: format!("{other:?}"),
+            }),
         }
     }
 

@@ -45,7 +45,9 @@ pub enum FrameError {
     #[error("the peer closed the attach connection")]
     Closed,
     /// Not our protocol.
-    #[error("bad frame magic {0:02x?} (expected \"EATP\"): the peer does not speak the attach protocol")]
+    #[error(
+        "bad frame magic {0:02x?} (expected \"EATP\"): the peer does not speak the attach protocol"
+    )]
     BadMagic([u8; 4]),
     /// A frame of a version we do not speak.
     #[error("frame of attach protocol version {0}; this side speaks {SUPPORTED_VERSIONS:?}")]
@@ -216,7 +218,10 @@ pub enum Response {
 /// [`FrameError::Io`] if the socket fails; [`FrameError::TooLarge`] if the body exceeds the limit.
 pub fn send<T: Serialize>(sock: &UnixStream, msg: &T, fds: &[RawFd]) -> Result<(), FrameError> {
     let body = serde_json::to_vec(msg)?;
-    let len = u32::try_from(body.len()).ok().filter(|&l| l <= MAX_BODY_BYTES).ok_or(FrameError::TooLarge(u32::MAX))?;
+    let len = u32::try_from(body.len())
+        .ok()
+        .filter(|&l| l <= MAX_BODY_BYTES)
+        .ok_or(FrameError::TooLarge(u32::MAX))?;
     let mut header = [0u8; HEADER_BYTES];
     header[0..4].copy_from_slice(&MAGIC);
     header[4..6].copy_from_slice(&PROTOCOL_VERSION.to_le_bytes());
@@ -233,7 +238,9 @@ pub fn send<T: Serialize>(sock: &UnixStream, msg: &T, fds: &[RawFd]) -> Result<(
     // The descriptors ride on the first sendmsg; the rest of the frame follows as plain bytes.
     let mut frame = header.to_vec();
     frame.extend_from_slice(&body);
-    let sent = sock.send_with_fds(&[frame.as_slice()], fds).map_err(|e| FrameError::Io(e.into()))?;
+    let sent = sock
+        .send_with_fds(&[frame.as_slice()], fds)
+        .map_err(|e| FrameError::Io(e.into()))?;
     let mut s = sock;
     s.write_all(&frame[sent..])?;
     Ok(())
@@ -244,14 +251,23 @@ pub fn send<T: Serialize>(sock: &UnixStream, msg: &T, fds: &[RawFd]) -> Result<(
 /// # Errors
 /// [`FrameError::Closed`] at a clean end of stream; the other [`FrameError`]s for a bad frame. Nothing
 /// is allocated for a body before its length has been checked.
-pub fn recv<T: for<'de> Deserialize<'de>>(sock: &UnixStream) -> Result<(T, Vec<OwnedFd>), FrameError> {
+pub fn recv<T: for<'de> Deserialize<'de>>(
+    sock: &UnixStream,
+) -> Result<(T, Vec<OwnedFd>), FrameError> {
     let mut header = [0u8; HEADER_BYTES];
     let mut raw_fds = [-1 as RawFd; MAX_FDS];
-    let mut iov = [libc::iovec { iov_base: header.as_mut_ptr().cast(), iov_len: HEADER_BYTES }];
+    let mut iov = [libc::iovec {
+        iov_base: header.as_mut_ptr().cast(),
+        iov_len: HEADER_BYTES,
+    }];
     // SAFETY: the iovec points at `header`, which is valid for writes of HEADER_BYTES for the call.
-    let (n, nfds) = unsafe { sock.recv_with_fds(&mut iov, &mut raw_fds) }.map_err(|e| FrameError::Io(e.into()))?;
+    let (n, nfds) = unsafe { sock.recv_with_fds(&mut iov, &mut raw_fds) }
+        .map_err(|e| FrameError::Io(e.into()))?;
     // SAFETY: recv_with_fds returned nfds new descriptors in raw_fds[..nfds], owned by us from now on.
-    let fds: Vec<OwnedFd> = raw_fds[..nfds].iter().map(|&fd| unsafe { OwnedFd::from_raw_fd(fd) }).collect();
+    let fds: Vec<OwnedFd> = raw_fds[..nfds]
+        .iter()
+        .map(|&fd| unsafe { OwnedFd::from_raw_fd(fd) })
+        .collect();
     if n == 0 {
         return Err(FrameError::Closed);
     }
@@ -285,7 +301,12 @@ mod tests {
     fn round_trip_with_fds() {
         let (a, b) = UnixStream::pair().unwrap();
         let f = std::fs::File::open("/dev/null").unwrap();
-        send(&a, &Request::SetThrottle { fraction: 0.5 }, &[f.as_raw_fd()]).unwrap();
+        send(
+            &a,
+            &Request::SetThrottle { fraction: 0.5 },
+            &[f.as_raw_fd()],
+        )
+        .unwrap();
         let (m, fds): (Request, _) = recv(&b).unwrap();
         assert_eq!(m, Request::SetThrottle { fraction: 0.5 });
         assert_eq!(fds.len(), 1);
@@ -307,14 +328,20 @@ mod tests {
         h.extend_from_slice(&0u16.to_le_bytes());
         h.extend_from_slice(&u32::MAX.to_le_bytes());
         (&a).write_all(&h).unwrap();
-        assert!(matches!(recv::<Request>(&b), Err(FrameError::TooLarge(u32::MAX))));
+        assert!(matches!(
+            recv::<Request>(&b),
+            Err(FrameError::TooLarge(u32::MAX))
+        ));
 
         let (a, b) = UnixStream::pair().unwrap();
         let mut h = Vec::from(MAGIC);
         h.extend_from_slice(&9u16.to_le_bytes());
         h.extend_from_slice(&[0, 0, 2, 0, 0, 0]);
         (&a).write_all(&h).unwrap();
-        assert!(matches!(recv::<Request>(&b), Err(FrameError::BadVersion(9))));
+        assert!(matches!(
+            recv::<Request>(&b),
+            Err(FrameError::BadVersion(9))
+        ));
 
         let (a, b) = UnixStream::pair().unwrap();
         let mut h = Vec::from(MAGIC);
