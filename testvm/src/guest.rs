@@ -309,11 +309,12 @@ tvg_write:
     xor rdx, rax
     xor rdx, r12
     mov [r13 + {st_checksum}], rdx
-    inc qword ptr [r13 + {st_pages}]
     test r11, r11
     jz 31f
     call tvg_log_append
 31:
+    // Counted after it is logged, so every write the counter includes is in the log.
+    inc qword ptr [r13 + {st_pages}]
     inc rsi
     jmp tvg_loop
 
