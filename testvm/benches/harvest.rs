@@ -17,7 +17,9 @@ fn bench_harvest(c: &mut Criterion) {
         return;
     }
     let mut g = c.benchmark_group("harvest_per_GiB");
-    g.sample_size(10).measurement_time(Duration::from_secs(4)).warm_up_time(Duration::from_millis(500));
+    g.sample_size(10)
+        .measurement_time(Duration::from_secs(4))
+        .warm_up_time(Duration::from_millis(500));
     g.throughput(Throughput::Bytes(MEM_BYTES));
     for source in [DirtySource::Bitmap, DirtySource::Ring] {
         // stride 1024 = 0.1 %, 64 = 1.6 %, 8 = 12.5 % of pages dirty per pass
@@ -32,7 +34,10 @@ fn bench_harvest(c: &mut Criterion) {
             })
             .unwrap();
             vm.start_dirty_log().unwrap();
-            let id = BenchmarkId::new(format!("{source:?}"), format!("{:.1}%_dirty", 100.0 / stride as f64));
+            let id = BenchmarkId::new(
+                format!("{source:?}"),
+                format!("{:.1}%_dirty", 100.0 / stride as f64),
+            );
             g.bench_function(id, |b| {
                 b.iter_custom(|iters| {
                     let mut total = Duration::ZERO;

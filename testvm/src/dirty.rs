@@ -136,8 +136,7 @@ pub fn harvest_bitmap(
             ..Default::default()
         };
         clear.__bindgen_anon_1.dirty_bitmap = words[start..i].as_mut_ptr().cast();
-        // SAFETY: `clear` is a valid kvm_clear_dirty_log whose bitmap pointer covers num_pages bits
-        // (ceil(num_pages / 64) words from `words[start..i]`, which outlives the call); the fd is a VM fd.
+        // SAFETY: `clear` is a valid kvm_clear_dirty_log whose bitmap pointer covers num_pages bits (ceil(num_pages / 64) words from `words[start..i]`, which outlives the call); the fd is a VM fd.
         let ret = unsafe { ioctl_with_ref(vm, KVM_CLEAR_DIRTY_LOG(), &clear) };
         if ret < 0 {
             return Err(DirtyError::Ioctl {
@@ -180,8 +179,7 @@ impl DirtyRing {
         page_size: u64,
     ) -> Result<Self, DirtyError> {
         let offset = i64::from(kvm_bindings::KVM_DIRTY_LOG_PAGE_OFFSET) * page_size as i64;
-        // SAFETY: mapping a KVM vCPU fd at the documented dirty-ring offset with the size enabled on the VM;
-        // the result is checked before use.
+        // SAFETY: mapping a KVM vCPU fd at the documented dirty-ring offset with the size enabled on the VM; the result is checked before use.
         let p = unsafe {
             libc::mmap(
                 std::ptr::null_mut(),
@@ -218,8 +216,7 @@ impl DirtyRing {
         let mut bad = None;
         loop {
             let idx = (fetch % self.count) as usize;
-            // SAFETY: idx < count, so the entry lies inside the mapping; `flags` is a u32 at offset 0 of a
-            // repr(C) struct, suitably aligned for AtomicU32.
+            // SAFETY: idx < count, so the entry lies inside the mapping; `flags` is a u32 at offset 0 of a repr(C) struct, suitably aligned for AtomicU32.
             let e = unsafe { &*self.entries.add(idx) };
             // SAFETY: as above; the kernel publishes entries by setting DIRTY after writing slot/offset.
             let flags = unsafe { &*(std::ptr::addr_of!(e.flags) as *const AtomicU32) };

@@ -585,8 +585,7 @@ pub struct GuestImage {
 impl GuestImage {
     /// Returns the guest program linked into this binary.
     pub fn get() -> Self {
-        // SAFETY: both symbols are defined by the global_asm! above in the same section, start before end,
-        // and the bytes between them are immutable data for the whole life of the program.
+        // SAFETY: both symbols are defined by the global_asm! above in the same section, start before end, and the bytes between them are immutable data for the whole life of the program.
         let bytes: &'static [u8] = unsafe {
             let start = &raw const endophyte_testvm_guest_start;
             let end = &raw const endophyte_testvm_guest_end;

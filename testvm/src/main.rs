@@ -27,22 +27,42 @@ enum Output {
     Json,
 }
 
+/// What VM to boot (shared by `run` and `serve`).
+#[derive(clap::Args)]
+struct VmArgs {
+    /// Guest RAM (K, M, G suffixes).
+    #[arg(long, default_value = "256M", value_parser = parse_size)]
+    mem: u64,
+    /// vCPUs.
+    #[arg(long, default_value_t = 1)]
+    vcpus: u32,
+    /// Workload: idle | hotset[:size=S,rate=R] | uniform[:rate=R] | scan[:stride=N,rate=R]; rates in
+    /// pages/s for all vCPUs together, 0 = as fast as the guest can.
+    #[arg(long, default_value = "hotset:size=64M,rate=20000", value_parser = parse_workload)]
+    workload: WorkloadConfig,
+    /// Fill all of RAM with PRNG output before the workload starts.
+    #[arg(long)]
+    fill: bool,
+    /// KVM dirty-page source.
+    #[arg(long, value_enum, default_value = "bitmap")]
+    dirty_source: DirtySource,
+}
+
+impl VmArgs {
+    fn workload(&self) -> WorkloadConfig {
+        WorkloadConfig {
+            fill: self.fill,
+            ..self.workload.clone()
+        }
+    }
+}
+
 #[derive(Subcommand)]
 enum Cmd {
     /// Boot a VM, run a workload, harvest dirty pages periodically, report.
     Run {
-        /// Guest RAM (K, M, G suffixes).
-        #[arg(long, default_value = "256M", value_parser = parse_size)]
-        mem: u64,
-        /// vCPUs.
-        #[arg(long, default_value_t = 1)]
-        vcpus: u32,
-        /// Workload: idle | hotset[:size=S,rate=R] | uniform[:rate=R] | scan[:stride=N,rate=R].
-        #[arg(long, default_value = "hotset:size=64M,rate=20000", value_parser = parse_workload)]
-        workload: WorkloadConfig,
-        /// Fill all of RAM with PRNG output before the workload starts.
-        #[arg(long)]
-        fill: bool,
+        #[command(flatten)]
+        vm: VmArgs,
         /// How long to run (e.g. 10s, 500ms).
         #[arg(long, default_value = "3s", value_parser = parse_duration)]
         duration: Duration,
@@ -52,9 +72,6 @@ enum Cmd {
         /// Have the guest log every page it writes and check the harvests against it.
         #[arg(long)]
         verify_dirty: bool,
-        /// KVM dirty-page source.
-        #[arg(long, value_enum, default_value = "bitmap")]
-        dirty_source: DirtySource,
         /// Throttle fraction (0..0.99) for the whole run.
         #[arg(long, default_value_t = 0.0)]
         throttle: f64,
@@ -68,21 +85,8 @@ enum Cmd {
         /// Unix socket to listen on.
         #[arg(long)]
         attach_socket: std::path::PathBuf,
-        /// Guest RAM (K, M, G suffixes).
-        #[arg(long, default_value = "256M", value_parser = parse_size)]
-        mem: u64,
-        /// vCPUs.
-        #[arg(long, default_value_t = 1)]
-        vcpus: u32,
-        /// Workload (as for `run`).
-        #[arg(long, default_value = "hotset:size=64M,rate=20000", value_parser = parse_workload)]
-        workload: WorkloadConfig,
-        /// Fill all of RAM with PRNG output first.
-        #[arg(long)]
-        fill: bool,
-        /// KVM dirty-page source.
-        #[arg(long, value_enum, default_value = "bitmap")]
-        dirty_source: DirtySource,
+        #[command(flatten)]
+        vm: VmArgs,
         /// Start with the vCPUs paused.
         #[arg(long)]
         paused: bool,
@@ -191,29 +195,24 @@ fn main() -> anyhow::Result<()> {
         .init();
     match Cli::parse().cmd {
         Cmd::Run {
-            mem,
-            vcpus,
-            mut workload,
-            fill,
+            vm,
             duration,
             harvest_ms,
             verify_dirty,
-            dirty_source,
             throttle,
             output,
         } => {
-            workload.fill = fill;
             if harvest_ms == 0 {
                 bail!("--harvest-ms must be at least 1");
             }
             let report = run(RunOptions {
-                mem_bytes: mem,
-                vcpus,
-                workload,
+                mem_bytes: vm.mem,
+                vcpus: vm.vcpus,
+                workload: vm.workload(),
                 duration,
                 harvest_interval: Duration::from_millis(harvest_ms),
                 verify_dirty,
-                dirty_source,
+                dirty_source: vm.dirty_source,
                 throttle,
                 console: Box::new(ConsoleToStderr(Vec::new())),
             })
@@ -236,19 +235,15 @@ fn main() -> anyhow::Result<()> {
         }
         Cmd::Serve {
             attach_socket,
-            mem,
-            vcpus,
-            mut workload,
-            fill,
-            dirty_source,
+            vm: args,
             paused,
             duration,
         } => {
-            workload.fill = fill;
+            let dirty_source = args.dirty_source;
             let vm = Vm::boot(VmConfig {
-                mem_bytes: mem,
-                vcpus,
-                workload,
+                mem_bytes: args.mem,
+                vcpus: args.vcpus,
+                workload: args.workload(),
                 verify_dirty: false,
                 dirty_source,
                 console: Box::new(ConsoleToStderr(Vec::new())),

@@ -183,9 +183,7 @@ impl GuestRam {
     /// [`MemoryError::OutOfRange`].
     pub fn read_u64(&self, gpa: u64) -> Result<u64, MemoryError> {
         self.check(gpa, 8)?;
-        // SAFETY: the range was checked to lie inside the mapping, which lives as long as self; the address
-        // is 8-byte aligned (callers pass aligned record fields) and AtomicU64 has u64's layout. Atomic
-        // access is the right tool for memory another agent (the guest) writes concurrently.
+        // SAFETY: the range was checked to lie inside the mapping, which lives as long as self; the address is 8-byte aligned (callers pass aligned record fields) and AtomicU64 has u64's layout. Atomic access is the right tool for memory another agent (the guest) writes concurrently.
         let a = unsafe {
             &*(self.host_addr().add(gpa as usize) as *const std::sync::atomic::AtomicU64)
         };
@@ -240,8 +238,7 @@ impl GuestRam {
     /// No vCPU may run and no other thread may write guest RAM during the call (the VM must be paused):
     /// the hash is computed over a plain byte slice of the mapping.
     pub unsafe fn hash(&self) -> blake3::Hash {
-        // SAFETY: the mapping is size_bytes long and lives as long as self; the caller guarantees that
-        // nothing writes it for the duration of the borrow.
+        // SAFETY: the mapping is size_bytes long and lives as long as self; the caller guarantees that nothing writes it for the duration of the borrow.
         let all = unsafe { std::slice::from_raw_parts(self.host_addr(), self.size_bytes as usize) };
         blake3::hash(all)
     }

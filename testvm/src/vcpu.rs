@@ -34,8 +34,7 @@ pub fn kick_signal() -> i32 {
 extern "C" fn handle_kick(_: libc::c_int, _: *mut libc::siginfo_t, _: *mut libc::c_void) {
     let p = IMMEDIATE_EXIT.with(|c| c.get());
     if !p.is_null() {
-        // SAFETY: p points at immediate_exit in this thread's kvm_run mapping, set by the vCPU thread for as
-        // long as its VcpuFd lives and cleared before it is dropped; a volatile byte store is signal-safe.
+        // SAFETY: p points at immediate_exit in this thread's kvm_run mapping, set by the vCPU thread for as long as its VcpuFd lives and cleared before it is dropped; a volatile byte store is signal-safe.
         unsafe { std::ptr::write_volatile(p, 1) };
     }
 }
@@ -212,8 +211,7 @@ impl VcpuHandle {
     /// Sends the kick signal to the vCPU thread (no-op before it started).
     pub fn kick(&self) {
         if let Some(t) = *self.thread.lock().unwrap_or_else(|e| e.into_inner()) {
-            // SAFETY: t is the pthread id of a live vCPU thread (handles are dropped only after the threads
-            // are joined); the signal has a handler installed, so it cannot kill the process.
+            // SAFETY: t is the pthread id of a live vCPU thread (handles are dropped only after the threads are joined); the signal has a handler installed, so it cannot kill the process.
             unsafe { libc::pthread_kill(t, kick_signal()) };
         }
     }

@@ -476,8 +476,7 @@ impl Vm {
             memory_size: ram.size_bytes(),
             userspace_addr: ram.host_addr() as u64,
         };
-        // SAFETY: the region describes guest RAM's mapping, which `ram` keeps alive for as long as the VM:
-        // it is stored in the Vm and dropped after the VM fd (field order) and the vCPU threads are joined.
+        // SAFETY: the region describes guest RAM's mapping, which `ram` keeps alive for as long as the VM: it is stored in the Vm and dropped after the VM fd (field order) and the vCPU threads are joined.
         unsafe { vm_fd.set_user_memory_region(region) }
             .map_err(kerr("KVM_SET_USER_MEMORY_REGION"))?;
         let cpuid = kvm
@@ -839,8 +838,7 @@ impl Vm {
     /// [`VmError::NotPaused`] unless every vCPU is parked.
     pub fn hash_ram(&self) -> Result<blake3::Hash, VmError> {
         self.require_paused("hashing guest RAM")?;
-        // SAFETY: every vCPU is parked (checked above) and testvm writes guest RAM only from the threads
-        // that drive the VM, which are in this call.
+        // SAFETY: every vCPU is parked (checked above) and testvm writes guest RAM only from the threads that drive the VM, which are in this call.
         Ok(unsafe { self.ram.hash() })
     }
 

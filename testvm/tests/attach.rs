@@ -1,6 +1,8 @@
 //! The attach protocol across processes: the `testvm serve` binary as the VMM, this test process as the
 //! sidecar.
 
+mod common;
+use common::kvm_available;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
@@ -18,17 +20,6 @@ impl Drop for Vmm {
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
-}
-
-fn kvm_available() -> bool {
-    if std::path::Path::new("/dev/kvm").exists() {
-        return true;
-    }
-    if std::env::var_os("CI").is_some() {
-        panic!("/dev/kvm is missing on a CI runner: the KVM tests cannot run");
-    }
-    eprintln!("SKIPPED: /dev/kvm is missing; KVM tests did not run");
-    false
 }
 
 fn spawn_vmm(args: &[&str]) -> Vmm {

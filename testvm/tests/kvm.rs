@@ -5,23 +5,14 @@
 //! Without /dev/kvm these tests print a notice and pass on a developer machine, and fail under CI
 //! (`CI` set), where a missing /dev/kvm is a broken runner.
 
+mod common;
+use common::kvm_available;
 use std::time::{Duration, Instant};
 
 use testvm::guest::GuestState;
 use testvm::run::{run, RunOptions};
 use testvm::vm::GuestStatus;
 use testvm::{DirtySource, Vm, VmConfig, WorkloadConfig};
-
-fn kvm_available() -> bool {
-    if std::path::Path::new("/dev/kvm").exists() {
-        return true;
-    }
-    if std::env::var_os("CI").is_some() {
-        panic!("/dev/kvm is missing on a CI runner: the KVM tests cannot run");
-    }
-    eprintln!("SKIPPED: /dev/kvm is missing; KVM tests did not run");
-    false
-}
 
 fn boot(mem_mib: u64, vcpus: u32, workload: &str, fill: bool, source: DirtySource) -> Vm {
     let mut w = WorkloadConfig::parse(workload).unwrap();

@@ -17,13 +17,28 @@ fn bench_ranges(c: &mut Criterion) {
     let patterns: Vec<(&str, Vec<u64>)> = vec![
         ("clean", vec![0; words_for(pages)]),
         ("all_dirty", vec![u64::MAX; words_for(pages)]),
-        ("random_1pct", (0..words_for(pages)).map(|_| (0..64).fold(0u64, |w, b| w | (u64::from(rand() % 100 == 0) << b))).collect()),
-        ("random_50pct", (0..words_for(pages)).map(|_| rand()).collect()),
-        ("runs_of_256", (0..words_for(pages)).map(|i| if (i / 4) % 2 == 0 { u64::MAX } else { 0 }).collect()),
+        (
+            "random_1pct",
+            (0..words_for(pages))
+                .map(|_| (0..64).fold(0u64, |w, b| w | (u64::from(rand() % 100 == 0) << b)))
+                .collect(),
+        ),
+        (
+            "random_50pct",
+            (0..words_for(pages)).map(|_| rand()).collect(),
+        ),
+        (
+            "runs_of_256",
+            (0..words_for(pages))
+                .map(|i| if (i / 4) % 2 == 0 { u64::MAX } else { 0 })
+                .collect(),
+        ),
     ];
     for (name, words) in patterns {
         let bm = DirtyBitmap::from_words(0, 4096, pages, words);
-        g.bench_with_input(BenchmarkId::from_parameter(name), &bm, |b, bm| b.iter(|| bm.ranges()));
+        g.bench_with_input(BenchmarkId::from_parameter(name), &bm, |b, bm| {
+            b.iter(|| bm.ranges())
+        });
     }
     g.finish();
 }

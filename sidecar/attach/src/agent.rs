@@ -334,8 +334,7 @@ impl Connection {
                     "harvest larger than the shared bitmap",
                 ));
             }
-            // SAFETY: [off, off + bytes) lies inside the mapping of `len` bytes (checked above); the source
-            // is the bitmap's own word slice; the regions do not overlap.
+            // SAFETY: [off, off + bytes) lies inside the mapping of `len` bytes (checked above); the source is the bitmap's own word slice; the regions do not overlap.
             unsafe {
                 std::ptr::copy_nonoverlapping(bm.words().as_ptr().cast::<u8>(), ptr.add(off), bytes)
             };

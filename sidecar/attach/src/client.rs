@@ -139,8 +139,7 @@ impl AttachClient {
         let mut regions = Vec::new();
         for (r, fd) in info.regions.iter().zip(fds) {
             let file = File::from(fd);
-            // SAFETY: a read-only shared mapping of guest RAM. The guest keeps writing it, so the bytes are
-            // only ever read through raw-pointer copies (see `read`), never as long-lived references.
+            // SAFETY: a read-only shared mapping of guest RAM. The guest keeps writing it, so the bytes are only ever read through raw-pointer copies (see `read`), never as long-lived references.
             let map = unsafe {
                 MmapOptions::new()
                     .offset(r.fd_offset)
@@ -153,8 +152,7 @@ impl AttachClient {
             })?;
             regions.push(MappedRegion { gpa: r.gpa, map });
         }
-        // SAFETY: read-only shared mapping of the bitmap memfd; read only between a Harvested reply and the
-        // next request, while the agent does not write it.
+        // SAFETY: read-only shared mapping of the bitmap memfd; read only between a Harvested reply and the next request, while the agent does not write it.
         let bitmap = unsafe {
             MmapOptions::new()
                 .len(info.bitmap_bytes as usize)
@@ -258,8 +256,7 @@ impl AttachClient {
                     got: "bitmap shorter than the regions".into(),
                 });
             }
-            // SAFETY: [off, off + n * 8) is inside the shared bitmap (checked above), which the agent does not
-            // write until our next request; any bit pattern is a valid u64.
+            // SAFETY: [off, off + n * 8) is inside the shared bitmap (checked above), which the agent does not write until our next request; any bit pattern is a valid u64.
             unsafe {
                 std::ptr::copy_nonoverlapping(
                     shm.as_ptr().add(off),
@@ -420,7 +417,6 @@ impl AttachClient {
 /// Copies `out.len()` bytes at `off` of a mapping another process writes concurrently.
 fn copy_from(map: &Mmap, off: usize, out: &mut [u8]) {
     assert!(off + out.len() <= map.len(), "copy outside the mapping");
-    // SAFETY: the range is inside the mapping (asserted); copying through raw pointers never creates a
-    // reference to memory the guest may be writing, and any byte pattern is a valid u8.
+    // SAFETY: the range is inside the mapping (asserted); copying through raw pointers never creates a reference to memory the guest may be writing, and any byte pattern is a valid u8.
     unsafe { std::ptr::copy_nonoverlapping(map.as_ptr().add(off), out.as_mut_ptr(), out.len()) };
 }

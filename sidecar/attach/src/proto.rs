@@ -263,10 +263,12 @@ pub fn recv<T: for<'de> Deserialize<'de>>(
     // SAFETY: the iovec points at `header`, which is valid for writes of HEADER_BYTES for the call.
     let (n, nfds) = unsafe { sock.recv_with_fds(&mut iov, &mut raw_fds) }
         .map_err(|e| FrameError::Io(e.into()))?;
-    // SAFETY: recv_with_fds returned nfds new descriptors in raw_fds[..nfds], owned by us from now on.
     let fds: Vec<OwnedFd> = raw_fds[..nfds]
         .iter()
-        .map(|&fd| unsafe { OwnedFd::from_raw_fd(fd) })
+        .map(|&fd| {
+            // SAFETY: recv_with_fds returned nfds new descriptors in raw_fds[..nfds], owned by us from now on.
+            unsafe { OwnedFd::from_raw_fd(fd) }
+        })
         .collect();
     if n == 0 {
         return Err(FrameError::Closed);
