@@ -16,9 +16,10 @@
 //! 2. A page write stores one fresh 64-bit PRNG value (an LCG's state) at a random qword of the page.
 //!    The rest of the page keeps what was there: with `--fill` the VMM has filled all of RAM with PRNG
 //!    output, so written pages stay incompressible.
-//! 3. After every page write it updates its [`status`] record (pages written, a running checksum) and,
-//!    with the verify flag, appends the page frame number to its log ring ([`log`]), so the VMM can check
-//!    dirty tracking against the guest's own account. Every 8 writes it publishes its TSC and paces.
+//! 3. With the verify flag, before every page write it appends the page frame number to its log ring
+//!    ([`log`]), so the VMM can check dirty tracking against the guest's own account. After the write it
+//!    updates its [`status`] record (pages written, a running checksum). Every 8 writes it publishes its
+//!    TSC and paces.
 //!
 //! Why one qword per page: on this project's hosts /dev/kvm is nested `kvm_pvm`, which runs a guest that
 //! is not PVM-aware in its instruction emulator (measured: 0.74 us per instruction, register-only loop).
@@ -295,9 +296,17 @@ tvg_pick:
     mul r10
     shr rax, 32
 tvg_write:
-    // rax = page index within the slice -> page GPA; store at a random qword offset.
+    // rax = page index within the slice -> page GPA. With verification the page frame number is logged
+    // before the store, so at most one logged write per vCPU is still in flight at any moment.
     shl rax, cl
     add rax, rbx
+    test r11, r11
+    jz 32f
+    shr rax, cl
+    call tvg_log_append
+    shl rax, cl
+32:
+    // Store fresh PRNG output at a random qword of the page.
     mov rdx, r12
     shr rdx, 17
     and rdx, r9
@@ -309,11 +318,6 @@ tvg_write:
     xor rdx, rax
     xor rdx, r12
     mov [r13 + {st_checksum}], rdx
-    test r11, r11
-    jz 31f
-    call tvg_log_append
-31:
-    // Counted after it is logged, so every write the counter includes is in the log.
     inc qword ptr [r13 + {st_pages}]
     inc rsi
     jmp tvg_loop

@@ -1,11 +1,19 @@
 //! `testvm run`: boot a VM, harvest its dirty pages every `harvest_ms`, and (with `verify_dirty`) check
 //! every page the guest says it wrote against what the harvests reported.
 //!
-//! The check uses the guest's own log: the guest writes a page, then appends its frame number to its log
-//! ring. Before harvest `k` the VMM reads each ring's head; entries below that head were appended, hence
-//! their pages written, before harvest `k` read KVM's log. An entry consumed at harvest `k` must therefore
-//! have been reported by harvest `k` or `k - 1` (the write may precede the previous harvest when the
-//! guest waited on a full ring between the write and the append). Anything else is a missed page.
+//! The check uses the guest's own log, and is exact however the host schedules the vCPU threads. Each
+//! vCPU appends a page's frame number to its log ring and then writes the page, one page after another,
+//! so the write of entry `i` happens after entry `i` was appended and before entry `i + 1` was. Around
+//! harvest `k`'s read of KVM's log (the "fetch") the VMM reads every ring's head twice: `pre_k` just
+//! before the fetch and `post_k` just after. Then for entry `i`:
+//!
+//! - if `post_j <= i`, entry `i` was appended after fetch `j`, so its write came after fetch `j`;
+//! - if `pre_k >= i + 2`, entry `i + 1` was appended before fetch `k`, so the write of `i` came before it.
+//!
+//! With `L = 1 + max{j : post_j <= i}` and `U = min{k : pre_k >= i + 2}`, the write lies between fetch
+//! `L - 1` and fetch `U`, and the first harvest after it, somewhere in `L..=U`, must report the page. The
+//! VMM checks entry `i` at harvest `U`: the page's latest report must be at least `L`. Anything else is a
+//! missed page. The newest entry of each vCPU may still be in flight at the end and is not checked.
 
 use std::time::{Duration, Instant};
 
@@ -78,30 +86,67 @@ pub struct RunReport {
     pub fault: Option<String>,
 }
 
-/// Per-page bookkeeping of the dirty-tracking check.
+/// Bookkeeping of the dirty-tracking check (see the module docs).
 struct Verifier {
     /// Harvest number (1-based) that last reported each page; 0 = never.
     last_report: Vec<u32>,
+    /// Per vCPU: the head read just after each harvest's fetch (`post_k`, index k - 1).
+    post: Vec<Vec<u64>>,
+    /// Per vCPU: entries consumed so far (the ring's tail).
+    next: Vec<u64>,
     missed: std::collections::BTreeSet<u64>,
     checked: u64,
 }
 
 impl Verifier {
-    fn record(&mut self, harvest: u32, bitmaps: &[endophyte_attach::bitmap::DirtyBitmap]) {
-        for bm in bitmaps {
-            let first = bm.base_gpa() / bm.page_size();
-            for p in bm.iter_pages() {
-                self.last_report[(first + p) as usize] = harvest;
-            }
+    fn new(pages: u64, vcpus: u32) -> Self {
+        Self {
+            last_report: vec![0; pages as usize],
+            post: vec![Vec::new(); vcpus as usize],
+            next: vec![0; vcpus as usize],
+            missed: Default::default(),
+            checked: 0,
         }
     }
 
-    fn check(&mut self, harvest: u32, gfn: u64) {
-        self.checked += 1;
-        let seen = self.last_report.get(gfn as usize).copied().unwrap_or(0);
-        if seen == 0 || seen + 1 < harvest {
-            self.missed.insert(gfn);
+    /// Harvest `k` (1-based) reported `bitmaps`; `pre`/`post` are the heads read around its fetch.
+    /// Checks and consumes every entry that became checkable.
+    fn harvest(
+        &mut self,
+        vm: &Vm,
+        k: u32,
+        pre: &[u64],
+        post: &[u64],
+        bitmaps: &[endophyte_attach::bitmap::DirtyBitmap],
+    ) -> Result<(), VmError> {
+        for bm in bitmaps {
+            let first = bm.base_gpa() / bm.page_size();
+            for p in bm.iter_pages() {
+                self.last_report[(first + p) as usize] = k;
+            }
         }
+        for (v, (&pre_k, &post_k)) in pre.iter().zip(post).enumerate() {
+            self.post[v].push(post_k);
+            // Entries i with i + 2 <= pre_k are complete before this fetch.
+            let upto = pre_k.saturating_sub(1).max(self.next[v]);
+            let history = &self.post[v];
+            let (last_report, missed, checked) =
+                (&self.last_report, &mut self.missed, &mut self.checked);
+            let first = self.next[v];
+            let mut i = first;
+            vm.drain_guest_log(v as u32, upto, |gfn| {
+                // L = 1 + (number of harvests whose post head was <= i), as post heads never decrease.
+                let lower = 1 + history.partition_point(|&h| h <= i) as u32;
+                let seen = last_report.get(gfn as usize).copied().unwrap_or(0);
+                if seen < lower {
+                    missed.insert(gfn);
+                }
+                *checked += 1;
+                i += 1;
+            })?;
+            self.next[v] = upto;
+        }
+        Ok(())
     }
 }
 
@@ -121,11 +166,9 @@ pub fn run(opts: RunOptions) -> Result<RunReport, VmError> {
     })?;
     let layout = vm.layout().clone();
     let pages = layout.mem_bytes / layout.page_size;
-    let mut verifier = opts.verify_dirty.then(|| Verifier {
-        last_report: vec![0; pages as usize],
-        missed: Default::default(),
-        checked: 0,
-    });
+    let mut verifier = opts
+        .verify_dirty
+        .then(|| Verifier::new(pages, layout.vcpus));
     vm.start_dirty_log()?;
     vm.set_throttle(opts.throttle);
     vm.resume()?;
@@ -156,22 +199,21 @@ pub fn run(opts: RunOptions) -> Result<RunReport, VmError> {
         }
         next += opts.harvest_interval;
         harvest_no += 1;
-        let heads: Vec<u64> = if verifier.is_some() {
-            (0..layout.vcpus)
-                .map(|i| vm.guest_log_head(i))
-                .collect::<Result<_, _>>()?
-        } else {
-            Vec::new()
+        let heads = |vm: &Vm| -> Result<Vec<u64>, VmError> {
+            if verifier.is_some() {
+                (0..layout.vcpus).map(|i| vm.guest_log_head(i)).collect()
+            } else {
+                Ok(Vec::new())
+            }
         };
+        let pre = heads(&vm)?;
         let h0 = Instant::now();
         let bitmaps = vm.harvest()?;
         harvest_us.push(h0.elapsed().as_secs_f64() * 1e6);
+        let post = heads(&vm)?;
         dirty_total += bitmaps.iter().map(|b| b.count()).sum::<u64>();
         if let Some(v) = verifier.as_mut() {
-            v.record(harvest_no, &bitmaps);
-            for (i, &head) in heads.iter().enumerate() {
-                vm.drain_guest_log(i as u32, head, |gfn| v.check(harvest_no, gfn))?;
-            }
+            v.harvest(&vm, harvest_no, &pre, &post, &bitmaps)?;
         }
         if last || fault.is_some() {
             break;

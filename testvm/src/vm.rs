@@ -932,8 +932,9 @@ impl Vm {
         Ok(())
     }
 
-    /// Consumes vCPU `vcpu`'s log ring (verify mode): calls `f` with each logged page frame number, up to
-    /// the head value `head` read earlier with [`Vm::guest_log_head`], then advances the ring's tail.
+    /// Consumes vCPU `vcpu`'s log ring (verify mode): calls `f` with each logged page frame number from the
+    /// ring's tail up to entry `head` (exclusive, at most a head read earlier with
+    /// [`Vm::guest_log_head`]), then advances the tail to `head`.
     ///
     /// # Errors
     /// [`VmError::Memory`] on a corrupt layout; [`VmError::BadState`] when not verifying.

@@ -74,9 +74,10 @@ fn exactness(source: DirtySource) {
             verified >= 2_000,
             "{workload}: the guest logged only {verified} writes"
         );
-        // The guest logs a write before counting it, so a pause may fall between the two on each vCPU.
+        // The guest logs a write before doing and counting it; each vCPU's newest entry may still be in
+        // flight at the end and is not checked.
         assert!(
-            (r.guest_pages_written..=r.guest_pages_written + 2).contains(&verified),
+            (r.guest_pages_written.saturating_sub(2)..=r.guest_pages_written).contains(&verified),
             "{workload}: {verified} logged writes checked, the guest counted {}",
             r.guest_pages_written
         );
