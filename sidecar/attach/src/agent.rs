@@ -156,14 +156,7 @@ impl Connection {
                 let Some(&v) = SUPPORTED_VERSIONS.iter().find(|v| versions.contains(v)) else {
                     let msg =
                         format!("client speaks {versions:?}, agent speaks {SUPPORTED_VERSIONS:?}");
-                    proto::send(
-                        &self.stream,
-                        &Response::Error {
-                            code: ErrorCode::VersionMismatch,
-                            message: msg,
-                        },
-                        &[],
-                    )?;
+                    self.send_error(ErrorCode::VersionMismatch, msg)?;
                     return Ok(false);
                 };
                 let (mut vm, regions) = self.target.describe();
@@ -181,14 +174,9 @@ impl Connection {
                 self.bitmap = Some((file, ptr, bitmap_bytes as usize));
             }
             _ => {
-                let msg = "the first request must be hello".to_string();
-                proto::send(
-                    &self.stream,
-                    &Response::Error {
-                        code: ErrorCode::BadRequest,
-                        message: msg,
-                    },
-                    &[],
+                self.send_error(
+                    ErrorCode::BadRequest,
+                    "the first request must be hello".to_string(),
                 )?;
                 return Ok(false);
             }
@@ -198,15 +186,7 @@ impl Connection {
                 Ok(x) => x,
                 Err(FrameError::Closed) => return Ok(false),
                 Err(FrameError::Malformed(e)) => {
-                    let msg = format!("malformed request: {e}");
-                    proto::send(
-                        &self.stream,
-                        &Response::Error {
-                            code: ErrorCode::BadRequest,
-                            message: msg,
-                        },
-                        &[],
-                    )?;
+                    self.send_error(ErrorCode::BadRequest, format!("malformed request: {e}"))?;
                     continue;
                 }
                 Err(e) => return Err(e),
@@ -318,6 +298,10 @@ impl Connection {
                 Response::Ok
             }
         })
+    }
+
+    fn send_error(&self, code: ErrorCode, message: String) -> Result<(), FrameError> {
+        proto::send(&self.stream, &Response::Error { code, message }, &[])
     }
 
     /// Copies `bitmaps` into the shared bitmap memory, back to back in region order.
