@@ -167,7 +167,13 @@ pub enum WorkloadKind {
     Uniform = 2,
     /// Sequential passes over the workload area with a stride.
     Scan = 3,
+    /// Takes an exception on purpose (`#UD` or `#PF`), to exercise the IDT reporting path.
+    Fault = 4,
 }
+
+/// Linear address the `fault:kind=pf` workload touches: canonical, outside the identity map (only PML4
+/// entry 0 is present), so it raises `#PF` with this CR2.
+pub const FAULT_PF_ADDRESS: u64 = 0x7f00_0000_0000;
 
 /// Vectors for which the CPU pushes an error code (Intel SDM vol. 3A, table 6-1).
 const fn has_error_code(vector: u8) -> bool {
@@ -270,6 +276,8 @@ tvg_entry:
     mov rcx, [r15 + {cfg_page_shift}]
     cmp qword ptr [r15 + {cfg_kind}], {kind_idle}
     je tvg_idle
+    cmp qword ptr [r15 + {cfg_kind}], {kind_fault}
+    je tvg_fault
     test rbp, rbp
     jz tvg_idle
 
@@ -403,6 +411,19 @@ tvg_pace:
     mov r8, rax
     xor esi, esi
     jmp tvg_pick
+
+    // Deliberate exception: SCAN_STRIDE 0 = #UD, otherwise #PF at FAULT_PF_ADDRESS.
+tvg_fault:
+    cmp qword ptr [r15 + {cfg_scan_stride}], 0
+    jne 70f
+    .globl endophyte_testvm_guest_ud2
+    .hidden endophyte_testvm_guest_ud2
+endophyte_testvm_guest_ud2:
+    ud2
+70:
+    movabs rax, {fault_pf_address}
+    mov qword ptr [rax], 1
+    jmp tvg_idle
 
 tvg_idle:
     rdtsc
@@ -564,6 +585,8 @@ endophyte_testvm_guest_end:
     kind_idle = const WorkloadKind::Idle as u64,
     kind_hotset = const WorkloadKind::Hotset as u64,
     kind_scan = const WorkloadKind::Scan as u64,
+    kind_fault = const WorkloadKind::Fault as u64,
+    fault_pf_address = const FAULT_PF_ADDRESS,
     nap_port = const NAP_PORT,
     exception_port = const EXCEPTION_PORT,
     serial = const SERIAL_PORT_BASE,
@@ -573,6 +596,7 @@ endophyte_testvm_guest_end:
 unsafe extern "C" {
     static endophyte_testvm_guest_start: u8;
     static endophyte_testvm_guest_end: u8;
+    static endophyte_testvm_guest_ud2: u8;
 }
 
 /// The assembled guest program, with the offsets the VMM needs to boot it.
@@ -603,6 +627,15 @@ impl GuestImage {
             bytes,
             entry_offset: word(1),
             isr_offset: word(2),
+        }
+    }
+
+    /// Offset within the image of the `ud2` that `fault:kind=ud` executes.
+    pub fn ud2_offset(&self) -> u64 {
+        // SAFETY: both symbols are defined in the same global_asm! section; only their addresses are used.
+        unsafe {
+            (&raw const endophyte_testvm_guest_ud2)
+                .offset_from(&raw const endophyte_testvm_guest_start) as u64
         }
     }
 

@@ -316,7 +316,12 @@ impl Layout {
         put(cfg::LOG_STRIDE, self.log_stride);
         put(cfg::LOG_CAP, self.log_cap);
         put(cfg::STOP_AT_PAGES, w.stop_at_pages);
-        put(cfg::SCAN_STRIDE, w.scan_stride.max(1));
+        let stride = if w.kind == WorkloadKind::Fault {
+            w.scan_stride
+        } else {
+            w.scan_stride.max(1)
+        };
+        put(cfg::SCAN_STRIDE, stride);
         put(cfg::IDLE_NAP_US, 1000);
         b
     }
@@ -363,6 +368,7 @@ fn kind_name(k: WorkloadKind) -> &'static str {
         WorkloadKind::Hotset => "hotset",
         WorkloadKind::Uniform => "uniform",
         WorkloadKind::Scan => "scan",
+        WorkloadKind::Fault => "fault",
     }
 }
 
@@ -372,6 +378,7 @@ fn kind_from_name(s: &str) -> Option<WorkloadKind> {
         "hotset" => WorkloadKind::Hotset,
         "uniform" => WorkloadKind::Uniform,
         "scan" => WorkloadKind::Scan,
+        "fault" => WorkloadKind::Fault,
         _ => return None,
     })
 }
@@ -380,7 +387,7 @@ fn kind_from_name(s: &str) -> Option<WorkloadKind> {
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum WorkloadParseError {
     /// Unknown kind.
-    #[error("unknown workload {0:?}: expected idle, hotset, uniform or scan")]
+    #[error("unknown workload {0:?}: expected idle, hotset, uniform, scan or fault")]
     UnknownKind(String),
     /// Unknown or malformed `key=value`.
     #[error("workload {kind}: bad parameter {param:?}: {why}")]
@@ -396,7 +403,7 @@ pub enum WorkloadParseError {
 
 impl WorkloadConfig {
     /// Parses `kind[:key=value,...]`, e.g. `hotset:size=256M,rate=50000`, `uniform:rate=10000`,
-    /// `scan:stride=4`, `idle`. Keys: `size` (bytes, with K/M/G suffixes; hotset), `rate` (pages/s, all
+    /// `scan:stride=4`, `idle`, `fault:kind=pf` (`ud` or `pf`: takes that exception on purpose). Keys: `size` (bytes, with K/M/G suffixes; hotset), `rate` (pages/s, all
     /// vCPUs together; 0 = unpaced), `stride` (pages; scan), `seed`, `stop_at` (pages per vCPU).
     ///
     /// # Errors
@@ -440,6 +447,14 @@ impl WorkloadConfig {
                         return Err(bad("stride must be at least 1"));
                     }
                 }
+                ("kind", WorkloadKind::Fault) => {
+                    // The guest reads the fault kind from the scan-stride field: 0 = #UD, 1 = #PF.
+                    w.scan_stride = match v {
+                        "ud" => 0,
+                        "pf" => 1,
+                        _ => return Err(bad("expected ud or pf")),
+                    }
+                }
                 ("seed", _) => w.seed = v.parse().map_err(|_| bad("expected an integer"))?,
                 ("stop_at", _) => {
                     w.stop_at_pages = v.parse().map_err(|_| bad("expected a page count"))?
@@ -463,6 +478,12 @@ impl WorkloadConfig {
                 "scan:stride={},rate={}",
                 self.scan_stride, self.rate_pages_per_s
             ),
+            WorkloadKind::Fault => {
+                format!(
+                    "fault:kind={}",
+                    if self.scan_stride == 0 { "ud" } else { "pf" }
+                )
+            }
         }
     }
 }

@@ -310,3 +310,66 @@ fn restored_vm_continues_exactly_where_the_saved_one_was() {
         "hashing works on a paused VM"
     );
 }
+
+#[test]
+fn guest_exceptions_are_reported_with_vector_rip_and_cr2() {
+    if !kvm_available() {
+        return;
+    }
+    use testvm::vcpu::VmFault;
+    let image = testvm::guest::GuestImage::get();
+    for (kind, vector) in [("ud", 6u64), ("pf", 14)] {
+        let vm = boot(
+            32,
+            1,
+            &format!("fault:kind={kind}"),
+            false,
+            DirtySource::Bitmap,
+        );
+        vm.resume().unwrap();
+        assert!(
+            wait_until(Duration::from_secs(5), || vm.fault().is_some()),
+            "{kind}: no fault reported"
+        );
+        let fault = vm.fault().unwrap();
+        let VmFault::GuestException {
+            vcpu,
+            vector: got,
+            rip,
+            cr2,
+            error_code,
+            ..
+        } = fault
+        else {
+            panic!("{kind}: expected a guest exception, got {fault:?}");
+        };
+        assert_eq!((vcpu, got), (0, vector), "{kind}");
+        let image_gpa = vm.layout().image_gpa;
+        assert!(
+            (image_gpa..image_gpa + image.bytes.len() as u64).contains(&rip),
+            "{kind}: RIP {rip:#x} outside the guest program"
+        );
+        if kind == "ud" {
+            assert_eq!(
+                rip,
+                image_gpa + image.ud2_offset(),
+                "#UD must point at the ud2"
+            );
+        } else {
+            assert_eq!(
+                cr2,
+                testvm::guest::FAULT_PF_ADDRESS,
+                "#PF must report the faulting address"
+            );
+            assert_eq!(
+                error_code & 0x3,
+                0x2,
+                "#PF on a write to a not-present page"
+            );
+        }
+        assert!(
+            matches!(vm.pause(), Err(testvm::VmError::Faulted(_))),
+            "a faulted VM refuses to pause"
+        );
+    }
+}
