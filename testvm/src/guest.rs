@@ -134,8 +134,6 @@ pub const IMAGE_MAGIC: u64 = 0x4547_414d_4956_5445; // "ETVIMAGE"
 pub enum GuestState {
     /// Not started yet (status record still zero).
     NotStarted = 0,
-    /// Reserved (an earlier guest filled RAM itself).
-    Filling = 1,
     /// Running its workload.
     Running = 2,
     /// Reached `STOP_AT_PAGES` and waiting.
@@ -147,7 +145,6 @@ impl GuestState {
     pub fn from_raw(v: u64) -> Option<Self> {
         match v {
             0 => Some(Self::NotStarted),
-            1 => Some(Self::Filling),
             2 => Some(Self::Running),
             3 => Some(Self::Stopped),
             _ => None,
@@ -174,11 +171,6 @@ pub enum WorkloadKind {
 /// Linear address the `fault:kind=pf` workload touches: canonical, outside the identity map (only PML4
 /// entry 0 is present), so it raises `#PF` with this CR2.
 pub const FAULT_PF_ADDRESS: u64 = 0x7f00_0000_0000;
-
-/// Vectors for which the CPU pushes an error code (Intel SDM vol. 3A, table 6-1).
-const fn has_error_code(vector: u8) -> bool {
-    matches!(vector, 8 | 10 | 11 | 12 | 13 | 14 | 17 | 21 | 29 | 30)
-}
 
 /// Byte distance between consecutive exception stubs in the image.
 pub const ISR_STUB_STRIDE: u64 = 16;
@@ -641,7 +633,6 @@ impl GuestImage {
 
     /// Offset of the stub for exception `vector` within the image.
     pub fn isr_stub_offset(&self, vector: u8) -> u64 {
-        let _ = has_error_code(vector); // the stubs encode this themselves; kept for the doc link
         self.isr_offset + u64::from(vector) * ISR_STUB_STRIDE
     }
 }
@@ -649,6 +640,11 @@ impl GuestImage {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Vectors for which the CPU pushes an error code (Intel SDM vol. 3A, table 6-1).
+    const fn has_error_code(vector: u8) -> bool {
+        matches!(vector, 8 | 10 | 11 | 12 | 13 | 14 | 17 | 21 | 29 | 30)
+    }
 
     #[test]
     fn image_header_is_consistent() {

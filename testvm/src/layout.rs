@@ -237,11 +237,7 @@ impl Layout {
         gpa >= self.work_gpa && gpa < self.mem_bytes
     }
 
-    /// Writes GDT, IDT, page tables and the guest image into `ram` (guest RAM viewed as one byte slice
-    /// starting at GPA 0).
-    ///
-    /// # Panics
-    /// If `ram` is shorter than `mem_bytes`.
+    /// Writes GDT, IDT, page tables and the guest image into guest RAM through `write(gpa, bytes)`.
     pub fn write_system_area(&self, image: &GuestImage, write: &mut dyn FnMut(u64, &[u8])) {
         // GDT: null, 64-bit code (L=1, P, DPL0, execute/read, accessed), data (P, read/write, accessed).
         let gdt: [u64; 3] = [0, 0x00af_9b00_0000_ffff, 0x00cf_9300_0000_ffff];

@@ -5,7 +5,7 @@
 //! which the dirty-page harvest merges with KVM's log (KVM only sees writes made by the guest).
 
 use std::fs::File;
-use std::os::fd::{AsRawFd, FromRawFd};
+use std::os::fd::FromRawFd;
 
 use std::sync::Arc;
 use vm_memory::bitmap::AtomicBitmap;
@@ -241,10 +241,5 @@ impl GuestRam {
         // SAFETY: the mapping is size_bytes long and lives as long as self; the caller guarantees that nothing writes it for the duration of the borrow.
         let all = unsafe { std::slice::from_raw_parts(self.host_addr(), self.size_bytes as usize) };
         blake3::hash(all)
-    }
-
-    /// Raw fd of the backing file.
-    pub fn raw_fd(&self) -> i32 {
-        self.file.as_raw_fd()
     }
 }

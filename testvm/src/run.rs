@@ -132,8 +132,7 @@ impl Verifier {
             let history = &self.post[v];
             let (last_report, missed, checked) =
                 (&self.last_report, &mut self.missed, &mut self.checked);
-            let first = self.next[v];
-            let mut i = first;
+            let mut i = self.next[v];
             vm.drain_guest_log(v as u32, upto, |gfn| {
                 // L = 1 + (number of harvests whose post head was <= i), as post heads never decrease.
                 let lower = 1 + history.partition_point(|&h| h <= i) as u32;
