@@ -1,0 +1,2 @@
+//! Chunk encoding and decoding throughput on guest-like pages.
+fn main() {}

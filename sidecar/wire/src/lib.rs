@@ -1,0 +1,25 @@
+//! Endophyte's sans-IO replication core.
+//!
+//! Everything here is deterministic and free of I/O: no sockets, no threads, no clock (time is passed in),
+//! no KVM. The sidecar and backup binaries drive it over QUIC; the tests drive it over simulated links.
+//!
+//! - [`frame`]: the versioned frame envelope (magic, version, type, length, CRC32C) and a stream decoder
+//!   that checks the size cap before allocating.
+//! - [`msg`]: the replication messages and their encoding.
+//! - [`chunk`]: page chunks (zero pages elided, lz4 block compression, content hash).
+//! - [`sender`]: one VM's epochs to several backups over several paths each.
+//! - [`receiver`]: one VM's replica on a backup: staging, verification, ordered commit.
+//!
+//! The protocol is described, with a sequence diagram, in `docs/replication-protocol.md`.
+
+pub mod chunk;
+pub mod frame;
+pub mod msg;
+pub mod receiver;
+pub mod sender;
+
+pub use chunk::{ChunkBuilder, ChunkError, DecodedChunk, PageChunk};
+pub use frame::{FrameDecoder, FrameError, FrameHeader};
+pub use msg::{EncodedFrame, EpochEnd, ErrorCode, Hello, Message, MessageError, Welcome};
+pub use receiver::{Action, Receiver, ReceiverError};
+pub use sender::{BackupId, EpochStart, Event, PathId, Sender, SenderConfig, Transmit};

@@ -1,0 +1,556 @@
+//! Replication messages and their binary encoding inside a frame (see [`crate::frame`]).
+//!
+//! | type | message | direction | payload (little-endian) |
+//! |---|---|---|---|
+//! | 1 | Hello | sidecar -> backup, first on each path | session u64, path u32, page_size u32, mem_bytes u64, vm_id (u16 len + UTF-8) |
+//! | 2 | Welcome | backup -> sidecar | instance u64, committed_epoch u64, node (u16 len + UTF-8) |
+//! | 3 | Chunk | sidecar -> backup | epoch u64, seq u32, n_pages u32, raw_len u32, flags u8, 3 zero bytes, content_hash [32], body |
+//! | 4 | ChunkAck | backup -> sidecar | epoch u64, seq u32 |
+//! | 5 | EpochEnd | sidecar -> backup | epoch u64, base_epoch u64, chunk_count u32, page_count u64, epoch_hash [32] |
+//! | 6 | Committed | backup -> sidecar | epoch u64 |
+//! | 7 | Error | either | code u16, message (u16 len + UTF-8) |
+//! | 8 | Ping | either | token u64 |
+//! | 9 | Pong | either | token u64 |
+//!
+//! Type 0 is reserved as invalid.
+
+use bytes::{Buf, BufMut, Bytes, BytesMut};
+
+use crate::chunk::PageChunk;
+use crate::frame::{encode_header, FrameError, FrameHeader, RawFrame, HEADER_BYTES};
+
+/// Why a frame's payload is not a valid message.
+#[derive(Debug, thiserror::Error, Clone, PartialEq, Eq)]
+pub enum MessageError {
+    /// The frame itself was refused.
+    #[error(transparent)]
+    Frame(#[from] FrameError),
+    /// The type byte names no message.
+    #[error("unknown message type {0}")]
+    UnknownType(u8),
+    /// The payload is too short or inconsistent for its type.
+    #[error("malformed {msg} message: {why}")]
+    Malformed {
+        /// Which message.
+        msg: &'static str,
+        /// What is wrong.
+        why: &'static str,
+    },
+}
+
+/// Error codes carried by [`Message::Error`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[repr(u16)]
+pub enum ErrorCode {
+    /// A frame or chunk failed its CRC, hash or structure checks.
+    Corrupt = 1,
+    /// A frame exceeded the size cap.
+    TooLarge = 2,
+    /// An epoch at or below the committed epoch was offered by a new session.
+    Replay = 3,
+    /// An epoch's base does not match what the receiver holds.
+    BaseMismatch = 4,
+    /// The Hello was refused (unknown or inconsistent VM geometry).
+    BadHello = 5,
+    /// The receiver failed internally (disk full, I/O error).
+    Internal = 6,
+    /// A message arrived out of protocol order.
+    Protocol = 7,
+    /// More epochs in flight than the receiver stages.
+    TooManyEpochs = 8,
+    /// Any code this version does not know.
+    Unknown = 0xffff,
+}
+
+impl ErrorCode {
+    fn from_u16(v: u16) -> Self {
+        match v {
+            1 => Self::Corrupt,
+            2 => Self::TooLarge,
+            3 => Self::Replay,
+            4 => Self::BaseMismatch,
+            5 => Self::BadHello,
+            6 => Self::Internal,
+            7 => Self::Protocol,
+            8 => Self::TooManyEpochs,
+            _ => Self::Unknown,
+        }
+    }
+}
+
+/// First message on every path: which VM, which session, which path.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Hello {
+    /// Random per sidecar run; a backup seeing a new session treats old epochs as replays.
+    pub session: u64,
+    /// Index of this path among the sidecar's paths to this backup.
+    pub path: u32,
+    /// Guest page size in bytes (the host's).
+    pub page_size: u32,
+    /// Guest RAM size in bytes.
+    pub mem_bytes: u64,
+    /// The VM's name, unique per network.
+    pub vm_id: String,
+}
+
+/// The backup's answer to Hello: where replication resumes.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Welcome {
+    /// Random per backup process start; a change tells the sidecar the backup restarted and lost staging.
+    pub instance: u64,
+    /// Newest epoch the backup holds committed (0: empty replica).
+    pub committed_epoch: u64,
+    /// The backup's node name.
+    pub node: String,
+}
+
+/// The end marker of one epoch on one backup stream.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct EpochEnd {
+    /// The epoch.
+    pub epoch: u64,
+    /// Epoch the receiver must hold committed for this one to apply on top (0: empty replica).
+    pub base_epoch: u64,
+    /// Chunks in the epoch on this stream: seqs 0..chunk_count.
+    pub chunk_count: u32,
+    /// Page entries over all chunks.
+    pub page_count: u64,
+    /// BLAKE3 over the chunks' content hashes in seq order (see [`epoch_hash`]).
+    pub epoch_hash: [u8; 32],
+}
+
+/// Every message of the replication protocol.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Message {
+    /// See [`Hello`].
+    Hello(Hello),
+    /// See [`Welcome`].
+    Welcome(Welcome),
+    /// Chunk `seq` of an epoch (the epoch is inside the chunk).
+    Chunk {
+        /// Position of the chunk in its epoch's stream; chunks apply in seq order.
+        seq: u32,
+        /// The pages.
+        chunk: PageChunk,
+    },
+    /// The receiver has chunk `seq` of `epoch` verified and journaled.
+    ChunkAck {
+        /// Epoch.
+        epoch: u64,
+        /// Chunk.
+        seq: u32,
+    },
+    /// See [`EpochEnd`].
+    EpochEnd(EpochEnd),
+    /// The receiver committed `epoch`: it is in the replica and survives a crash.
+    Committed {
+        /// Epoch.
+        epoch: u64,
+    },
+    /// A refusal; the sender of it closes the path afterwards.
+    Error {
+        /// What kind of error.
+        code: ErrorCode,
+        /// Human-readable detail.
+        message: String,
+    },
+    /// Liveness and RTT probe.
+    Ping {
+        /// Echoed in the Pong.
+        token: u64,
+    },
+    /// Answer to Ping.
+    Pong {
+        /// The Ping's token.
+        token: u64,
+    },
+}
+
+const CHUNK_FIXED: usize = 8 + 4 + 4 + 4 + 1 + 3 + 32;
+
+/// A message ready for the wire: header and fixed fields in `head`, bulk data (chunk bodies) in `body`.
+///
+/// Written as `head` then `body`; kept apart so chunk bodies go out without a copy.
+#[derive(Clone, Debug)]
+pub struct EncodedFrame {
+    /// Frame header plus the message's fixed fields.
+    pub head: Bytes,
+    /// Bulk payload (empty for small messages).
+    pub body: Bytes,
+}
+
+impl EncodedFrame {
+    /// Total bytes on the wire.
+    pub fn len(&self) -> usize {
+        self.head.len() + self.body.len()
+    }
+
+    /// Whether the frame is empty (never true for a valid frame).
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Both parts joined, for byte-stream tests.
+    pub fn to_vec(&self) -> Vec<u8> {
+        let mut v = Vec::with_capacity(self.len());
+        v.extend_from_slice(&self.head);
+        v.extend_from_slice(&self.body);
+        v
+    }
+}
+
+fn put_str(b: &mut BytesMut, s: &str) {
+    let bytes = s.as_bytes();
+    let n = bytes.len().min(u16::MAX as usize);
+    b.put_u16_le(n as u16);
+    b.put_slice(&bytes[..n]);
+}
+
+fn get_str(p: &mut Bytes, msg: &'static str) -> Result<String, MessageError> {
+    let m = |why| MessageError::Malformed { msg, why };
+    if p.remaining() < 2 {
+        return Err(m("string length missing"));
+    }
+    let n = p.get_u16_le() as usize;
+    if p.remaining() < n {
+        return Err(m("string truncated"));
+    }
+    let s = p.split_to(n);
+    String::from_utf8(s.to_vec()).map_err(|_| m("string is not UTF-8"))
+}
+
+impl Message {
+    /// The frame type byte of this message.
+    pub fn msg_type(&self) -> u8 {
+        match self {
+            Message::Hello(_) => 1,
+            Message::Welcome(_) => 2,
+            Message::Chunk { .. } => 3,
+            Message::ChunkAck { .. } => 4,
+            Message::EpochEnd(_) => 5,
+            Message::Committed { .. } => 6,
+            Message::Error { .. } => 7,
+            Message::Ping { .. } => 8,
+            Message::Pong { .. } => 9,
+        }
+    }
+
+    /// Short name for logs and errors.
+    pub fn name(&self) -> &'static str {
+        match self {
+            Message::Hello(_) => "Hello",
+            Message::Welcome(_) => "Welcome",
+            Message::Chunk { .. } => "Chunk",
+            Message::ChunkAck { .. } => "ChunkAck",
+            Message::EpochEnd(_) => "EpochEnd",
+            Message::Committed { .. } => "Committed",
+            Message::Error { .. } => "Error",
+            Message::Ping { .. } => "Ping",
+            Message::Pong { .. } => "Pong",
+        }
+    }
+
+    /// Encodes the message as one frame.
+    pub fn encode(&self) -> EncodedFrame {
+        let mut b = BytesMut::with_capacity(HEADER_BYTES + 64);
+        b.put_slice(&[0u8; HEADER_BYTES]);
+        let mut body = Bytes::new();
+        match self {
+            Message::Hello(h) => {
+                b.put_u64_le(h.session);
+                b.put_u32_le(h.path);
+                b.put_u32_le(h.page_size);
+                b.put_u64_le(h.mem_bytes);
+                put_str(&mut b, &h.vm_id);
+            }
+            Message::Welcome(w) => {
+                b.put_u64_le(w.instance);
+                b.put_u64_le(w.committed_epoch);
+                put_str(&mut b, &w.node);
+            }
+            Message::Chunk { seq, chunk } => {
+                b.put_u64_le(chunk.epoch);
+                b.put_u32_le(*seq);
+                b.put_u32_le(chunk.n_pages);
+                b.put_u32_le(chunk.raw_len);
+                b.put_u8(u8::from(chunk.compressed));
+                b.put_slice(&[0u8; 3]);
+                b.put_slice(&chunk.content_hash);
+                body = chunk.body.clone();
+            }
+            Message::ChunkAck { epoch, seq } => {
+                b.put_u64_le(*epoch);
+                b.put_u32_le(*seq);
+            }
+            Message::EpochEnd(e) => {
+                b.put_u64_le(e.epoch);
+                b.put_u64_le(e.base_epoch);
+                b.put_u32_le(e.chunk_count);
+                b.put_u64_le(e.page_count);
+                b.put_slice(&e.epoch_hash);
+            }
+            Message::Committed { epoch } => b.put_u64_le(*epoch),
+            Message::Error { code, message } => {
+                b.put_u16_le(*code as u16);
+                put_str(&mut b, message);
+            }
+            Message::Ping { token } | Message::Pong { token } => b.put_u64_le(*token),
+        }
+        let header = encode_header(self.msg_type(), &[&b[HEADER_BYTES..], &body]);
+        b[..HEADER_BYTES].copy_from_slice(&header);
+        EncodedFrame {
+            head: b.freeze(),
+            body,
+        }
+    }
+
+    /// Decodes a checked frame (see [`FrameHeader::verify`] / [`crate::frame::FrameDecoder`]).
+    ///
+    /// # Errors
+    /// [`MessageError::UnknownType`] or [`MessageError::Malformed`].
+    pub fn decode(frame: RawFrame) -> Result<Self, MessageError> {
+        let mut p = frame.payload;
+        macro_rules! need {
+            ($msg:literal, $n:expr) => {
+                if p.remaining() < $n {
+                    return Err(MessageError::Malformed {
+                        msg: $msg,
+                        why: "payload too short",
+                    });
+                }
+            };
+        }
+        let msg = match frame.msg_type {
+            1 => {
+                need!("Hello", 24);
+                let session = p.get_u64_le();
+                let path = p.get_u32_le();
+                let page_size = p.get_u32_le();
+                let mem_bytes = p.get_u64_le();
+                let vm_id = get_str(&mut p, "Hello")?;
+                Message::Hello(Hello {
+                    session,
+                    path,
+                    page_size,
+                    mem_bytes,
+                    vm_id,
+                })
+            }
+            2 => {
+                need!("Welcome", 16);
+                let instance = p.get_u64_le();
+                let committed_epoch = p.get_u64_le();
+                let node = get_str(&mut p, "Welcome")?;
+                Message::Welcome(Welcome {
+                    instance,
+                    committed_epoch,
+                    node,
+                })
+            }
+            3 => {
+                need!("Chunk", CHUNK_FIXED);
+                let epoch = p.get_u64_le();
+                let seq = p.get_u32_le();
+                let n_pages = p.get_u32_le();
+                let raw_len = p.get_u32_le();
+                let flags = p.get_u8();
+                let mut pad = [0u8; 3];
+                p.copy_to_slice(&mut pad);
+                if flags & !1 != 0 || pad != [0; 3] {
+                    return Err(MessageError::Malformed {
+                        msg: "Chunk",
+                        why: "reserved flag bits set",
+                    });
+                }
+                let mut content_hash = [0u8; 32];
+                p.copy_to_slice(&mut content_hash);
+                Message::Chunk {
+                    seq,
+                    chunk: PageChunk {
+                        epoch,
+                        n_pages,
+                        raw_len,
+                        compressed: flags & 1 != 0,
+                        content_hash,
+                        body: p.split_off(0),
+                    },
+                }
+            }
+            4 => {
+                need!("ChunkAck", 12);
+                Message::ChunkAck {
+                    epoch: p.get_u64_le(),
+                    seq: p.get_u32_le(),
+                }
+            }
+            5 => {
+                need!("EpochEnd", 60);
+                let epoch = p.get_u64_le();
+                let base_epoch = p.get_u64_le();
+                let chunk_count = p.get_u32_le();
+                let page_count = p.get_u64_le();
+                let mut epoch_hash = [0u8; 32];
+                p.copy_to_slice(&mut epoch_hash);
+                Message::EpochEnd(EpochEnd {
+                    epoch,
+                    base_epoch,
+                    chunk_count,
+                    page_count,
+                    epoch_hash,
+                })
+            }
+            6 => {
+                need!("Committed", 8);
+                Message::Committed {
+                    epoch: p.get_u64_le(),
+                }
+            }
+            7 => {
+                need!("Error", 2);
+                let code = ErrorCode::from_u16(p.get_u16_le());
+                let message = get_str(&mut p, "Error")?;
+                Message::Error { code, message }
+            }
+            8 => {
+                need!("Ping", 8);
+                Message::Ping {
+                    token: p.get_u64_le(),
+                }
+            }
+            9 => {
+                need!("Pong", 8);
+                Message::Pong {
+                    token: p.get_u64_le(),
+                }
+            }
+            other => return Err(MessageError::UnknownType(other)),
+        };
+        if !matches!(msg, Message::Chunk { .. }) && p.has_remaining() {
+            return Err(MessageError::Malformed {
+                msg: msg.name(),
+                why: "trailing bytes",
+            });
+        }
+        Ok(msg)
+    }
+
+    /// Checks a frame whose header and payload were read separately, then decodes it.
+    ///
+    /// # Errors
+    /// [`FrameError::Crc`] (as [`MessageError::Frame`]) or a decoding error.
+    pub fn from_parts(
+        header_bytes: &[u8; HEADER_BYTES],
+        header: &FrameHeader,
+        payload: Bytes,
+    ) -> Result<Self, MessageError> {
+        header.verify(header_bytes, &[&payload])?;
+        Self::decode(RawFrame {
+            msg_type: header.msg_type,
+            payload,
+        })
+    }
+}
+
+/// The epoch hash carried by [`EpochEnd`]: BLAKE3 over `page_count (u64)` then each chunk's content hash
+/// in seq order.
+pub fn epoch_hash<'a>(
+    page_count: u64,
+    chunk_hashes: impl IntoIterator<Item = &'a [u8; 32]>,
+) -> [u8; 32] {
+    let mut h = blake3::Hasher::new();
+    h.update(&page_count.to_le_bytes());
+    for c in chunk_hashes {
+        h.update(c);
+    }
+    *h.finalize().as_bytes()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::chunk::ChunkBuilder;
+    use crate::frame::FrameDecoder;
+
+    fn all() -> Vec<Message> {
+        let mut b = ChunkBuilder::new(5, 4096, 4);
+        b.push(4096, &[7u8; 4096]);
+        b.push(8192, &[0u8; 4096]);
+        vec![
+            Message::Hello(Hello {
+                session: 1,
+                path: 2,
+                page_size: 4096,
+                mem_bytes: 1 << 30,
+                vm_id: "vm-a".into(),
+            }),
+            Message::Welcome(Welcome {
+                instance: 9,
+                committed_epoch: 4,
+                node: "b1".into(),
+            }),
+            Message::Chunk {
+                seq: 3,
+                chunk: b.finish(true),
+            },
+            Message::ChunkAck { epoch: 5, seq: 3 },
+            Message::EpochEnd(EpochEnd {
+                epoch: 5,
+                base_epoch: 4,
+                chunk_count: 1,
+                page_count: 2,
+                epoch_hash: [1; 32],
+            }),
+            Message::Committed { epoch: 5 },
+            Message::Error {
+                code: ErrorCode::Replay,
+                message: "no".into(),
+            },
+            Message::Ping { token: 77 },
+            Message::Pong { token: 77 },
+        ]
+    }
+
+    #[test]
+    fn every_message_round_trips_through_a_stream() {
+        let msgs = all();
+        let mut d = FrameDecoder::new(1 << 20);
+        for m in &msgs {
+            d.push(&m.encode().to_vec());
+        }
+        for m in &msgs {
+            let f = d.next_frame().unwrap().unwrap();
+            assert_eq!(&Message::decode(f).unwrap(), m);
+        }
+        assert!(d.next_frame().unwrap().is_none());
+    }
+
+    #[test]
+    fn truncated_payloads_are_malformed_not_panics() {
+        for m in all() {
+            let bytes = m.encode().to_vec();
+            let payload = Bytes::copy_from_slice(&bytes[HEADER_BYTES..]);
+            for cut in 0..payload.len() {
+                let r = Message::decode(RawFrame {
+                    msg_type: m.msg_type(),
+                    payload: payload.slice(..cut),
+                });
+                if let Ok(got) = r {
+                    // Only a chunk with a shorter body can still parse; its chunk check refuses it.
+                    let Message::Chunk { chunk, .. } = got else {
+                        panic!("{} cut at {cut} decoded", m.name())
+                    };
+                    assert!(chunk.decode(4096, 1 << 30).is_err());
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn type_zero_is_invalid() {
+        let r = Message::decode(RawFrame {
+            msg_type: 0,
+            payload: Bytes::new(),
+        });
+        assert_eq!(r, Err(MessageError::UnknownType(0)));
+    }
+}

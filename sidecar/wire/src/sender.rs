@@ -1,0 +1,704 @@
+//! The sending side of epoch replication: one VM's epochs to several backups, each over several paths.
+//!
+//! Sans-IO, in the manner of quinn-proto: the driver feeds in what happened (`handle_*`, with `now`), and
+//! takes out what to do (`poll_transmit`, `poll_event`, `poll_timeout`). The driver owns sockets, clocks and
+//! guest memory; this state machine owns the bookkeeping:
+//!
+//! - per backup, a stream of epochs, each a list of chunks numbered by `seq` and closed by an end marker
+//!   (page count, epoch hash, base epoch);
+//! - chunks striped over the backup's paths that are up, at most `window_chunks_per_path` unacknowledged per
+//!   path, so a faster path carries more;
+//! - a chunk acknowledged by nobody within `retransmit_after` is sent again on another path; a path that
+//!   goes down hands its unacknowledged chunks back to the queue at once;
+//! - an epoch is durable once `quorum` backups committed it (or a later epoch).
+//!
+//! A backup that loses its last path, or comes back as a new instance (it restarted and lost whatever it had
+//! staged), is dropped from streaming and reported with [`Event::NeedsResync`]: the driver then starts the next
+//! epoch for it on top of the epoch it holds committed, adding every page changed since then.
+
+use std::collections::VecDeque;
+use std::time::{Duration, Instant};
+
+use crate::chunk::PageChunk;
+use crate::msg::{epoch_hash, EpochEnd, ErrorCode, Message, Welcome};
+
+/// Index of a backup, in the order given to [`Sender::new`].
+pub type BackupId = usize;
+/// Index of a path among one backup's paths.
+pub type PathId = usize;
+
+/// Tuning of the sender.
+#[derive(Clone, Debug)]
+pub struct SenderConfig {
+    /// Unacknowledged chunks allowed per path.
+    pub window_chunks_per_path: usize,
+    /// A chunk unacknowledged this long is sent again on another path.
+    pub retransmit_after: Duration,
+    /// An end marker not answered by Committed this long is sent again.
+    pub end_retransmit_after: Duration,
+    /// Interval of Ping probes per path (liveness and RTT).
+    pub ping_interval: Duration,
+    /// Backups that must commit an epoch before it counts as durable.
+    pub quorum: usize,
+    /// Epochs a backup may have open (sent but not committed); chunks of later epochs wait. Must not exceed
+    /// what receivers stage.
+    pub max_epochs_in_flight: usize,
+}
+
+impl Default for SenderConfig {
+    fn default() -> Self {
+        Self {
+            window_chunks_per_path: 16,
+            retransmit_after: Duration::from_secs(2),
+            end_retransmit_after: Duration::from_secs(2),
+            ping_interval: Duration::from_secs(1),
+            quorum: 1,
+            max_epochs_in_flight: 4,
+        }
+    }
+}
+
+/// What [`Sender::begin_epoch`] asks of the driver for one backup.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum EpochStart {
+    /// The backup is not streaming (no path up); send it nothing.
+    NotStreaming,
+    /// Send the epoch's shared delta.
+    Delta,
+    /// Send every page changed after epoch `from` first, then the shared delta.
+    Resync {
+        /// Epoch the backup holds.
+        from: u64,
+    },
+}
+
+/// A message to send on one path of one backup.
+#[derive(Clone, Debug)]
+pub struct Transmit {
+    /// Backup.
+    pub backup: BackupId,
+    /// Path of that backup.
+    pub path: PathId,
+    /// The message.
+    pub msg: Message,
+}
+
+/// Something the driver must know or act on.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Event {
+    /// The backup (re)joined and holds `committed` (0: empty replica). Its next epoch must carry every page
+    /// changed since `committed` (every page when the driver cannot tell), on base `committed`.
+    NeedsResync {
+        /// Backup.
+        backup: BackupId,
+        /// Epoch it holds.
+        committed: u64,
+    },
+    /// The backup lost its last path; everything not committed there is forgotten.
+    BackupLost {
+        /// Backup.
+        backup: BackupId,
+    },
+    /// The backup committed `epoch`.
+    BackupCommitted {
+        /// Backup.
+        backup: BackupId,
+        /// Epoch.
+        epoch: u64,
+    },
+    /// `quorum` backups hold `epoch` (or later): it survives the loss of the primary.
+    Durable {
+        /// Epoch.
+        epoch: u64,
+    },
+    /// The backup refused something and said why; the driver should close that path.
+    PeerError {
+        /// Backup.
+        backup: BackupId,
+        /// Path.
+        path: PathId,
+        /// Code.
+        code: ErrorCode,
+        /// The backup's message.
+        message: String,
+    },
+}
+
+/// Why a message from a backup was not accepted.
+#[derive(Debug, thiserror::Error, Clone, PartialEq, Eq)]
+pub enum SenderError {
+    /// The message makes no sense from a backup at this point.
+    #[error("backup {backup} path {path}: unexpected {msg} message")]
+    Unexpected {
+        /// Backup.
+        backup: BackupId,
+        /// Path.
+        path: PathId,
+        /// Message name.
+        msg: &'static str,
+    },
+}
+
+#[derive(Debug)]
+struct Slot {
+    chunk: Option<PageChunk>,
+    hash: [u8; 32],
+    n_pages: u32,
+    body_bytes: usize,
+    sent: Option<(PathId, Instant)>,
+    queued: bool,
+}
+
+#[derive(Debug)]
+struct StreamEpoch {
+    epoch: u64,
+    base: u64,
+    slots: Vec<Slot>,
+    acked: usize,
+    ended: bool,
+    end_sent: Option<Instant>,
+}
+
+#[derive(Debug, Default)]
+struct PathState {
+    up: bool,
+    inflight: usize,
+    next_ping: Option<Instant>,
+    ping: Option<(u64, Instant)>,
+    rtt: Option<Duration>,
+}
+
+#[derive(Debug)]
+struct Backup {
+    paths: Vec<PathState>,
+    instance: Option<u64>,
+    committed: u64,
+    /// Epoch the backup will hold once everything streamed so far commits.
+    planned: u64,
+    streaming: bool,
+    /// Set when the backup (re)joined: its next epoch must carry every page changed since this epoch.
+    resync_from: Option<u64>,
+    epochs: VecDeque<StreamEpoch>,
+    queue: VecDeque<(u64, u32)>,
+    rr: usize,
+    unacked_bytes: usize,
+}
+
+impl Backup {
+    fn epoch_mut(&mut self, epoch: u64) -> Option<&mut StreamEpoch> {
+        self.epochs.iter_mut().find(|e| e.epoch == epoch)
+    }
+}
+
+/// Replication sender for one VM. See the module docs.
+#[derive(Debug)]
+pub struct Sender {
+    cfg: SenderConfig,
+    backups: Vec<Backup>,
+    durable: u64,
+    events: VecDeque<Event>,
+    control: VecDeque<Transmit>,
+    next_token: u64,
+}
+
+impl Sender {
+    /// A sender to backups with `paths_per_backup[i]` paths each, all down.
+    pub fn new(cfg: SenderConfig, paths_per_backup: &[usize]) -> Self {
+        let backups = paths_per_backup
+            .iter()
+            .map(|&n| Backup {
+                paths: (0..n).map(|_| PathState::default()).collect(),
+                instance: None,
+                committed: 0,
+                planned: 0,
+                streaming: false,
+                resync_from: None,
+                epochs: VecDeque::new(),
+                queue: VecDeque::new(),
+                rr: 0,
+                unacked_bytes: 0,
+            })
+            .collect();
+        Self {
+            cfg,
+            backups,
+            durable: 0,
+            events: VecDeque::new(),
+            control: VecDeque::new(),
+            next_token: 1,
+        }
+    }
+
+    /// Number of backups.
+    pub fn backups(&self) -> usize {
+        self.backups.len()
+    }
+
+    /// Newest epoch known durable (0: none yet).
+    pub fn durable_epoch(&self) -> u64 {
+        self.durable
+    }
+
+    /// Newest epoch backup `b` reported committed.
+    pub fn committed(&self, b: BackupId) -> u64 {
+        self.backups[b].committed
+    }
+
+    /// Whether backup `b` currently takes epochs (it is up and was resynced).
+    pub fn is_streaming(&self, b: BackupId) -> bool {
+        self.backups[b].streaming
+    }
+
+    /// Paths of backup `b` that are up.
+    pub fn paths_up(&self, b: BackupId) -> usize {
+        self.backups[b].paths.iter().filter(|p| p.up).count()
+    }
+
+    /// Smoothed round-trip time of backup `b`'s paths (the smallest), if measured.
+    pub fn rtt(&self, b: BackupId) -> Option<Duration> {
+        self.backups[b].paths.iter().filter_map(|p| p.rtt).min()
+    }
+
+    /// Chunk body bytes held for backup `b` and not yet acknowledged by it.
+    pub fn unacked_bytes(&self, b: BackupId) -> usize {
+        self.backups[b].unacked_bytes
+    }
+
+    /// The most unacknowledged bytes any streaming backup holds: what back-pressure should watch.
+    pub fn max_unacked_bytes(&self) -> usize {
+        self.backups
+            .iter()
+            .filter(|b| b.streaming)
+            .map(|b| b.unacked_bytes)
+            .max()
+            .unwrap_or(0)
+    }
+
+    /// Whether a new epoch can be opened: no streaming backup has `max_epochs_in_flight` epochs open.
+    /// When false, the driver should let the current epoch run longer (its dirty pages keep accumulating).
+    pub fn can_begin_epoch(&self) -> bool {
+        self.backups
+            .iter()
+            .filter(|b| b.streaming)
+            .all(|b| b.epochs.len() < self.cfg.max_epochs_in_flight)
+    }
+
+    /// Path `p` of backup `b` finished its handshake and got `welcome`.
+    pub fn handle_path_up(&mut self, b: BackupId, p: PathId, welcome: &Welcome, now: Instant) {
+        let backup = &mut self.backups[b];
+        let restarted = backup.instance.is_some_and(|i| i != welcome.instance);
+        backup.instance = Some(welcome.instance);
+        let path = &mut backup.paths[p];
+        path.up = true;
+        path.inflight = 0;
+        path.ping = None;
+        path.next_ping = Some(now);
+        if restarted && backup.streaming {
+            Self::drop_streams(backup);
+        }
+        if !backup.streaming {
+            backup.committed = welcome.committed_epoch;
+            backup.planned = welcome.committed_epoch;
+            backup.streaming = true;
+            backup.resync_from = Some(welcome.committed_epoch);
+            self.events.push_back(Event::NeedsResync {
+                backup: b,
+                committed: welcome.committed_epoch,
+            });
+        } else if welcome.committed_epoch > backup.committed {
+            self.note_commit(b, welcome.committed_epoch);
+        }
+        self.update_durable();
+    }
+
+    /// Path `p` of backup `b` failed or closed. Its unacknowledged chunks go back to the queue.
+    pub fn handle_path_down(&mut self, b: BackupId, p: PathId) {
+        let backup = &mut self.backups[b];
+        if !backup.paths[p].up {
+            return;
+        }
+        backup.paths[p].up = false;
+        backup.paths[p].inflight = 0;
+        backup.paths[p].ping = None;
+        if backup.paths.iter().all(|p| !p.up) {
+            if backup.streaming {
+                Self::drop_streams(backup);
+                backup.streaming = false;
+                self.events.push_back(Event::BackupLost { backup: b });
+            }
+            return;
+        }
+        let mut requeue = vec![];
+        for e in &mut backup.epochs {
+            for (seq, s) in e.slots.iter_mut().enumerate() {
+                if s.chunk.is_some() && s.sent.is_some_and(|(sp, _)| sp == p) && !s.queued {
+                    s.sent = None;
+                    s.queued = true;
+                    requeue.push((e.epoch, seq as u32));
+                }
+            }
+        }
+        for item in requeue.into_iter().rev() {
+            backup.queue.push_front(item);
+        }
+    }
+
+    fn drop_streams(backup: &mut Backup) {
+        backup.epochs.clear();
+        backup.queue.clear();
+        backup.unacked_bytes = 0;
+        for p in &mut backup.paths {
+            p.inflight = 0;
+        }
+    }
+
+    /// Opens `epoch` on backup `b`'s stream, on top of what it will hold by then.
+    ///
+    /// Returns [`EpochStart::Resync`] when the backup (re)joined since its last epoch: the driver must then
+    /// push, before the epoch's shared chunks, chunks with every page changed after epoch `from` (all of
+    /// guest RAM when it cannot tell), read at or after the previous epoch's pause.
+    ///
+    /// # Panics
+    /// If `epoch` does not follow the epochs already opened for the backup, or the last one is not ended.
+    pub fn begin_epoch(&mut self, b: BackupId, epoch: u64) -> EpochStart {
+        let backup = &mut self.backups[b];
+        if !backup.streaming {
+            return EpochStart::NotStreaming;
+        }
+        assert!(
+            epoch > backup.planned,
+            "epoch {epoch} opened after {}",
+            backup.planned
+        );
+        if let Some(last) = backup.epochs.back() {
+            assert!(
+                last.ended,
+                "epoch {epoch} opened before epoch {} ended",
+                last.epoch
+            );
+        }
+        backup.epochs.push_back(StreamEpoch {
+            epoch,
+            base: backup.planned,
+            slots: vec![],
+            acked: 0,
+            ended: false,
+            end_sent: None,
+        });
+        match backup.resync_from.take() {
+            Some(from) => EpochStart::Resync { from },
+            None => EpochStart::Delta,
+        }
+    }
+
+    /// Appends `chunk` to the open epoch of backup `b`. Returns false (chunk dropped) when the backup has no
+    /// open epoch with that number, e.g. because it was lost meanwhile.
+    pub fn push_chunk(&mut self, b: BackupId, chunk: PageChunk) -> bool {
+        let backup = &mut self.backups[b];
+        let Some(e) = backup.epochs.back_mut() else {
+            return false;
+        };
+        if e.epoch != chunk.epoch || e.ended {
+            return false;
+        }
+        let seq = e.slots.len() as u32;
+        backup.unacked_bytes += chunk.body.len();
+        e.slots.push(Slot {
+            hash: chunk.content_hash,
+            n_pages: chunk.n_pages,
+            body_bytes: chunk.body.len(),
+            chunk: Some(chunk),
+            sent: None,
+            queued: true,
+        });
+        backup.queue.push_back((e.epoch, seq));
+        true
+    }
+
+    /// Closes the open epoch of backup `b`: no more chunks; the end marker goes out once every chunk was sent.
+    pub fn end_epoch(&mut self, b: BackupId, epoch: u64) -> bool {
+        let backup = &mut self.backups[b];
+        let Some(e) = backup.epochs.back_mut() else {
+            return false;
+        };
+        if e.epoch != epoch || e.ended {
+            return false;
+        }
+        e.ended = true;
+        backup.planned = epoch;
+        true
+    }
+
+    /// A message arrived from backup `b` on path `p`.
+    ///
+    /// # Errors
+    /// [`SenderError::Unexpected`] for messages a backup never sends (the driver closes the path).
+    pub fn handle_message(
+        &mut self,
+        b: BackupId,
+        p: PathId,
+        msg: Message,
+        now: Instant,
+    ) -> Result<(), SenderError> {
+        match msg {
+            Message::ChunkAck { epoch, seq } => {
+                let backup = &mut self.backups[b];
+                let mut freed = 0;
+                let mut path_of = None;
+                if let Some(e) = backup.epoch_mut(epoch) {
+                    if let Some(s) = e.slots.get_mut(seq as usize) {
+                        if s.chunk.take().is_some() {
+                            freed = s.body_bytes;
+                            path_of = s.sent.map(|(sp, _)| sp);
+                            e.acked += 1;
+                            s.queued = false;
+                        }
+                    }
+                }
+                backup.unacked_bytes -= freed;
+                if let Some(sp) = path_of {
+                    let path = &mut backup.paths[sp];
+                    path.inflight = path.inflight.saturating_sub(1);
+                }
+            }
+            Message::Committed { epoch } => {
+                self.note_commit(b, epoch);
+                self.update_durable();
+            }
+            Message::Pong { token } => {
+                let path = &mut self.backups[b].paths[p];
+                if let Some((t, sent)) = path.ping {
+                    if t == token {
+                        let sample = now.saturating_duration_since(sent);
+                        path.rtt = Some(match path.rtt {
+                            None => sample,
+                            Some(old) => (old * 7 + sample) / 8,
+                        });
+                        path.ping = None;
+                    }
+                }
+            }
+            Message::Ping { token } => self.control.push_back(Transmit {
+                backup: b,
+                path: p,
+                msg: Message::Pong { token },
+            }),
+            Message::Error { code, message } => {
+                // The backup refused something and discarded what it staged: start it over from what it
+                // holds committed.
+                self.events.push_back(Event::PeerError {
+                    backup: b,
+                    path: p,
+                    code,
+                    message,
+                });
+                let backup = &mut self.backups[b];
+                if backup.streaming {
+                    Self::drop_streams(backup);
+                    backup.planned = backup.committed;
+                    backup.resync_from = Some(backup.committed);
+                    self.events.push_back(Event::NeedsResync {
+                        backup: b,
+                        committed: backup.committed,
+                    });
+                }
+            }
+            other => {
+                return Err(SenderError::Unexpected {
+                    backup: b,
+                    path: p,
+                    msg: other.name(),
+                })
+            }
+        }
+        Ok(())
+    }
+
+    fn note_commit(&mut self, b: BackupId, epoch: u64) {
+        let backup = &mut self.backups[b];
+        if epoch <= backup.committed {
+            return;
+        }
+        backup.committed = epoch;
+        while backup.epochs.front().is_some_and(|e| e.epoch <= epoch) {
+            let e = backup.epochs.pop_front().expect("front");
+            for s in e.slots {
+                if s.chunk.is_some() {
+                    backup.unacked_bytes -= s.body_bytes;
+                    if let Some((sp, _)) = s.sent {
+                        let path = &mut backup.paths[sp];
+                        path.inflight = path.inflight.saturating_sub(1);
+                    }
+                }
+            }
+        }
+        backup.queue.retain(|&(e, _)| e > epoch);
+        self.events
+            .push_back(Event::BackupCommitted { backup: b, epoch });
+    }
+
+    fn update_durable(&mut self) {
+        let mut committed: Vec<u64> = self.backups.iter().map(|b| b.committed).collect();
+        committed.sort_unstable_by(|a, b| b.cmp(a));
+        let q = self.cfg.quorum.clamp(1, committed.len().max(1));
+        let Some(&d) = committed.get(q - 1) else {
+            return;
+        };
+        if d > self.durable {
+            self.durable = d;
+            self.events.push_back(Event::Durable { epoch: d });
+        }
+    }
+
+    /// The next event, if any.
+    pub fn poll_event(&mut self) -> Option<Event> {
+        self.events.pop_front()
+    }
+
+    /// The next message to send, if any path has room for it.
+    pub fn poll_transmit(&mut self, now: Instant) -> Option<Transmit> {
+        if let Some(t) = self.control.pop_front() {
+            return Some(t);
+        }
+        for bi in 0..self.backups.len() {
+            if let Some(t) = self.poll_backup(bi, now) {
+                return Some(t);
+            }
+        }
+        None
+    }
+
+    fn poll_backup(&mut self, bi: BackupId, now: Instant) -> Option<Transmit> {
+        let ping_interval = self.cfg.ping_interval;
+        let window = self.cfg.window_chunks_per_path;
+        let backup = &mut self.backups[bi];
+        // Pings first: they are tiny and keep RTT current.
+        for (pi, path) in backup.paths.iter_mut().enumerate() {
+            if path.up && path.next_ping.is_some_and(|t| t <= now) {
+                let token = self.next_token;
+                self.next_token += 1;
+                path.ping = Some((token, now));
+                path.next_ping = Some(now + ping_interval);
+                return Some(Transmit {
+                    backup: bi,
+                    path: pi,
+                    msg: Message::Ping { token },
+                });
+            }
+        }
+        if !backup.streaming {
+            return None;
+        }
+        // Chunks, striped round-robin over paths with window room.
+        while let Some(&(epoch, seq)) = backup.queue.front() {
+            let n = backup.paths.len();
+            let Some(pi) = (0..n)
+                .map(|i| (backup.rr + i) % n)
+                .find(|&i| backup.paths[i].up && backup.paths[i].inflight < window)
+            else {
+                break;
+            };
+            let Some(pos) = backup.epochs.iter().position(|e| e.epoch == epoch) else {
+                backup.queue.pop_front();
+                continue;
+            };
+            if pos >= self.cfg.max_epochs_in_flight {
+                break;
+            }
+            backup.queue.pop_front();
+            let e = &mut backup.epochs[pos];
+            let slot = &mut e.slots[seq as usize];
+            slot.queued = false;
+            let Some(chunk) = slot.chunk.clone() else {
+                continue;
+            };
+            if let Some((old, _)) = slot.sent {
+                let old = &mut backup.paths[old];
+                old.inflight = old.inflight.saturating_sub(1);
+            }
+            slot.sent = Some((pi, now));
+            backup.paths[pi].inflight += 1;
+            backup.rr = (pi + 1) % n;
+            return Some(Transmit {
+                backup: bi,
+                path: pi,
+                msg: Message::Chunk { seq, chunk },
+            });
+        }
+        // End markers of epochs whose chunks all went out at least once.
+        let up_path = backup.paths.iter().position(|p| p.up)?;
+        let end_every = self.cfg.end_retransmit_after;
+        for e in &mut backup.epochs {
+            if !e.ended
+                || e.slots
+                    .iter()
+                    .any(|s| s.chunk.is_some() && s.sent.is_none())
+            {
+                continue;
+            }
+            if e.end_sent.is_some_and(|t| now < t + end_every) {
+                continue;
+            }
+            e.end_sent = Some(now);
+            let page_count = e.slots.iter().map(|s| u64::from(s.n_pages)).sum();
+            return Some(Transmit {
+                backup: bi,
+                path: up_path,
+                msg: Message::EpochEnd(EpochEnd {
+                    epoch: e.epoch,
+                    base_epoch: e.base,
+                    chunk_count: e.slots.len() as u32,
+                    page_count,
+                    epoch_hash: epoch_hash(page_count, e.slots.iter().map(|s| &s.hash)),
+                }),
+            });
+        }
+        None
+    }
+
+    /// When [`Sender::handle_timeout`] should next be called.
+    pub fn poll_timeout(&self) -> Option<Instant> {
+        let mut next: Option<Instant> = None;
+        let mut consider = |t: Instant| next = Some(next.map_or(t, |n: Instant| n.min(t)));
+        for b in &self.backups {
+            for p in &b.paths {
+                if p.up {
+                    if let Some(t) = p.next_ping {
+                        consider(t);
+                    }
+                }
+            }
+            for e in &b.epochs {
+                if let Some(t) = e.end_sent {
+                    consider(t + self.cfg.end_retransmit_after);
+                }
+                for s in e.slots.iter().filter(|s| !s.queued) {
+                    if let (Some(_), Some((_, t))) = (&s.chunk, s.sent) {
+                        consider(t + self.cfg.retransmit_after);
+                    }
+                }
+            }
+        }
+        next
+    }
+
+    /// Time passed: chunks unacknowledged for `retransmit_after` go back to the queue.
+    pub fn handle_timeout(&mut self, now: Instant) {
+        let rto = self.cfg.retransmit_after;
+        for backup in &mut self.backups {
+            let mut requeue = vec![];
+            for e in &mut backup.epochs {
+                for (seq, s) in e.slots.iter_mut().enumerate() {
+                    if s.chunk.is_some() && !s.queued && s.sent.is_some_and(|(_, t)| now >= t + rto)
+                    {
+                        s.queued = true;
+                        requeue.push((e.epoch, seq as u32));
+                    }
+                }
+            }
+            for item in requeue.into_iter().rev() {
+                backup.queue.push_front(item);
+            }
+        }
+    }
+}
