@@ -1,15 +1,18 @@
 //! The `endophyte` command.
 
+use std::net::SocketAddr;
 use std::path::PathBuf;
+use std::time::Duration;
 
 use anyhow::{bail, Context};
-use clap::{Parser, Subcommand};
+use clap::{Args, Parser, Subcommand};
+use endophyte::config::{BackupSpec, SidecarConfig};
 
 #[derive(Parser)]
 #[command(
     name = "endophyte",
     version,
-    about = "Replicates a running KVM VM's memory and live-migrates it"
+    about = "Replicates a running KVM VM's memory to backup nodes and live-migrates it"
 )]
 struct Cli {
     #[command(subcommand)]
@@ -18,18 +21,194 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Cmd {
-    /// Attach to a VMM's agent socket, pause the VM briefly and check that the RAM the sidecar maps is
-    /// the RAM the VMM has (prints JSON).
+    /// Replicate a VM (reached through its VMM's attach socket) to backups, in epochs.
+    Sidecar(SidecarArgs),
+    /// Run a backup node: accept paths, keep a replica per VM.
+    Backup {
+        /// UDP address to listen on.
+        #[arg(long, default_value = "0.0.0.0:7400")]
+        listen: SocketAddr,
+        /// Directory for replicas (one subdirectory per VM).
+        #[arg(long)]
+        data_dir: PathBuf,
+        /// Certificate directory (ca.pem, <node>.pem, <node>.key).
+        #[arg(long)]
+        certs: PathBuf,
+        /// This node's name.
+        #[arg(long)]
+        node: String,
+        /// Epochs staged per VM at once.
+        #[arg(long, default_value_t = 4)]
+        max_staged_epochs: usize,
+        /// Test hook: abort halfway through applying this epoch.
+        #[arg(long, hide = true)]
+        crash_during_apply: Option<u64>,
+        /// Recover every replica (redo interrupted commits), print each VM's committed epoch as JSON, exit.
+        #[arg(long)]
+        recover_only: bool,
+    },
+    /// Run a relay: forward paths' UDP datagrams to a backup without decrypting them.
+    Relay {
+        /// Routes as LISTEN=UPSTREAM, e.g. 0.0.0.0:7500=10.0.0.2:7400 (repeatable).
+        #[arg(long = "route", required = true)]
+        routes: Vec<String>,
+    },
+    /// Manage a network's identity: its CA and node certificates.
+    Certs {
+        #[command(subcommand)]
+        cmd: CertsCmd,
+    },
+    /// Check, through the attach socket, that the RAM the sidecar maps is the VMM's (prints JSON).
     Inspect {
         /// The VMM's attach socket.
         #[arg(long)]
         socket: PathBuf,
     },
+    /// Boot a testvm guest and serve it over the attach protocol (what the demo and tests run as the VMM).
+    #[command(hide = true)]
+    TestvmServe {
+        /// Attach socket to create.
+        #[arg(long)]
+        attach_socket: PathBuf,
+        /// Guest RAM.
+        #[arg(long, default_value = "256MiB", value_parser = endophyte::config::parse_bytes)]
+        mem: u64,
+        /// vCPUs.
+        #[arg(long, default_value_t = 1)]
+        vcpus: u32,
+        /// Workload (testvm syntax).
+        #[arg(long, default_value = "hotset:size=64M,rate=20000")]
+        workload: String,
+        /// Fill RAM with PRNG data first.
+        #[arg(long)]
+        fill: bool,
+    },
+    /// Self-contained demonstrations on loopback.
+    Demo {
+        #[command(subcommand)]
+        cmd: DemoCmd,
+    },
+}
+
+#[derive(Subcommand)]
+enum CertsCmd {
+    /// Create a network: a new CA in DIR (ca.pem, ca.key).
+    Init {
+        /// Directory.
+        #[arg(long)]
+        dir: PathBuf,
+        /// The network's name.
+        #[arg(long)]
+        network: String,
+    },
+    /// Sign a node certificate with the CA in DIR (<node>.pem, <node>.key).
+    Issue {
+        /// Directory holding the CA.
+        #[arg(long)]
+        dir: PathBuf,
+        /// Node names (DNS-style), one certificate each.
+        #[arg(long = "node", required = true)]
+        nodes: Vec<String>,
+    },
+}
+
+#[derive(Subcommand)]
+enum DemoCmd {
+    /// Start testvm, a sidecar and two backups on loopback; replicate; print a JSON summary.
+    Replicate(endophyte::demo::ReplicateArgs),
+}
+
+#[derive(Args)]
+struct SidecarArgs {
+    /// TOML configuration; flags override it.
+    #[arg(long)]
+    config: Option<PathBuf>,
+    /// The VM's name.
+    #[arg(long)]
+    vm_id: Option<String>,
+    /// The VMM's attach socket.
+    #[arg(long)]
+    attach_socket: Option<PathBuf>,
+    /// Certificate directory.
+    #[arg(long)]
+    certs: Option<PathBuf>,
+    /// This node's name.
+    #[arg(long)]
+    node: Option<String>,
+    /// Epoch length in ms.
+    #[arg(long)]
+    epoch_ms: Option<u64>,
+    /// Staging buffer size (e.g. 32MiB).
+    #[arg(long, value_parser = endophyte::config::parse_bytes)]
+    staging: Option<u64>,
+    /// Paths per backup.
+    #[arg(long)]
+    paths: Option<usize>,
+    /// Backups that must commit an epoch for it to be durable.
+    #[arg(long)]
+    quorum: Option<usize>,
+    /// A backup: name=NODE,addr=IP:PORT[,paths=N][,via=RELAY+RELAY] (repeatable; replaces the file's list).
+    #[arg(long = "backup", value_parser = BackupSpec::parse)]
+    backups: Vec<BackupSpec>,
+    /// Send chunks uncompressed.
+    #[arg(long)]
+    no_compress: bool,
+    /// Stop after this long (e.g. 20s), at an epoch boundary.
+    #[arg(long, value_parser = humantime::parse_duration)]
+    duration: Option<Duration>,
+    /// Append the VMM's guest RAM hash at every epoch's pause to this file (JSON lines; for tests).
+    #[arg(long)]
+    ram_hashes: Option<PathBuf>,
+    /// Write the final report (JSON) here as well as to stdout.
+    #[arg(long)]
+    report: Option<PathBuf>,
+}
+
+fn sidecar_config(a: &SidecarArgs) -> anyhow::Result<SidecarConfig> {
+    let mut c = match &a.config {
+        Some(p) => SidecarConfig::from_file(p)?,
+        None => SidecarConfig::default(),
+    };
+    if let Some(v) = &a.vm_id {
+        c.vm_id = v.clone();
+    }
+    if let Some(v) = &a.attach_socket {
+        c.attach_socket = v.clone();
+    }
+    if let Some(v) = &a.certs {
+        c.certs = v.clone();
+    }
+    if let Some(v) = &a.node {
+        c.node = v.clone();
+    }
+    if let Some(v) = a.epoch_ms {
+        c.epoch_ms = v;
+    }
+    if let Some(v) = a.staging {
+        c.staging = v;
+    }
+    if let Some(v) = a.paths {
+        c.paths_per_backup = v;
+    }
+    if let Some(v) = a.quorum {
+        c.quorum = v;
+    }
+    if !a.backups.is_empty() {
+        c.backups = a.backups.clone();
+    }
+    if a.no_compress {
+        c.compress = false;
+    }
+    c.validate()?;
+    Ok(c)
 }
 
 fn main() -> anyhow::Result<()> {
     tracing_subscriber::fmt()
-        .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
+        )
         .with_writer(std::io::stderr)
         .init();
     match Cli::parse().cmd {
@@ -41,6 +220,131 @@ fn main() -> anyhow::Result<()> {
                 bail!("guest RAM seen by the sidecar differs from the VMM's");
             }
         }
+        Cmd::Certs { cmd } => match cmd {
+            CertsCmd::Init { dir, network } => {
+                endophyte::tls::init_network(&dir, &network)?;
+                println!("network {network:?}: CA written to {}", dir.display());
+            }
+            CertsCmd::Issue { dir, nodes } => {
+                for n in nodes {
+                    endophyte::tls::issue_node(&dir, &n)?;
+                    println!("node {n:?}: {0}/{n}.pem, {0}/{n}.key", dir.display());
+                }
+            }
+        },
+        Cmd::Backup {
+            listen,
+            data_dir,
+            certs,
+            node,
+            max_staged_epochs,
+            crash_during_apply,
+            recover_only,
+        } => {
+            let identity = endophyte::tls::Identity::load(&certs, &node)
+                .with_context(|| format!("loading node {node:?}'s certificates"))?;
+            std::fs::create_dir_all(&data_dir)
+                .with_context(|| format!("creating {}", data_dir.display()))?;
+            let cfg = endophyte::backup::BackupConfig {
+                listen,
+                data_dir,
+                max_staged_epochs,
+                crash: endophyte::store::CrashPoint {
+                    during_apply: crash_during_apply,
+                },
+            };
+            let node = endophyte::backup::BackupNode::new(identity, cfg);
+            let recovered = node.recover_all()?;
+            if recover_only {
+                let m: serde_json::Map<String, serde_json::Value> = recovered
+                    .into_iter()
+                    .map(|(vm, e)| (vm, serde_json::json!({ "committed_epoch": e })))
+                    .collect();
+                println!("{}", serde_json::Value::Object(m));
+                return Ok(());
+            }
+            tokio::runtime::Builder::new_multi_thread()
+                .worker_threads(2)
+                .enable_all()
+                .build()?
+                .block_on(node.serve())?;
+        }
+        Cmd::Relay { routes } => {
+            let mut parsed = vec![];
+            for r in &routes {
+                let (l, u) = r
+                    .split_once('=')
+                    .with_context(|| format!("route {r:?} is not LISTEN=UPSTREAM"))?;
+                let l: SocketAddr = l
+                    .parse()
+                    .with_context(|| format!("route {r:?}: bad listen address"))?;
+                let u: SocketAddr = u
+                    .parse()
+                    .with_context(|| format!("route {r:?}: bad upstream address"))?;
+                parsed.push((l, u));
+            }
+            tokio::runtime::Builder::new_multi_thread()
+                .worker_threads(1)
+                .enable_all()
+                .build()?
+                .block_on(async move {
+                    let mut tasks = vec![];
+                    for (l, u) in parsed {
+                        let route = endophyte::relay::Route::bind(l, u)
+                            .await
+                            .with_context(|| format!("binding {l}"))?;
+                        eprintln!("relay {} -> {u}", route.local_addr()?);
+                        tasks.push(tokio::spawn(route.run()));
+                    }
+                    for t in tasks {
+                        t.await??;
+                    }
+                    anyhow::Ok(())
+                })?;
+        }
+        Cmd::Sidecar(a) => {
+            let cfg = sidecar_config(&a)?;
+            let report = endophyte::replicate::run_sidecar(
+                cfg,
+                endophyte::replicate::RunOptions {
+                    duration: a.duration,
+                    ram_hashes: a.ram_hashes.clone(),
+                    final_hash_only: false,
+                    report: a.report.clone(),
+                },
+            )?;
+            println!("{}", serde_json::to_string_pretty(&report)?);
+        }
+        Cmd::TestvmServe {
+            attach_socket,
+            mem,
+            vcpus,
+            workload,
+            fill,
+        } => {
+            let mut w = testvm::WorkloadConfig::parse(&workload)
+                .map_err(|e| anyhow::anyhow!("workload {workload:?}: {e}"))?;
+            w.fill = fill;
+            let vm = testvm::Vm::boot(testvm::VmConfig {
+                mem_bytes: mem,
+                vcpus,
+                workload: w,
+                verify_dirty: false,
+                dirty_source: testvm::DirtySource::Bitmap,
+                console: Box::new(testvm::agent::ConsoleToStderr::default()),
+            })
+            .context("booting the VM")?;
+            vm.resume()?;
+            let host = std::sync::Arc::new(testvm::agent::VmHost::new(
+                Some(vm),
+                testvm::DirtySource::Bitmap,
+                Box::new(|| Box::new(testvm::agent::ConsoleToStderr::default())),
+            ));
+            testvm::agent::serve_on_socket(host, &attach_socket, None)?;
+        }
+        Cmd::Demo { cmd } => match cmd {
+            DemoCmd::Replicate(args) => endophyte::demo::replicate(args)?,
+        },
     }
     Ok(())
 }

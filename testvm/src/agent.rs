@@ -183,3 +183,67 @@ impl AttachTarget for VmHost {
         self.shutdown_cv.notify_all();
     }
 }
+
+/// A console sink that prints each guest line to stderr, prefixed `[guest]`.
+#[derive(Debug, Default)]
+pub struct ConsoleToStderr(Vec<u8>);
+
+impl std::io::Write for ConsoleToStderr {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        for &b in buf {
+            if b == b'\n' {
+                eprintln!("[guest] {}", String::from_utf8_lossy(&self.0));
+                self.0.clear();
+            } else {
+                self.0.push(b);
+            }
+        }
+        Ok(buf.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+/// Serves `host` over the attach protocol on the Unix socket `socket` until a client asks for shutdown or
+/// `duration` passes; then drops the VM and removes the socket.
+///
+/// # Errors
+/// If the socket cannot be bound, or the guest stops with a fault (the error names it).
+pub fn serve_on_socket(
+    host: std::sync::Arc<VmHost>,
+    socket: &std::path::Path,
+    duration: Option<Duration>,
+) -> std::io::Result<()> {
+    let _ = std::fs::remove_file(socket);
+    let listener = std::os::unix::net::UnixListener::bind(socket).map_err(|e| {
+        std::io::Error::new(
+            e.kind(),
+            format!("binding the attach socket {}: {e}", socket.display()),
+        )
+    })?;
+    let target: std::sync::Arc<dyn AttachTarget> = host.clone();
+    std::thread::Builder::new()
+        .name("attach".into())
+        .spawn(move || endophyte_attach::agent::serve(listener, target))?;
+    eprintln!(
+        "testvm: serving the attach protocol on {}",
+        socket.display()
+    );
+    let deadline = duration.map(|d| std::time::Instant::now() + d);
+    loop {
+        if host.wait_shutdown(Duration::from_millis(100)) {
+            break;
+        }
+        if deadline.is_some_and(|d| std::time::Instant::now() >= d) {
+            break;
+        }
+        if let Some(Some(fault)) = host.with_vm(|vm| vm.fault()) {
+            let _ = std::fs::remove_file(socket);
+            return Err(std::io::Error::other(format!("the guest stopped: {fault}")));
+        }
+    }
+    drop(host.take_vm());
+    let _ = std::fs::remove_file(socket);
+    Ok(())
+}

@@ -5,7 +5,7 @@ use std::time::Duration;
 
 use anyhow::{bail, Context};
 use clap::{Parser, Subcommand, ValueEnum};
-use testvm::agent::VmHost;
+use testvm::agent::{ConsoleToStderr, VmHost};
 use testvm::layout::parse_bytes;
 use testvm::run::{run, RunOptions};
 use testvm::{DirtySource, Vm, VmConfig, WorkloadConfig};
@@ -130,62 +130,8 @@ fn parse_duration(s: &str) -> Result<Duration, String> {
 }
 
 /// Where guest serial output goes: stderr, line by line with a prefix.
-struct ConsoleToStderr(Vec<u8>);
-
-impl std::io::Write for ConsoleToStderr {
-    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
-        for &b in buf {
-            if b == b'\n' {
-                eprintln!("[guest] {}", String::from_utf8_lossy(&self.0));
-                self.0.clear();
-            } else {
-                self.0.push(b);
-            }
-        }
-        Ok(buf.len())
-    }
-    fn flush(&mut self) -> std::io::Result<()> {
-        Ok(())
-    }
-}
-
-/// Serves `host` on `socket` until shutdown is requested or `duration` passes.
-fn serve_host(
-    host: std::sync::Arc<VmHost>,
-    socket: &std::path::Path,
-    duration: Option<Duration>,
-) -> anyhow::Result<()> {
-    let _ = std::fs::remove_file(socket);
-    let listener = std::os::unix::net::UnixListener::bind(socket)
-        .with_context(|| format!("binding the attach socket {}", socket.display()))?;
-    let target: std::sync::Arc<dyn endophyte_attach::AttachTarget> = host.clone();
-    std::thread::Builder::new()
-        .name("attach".into())
-        .spawn(move || endophyte_attach::agent::serve(listener, target))?;
-    eprintln!(
-        "testvm: serving the attach protocol on {}",
-        socket.display()
-    );
-    let deadline = duration.map(|d| std::time::Instant::now() + d);
-    loop {
-        if host.wait_shutdown(Duration::from_millis(100)) {
-            break;
-        }
-        if deadline.is_some_and(|d| std::time::Instant::now() >= d) {
-            break;
-        }
-        if let Some(Some(fault)) = host.with_vm(|vm| vm.fault()) {
-            let _ = std::fs::remove_file(socket);
-            bail!("the guest stopped: {fault}");
-        }
-    }
-    drop(host.take_vm());
-    let _ = std::fs::remove_file(socket);
-    Ok(())
-}
-
 fn console_factory() -> testvm::agent::ConsoleFactory {
-    Box::new(|| Box::new(ConsoleToStderr(Vec::new())))
+    Box::new(|| Box::new(ConsoleToStderr::default()))
 }
 
 fn main() -> anyhow::Result<()> {
@@ -214,7 +160,7 @@ fn main() -> anyhow::Result<()> {
                 verify_dirty,
                 dirty_source: vm.dirty_source,
                 throttle,
-                console: Box::new(ConsoleToStderr(Vec::new())),
+                console: Box::new(ConsoleToStderr::default()),
             })
             .context("testvm run")?;
             match output {
@@ -246,21 +192,21 @@ fn main() -> anyhow::Result<()> {
                 workload: args.workload(),
                 verify_dirty: false,
                 dirty_source,
-                console: Box::new(ConsoleToStderr(Vec::new())),
+                console: Box::new(ConsoleToStderr::default()),
             })
             .context("booting the VM")?;
             if !paused {
                 vm.resume()?;
             }
             let host = std::sync::Arc::new(VmHost::new(Some(vm), dirty_source, console_factory()));
-            serve_host(host, &attach_socket, duration)?;
+            testvm::agent::serve_on_socket(host, &attach_socket, duration)?;
         }
         Cmd::Standby {
             attach_socket,
             dirty_source,
         } => {
             let host = std::sync::Arc::new(VmHost::new(None, dirty_source, console_factory()));
-            serve_host(host, &attach_socket, None)?;
+            testvm::agent::serve_on_socket(host, &attach_socket, None)?;
         }
     }
     Ok(())

@@ -139,11 +139,13 @@ impl AttachClient {
         let mut regions = Vec::new();
         for (r, fd) in info.regions.iter().zip(fds) {
             let file = File::from(fd);
+            // Populated up front: a page-table fault per page would otherwise land inside the epoch pause.
             // SAFETY: a read-only shared mapping of guest RAM. The guest keeps writing it, so the bytes are only ever read through raw-pointer copies (see `read`), never as long-lived references.
             let map = unsafe {
                 MmapOptions::new()
                     .offset(r.fd_offset)
                     .len(r.size_bytes as usize)
+                    .populate()
                     .map(&file)
             }
             .map_err(|source| ClientError::Map {

@@ -115,10 +115,17 @@ pub enum Action {
     },
 }
 
+#[derive(Debug)]
+struct StagedChunk {
+    hash: [u8; 32],
+    n_pages: u32,
+    stored: bool,
+    path: PathKey,
+}
+
 #[derive(Debug, Default)]
 struct Staged {
-    /// seq -> (content hash, pages, stored yet, path that sent it)
-    chunks: BTreeMap<u32, (Option<[u8; 32]>, u32, bool, PathKey)>,
+    chunks: BTreeMap<u32, StagedChunk>,
     end: Option<(EpochEnd, PathKey)>,
 }
 
@@ -276,8 +283,8 @@ impl Receiver {
             return Ok(());
         }
         self.make_room(epoch)?;
-        if let Some(&(_, _, stored, _)) = self.staged.get(&epoch).and_then(|s| s.chunks.get(&seq)) {
-            if stored {
+        if let Some(c) = self.staged.get(&epoch).and_then(|s| s.chunks.get(&seq)) {
+            if c.stored {
                 self.out.push_back((path, Message::ChunkAck { epoch, seq }));
             }
             return Ok(());
@@ -290,9 +297,15 @@ impl Receiver {
                 why: e.to_string(),
             })?;
         let staged = self.staged.entry(epoch).or_default();
-        staged
-            .chunks
-            .insert(seq, (Some(chunk.content_hash), chunk.n_pages, false, path));
+        staged.chunks.insert(
+            seq,
+            StagedChunk {
+                hash: chunk.content_hash,
+                n_pages: chunk.n_pages,
+                stored: false,
+                path,
+            },
+        );
         self.actions.push_back(Action::Store { epoch, seq, chunk });
         Ok(())
     }
@@ -355,8 +368,8 @@ impl Receiver {
         else {
             return Ok(());
         };
-        entry.2 = true;
-        let path = entry.3;
+        entry.stored = true;
+        let path = entry.path;
         self.out.push_back((path, Message::ChunkAck { epoch, seq }));
         self.try_commit()
     }
@@ -368,7 +381,7 @@ impl Receiver {
         // The newest complete epoch whose base we hold wins; older staged ones were abandoned by the sender.
         let ready = self.staged.iter().rev().find_map(|(&epoch, s)| {
             let (end, path) = s.end.as_ref()?;
-            let complete = (0..end.chunk_count).all(|q| s.chunks.get(&q).is_some_and(|c| c.2));
+            let complete = (0..end.chunk_count).all(|q| s.chunks.get(&q).is_some_and(|c| c.stored));
             (complete && end.base_epoch <= self.committed).then(|| (epoch, end.clone(), *path))
         });
         let Some((epoch, end, path)) = ready else {
@@ -384,9 +397,8 @@ impl Receiver {
                 end.chunk_count
             )))
         } else {
-            let pages: u64 = staged.chunks.values().map(|c| u64::from(c.1)).sum();
-            let hashes: Vec<[u8; 32]> =
-                staged.chunks.values().map(|c| c.0.expect("hash")).collect();
+            let pages: u64 = staged.chunks.values().map(|c| u64::from(c.n_pages)).sum();
+            let hashes: Vec<[u8; 32]> = staged.chunks.values().map(|c| c.hash).collect();
             if pages != end.page_count {
                 Err(fail(format!(
                     "end marker says {} pages, chunks carry {pages}",
@@ -463,6 +475,28 @@ impl Receiver {
             }
         }
         self.actions.push_back(Action::Discard { epoch });
+    }
+
+    /// The driver could not store chunk `seq` of `epoch` (disk full, I/O error): the epoch is discarded and
+    /// the sender that sent the chunk is told why, so that it starts over from the committed epoch.
+    pub fn store_failed(&mut self, epoch: u64, seq: u32, why: &str) {
+        let path = self
+            .staged
+            .get(&epoch)
+            .and_then(|s| s.chunks.get(&seq))
+            .map(|c| c.path);
+        if self.committing != Some(epoch) && self.staged.remove(&epoch).is_some() {
+            self.actions.push_back(Action::Discard { epoch });
+        }
+        if let Some(path) = path {
+            self.out.push_back((
+                path,
+                Message::Error {
+                    code: ErrorCode::Internal,
+                    message: format!("storing chunk {seq} of epoch {epoch} failed: {why}"),
+                },
+            ));
+        }
     }
 
     /// The next action for the driver.

@@ -1,0 +1,391 @@
+//! `endophyte backup`: a backup node. It accepts paths from sidecars (mutual TLS, network CA), and keeps one
+//! replica per VM: each VM has a thread that owns its [`Receiver`] state machine and its [`ReplicaStore`].
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+
+use endophyte_wire::{Action, EncodedFrame, ErrorCode, Hello, Message, Receiver};
+use tokio::sync::mpsc;
+
+use crate::store::{CrashPoint, ReplicaStore};
+use crate::tls::Identity;
+use crate::transport::{read_message, write_frame, PathError};
+
+/// Settings of a backup node.
+#[derive(Clone, Debug)]
+pub struct BackupConfig {
+    /// UDP address to accept paths on.
+    pub listen: SocketAddr,
+    /// Directory holding one subdirectory per VM.
+    pub data_dir: PathBuf,
+    /// Epochs staged per VM at once.
+    pub max_staged_epochs: usize,
+    /// Test hook, see [`CrashPoint`].
+    pub crash: CrashPoint,
+}
+
+enum VmIn {
+    PathUp {
+        key: u64,
+        tx: mpsc::UnboundedSender<EncodedFrame>,
+    },
+    Msg {
+        key: u64,
+        msg: Message,
+    },
+    PathDown {
+        key: u64,
+    },
+}
+
+struct VmHandle {
+    tx: std::sync::mpsc::Sender<VmIn>,
+    committed_at_open: u64,
+    page_size: u32,
+    mem_bytes: u64,
+}
+
+/// A running backup node.
+pub struct BackupNode {
+    identity: Arc<Identity>,
+    cfg: BackupConfig,
+    instance: u64,
+    vms: Mutex<HashMap<String, Arc<VmHandle>>>,
+    next_key: AtomicU64,
+}
+
+fn valid_vm_id(id: &str) -> bool {
+    !id.is_empty()
+        && id.len() <= 128
+        && id
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'))
+        && !id.starts_with('.')
+}
+
+/// A random u64 from the OS (through std's hash seed).
+pub fn random_u64() -> u64 {
+    use std::hash::{BuildHasher, Hasher};
+    let mut h = std::collections::hash_map::RandomState::new().build_hasher();
+    h.write_u128(
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap_or_default()
+            .as_nanos(),
+    );
+    h.finish()
+}
+
+impl BackupNode {
+    /// A backup node with this identity and configuration.
+    pub fn new(identity: Identity, cfg: BackupConfig) -> Arc<Self> {
+        Arc::new(Self {
+            identity: Arc::new(identity),
+            cfg,
+            instance: random_u64(),
+            vms: Mutex::new(HashMap::new()),
+            next_key: AtomicU64::new(1),
+        })
+    }
+
+    /// Opens every replica under the data directory, which redoes any commit a crash interrupted, and returns
+    /// each VM's committed epoch. Called at start, so that replicas are consistent before any sidecar
+    /// connects.
+    ///
+    /// # Errors
+    /// If the data directory cannot be listed or a replica cannot be opened (the error names it).
+    pub fn recover_all(&self) -> anyhow::Result<Vec<(String, u64)>> {
+        let mut out = vec![];
+        let entries = match std::fs::read_dir(&self.cfg.data_dir) {
+            Ok(e) => e,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(out),
+            Err(e) => return Err(e.into()),
+        };
+        for entry in entries {
+            let dir = entry?.path();
+            let state = dir.join("state.json");
+            let Ok(bytes) = std::fs::read(&state) else {
+                continue;
+            };
+            let v: serde_json::Value = serde_json::from_slice(&bytes)
+                .map_err(|e| anyhow::anyhow!("{}: {e}", state.display()))?;
+            let (Some(vm_id), Some(mem_bytes), Some(page_size)) = (
+                v["vm_id"].as_str(),
+                v["mem_bytes"].as_u64(),
+                v["page_size"].as_u64(),
+            ) else {
+                anyhow::bail!("{}: missing vm_id, mem_bytes or page_size", state.display());
+            };
+            let hello = Hello {
+                session: 0,
+                path: 0,
+                page_size: page_size as u32,
+                mem_bytes,
+                vm_id: vm_id.to_string(),
+            };
+            let committed = self
+                .open_vm(&hello)
+                .map_err(|e| anyhow::anyhow!("{}: {e}", dir.display()))?;
+            out.push((vm_id.to_string(), committed));
+        }
+        Ok(out)
+    }
+
+    fn open_vm(&self, h: &Hello) -> Result<u64, String> {
+        let vm = self.vm_for(h)?;
+        Ok(vm.committed_at_open)
+    }
+
+    /// Serves paths until the process ends.
+    ///
+    /// # Errors
+    /// If the endpoint cannot be set up.
+    pub async fn serve(self: Arc<Self>) -> anyhow::Result<()> {
+        let server = self.identity.server_config()?;
+        let endpoint = quinn::Endpoint::server(server, self.cfg.listen)?;
+        tracing::info!(listen = %endpoint.local_addr()?, node = %self.identity.node,
+            network = %self.identity.network, data_dir = %self.cfg.data_dir.display(), "backup node up");
+        while let Some(incoming) = endpoint.accept().await {
+            let me = self.clone();
+            tokio::spawn(async move {
+                let remote = incoming.remote_address();
+                match incoming.await {
+                    Ok(conn) => {
+                        if let Err(e) = me.handle_conn(conn).await {
+                            tracing::info!(%remote, "path ended: {}", e.explain());
+                        }
+                    }
+                    Err(e) => tracing::warn!(%remote, "refused a path: {e}"),
+                }
+            });
+        }
+        Ok(())
+    }
+
+    fn vm_for(&self, h: &Hello) -> Result<Arc<VmHandle>, String> {
+        if !valid_vm_id(&h.vm_id) {
+            return Err(format!(
+                "VM id {:?} must be 1-128 letters, digits, '-', '_' or '.'",
+                h.vm_id
+            ));
+        }
+        let mut vms = self.vms.lock().expect("vm table");
+        if let Some(v) = vms.get(&h.vm_id) {
+            return Ok(v.clone());
+        }
+        let page_size = u64::from(h.page_size);
+        if page_size == 0
+            || !page_size.is_power_of_two()
+            || h.mem_bytes == 0
+            || h.mem_bytes % page_size != 0
+        {
+            return Err(format!(
+                "geometry {} bytes in {}-byte pages is not whole pages",
+                h.mem_bytes, h.page_size
+            ));
+        }
+        let dir = self.cfg.data_dir.join(&h.vm_id);
+        let store = ReplicaStore::open(&dir, &h.vm_id, h.mem_bytes, page_size, self.cfg.crash)
+            .map_err(|e| e.to_string())?;
+        tracing::info!(vm = %h.vm_id, committed = store.committed_epoch(), io_uring = store.uses_io_uring(), "replica opened");
+        let committed_at_open = store.committed_epoch();
+        let rx = Receiver::new(
+            h.vm_id.clone(),
+            page_size,
+            h.mem_bytes,
+            store.committed_epoch(),
+            self.instance,
+            self.identity.node.clone(),
+            self.cfg.max_staged_epochs,
+        );
+        let (tx, inbox) = std::sync::mpsc::channel();
+        let vm_id = h.vm_id.clone();
+        std::thread::Builder::new()
+            .name(format!("replica-{vm_id}"))
+            .spawn(move || vm_thread(vm_id, rx, store, inbox))
+            .map_err(|e| e.to_string())?;
+        let handle = Arc::new(VmHandle {
+            tx,
+            committed_at_open,
+            page_size: h.page_size,
+            mem_bytes: h.mem_bytes,
+        });
+        vms.insert(h.vm_id.clone(), handle.clone());
+        Ok(handle)
+    }
+
+    async fn handle_conn(self: Arc<Self>, conn: quinn::Connection) -> Result<(), PathError> {
+        let (mut send, mut recv) = conn.accept_bi().await?;
+        let hello = match read_message(&mut recv).await? {
+            Message::Hello(h) => h,
+            other => {
+                return Err(PathError::Protocol(format!(
+                    "expected Hello, got {}",
+                    other.name()
+                )))
+            }
+        };
+        let vm = match self.vm_for(&hello) {
+            Ok(vm) if vm.page_size == hello.page_size && vm.mem_bytes == hello.mem_bytes => vm,
+            Ok(vm) => {
+                let m = format!(
+                    "VM {:?} is replicated here as {} bytes in {}-byte pages, not {} in {}",
+                    hello.vm_id, vm.mem_bytes, vm.page_size, hello.mem_bytes, hello.page_size
+                );
+                return refuse(&conn, &mut send, ErrorCode::BadHello, m).await;
+            }
+            Err(m) => return refuse(&conn, &mut send, ErrorCode::BadHello, m).await,
+        };
+        let key = self.next_key.fetch_add(1, Ordering::Relaxed);
+        let (tx, mut out) = mpsc::unbounded_channel::<EncodedFrame>();
+        let _ = vm.tx.send(VmIn::PathUp { key, tx });
+        let _ = vm.tx.send(VmIn::Msg {
+            key,
+            msg: Message::Hello(hello),
+        });
+        let writer = async {
+            while let Some(f) = out.recv().await {
+                write_frame(&mut send, f).await?;
+            }
+            // The replica closed this path (after an Error reply): flush and say goodbye.
+            let _ = send.finish();
+            let _ = tokio::time::timeout(std::time::Duration::from_secs(1), send.stopped()).await;
+            Ok::<(), PathError>(())
+        };
+        let reader = async {
+            loop {
+                match read_message(&mut recv).await {
+                    Ok(msg) => {
+                        if vm.tx.send(VmIn::Msg { key, msg }).is_err() {
+                            return Ok(());
+                        }
+                    }
+                    Err(PathError::Frame(e)) => {
+                        // A frame we refuse (bad CRC, oversized, malformed): tell the sender why, then close.
+                        let code = match &e {
+                            endophyte_wire::MessageError::Frame(
+                                endophyte_wire::FrameError::TooLarge { .. },
+                            ) => ErrorCode::TooLarge,
+                            _ => ErrorCode::Corrupt,
+                        };
+                        tracing::warn!(remote = %conn.remote_address(), "refused frame: {e}");
+                        return Err((code, e.to_string()));
+                    }
+                    Err(e) => {
+                        tracing::info!(remote = %conn.remote_address(), "path closed: {}", e.explain());
+                        return Ok(());
+                    }
+                }
+            }
+        };
+        let r = tokio::select! {
+            r = writer => r.map_err(|e| e.explain()),
+            r = reader => match r {
+                Ok(()) => Ok(()),
+                Err((code, m)) => {
+                    let _ = vm.tx.send(VmIn::PathDown { key });
+                    return refuse(&conn, &mut send, code, m).await;
+                }
+            },
+        };
+        let _ = vm.tx.send(VmIn::PathDown { key });
+        conn.close(0u32.into(), b"bye");
+        r.map_err(PathError::Protocol)
+    }
+}
+
+async fn refuse(
+    conn: &quinn::Connection,
+    send: &mut quinn::SendStream,
+    code: ErrorCode,
+    message: String,
+) -> Result<(), PathError> {
+    tracing::warn!(remote = %conn.remote_address(), "refusing: {message}");
+    let _ = write_frame(
+        send,
+        Message::Error {
+            code,
+            message: message.clone(),
+        }
+        .encode(),
+    )
+    .await;
+    let _ = send.finish();
+    let _ = tokio::time::timeout(std::time::Duration::from_secs(1), send.stopped()).await;
+    conn.close(1u32.into(), b"refused");
+    Err(PathError::Refused(message))
+}
+
+fn vm_thread(
+    vm_id: String,
+    mut rx: Receiver,
+    mut store: ReplicaStore,
+    inbox: std::sync::mpsc::Receiver<VmIn>,
+) {
+    let mut paths: HashMap<u64, mpsc::UnboundedSender<EncodedFrame>> = HashMap::new();
+    while let Ok(input) = inbox.recv() {
+        match input {
+            VmIn::PathUp { key, tx } => {
+                paths.insert(key, tx);
+            }
+            VmIn::PathDown { key } => {
+                paths.remove(&key);
+            }
+            VmIn::Msg { key, msg } => {
+                if let Err(e) = rx.handle_message(key, msg) {
+                    tracing::warn!(vm = %vm_id, "refused: {e}");
+                    flush(&mut rx, &mut paths);
+                    paths.remove(&key);
+                }
+            }
+        }
+        // Do what the state machine asks until it is quiet.
+        loop {
+            let Some(action) = rx.poll_action() else {
+                break;
+            };
+            match action {
+                Action::Store { epoch, seq, chunk } => match store.store_chunk(seq, &chunk) {
+                    Ok(()) => {
+                        if let Err(e) = rx.chunk_stored(epoch, seq) {
+                            tracing::warn!(vm = %vm_id, "refused: {e}");
+                        }
+                    }
+                    Err(e) => {
+                        // The epoch is dropped and the sender told; it starts over from our committed epoch.
+                        tracing::error!(vm = %vm_id, epoch, "journal write failed: {e}");
+                        rx.store_failed(epoch, seq, &e.to_string());
+                    }
+                },
+                Action::Commit { end } => {
+                    let epoch = end.epoch;
+                    match store.commit(&end) {
+                        Ok(()) => {
+                            tracing::debug!(vm = %vm_id, epoch, "committed");
+                            if let Err(e) = rx.epoch_committed(epoch) {
+                                tracing::warn!(vm = %vm_id, "refused: {e}");
+                            }
+                        }
+                        Err(e) => {
+                            tracing::error!(vm = %vm_id, epoch, "commit failed, replica keeps epoch {}: {e}", store.committed_epoch());
+                            rx.commit_failed(epoch, &e.to_string());
+                        }
+                    }
+                }
+                Action::Discard { epoch } => store.discard(epoch),
+            }
+        }
+        flush(&mut rx, &mut paths);
+    }
+}
+
+fn flush(rx: &mut Receiver, paths: &mut HashMap<u64, mpsc::UnboundedSender<EncodedFrame>>) {
+    while let Some((key, msg)) = rx.poll_transmit() {
+        if let Some(tx) = paths.get(&key) {
+            let _ = tx.send(msg.encode());
+        }
+    }
+}

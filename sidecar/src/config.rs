@@ -1,0 +1,341 @@
+//! Sidecar configuration: a TOML file, overridden by flags, with defaults for everything but the VM and
+//! its backups.
+//!
+//! ```toml
+//! vm_id = "vm-a"
+//! attach_socket = "/run/endophyte/vm-a.sock"
+//! certs = "/etc/endophyte/certs"     # ca.pem, <node>.pem, <node>.key
+//! node = "primary-1"
+//! epoch_ms = 100                     # epoch length
+//! staging = "32MiB"                  # bounded staging buffer for one epoch's dirty pages
+//! paths_per_backup = 4
+//! quorum = 1                         # backups that must commit an epoch before it is durable
+//! compress = true
+//! output_commit = true               # hold guest console output until its epoch is durable
+//!
+//! [[backup]]
+//! name = "backup-1"                  # its certificate's name
+//! addr = "10.0.0.2:7400"
+//! via = ["10.0.0.9:7500"]            # relays; paths alternate direct, via[0], via[1], ...
+//! ```
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+
+use serde::Deserialize;
+
+/// Errors reading a configuration.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// The file could not be read.
+    #[error("{path}: {source}")]
+    Read {
+        /// The file.
+        path: PathBuf,
+        /// The error.
+        source: std::io::Error,
+    },
+    /// The TOML is invalid; the message names the key and line.
+    #[error("{path}: {message}")]
+    Toml {
+        /// The file.
+        path: PathBuf,
+        /// toml's message.
+        message: String,
+    },
+    /// A value is out of range or missing.
+    #[error("invalid configuration: {0}")]
+    Invalid(String),
+}
+
+/// Parses a byte size: a number with an optional unit (`B`, `K`/`KiB`, `M`/`MiB`, `G`/`GiB`, `KB`, `MB`,
+/// `GB`; binary for the `i` and one-letter forms, decimal for `KB`/`MB`/`GB`).
+///
+/// # Errors
+/// A message naming the bad input.
+pub fn parse_bytes(s: &str) -> Result<u64, String> {
+    let t = s.trim();
+    let split = t
+        .find(|c: char| !(c.is_ascii_digit() || c == '.'))
+        .unwrap_or(t.len());
+    let (num, unit) = t.split_at(split);
+    let n: f64 = num
+        .parse()
+        .map_err(|_| format!("{s:?} is not a size (try 32MiB)"))?;
+    let mult: f64 = match unit.trim() {
+        "" | "B" => 1.0,
+        "K" | "KiB" | "k" => 1024.0,
+        "M" | "MiB" | "m" => 1024.0 * 1024.0,
+        "G" | "GiB" | "g" => 1024.0 * 1024.0 * 1024.0,
+        "KB" | "kB" => 1e3,
+        "MB" => 1e6,
+        "GB" => 1e9,
+        other => {
+            return Err(format!(
+                "{s:?}: unknown unit {other:?} (B, KiB, MiB, GiB, KB, MB, GB)"
+            ))
+        }
+    };
+    Ok((n * mult) as u64)
+}
+
+fn de_bytes<'de, D: serde::Deserializer<'de>>(d: D) -> Result<u64, D::Error> {
+    #[derive(Deserialize)]
+    #[serde(untagged)]
+    enum B {
+        N(u64),
+        S(String),
+    }
+    match B::deserialize(d)? {
+        B::N(n) => Ok(n),
+        B::S(s) => parse_bytes(&s).map_err(serde::de::Error::custom),
+    }
+}
+
+/// One backup node and how to reach it.
+#[derive(Clone, Debug, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct BackupSpec {
+    /// Node name: the DNS name in its certificate.
+    pub name: String,
+    /// UDP address of its replication endpoint.
+    pub addr: SocketAddr,
+    /// Paths to it (defaults to the sidecar's `paths_per_backup`).
+    #[serde(default)]
+    pub paths: Option<usize>,
+    /// Relays in front of it; path `i` goes direct when `i % (via.len() + 1) == 0`, else through
+    /// `via[i % (via.len() + 1) - 1]`.
+    #[serde(default)]
+    pub via: Vec<SocketAddr>,
+}
+
+impl BackupSpec {
+    /// Parses the flag form `name=b1,addr=127.0.0.1:7400[,paths=4][,via=ADDR+ADDR]`.
+    ///
+    /// # Errors
+    /// A message naming the bad field.
+    pub fn parse(s: &str) -> Result<Self, String> {
+        let (mut name, mut addr, mut paths, mut via) = (None, None, None, vec![]);
+        for kv in s.split(',') {
+            let (k, v) = kv
+                .split_once('=')
+                .ok_or_else(|| format!("backup {s:?}: {kv:?} is not key=value"))?;
+            match k.trim() {
+                "name" => name = Some(v.to_string()),
+                "addr" => {
+                    addr = Some(
+                        v.parse()
+                            .map_err(|_| format!("backup {s:?}: addr {v:?} is not ip:port"))?,
+                    )
+                }
+                "paths" => {
+                    paths = Some(
+                        v.parse()
+                            .map_err(|_| format!("backup {s:?}: paths {v:?} is not a number"))?,
+                    )
+                }
+                "via" => {
+                    for a in v.split('+') {
+                        via.push(
+                            a.parse()
+                                .map_err(|_| format!("backup {s:?}: relay {a:?} is not ip:port"))?,
+                        );
+                    }
+                }
+                other => {
+                    return Err(format!(
+                        "backup {s:?}: unknown key {other:?} (name, addr, paths, via)"
+                    ))
+                }
+            }
+        }
+        Ok(Self {
+            name: name.ok_or_else(|| format!("backup {s:?}: name= is missing"))?,
+            addr: addr.ok_or_else(|| format!("backup {s:?}: addr= is missing"))?,
+            paths,
+            via,
+        })
+    }
+}
+
+fn d_epoch_ms() -> u64 {
+    100
+}
+fn d_staging() -> u64 {
+    32 << 20
+}
+fn d_paths() -> usize {
+    4
+}
+fn d_quorum() -> usize {
+    1
+}
+fn d_true() -> bool {
+    true
+}
+fn d_chunk_pages() -> u32 {
+    64
+}
+fn d_unacked() -> u64 {
+    16 << 20
+}
+
+/// The sidecar's settings.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SidecarConfig {
+    /// The VM's name, unique in the network.
+    #[serde(default)]
+    pub vm_id: String,
+    /// The VMM's attach socket.
+    #[serde(default)]
+    pub attach_socket: PathBuf,
+    /// Certificate directory.
+    #[serde(default)]
+    pub certs: PathBuf,
+    /// This node's name (selects `<node>.pem`).
+    #[serde(default)]
+    pub node: String,
+    /// Epoch length, ms.
+    #[serde(default = "d_epoch_ms")]
+    pub epoch_ms: u64,
+    /// Staging buffer size, bytes.
+    #[serde(default = "d_staging", deserialize_with = "de_bytes")]
+    pub staging: u64,
+    /// Paths per backup unless the backup says otherwise.
+    #[serde(default = "d_paths")]
+    pub paths_per_backup: usize,
+    /// Backups that must commit an epoch for it to be durable.
+    #[serde(default = "d_quorum")]
+    pub quorum: usize,
+    /// lz4-compress chunks.
+    #[serde(default = "d_true")]
+    pub compress: bool,
+    /// Hold guest console output until its epoch is durable.
+    #[serde(default = "d_true")]
+    pub output_commit: bool,
+    /// Pages per chunk.
+    #[serde(default = "d_chunk_pages")]
+    pub chunk_pages: u32,
+    /// Encoded chunk bytes in flight (unacknowledged by a backup) before the sidecar waits.
+    #[serde(default = "d_unacked", deserialize_with = "de_bytes")]
+    pub max_unacked: u64,
+    /// The backups.
+    #[serde(default, rename = "backup")]
+    pub backups: Vec<BackupSpec>,
+}
+
+impl Default for SidecarConfig {
+    fn default() -> Self {
+        toml::from_str("").expect("defaults parse")
+    }
+}
+
+impl SidecarConfig {
+    /// Reads a TOML file.
+    ///
+    /// # Errors
+    /// [`ConfigError::Read`] or [`ConfigError::Toml`] (with toml's line and key).
+    pub fn from_file(path: &Path) -> Result<Self, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_owned(),
+            source,
+        })?;
+        toml::from_str(&text).map_err(|e| ConfigError::Toml {
+            path: path.to_owned(),
+            message: e.to_string(),
+        })
+    }
+
+    /// Checks the settings make sense together.
+    ///
+    /// # Errors
+    /// [`ConfigError::Invalid`] naming the setting.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        let bad = |m: String| Err(ConfigError::Invalid(m));
+        if self.vm_id.is_empty() {
+            return bad("vm_id is required".into());
+        }
+        if self.attach_socket.as_os_str().is_empty() {
+            return bad("attach_socket is required".into());
+        }
+        if self.node.is_empty() || self.certs.as_os_str().is_empty() {
+            return bad("certs and node are required (make them with `endophyte certs`)".into());
+        }
+        if self.backups.is_empty() {
+            return bad("at least one [[backup]] is required".into());
+        }
+        if self.quorum == 0 || self.quorum > self.backups.len() {
+            return bad(format!(
+                "quorum {} must be between 1 and the number of backups ({})",
+                self.quorum,
+                self.backups.len()
+            ));
+        }
+        if self.epoch_ms == 0 || self.epoch_ms > 60_000 {
+            return bad(format!("epoch_ms {} must be in 1..=60000", self.epoch_ms));
+        }
+        if self.staging < 1 << 20 {
+            return bad(format!(
+                "staging {} bytes is below the 1 MiB minimum",
+                self.staging
+            ));
+        }
+        for b in &self.backups {
+            let p = b.paths.unwrap_or(self.paths_per_backup);
+            if p == 0 || p > 64 {
+                return bad(format!("backup {}: paths {p} must be in 1..=64", b.name));
+            }
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn toml_with_defaults_and_backups() {
+        let c: SidecarConfig = toml::from_str(
+            r#"
+            vm_id = "vm-a"
+            staging = "8MiB"
+            [[backup]]
+            name = "b1"
+            addr = "127.0.0.1:7400"
+            via = ["127.0.0.1:7500"]
+        "#,
+        )
+        .unwrap();
+        assert_eq!(c.staging, 8 << 20);
+        assert_eq!(c.epoch_ms, 100);
+        assert_eq!(c.backups[0].via.len(), 1);
+    }
+
+    #[test]
+    fn errors_name_the_problem() {
+        let e = toml::from_str::<SidecarConfig>("epoch_ms = \"fast\"").unwrap_err();
+        assert!(e.to_string().contains("epoch_ms"), "{e}");
+        let e = toml::from_str::<SidecarConfig>("stagin = 3").unwrap_err();
+        assert!(e.to_string().contains("stagin"), "{e}");
+        let e = BackupSpec::parse("name=b1,addr=nowhere").unwrap_err();
+        assert!(e.contains("addr"), "{e}");
+        let mut c = SidecarConfig::default();
+        c.vm_id = "v".into();
+        c.attach_socket = "/s".into();
+        c.certs = "/c".into();
+        c.node = "n".into();
+        c.backups = vec![BackupSpec::parse("name=b1,addr=127.0.0.1:1").unwrap()];
+        c.quorum = 2;
+        assert!(c.validate().unwrap_err().to_string().contains("quorum"));
+    }
+
+    #[test]
+    fn sizes() {
+        assert_eq!(parse_bytes("32MiB").unwrap(), 32 << 20);
+        assert_eq!(parse_bytes("20MB").unwrap(), 20_000_000);
+        assert_eq!(parse_bytes("4096").unwrap(), 4096);
+        assert!(parse_bytes("12 parsecs").is_err());
+    }
+}

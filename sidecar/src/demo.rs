@@ -1,0 +1,348 @@
+//! `endophyte demo replicate`: everything on loopback, started by one command.
+//!
+//! It makes a network CA and node certificates in a scratch directory, starts two `endophyte backup`
+//! processes and a testvm VMM process (this same binary, `endophyte testvm-serve`), runs the sidecar in this
+//! process for the given duration, and then checks, independently of the sidecar's own bookkeeping, that each
+//! backup's replica file hashes to the guest RAM hash the VMM computed at the last durable epoch's pause.
+
+use std::net::{SocketAddr, UdpSocket};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context};
+use endophyte_attach::client::AttachClient;
+use serde::Serialize;
+
+use crate::config::{BackupSpec, SidecarConfig};
+use crate::replicate::{run_sidecar, RunOptions};
+
+/// Arguments of `endophyte demo replicate`.
+#[derive(clap::Args, Debug, Clone)]
+pub struct ReplicateArgs {
+    /// How long to replicate.
+    #[arg(long, default_value = "20s", value_parser = humantime::parse_duration)]
+    pub duration: Duration,
+    /// Guest RAM.
+    #[arg(long, default_value = "1GiB", value_parser = crate::config::parse_bytes)]
+    pub mem: u64,
+    /// Guest workload (testvm syntax).
+    #[arg(long, default_value = "hotset:size=256M,rate=12800")]
+    pub workload: String,
+    /// Epoch length, ms.
+    #[arg(long, default_value_t = 100)]
+    pub epoch_ms: u64,
+    /// Paths per backup (every other one through a relay).
+    #[arg(long, default_value_t = 4)]
+    pub paths: usize,
+    /// Staging buffer.
+    #[arg(long, default_value = "32MiB", value_parser = crate::config::parse_bytes)]
+    pub staging: u64,
+    /// Send chunks uncompressed.
+    #[arg(long)]
+    pub no_compress: bool,
+    /// Output format.
+    #[arg(long, value_enum, default_value = "text")]
+    pub output: Output,
+}
+
+/// Output format.
+#[derive(Clone, Copy, Debug, clap::ValueEnum)]
+pub enum Output {
+    /// Human-readable summary.
+    Text,
+    /// One JSON object.
+    Json,
+}
+
+/// The demo's result.
+#[derive(Debug, Serialize)]
+pub struct ReplicateSummary {
+    /// Durable epochs of the run.
+    pub epochs_committed: u64,
+    /// Epoch length, ms.
+    pub epoch_ms: u64,
+    /// Paths per backup.
+    pub paths: usize,
+    /// Backups.
+    pub backups: usize,
+    /// Dirty bytes harvested.
+    pub dirty_bytes: u64,
+    /// Frame bytes sent, all backups.
+    pub wire_bytes: u64,
+    /// Page bytes / chunk body bytes.
+    pub compression_ratio: f64,
+    /// Epoch pause p50, ms.
+    pub epoch_pause_ms_p50: f64,
+    /// Epoch pause p99, ms.
+    pub epoch_pause_ms_p99: f64,
+    /// RPO p50, ms.
+    pub rpo_ms_p50: f64,
+    /// RPO p99, ms.
+    pub rpo_ms_p99: f64,
+    /// Each backup's replica equals the guest RAM hash at the last durable epoch's pause.
+    pub replica_hash_match: bool,
+    /// Pages the guest itself counted as written (its status record, read at the end).
+    pub guest_pages_written: u64,
+    /// Guest RAM bytes.
+    pub mem_bytes: u64,
+    /// Bytes of the initial full copy (and any resync).
+    pub resync_bytes: u64,
+    /// Epochs that overflowed staging.
+    pub overflow_epochs: u64,
+    /// Last durable epoch, whose hash was compared.
+    pub durable_epoch: u64,
+}
+
+struct Kids(Vec<Child>);
+
+impl Drop for Kids {
+    fn drop(&mut self) {
+        for c in &mut self.0 {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+fn free_udp_port() -> anyhow::Result<SocketAddr> {
+    Ok(UdpSocket::bind("127.0.0.1:0")?.local_addr()?)
+}
+
+fn wait_for(path: &Path, limit: Duration) -> anyhow::Result<()> {
+    let t = Instant::now();
+    while !path.exists() {
+        if t.elapsed() > limit {
+            bail!("{} did not appear within {limit:?}", path.display());
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    Ok(())
+}
+
+/// Sum of the guest's own pages-written counters, found by their magic in the first 64 MiB of guest RAM.
+pub fn guest_pages_written(c: &AttachClient) -> anyhow::Result<u64> {
+    use testvm::guest;
+    let page = c.info().page_size;
+    let limit = c
+        .info()
+        .regions
+        .iter()
+        .map(|r| r.gpa + r.size_bytes)
+        .max()
+        .unwrap_or(0)
+        .min(64 << 20);
+    let read = |gpa: u64| -> anyhow::Result<u64> {
+        let mut b = [0u8; 8];
+        c.read(gpa, &mut b)?;
+        Ok(u64::from_le_bytes(b))
+    };
+    let mut total = 0;
+    let mut found = 0;
+    for g in (0..limit).step_by(page as usize) {
+        if read(g + guest::status::MAGIC as u64)? == guest::STATUS_MAGIC {
+            total += read(g + guest::status::PAGES_WRITTEN as u64)?;
+            found += 1;
+        }
+    }
+    if found == 0 {
+        bail!("no guest status record found");
+    }
+    Ok(total)
+}
+
+/// BLAKE3 of a file, hex.
+pub fn hash_file(path: &Path) -> anyhow::Result<String> {
+    let mut h = blake3::Hasher::new();
+    let mut f = std::fs::File::open(path).with_context(|| format!("opening {}", path.display()))?;
+    std::io::copy(&mut f, &mut h).with_context(|| format!("hashing {}", path.display()))?;
+    Ok(h.finalize().to_hex().to_string())
+}
+
+/// The committed epoch recorded in a backup's `state.json` for a VM.
+pub fn committed_on_disk(vm_dir: &Path) -> anyhow::Result<u64> {
+    let p = vm_dir.join("state.json");
+    let v: serde_json::Value = serde_json::from_slice(
+        &std::fs::read(&p).with_context(|| format!("reading {}", p.display()))?,
+    )?;
+    v["committed_epoch"]
+        .as_u64()
+        .context("state.json has no committed_epoch")
+}
+
+/// Runs the demo and prints its summary.
+///
+/// # Errors
+/// If a component fails to start, or the replicas do not match (after printing the summary).
+pub fn replicate(args: ReplicateArgs) -> anyhow::Result<()> {
+    let dir = std::env::temp_dir().join(format!("endophyte-demo-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir)?;
+    let result = replicate_in(&args, &dir);
+    let _ = std::fs::remove_dir_all(&dir);
+    let summary = result?;
+    match args.output {
+        Output::Json => println!("{}", serde_json::to_string(&summary)?),
+        Output::Text => {
+            println!(
+                "Replicated a {} MiB guest to {} backups over {} paths each for {:?}:",
+                summary.mem_bytes >> 20,
+                summary.backups,
+                summary.paths,
+                args.duration
+            );
+            println!(
+                "  epochs durable      {} (epoch {} ms)",
+                summary.epochs_committed, summary.epoch_ms
+            );
+            println!("  guest pages written {}", summary.guest_pages_written);
+            println!(
+                "  dirty bytes         {} MiB (+ {} MiB initial copy)",
+                summary.dirty_bytes >> 20,
+                summary.resync_bytes >> 20
+            );
+            println!(
+                "  wire bytes          {} MiB (compression x{:.2})",
+                summary.wire_bytes >> 20,
+                summary.compression_ratio
+            );
+            println!(
+                "  epoch pause         p50 {:.2} ms, p99 {:.2} ms",
+                summary.epoch_pause_ms_p50, summary.epoch_pause_ms_p99
+            );
+            println!(
+                "  RPO                 p50 {:.1} ms, p99 {:.1} ms",
+                summary.rpo_ms_p50, summary.rpo_ms_p99
+            );
+            println!(
+                "  replicas match RAM at epoch {}: {}",
+                summary.durable_epoch, summary.replica_hash_match
+            );
+        }
+    }
+    if !summary.replica_hash_match {
+        bail!("a replica does not match the guest RAM of its epoch");
+    }
+    Ok(())
+}
+
+fn replicate_in(args: &ReplicateArgs, dir: &Path) -> anyhow::Result<ReplicateSummary> {
+    let exe = std::env::current_exe()?;
+    let certs = dir.join("certs");
+    crate::tls::init_network(&certs, "demo")?;
+    for n in ["primary", "backup-1", "backup-2"] {
+        crate::tls::issue_node(&certs, n)?;
+    }
+    let mut kids = Kids(vec![]);
+    let mut backups = vec![];
+    let mut data_dirs: Vec<PathBuf> = vec![];
+    for (i, name) in ["backup-1", "backup-2"].iter().enumerate() {
+        let addr = free_udp_port()?;
+        let data = dir.join(format!("data-{}", i + 1));
+        kids.0.push(
+            Command::new(&exe)
+                .args(["backup", "--listen", &addr.to_string(), "--node", name])
+                .arg("--certs")
+                .arg(&certs)
+                .arg("--data-dir")
+                .arg(&data)
+                .stdin(Stdio::null())
+                .spawn()
+                .context("starting a backup")?,
+        );
+        // Every other path of each backup goes through a relay.
+        let relay = free_udp_port()?;
+        kids.0.push(
+            Command::new(&exe)
+                .args(["relay", "--route", &format!("{relay}={addr}")])
+                .stdin(Stdio::null())
+                .stderr(Stdio::null())
+                .spawn()
+                .context("starting a relay")?,
+        );
+        backups.push(BackupSpec {
+            name: name.to_string(),
+            addr,
+            paths: Some(args.paths),
+            via: vec![relay],
+        });
+        data_dirs.push(data.join("demo-vm"));
+    }
+    let socket = dir.join("vm.sock");
+    kids.0.push(
+        Command::new(&exe)
+            .args(["testvm-serve", "--fill", "--workload", &args.workload])
+            .arg("--mem")
+            .arg(args.mem.to_string())
+            .arg("--attach-socket")
+            .arg(&socket)
+            .stdin(Stdio::null())
+            .spawn()
+            .context("starting testvm")?,
+    );
+    wait_for(&socket, Duration::from_secs(60))?;
+    let hashes = dir.join("ram-hashes.jsonl");
+    let cfg = SidecarConfig {
+        vm_id: "demo-vm".into(),
+        attach_socket: socket.clone(),
+        certs: certs.clone(),
+        node: "primary".into(),
+        epoch_ms: args.epoch_ms,
+        staging: args.staging,
+        paths_per_backup: args.paths,
+        quorum: 2,
+        compress: !args.no_compress,
+        backups,
+        ..SidecarConfig::default()
+    };
+    let report = run_sidecar(
+        cfg,
+        RunOptions {
+            duration: Some(args.duration),
+            ram_hashes: Some(hashes.clone()),
+            final_hash_only: true,
+            report: None,
+        },
+    )?;
+    let probe = AttachClient::connect(&socket, "demo-check")?;
+    let guest_pages_written = guest_pages_written(&probe)?;
+    // The final epoch's RAM hash, taken by the VMM during its pause.
+    let text = std::fs::read_to_string(&hashes)?;
+    let last: serde_json::Value =
+        serde_json::from_str(text.lines().last().context("no RAM hash recorded")?)?;
+    let epoch = last["epoch"].as_u64().context("hash line without epoch")?;
+    let ram_hash = last["ram_hash"]
+        .as_str()
+        .context("hash line without hash")?
+        .to_string();
+    let mut matches = report.final_epoch_durable && report.durable_epoch == epoch;
+    for d in &data_dirs {
+        let committed = committed_on_disk(d)?;
+        let h = hash_file(&d.join("replica.img"))?;
+        let ok = committed == epoch && h == ram_hash;
+        if !ok {
+            tracing::error!(dir = %d.display(), committed, epoch, "replica does not match");
+        }
+        matches &= ok;
+    }
+    let _ = probe.shutdown();
+    Ok(ReplicateSummary {
+        epochs_committed: report.epochs_committed,
+        epoch_ms: report.epoch_ms,
+        paths: report.paths,
+        backups: report.backups,
+        dirty_bytes: report.dirty_bytes,
+        wire_bytes: report.wire_bytes,
+        compression_ratio: report.compression_ratio,
+        epoch_pause_ms_p50: report.epoch_pause_ms_p50,
+        epoch_pause_ms_p99: report.epoch_pause_ms_p99,
+        rpo_ms_p50: report.rpo_ms_p50,
+        rpo_ms_p99: report.rpo_ms_p99,
+        replica_hash_match: matches,
+        guest_pages_written,
+        mem_bytes: report.mem_bytes,
+        resync_bytes: report.resync_bytes,
+        overflow_epochs: report.overflow_epochs,
+        durable_epoch: report.durable_epoch,
+    })
+}

@@ -1,0 +1,842 @@
+//! `endophyte sidecar`: epoch replication of one running VM to its backups.
+//!
+//! Two halves share one [`Sender`] state machine under a mutex:
+//!
+//! - the **epoch loop** (a plain thread, because the attach protocol is blocking): every `epoch_ms` it
+//!   pauses the guest, harvests the dirty pages, copies them from the read-only mapping of guest RAM into the
+//!   bounded staging buffer, resumes the guest, and then cuts the staged pages into chunks (zero pages elided,
+//!   lz4) and hands them to the sender. When an epoch's dirty pages do not fit the staging buffer, the guest
+//!   stays paused while they are encoded straight from guest RAM (the `pause` emergency policy; counted as an
+//!   overflow epoch). Before that happens, live pre-copy rounds send the dirty pages from running RAM
+//!   and harvest again until the remainder fits. A backup that (re)joins first gets every page changed since the epoch it holds, read
+//!   from live RAM before the pause (all of RAM when the sidecar cannot tell, as on its first epoch);
+//! - the **driver** (a tokio task): owns the QUIC paths, feeds their messages into the sender, sends what it
+//!   asks, and records durability and RPO.
+
+use std::collections::BTreeMap;
+use std::io::Write;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
+
+use anyhow::Context;
+use endophyte_attach::bitmap::DirtyBitmap;
+use endophyte_attach::client::AttachClient;
+use endophyte_wire::{
+    ChunkBuilder, EncodedFrame, EpochStart, Event, Hello, PageChunk, Sender, SenderConfig,
+};
+use serde::Serialize;
+use tokio::sync::mpsc;
+
+use crate::config::SidecarConfig;
+use crate::tls::Identity;
+use crate::transport::{run_client_path, PathEvent, PathTarget};
+
+/// Epochs of dirty-page history kept for resyncing a backup that fell behind; older gaps mean a full resync.
+const HISTORY_EPOCHS: usize = 4096;
+/// Most live pre-copy rounds before an epoch's pause.
+const MAX_PRECOPY_ROUNDS: usize = 5;
+
+/// Extra knobs for tests, the demo and operators.
+#[derive(Clone, Debug, Default)]
+pub struct RunOptions {
+    /// Stop after this long (at an epoch boundary); `None` runs until SIGINT/SIGTERM.
+    pub duration: Option<Duration>,
+    /// Append `{"epoch", "ram_hash"}` lines: the VMM's BLAKE3 of guest RAM taken during each epoch's pause.
+    /// Costs a full RAM hash per pause; meant for tests and the demo's final epoch.
+    pub ram_hashes: Option<PathBuf>,
+    /// Record the RAM hash only on the final epoch (cheap); used by the demo.
+    pub final_hash_only: bool,
+    /// Write the final [`SidecarReport`] here as JSON.
+    pub report: Option<PathBuf>,
+}
+
+/// What a sidecar run did; printed as JSON at exit.
+#[derive(Clone, Debug, Default, Serialize)]
+pub struct SidecarReport {
+    /// VM name.
+    pub vm_id: String,
+    /// Guest RAM bytes (extent of guest physical memory).
+    pub mem_bytes: u64,
+    /// Epochs cut in this run.
+    pub epochs: u64,
+    /// Epochs of this run that became durable.
+    pub epochs_committed: u64,
+    /// Newest durable epoch.
+    pub durable_epoch: u64,
+    /// Newest epoch cut.
+    pub last_epoch: u64,
+    /// Configured epoch length, ms.
+    pub epoch_ms: u64,
+    /// Paths per backup (total over backups in `paths_total`).
+    pub paths: usize,
+    /// Paths over all backups.
+    pub paths_total: usize,
+    /// Backups.
+    pub backups: usize,
+    /// Bytes of dirty pages harvested (pages x page size).
+    pub dirty_bytes: u64,
+    /// Bytes of pages shipped in resync prefixes (first epoch: all of RAM).
+    pub resync_bytes: u64,
+    /// Frame bytes written to paths, all backups, retransmissions included.
+    pub wire_bytes: u64,
+    /// Page bytes / chunk body bytes over all chunks encoded (zero pages and lz4 both count).
+    pub compression_ratio: f64,
+    /// Guest pause per epoch (pause + harvest + staging copy + resume), ms.
+    pub epoch_pause_ms_p50: f64,
+    /// 99th percentile of the same.
+    pub epoch_pause_ms_p99: f64,
+    /// Largest epoch pause, ms.
+    pub epoch_pause_ms_max: f64,
+    /// Age of the newest durable epoch, sampled every 10 ms once one exists, ms.
+    pub rpo_ms_p50: f64,
+    /// 99th percentile of the same.
+    pub rpo_ms_p99: f64,
+    /// Epochs whose dirty pages did not fit the staging buffer (the guest stayed paused while they were
+    /// encoded).
+    pub overflow_epochs: u64,
+    /// Live pre-copy rounds run before pauses (see the module docs).
+    pub precopy_rounds: u64,
+    /// Times a backup was resynced (first contact included).
+    pub resyncs: u64,
+    /// Path failures seen (each reconnects by itself).
+    pub path_failures: u64,
+    /// Errors backups reported.
+    pub peer_errors: Vec<String>,
+    /// Committed epoch per backup, in configuration order.
+    pub backup_committed: Vec<u64>,
+    /// Whether the final epoch became durable before the sidecar exited.
+    pub final_epoch_durable: bool,
+}
+
+struct Inner {
+    sender: Sender,
+    path_tx: Vec<Vec<Option<mpsc::UnboundedSender<EncodedFrame>>>>,
+    pause_at: BTreeMap<u64, Instant>,
+    first_epoch: Option<u64>,
+    rpo_samples: Vec<f64>,
+    wire_bytes: u64,
+    path_failures: u64,
+    resyncs: u64,
+    peer_errors: Vec<String>,
+}
+
+struct Shared {
+    inner: Mutex<Inner>,
+    cv: Condvar,
+    wake: tokio::sync::Notify,
+    stop: AtomicBool,
+}
+
+impl Shared {
+    fn lock(&self) -> MutexGuard<'_, Inner> {
+        self.inner.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Waits (up to `limit`) until `ok` holds; returns whether it does.
+    fn wait_until(&self, limit: Duration, mut ok: impl FnMut(&Inner) -> bool) -> bool {
+        let deadline = Instant::now() + limit;
+        let mut g = self.lock();
+        loop {
+            if ok(&g) {
+                return true;
+            }
+            let now = Instant::now();
+            if now >= deadline {
+                return false;
+            }
+            let wait = (deadline - now).min(Duration::from_millis(50));
+            g = self
+                .cv
+                .wait_timeout(g, wait)
+                .unwrap_or_else(|e| e.into_inner())
+                .0;
+        }
+    }
+}
+
+fn percentile(v: &mut [f64], q: f64) -> f64 {
+    if v.is_empty() {
+        return 0.0;
+    }
+    v.sort_by(|a, b| a.total_cmp(b));
+    let i = ((v.len() - 1) as f64 * q).round() as usize;
+    v[i]
+}
+
+/// The paths of backup `spec`: path `i` goes direct or through a relay, alternating.
+fn targets(spec: &crate::config::BackupSpec, n: usize) -> Vec<PathTarget> {
+    (0..n)
+        .map(|i| {
+            let k = i % (spec.via.len() + 1);
+            let via = (k > 0).then(|| spec.via[k - 1]);
+            PathTarget {
+                addr: via.unwrap_or(spec.addr),
+                server_name: spec.name.clone(),
+                via,
+            }
+        })
+        .collect()
+}
+
+/// Runs the sidecar until `opts.duration` passes or a signal arrives; then cuts a final epoch, waits (up to
+/// 30 s) for it to become durable and returns the report.
+///
+/// # Errors
+/// Configuration, certificate or attach failures, named.
+pub fn run_sidecar(cfg: SidecarConfig, opts: RunOptions) -> anyhow::Result<SidecarReport> {
+    cfg.validate()?;
+    let identity = Identity::load(&cfg.certs, &cfg.node)
+        .with_context(|| format!("loading node {:?}'s certificates", cfg.node))?;
+    let client = AttachClient::connect(&cfg.attach_socket, "endophyte-sidecar")
+        .with_context(|| format!("attaching to {}", cfg.attach_socket.display()))?;
+    let info = client.info().clone();
+    let page_size = info.page_size as usize;
+    let mem_bytes = info
+        .regions
+        .iter()
+        .map(|r| r.gpa + r.size_bytes)
+        .max()
+        .unwrap_or(0);
+    anyhow::ensure!(mem_bytes > 0, "the VM has no guest RAM regions");
+
+    let paths: Vec<usize> = cfg
+        .backups
+        .iter()
+        .map(|b| b.paths.unwrap_or(cfg.paths_per_backup))
+        .collect();
+    let sender = Sender::new(
+        SenderConfig {
+            quorum: cfg.quorum,
+            ..SenderConfig::default()
+        },
+        &paths,
+    );
+    let shared = Arc::new(Shared {
+        inner: Mutex::new(Inner {
+            sender,
+            path_tx: paths.iter().map(|&n| vec![None; n]).collect(),
+            pause_at: BTreeMap::new(),
+            first_epoch: None,
+            rpo_samples: Vec::new(),
+            wire_bytes: 0,
+            path_failures: 0,
+            resyncs: 0,
+            peer_errors: Vec::new(),
+        }),
+        cv: Condvar::new(),
+        wake: tokio::sync::Notify::new(),
+        stop: AtomicBool::new(false),
+    });
+
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .thread_name("endophyte-net")
+        .build()?;
+    let client_cfg = identity.client_config()?;
+    let session = crate::backup::random_u64();
+    let (ev_tx, ev_rx) = mpsc::unbounded_channel();
+    let path_stop = Arc::new(tokio::sync::Notify::new());
+    for (b, spec) in cfg.backups.iter().enumerate() {
+        for (p, target) in targets(spec, paths[b]).into_iter().enumerate() {
+            let hello = Hello {
+                session,
+                path: p as u32,
+                page_size: page_size as u32,
+                mem_bytes,
+                vm_id: cfg.vm_id.clone(),
+            };
+            rt.spawn(run_client_path(
+                client_cfg.clone(),
+                target,
+                hello,
+                (b, p),
+                ev_tx.clone(),
+                path_stop.clone(),
+            ));
+        }
+    }
+    drop(ev_tx);
+    rt.spawn(drive(shared.clone(), ev_rx));
+    {
+        let shared = shared.clone();
+        rt.spawn(async move {
+            let mut term =
+                tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+                    .expect("SIGTERM handler");
+            tokio::select! {
+                _ = tokio::signal::ctrl_c() => {}
+                _ = term.recv() => {}
+            }
+            tracing::info!("signal: stopping at the next epoch boundary");
+            shared.stop.store(true, Ordering::SeqCst);
+            shared.cv.notify_all();
+        });
+    }
+
+    let mut ep = EpochLoop {
+        client,
+        shared: shared.clone(),
+        cfg: cfg.clone(),
+        opts: opts.clone(),
+        page_size,
+        mem_bytes,
+        staging: Vec::new(),
+        history: BTreeMap::new(),
+        next_epoch: 1,
+        pauses_ms: Vec::new(),
+        dirty_bytes: 0,
+        resync_bytes: 0,
+        raw_bytes: 0,
+        body_bytes: 0,
+        overflow_epochs: 0,
+        precopy_rounds: 0,
+        last_dirty_bytes: 0,
+        epochs: 0,
+        hash_out: None,
+    };
+    let result = ep.run();
+    path_stop.notify_waiters();
+    let report = ep.report(&cfg, &paths);
+    rt.shutdown_timeout(Duration::from_secs(1));
+    result?;
+    if let Some(p) = &opts.report {
+        std::fs::write(p, serde_json::to_vec_pretty(&report)?)
+            .with_context(|| format!("writing {}", p.display()))?;
+    }
+    Ok(report)
+}
+
+async fn drive(
+    shared: Arc<Shared>,
+    mut events: mpsc::UnboundedReceiver<((usize, usize), PathEvent)>,
+) {
+    let mut rpo_tick = tokio::time::interval(Duration::from_millis(10));
+    loop {
+        let timeout = {
+            let mut g = shared.lock();
+            let g = &mut *g;
+            let now = Instant::now();
+            if g.sender.poll_timeout().is_some_and(|t| t <= now) {
+                g.sender.handle_timeout(now);
+            }
+            while let Some(t) = g.sender.poll_transmit(now) {
+                if let Some(tx) = &g.path_tx[t.backup][t.path] {
+                    let frame = t.msg.encode();
+                    g.wire_bytes += frame.len() as u64;
+                    let _ = tx.send(frame);
+                }
+            }
+            while let Some(ev) = g.sender.poll_event() {
+                match ev {
+                    Event::Durable { epoch } => tracing::debug!(epoch, "durable"),
+                    Event::NeedsResync { backup, committed } => {
+                        g.resyncs += 1;
+                        tracing::info!(
+                            backup,
+                            committed,
+                            "backup joins; resync from its committed epoch"
+                        );
+                    }
+                    Event::BackupLost { backup } => {
+                        tracing::warn!(
+                            backup,
+                            "backup lost its last path; it will resync when it returns"
+                        )
+                    }
+                    Event::BackupCommitted { .. } => {}
+                    Event::PeerError {
+                        backup,
+                        path,
+                        code,
+                        message,
+                    } => {
+                        tracing::warn!(backup, path, ?code, "backup refused: {message}");
+                        g.peer_errors
+                            .push(format!("backup {backup} path {path}: {message}"));
+                    }
+                }
+            }
+            shared.cv.notify_all();
+            g.sender.poll_timeout()
+        };
+        let sleep = async {
+            match timeout {
+                Some(t) => tokio::time::sleep_until(t.into()).await,
+                None => std::future::pending().await,
+            }
+        };
+        tokio::select! {
+            ev = events.recv() => {
+                let Some(((b, p), ev)) = ev else { return };
+                let mut g = shared.lock();
+                let now = Instant::now();
+                match ev {
+                    PathEvent::Up { welcome, tx } => {
+                        tracing::info!(backup = b, path = p, node = %welcome.node, committed = welcome.committed_epoch, "path up");
+                        g.path_tx[b][p] = Some(tx);
+                        g.sender.handle_path_up(b, p, &welcome, now);
+                    }
+                    PathEvent::Message(m) => {
+                        if let Err(e) = g.sender.handle_message(b, p, m, now) {
+                            tracing::warn!("{e}");
+                            g.path_tx[b][p] = None;
+                        }
+                    }
+                    PathEvent::Down(why) => {
+                        if g.path_tx[b][p].take().is_some() {
+                            g.path_failures += 1;
+                        }
+                        tracing::warn!(backup = b, path = p, "path down: {why}");
+                        g.sender.handle_path_down(b, p);
+                    }
+                }
+            }
+            _ = shared.wake.notified() => {}
+            _ = sleep => {}
+            _ = rpo_tick.tick() => {
+                let mut g = shared.lock();
+                let d = g.sender.durable_epoch();
+                if let Some(&at) = g.pause_at.get(&d) {
+                    let age = at.elapsed().as_secs_f64() * 1e3;
+                    if g.rpo_samples.len() < 4_000_000 {
+                        g.rpo_samples.push(age);
+                    }
+                }
+                let floor = g.first_epoch.unwrap_or(0).max(d);
+                while g.pause_at.first_key_value().is_some_and(|(&e, _)| e < floor) {
+                    g.pause_at.pop_first();
+                }
+            }
+        }
+    }
+}
+
+struct EpochLoop {
+    client: AttachClient,
+    shared: Arc<Shared>,
+    cfg: SidecarConfig,
+    opts: RunOptions,
+    page_size: usize,
+    mem_bytes: u64,
+    staging: Vec<u8>,
+    /// Dirty pages harvested at each epoch of this run (for resyncing a backup from an epoch it holds).
+    history: BTreeMap<u64, Vec<DirtyBitmap>>,
+    next_epoch: u64,
+    pauses_ms: Vec<f64>,
+    dirty_bytes: u64,
+    resync_bytes: u64,
+    raw_bytes: u64,
+    body_bytes: u64,
+    overflow_epochs: u64,
+    precopy_rounds: u64,
+    last_dirty_bytes: u64,
+    epochs: u64,
+    hash_out: Option<std::fs::File>,
+}
+
+/// Where a resync's pages come from.
+enum PageSet {
+    All,
+    Union(Vec<DirtyBitmap>),
+}
+
+impl EpochLoop {
+    fn run(&mut self) -> anyhow::Result<()> {
+        if let Some(p) = &self.opts.ram_hashes {
+            self.hash_out = Some(
+                std::fs::OpenOptions::new()
+                    .create(true)
+                    .append(true)
+                    .open(p)
+                    .with_context(|| format!("opening {}", p.display()))?,
+            );
+        }
+        // Allocate and touch the staging buffer now, so that no epoch pause pays for its page faults.
+        self.staging = vec![0xa5u8; self.cfg.staging as usize];
+        self.client
+            .start_dirty_log()
+            .context("starting dirty logging")?;
+        // Wait for backups to say where they are (up to 30 s for the first).
+        let quorum = self.cfg.quorum;
+        self.shared.wait_until(Duration::from_secs(30), |g| {
+            (0..g.sender.backups())
+                .filter(|&b| g.sender.is_streaming(b))
+                .count()
+                >= quorum
+        });
+        let started = Instant::now();
+        let epoch_len = Duration::from_millis(self.cfg.epoch_ms);
+        let mut last_pause = Instant::now();
+        loop {
+            let stopping = self.shared.stop.load(Ordering::SeqCst)
+                || self.opts.duration.is_some_and(|d| started.elapsed() >= d);
+            // Pace epochs; also wait while the backups cannot take another one.
+            let due = last_pause + epoch_len;
+            if !stopping {
+                let shared = self.shared.clone();
+                shared.wait_until(
+                    due.saturating_duration_since(Instant::now()) + Duration::from_millis(1),
+                    |_| Instant::now() >= due || shared.stop.load(Ordering::SeqCst),
+                );
+            }
+            let budget = self.cfg.max_unacked as usize;
+            let shared = self.shared.clone();
+            shared.wait_until(Duration::from_secs(3600), |g| {
+                (g.sender.can_begin_epoch() && g.sender.max_unacked_bytes() < budget)
+                    || shared.stop.load(Ordering::SeqCst)
+            });
+            last_pause = Instant::now();
+            self.epoch(stopping)?;
+            if stopping {
+                break;
+            }
+        }
+        // The final epoch: wait (up to 30 s) until every backup that is up holds it, and at least the quorum.
+        let last = self.next_epoch - 1;
+        let done = self.shared.wait_until(Duration::from_secs(30), |g| {
+            g.sender.durable_epoch() >= last
+                && (0..g.sender.backups())
+                    .all(|b| !g.sender.is_streaming(b) || g.sender.committed(b) >= last)
+        });
+        if !done {
+            tracing::warn!(epoch = last, "final epoch not on every backup after 30 s");
+        }
+        let _ = self.client.stop_dirty_log();
+        Ok(())
+    }
+
+    fn epoch(&mut self, last: bool) -> anyhow::Result<()> {
+        let e = {
+            let g = self.shared.lock();
+            let floor = (0..g.sender.backups())
+                .map(|b| g.sender.committed(b))
+                .max()
+                .unwrap_or(0);
+            drop(g);
+            self.next_epoch.max(floor + 1)
+        };
+        self.next_epoch = e + 1;
+        self.epochs += 1;
+        let starts: Vec<EpochStart> = {
+            let mut g = self.shared.lock();
+            g.first_epoch.get_or_insert(e);
+            (0..g.sender.backups())
+                .map(|b| g.sender.begin_epoch(b, e))
+                .collect()
+        };
+        // Resync prefixes, read from live RAM before the pause: anything the guest changes after a page was
+        // read is dirty and comes again in this epoch's delta.
+        for (b, s) in starts.iter().enumerate() {
+            if let EpochStart::Resync { from } = *s {
+                let set = self.pages_since(from, e);
+                let n = self.send_pages(e, &[b], &set)?;
+                self.resync_bytes += n * self.page_size as u64;
+                tracing::info!(backup = b, from, epoch = e, pages = n, "resync prefix sent");
+            }
+        }
+        let targets: Vec<usize> = starts
+            .iter()
+            .enumerate()
+            .filter(|(_, s)| !matches!(s, EpochStart::NotStreaming))
+            .map(|(b, _)| b)
+            .collect();
+
+        // Pre-copy rounds: when the pages dirtied since the last pause would not fit the staging buffer (after
+        // a resync prefix, or when the last epoch came close), send them from live RAM and harvest again, so
+        // that the pause only stages what is left. Anything rewritten after its live read is dirty again and
+        // comes in a later round or in the pause.
+        let mut precopied: Option<Vec<DirtyBitmap>> = None;
+        let resynced = starts
+            .iter()
+            .any(|s| matches!(s, EpochStart::Resync { .. }));
+        if resynced || self.last_dirty_bytes > self.cfg.staging / 2 {
+            for _ in 0..MAX_PRECOPY_ROUNDS {
+                let h = self.client.harvest().context("harvesting dirty pages")?;
+                let bytes =
+                    h.bitmaps.iter().map(|b| b.count()).sum::<u64>() * self.page_size as u64;
+                if bytes <= self.cfg.staging / 2 {
+                    self.client.release(h.seq, false)?;
+                    break;
+                }
+                self.dirty_bytes += bytes;
+                let r = self.send_pages(e, &targets, &PageSet::Union(h.bitmaps.clone()));
+                self.client.release(h.seq, r.is_ok())?;
+                r?;
+                self.precopy_rounds += 1;
+                match &mut precopied {
+                    None => precopied = Some(h.bitmaps),
+                    Some(acc) => acc
+                        .iter_mut()
+                        .zip(&h.bitmaps)
+                        .for_each(|(a, b)| a.or_assign(b)),
+                }
+            }
+        }
+
+        // The pause.
+        let t0 = Instant::now();
+        let vmm_pause = self.client.pause().context("pausing the guest")?;
+        let t_paused = t0.elapsed();
+        self.shared.lock().pause_at.insert(e, t0);
+        let harvest = match self.client.harvest() {
+            Ok(h) => h,
+            Err(err) => {
+                let _ = self.client.resume();
+                return Err(err).context("harvesting dirty pages");
+            }
+        };
+        if self.hash_out.is_some() && (!self.opts.final_hash_only || last) {
+            let h = self.client.vmm_hash().context("hashing guest RAM")?;
+            let f = self.hash_out.as_mut().expect("checked");
+            writeln!(f, "{}", serde_json::json!({"epoch": e, "ram_hash": h}))?;
+        }
+        let t_harvested = t0.elapsed();
+        let pages: u64 = harvest.bitmaps.iter().map(|b| b.count()).sum();
+        let bytes = pages * self.page_size as u64;
+        self.dirty_bytes += bytes;
+        self.last_dirty_bytes = bytes;
+        let fits = bytes <= self.cfg.staging;
+        let staged = if fits {
+            // Copy the dirty ranges into staging while the guest stands still.
+            let mut off = 0usize;
+            let mut index = Vec::new();
+            for bm in &harvest.bitmaps {
+                for r in bm.ranges() {
+                    let len = r.len_bytes as usize;
+                    self.client
+                        .read(r.gpa, &mut self.staging[off..off + len])
+                        .context("copying dirty pages")?;
+                    index.push((r.gpa, off, len));
+                    off += len;
+                }
+            }
+            let t_copied = t0.elapsed();
+            self.client.resume().context("resuming the guest")?;
+            tracing::debug!(epoch = e, pages, ?vmm_pause, ?t_paused, ?t_harvested, ?t_copied, resumed = ?t0.elapsed(), "epoch pause");
+            Some(index)
+        } else {
+            None
+        };
+        let pause_ms_if_staged = t0.elapsed().as_secs_f64() * 1e3;
+        let result = if let Some(index) = staged {
+            self.pauses_ms.push(pause_ms_if_staged);
+            self.send_staged(e, &targets, &index)
+        } else {
+            // Overflow: the guest stays paused while the pages are encoded from RAM (pause policy).
+            self.overflow_epochs += 1;
+            tracing::warn!(
+                epoch = e,
+                dirty_bytes = bytes,
+                staging = self.cfg.staging,
+                "epoch overflows staging; guest stays paused while it is sent"
+            );
+            let r = self.send_pages(e, &targets, &PageSet::Union(harvest.bitmaps.clone()));
+            self.client.resume().context("resuming the guest")?;
+            self.pauses_ms.push(t0.elapsed().as_secs_f64() * 1e3);
+            r.map(|_| ())
+        };
+        match &result {
+            Ok(()) => self.client.release(harvest.seq, true)?,
+            Err(_) => self.client.release(harvest.seq, false)?,
+        }
+        result?;
+        {
+            let mut g = self.shared.lock();
+            for &b in &targets {
+                g.sender.end_epoch(b, e);
+            }
+        }
+        self.shared.wake.notify_one();
+        let mut changed = harvest.bitmaps;
+        if let Some(pre) = precopied {
+            changed
+                .iter_mut()
+                .zip(&pre)
+                .for_each(|(a, b)| a.or_assign(b));
+        }
+        self.history.insert(e, changed);
+        while self.history.len() > HISTORY_EPOCHS {
+            self.history.pop_first();
+        }
+        Ok(())
+    }
+
+    /// Pages changed after epoch `from`, up to (not including) this run's epoch `e`'s delta.
+    fn pages_since(&self, from: u64, e: u64) -> PageSet {
+        let first = self.history.keys().next().copied();
+        let covered = match first {
+            // Everything after `from` up to e-1 must be in the history of this run.
+            Some(f) => from + 1 >= f && (from + 1..e).all(|k| self.history.contains_key(&k)),
+            None => false,
+        };
+        if !covered || from == 0 {
+            return PageSet::All;
+        }
+        let mut acc: Option<Vec<DirtyBitmap>> = None;
+        for (_, bms) in self.history.range(from + 1..e) {
+            match &mut acc {
+                None => acc = Some(bms.clone()),
+                Some(a) => {
+                    for (x, y) in a.iter_mut().zip(bms) {
+                        x.or_assign(y);
+                    }
+                }
+            }
+        }
+        match acc {
+            Some(a) => PageSet::Union(a),
+            None => PageSet::Union(vec![]),
+        }
+    }
+
+    fn push(&mut self, targets: &[usize], chunk: PageChunk) {
+        self.raw_bytes += u64::from(chunk.n_pages) * self.page_size as u64;
+        self.body_bytes += chunk.body.len() as u64;
+        {
+            let mut g = self.shared.lock();
+            for &b in targets {
+                g.sender.push_chunk(b, chunk.clone());
+            }
+        }
+        self.shared.wake.notify_one();
+        let budget = self.cfg.max_unacked as usize;
+        self.shared.wait_until(Duration::from_secs(3600), |g| {
+            targets
+                .iter()
+                .all(|&b| g.sender.unacked_bytes(b) < budget || !g.sender.is_streaming(b))
+        });
+    }
+
+    fn send_staged(
+        &mut self,
+        e: u64,
+        targets: &[usize],
+        index: &[(u64, usize, usize)],
+    ) -> anyhow::Result<()> {
+        let ps = self.page_size;
+        let mut builder = ChunkBuilder::new(e, ps, self.cfg.chunk_pages);
+        let staging = std::mem::take(&mut self.staging);
+        for &(gpa, off, len) in index {
+            for i in (0..len).step_by(ps) {
+                builder.push(gpa + i as u64, &staging[off + i..off + i + ps]);
+                if builder.is_full() {
+                    let c = builder.finish(self.cfg.compress);
+                    self.push(targets, c);
+                }
+            }
+        }
+        if !builder.is_empty() {
+            let c = builder.finish(self.cfg.compress);
+            self.push(targets, c);
+        }
+        self.staging = staging;
+        Ok(())
+    }
+
+    /// Encodes pages straight from guest RAM; returns how many.
+    fn send_pages(&mut self, e: u64, targets: &[usize], set: &PageSet) -> anyhow::Result<u64> {
+        let ps = self.page_size;
+        let mut builder = ChunkBuilder::new(e, ps, self.cfg.chunk_pages);
+        let mut page = vec![0u8; ps];
+        let mut n = 0u64;
+        let emit = |me: &mut Self,
+                    gpa: u64,
+                    page: &mut Vec<u8>,
+                    builder: &mut ChunkBuilder|
+         -> anyhow::Result<()> {
+            me.client.read(gpa, page).context("reading guest RAM")?;
+            builder.push(gpa, page);
+            if builder.is_full() {
+                let c = builder.finish(me.cfg.compress);
+                me.push(targets, c);
+            }
+            Ok(())
+        };
+        match set {
+            PageSet::All => {
+                let regions: Vec<(u64, u64)> = self
+                    .client
+                    .info()
+                    .regions
+                    .iter()
+                    .map(|r| (r.gpa, r.size_bytes))
+                    .collect();
+                for (gpa, size) in regions {
+                    for off in (0..size).step_by(ps) {
+                        emit(self, gpa + off, &mut page, &mut builder)?;
+                        n += 1;
+                    }
+                }
+            }
+            PageSet::Union(bms) => {
+                for bm in bms {
+                    for idx in bm.iter_pages() {
+                        emit(
+                            self,
+                            bm.base_gpa() + idx * ps as u64,
+                            &mut page,
+                            &mut builder,
+                        )?;
+                        n += 1;
+                    }
+                }
+            }
+        }
+        if !builder.is_empty() {
+            let c = builder.finish(self.cfg.compress);
+            self.push(targets, c);
+        }
+        Ok(n)
+    }
+
+    fn report(&mut self, cfg: &SidecarConfig, paths: &[usize]) -> SidecarReport {
+        let mut g = self.shared.lock();
+        let durable = g.sender.durable_epoch();
+        let first = g.first_epoch.unwrap_or(1);
+        let last = self.next_epoch.saturating_sub(1);
+        let mut rpo = std::mem::take(&mut g.rpo_samples);
+        let mut pauses = self.pauses_ms.clone();
+        SidecarReport {
+            vm_id: cfg.vm_id.clone(),
+            mem_bytes: self.mem_bytes,
+            epochs: self.epochs,
+            epochs_committed: if durable >= first {
+                durable - first + 1
+            } else {
+                0
+            }
+            .min(self.epochs),
+            durable_epoch: durable,
+            last_epoch: last,
+            epoch_ms: cfg.epoch_ms,
+            paths: paths.first().copied().unwrap_or(0),
+            paths_total: paths.iter().sum(),
+            backups: paths.len(),
+            dirty_bytes: self.dirty_bytes,
+            resync_bytes: self.resync_bytes,
+            wire_bytes: g.wire_bytes,
+            compression_ratio: if self.body_bytes > 0 {
+                self.raw_bytes as f64 / self.body_bytes as f64
+            } else {
+                0.0
+            },
+            epoch_pause_ms_p50: percentile(&mut pauses, 0.5),
+            epoch_pause_ms_p99: percentile(&mut pauses, 0.99),
+            epoch_pause_ms_max: pauses.iter().copied().fold(0.0, f64::max),
+            rpo_ms_p50: percentile(&mut rpo, 0.5),
+            rpo_ms_p99: percentile(&mut rpo, 0.99),
+            overflow_epochs: self.overflow_epochs,
+            precopy_rounds: self.precopy_rounds,
+            resyncs: g.resyncs,
+            path_failures: g.path_failures,
+            peer_errors: g.peer_errors.clone(),
+            backup_committed: (0..g.sender.backups())
+                .map(|b| g.sender.committed(b))
+                .collect(),
+            final_epoch_durable: durable >= last && last > 0,
+        }
+    }
+}

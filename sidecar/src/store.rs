@@ -1,0 +1,519 @@
+//! A backup's replica of one VM: the replica file, the per-epoch journals and the committed-epoch record.
+//!
+//! Layout of a VM's directory:
+//!
+//! | file | what |
+//! |---|---|
+//! | `replica.img` | guest RAM as of the committed epoch, `mem_bytes` long (sparse where never written) |
+//! | `state.json` | `{vm_id, mem_bytes, page_size, committed_epoch}`, replaced atomically (write, fsync, rename) |
+//! | `journal/<epoch>.ejl` | the epoch's frames as received (Chunk frames, then its EpochEnd frame) |
+//!
+//! Commit protocol, write-ahead: chunks are appended to the epoch's journal as they arrive; at commit the
+//! EpochEnd frame is appended and the journal fsynced (the commit point), then the chunks are applied to the
+//! mapped replica in seq order, the replica is msynced, `state.json` names the new epoch, and the journal is
+//! deleted. Recovery redoes any journal that holds a complete, verifiable epoch above `state.json`'s and
+//! deletes every other journal, so a backup killed at any moment restarts with the last committed epoch.
+//!
+//! Journal writes go through io_uring (writev and fdatasync submitted to the kernel's ring); when the kernel
+//! refuses io_uring the store falls back to pwritev/fdatasync and says so in the log.
+
+use std::collections::BTreeMap;
+use std::fs::{File, OpenOptions};
+use std::io::Write;
+use std::os::fd::AsRawFd;
+use std::path::{Path, PathBuf};
+
+use endophyte_wire::frame::{FrameDecoder, DEFAULT_MAX_PAYLOAD_BYTES};
+use endophyte_wire::msg::epoch_hash;
+use endophyte_wire::{EncodedFrame, EpochEnd, Message, PageChunk};
+use memmap2::MmapMut;
+use serde::{Deserialize, Serialize};
+
+/// Errors of the replica store. Each names the file and what failed.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    /// An I/O call failed (disk full shows up here as `No space left on device`).
+    #[error("{op} {path}: {source}")]
+    Io {
+        /// What was being done.
+        op: &'static str,
+        /// The file.
+        path: PathBuf,
+        /// The error.
+        source: std::io::Error,
+    },
+    /// The directory belongs to a VM of another geometry.
+    #[error("{path}: replica is of VM {have_vm:?} ({have_bytes} bytes, {have_page}-byte pages), not {want_vm:?} ({want_bytes} bytes, {want_page}-byte pages)")]
+    Mismatch {
+        /// state.json.
+        path: PathBuf,
+        /// VM on disk.
+        have_vm: String,
+        /// Size on disk.
+        have_bytes: u64,
+        /// Page size on disk.
+        have_page: u64,
+        /// VM asked for.
+        want_vm: String,
+        /// Size asked for.
+        want_bytes: u64,
+        /// Page size asked for.
+        want_page: u64,
+    },
+    /// state.json is unreadable.
+    #[error("{path}: {why}")]
+    State {
+        /// The file.
+        path: PathBuf,
+        /// Why.
+        why: String,
+    },
+    /// A journaled chunk failed its check on apply.
+    #[error("journal {path}: {why}")]
+    Journal {
+        /// The journal.
+        path: PathBuf,
+        /// Why.
+        why: String,
+    },
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+struct State {
+    vm_id: String,
+    mem_bytes: u64,
+    page_size: u64,
+    committed_epoch: u64,
+}
+
+/// Appends to a file through io_uring, or pwritev when io_uring is unavailable.
+struct Appender {
+    file: File,
+    path: PathBuf,
+    len: u64,
+    ring: Option<io_uring::IoUring>,
+}
+
+impl Appender {
+    fn create(path: PathBuf, use_uring: bool) -> Result<Self, StoreError> {
+        let file = OpenOptions::new()
+            .create(true)
+            .write(true)
+            .read(true)
+            .truncate(true)
+            .open(&path)
+            .map_err(|source| StoreError::Io {
+                op: "creating journal",
+                path: path.clone(),
+                source,
+            })?;
+        let ring = if use_uring {
+            io_uring::IoUring::new(8).ok()
+        } else {
+            None
+        };
+        Ok(Self {
+            file,
+            path,
+            len: 0,
+            ring,
+        })
+    }
+
+    fn io_err(&self, op: &'static str, source: std::io::Error) -> StoreError {
+        StoreError::Io {
+            op,
+            path: self.path.clone(),
+            source,
+        }
+    }
+
+    /// Submits one SQE and waits for its completion; returns the CQE result.
+    fn submit(&mut self, sqe: io_uring::squeue::Entry) -> std::io::Result<i32> {
+        let ring = self.ring.as_mut().expect("ring present");
+        // SAFETY: every buffer the SQE points to (iovecs and the data they name) is borrowed by our caller for
+        // the whole call, and we wait for the completion before returning, so the kernel never sees freed memory.
+        unsafe { ring.submission().push(&sqe) }
+            .map_err(|_| std::io::Error::other("io_uring submission queue full"))?;
+        ring.submit_and_wait(1)?;
+        let cqe = ring
+            .completion()
+            .next()
+            .ok_or_else(|| std::io::Error::other("io_uring completion missing"))?;
+        if cqe.result() < 0 {
+            return Err(std::io::Error::from_raw_os_error(-cqe.result()));
+        }
+        Ok(cqe.result())
+    }
+
+    fn append(&mut self, parts: &[&[u8]]) -> Result<(), StoreError> {
+        let total: usize = parts.iter().map(|p| p.len()).sum();
+        let mut done = 0usize;
+        while done < total {
+            // Rebuild the iovecs past what was written (short writes are legal).
+            let mut skip = done;
+            let mut iov: Vec<libc::iovec> = Vec::with_capacity(parts.len());
+            for p in parts {
+                if skip >= p.len() {
+                    skip -= p.len();
+                    continue;
+                }
+                iov.push(libc::iovec {
+                    iov_base: p[skip..].as_ptr() as *mut libc::c_void,
+                    iov_len: p.len() - skip,
+                });
+                skip = 0;
+            }
+            let off = self.len + done as u64;
+            let n = if self.ring.is_some() {
+                let sqe = io_uring::opcode::Writev::new(
+                    io_uring::types::Fd(self.file.as_raw_fd()),
+                    iov.as_ptr(),
+                    iov.len() as u32,
+                )
+                .offset(off)
+                .build();
+                self.submit(sqe)
+                    .map_err(|e| self.io_err("writing journal", e))? as usize
+            } else {
+                // SAFETY: the iovecs point into `parts`, alive for this call; the fd is ours and open.
+                let r = unsafe {
+                    libc::pwritev(
+                        self.file.as_raw_fd(),
+                        iov.as_ptr(),
+                        iov.len() as i32,
+                        off as libc::off_t,
+                    )
+                };
+                if r < 0 {
+                    return Err(self.io_err("writing journal", std::io::Error::last_os_error()));
+                }
+                r as usize
+            };
+            if n == 0 {
+                return Err(self.io_err("writing journal", std::io::ErrorKind::WriteZero.into()));
+            }
+            done += n;
+        }
+        self.len += total as u64;
+        Ok(())
+    }
+
+    fn sync(&mut self) -> Result<(), StoreError> {
+        if self.ring.is_some() {
+            let sqe = io_uring::opcode::Fsync::new(io_uring::types::Fd(self.file.as_raw_fd()))
+                .flags(io_uring::types::FsyncFlags::DATASYNC)
+                .build();
+            self.submit(sqe)
+                .map_err(|e| self.io_err("syncing journal", e))?;
+            Ok(())
+        } else {
+            self.file
+                .sync_data()
+                .map_err(|e| self.io_err("syncing journal", e))
+        }
+    }
+}
+
+/// Test hook: abort the process halfway through applying this epoch (see `endophyte backup --crash-during-apply`).
+#[derive(Clone, Copy, Debug, Default)]
+pub struct CrashPoint {
+    /// Epoch during whose apply to abort.
+    pub during_apply: Option<u64>,
+}
+
+/// One VM's replica on a backup. See the module docs.
+pub struct ReplicaStore {
+    dir: PathBuf,
+    vm_id: String,
+    mem_bytes: u64,
+    page_size: u64,
+    committed: u64,
+    map: MmapMut,
+    _file: File,
+    journals: BTreeMap<u64, Appender>,
+    use_uring: bool,
+    crash: CrashPoint,
+}
+
+impl ReplicaStore {
+    /// Opens (or creates) the replica of `vm_id` under `dir`, recovering from any interrupted commit.
+    ///
+    /// # Errors
+    /// [`StoreError`] on I/O failure or when the directory holds a VM of another geometry.
+    pub fn open(
+        dir: &Path,
+        vm_id: &str,
+        mem_bytes: u64,
+        page_size: u64,
+        crash: CrashPoint,
+    ) -> Result<Self, StoreError> {
+        let io = |op, path: &Path| {
+            let path = path.to_owned();
+            move |source| StoreError::Io { op, path, source }
+        };
+        std::fs::create_dir_all(dir.join("journal")).map_err(io("creating", dir))?;
+        let state_path = dir.join("state.json");
+        let committed = match std::fs::read(&state_path) {
+            Ok(bytes) => {
+                let s: State = serde_json::from_slice(&bytes).map_err(|e| StoreError::State {
+                    path: state_path.clone(),
+                    why: e.to_string(),
+                })?;
+                if s.vm_id != vm_id || s.mem_bytes != mem_bytes || s.page_size != page_size {
+                    return Err(StoreError::Mismatch {
+                        path: state_path,
+                        have_vm: s.vm_id,
+                        have_bytes: s.mem_bytes,
+                        have_page: s.page_size,
+                        want_vm: vm_id.into(),
+                        want_bytes: mem_bytes,
+                        want_page: page_size,
+                    });
+                }
+                s.committed_epoch
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => 0,
+            Err(e) => return Err(io("reading", &state_path)(e)),
+        };
+        let img = dir.join("replica.img");
+        let file = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .open(&img)
+            .map_err(io("opening", &img))?;
+        file.set_len(mem_bytes).map_err(io("sizing", &img))?;
+        // SAFETY: the file is ours, sized to mem_bytes above; no one else maps it for writing while we run.
+        let map = unsafe { MmapMut::map_mut(&file) }.map_err(io("mapping", &img))?;
+        let use_uring = io_uring::IoUring::new(2).is_ok();
+        if !use_uring {
+            tracing::warn!("io_uring unavailable here; the journal uses pwritev/fdatasync");
+        }
+        let mut store = Self {
+            dir: dir.to_owned(),
+            vm_id: vm_id.into(),
+            mem_bytes,
+            page_size,
+            committed,
+            map,
+            _file: file,
+            journals: BTreeMap::new(),
+            use_uring,
+            crash,
+        };
+        if !state_path.exists() {
+            store.write_state()?;
+        }
+        store.recover()?;
+        Ok(store)
+    }
+
+    /// Epoch the replica holds.
+    pub fn committed_epoch(&self) -> u64 {
+        self.committed
+    }
+
+    /// The replica file's path.
+    pub fn image_path(&self) -> PathBuf {
+        self.dir.join("replica.img")
+    }
+
+    /// Whether journal writes go through io_uring.
+    pub fn uses_io_uring(&self) -> bool {
+        self.use_uring
+    }
+
+    fn journal_path(&self, epoch: u64) -> PathBuf {
+        self.dir.join("journal").join(format!("{epoch:020}.ejl"))
+    }
+
+    /// Appends a verified chunk to its epoch's journal.
+    ///
+    /// # Errors
+    /// [`StoreError::Io`] (for example a full disk); nothing is applied.
+    pub fn store_chunk(&mut self, seq: u32, chunk: &PageChunk) -> Result<(), StoreError> {
+        let epoch = chunk.epoch;
+        if !self.journals.contains_key(&epoch) {
+            let a = Appender::create(self.journal_path(epoch), self.use_uring)?;
+            self.journals.insert(epoch, a);
+        }
+        let frame = Message::Chunk {
+            seq,
+            chunk: chunk.clone(),
+        }
+        .encode();
+        self.journals
+            .get_mut(&epoch)
+            .expect("just inserted")
+            .append(&[&frame.head, &frame.body])
+    }
+
+    /// Commits an epoch whose chunks are all journaled: journal the end marker, fsync (commit point), apply,
+    /// msync, record, delete the journal.
+    ///
+    /// # Errors
+    /// [`StoreError`]; if it fails before the fsync the replica still holds the previous epoch.
+    pub fn commit(&mut self, end: &EpochEnd) -> Result<(), StoreError> {
+        let epoch = end.epoch;
+        let path = self.journal_path(epoch);
+        // An epoch with no dirty pages has no chunks, hence no journal yet.
+        let mut j = match self.journals.remove(&epoch) {
+            Some(j) => j,
+            None => Appender::create(path.clone(), self.use_uring)?,
+        };
+        let frame: EncodedFrame = Message::EpochEnd(end.clone()).encode();
+        j.append(&[&frame.head])?;
+        j.sync()?;
+        drop(j);
+        self.apply_journal(&path, epoch)?;
+        Ok(())
+    }
+
+    /// Forgets a staged epoch.
+    pub fn discard(&mut self, epoch: u64) {
+        self.journals.remove(&epoch);
+        let _ = std::fs::remove_file(self.journal_path(epoch));
+    }
+
+    /// Reads a journal; returns its end marker and chunks by seq if it holds a complete, verified epoch.
+    fn read_journal(
+        &self,
+        path: &Path,
+    ) -> Result<Option<(EpochEnd, BTreeMap<u32, PageChunk>)>, StoreError> {
+        let bytes = std::fs::read(path).map_err(|source| StoreError::Io {
+            op: "reading journal",
+            path: path.to_owned(),
+            source,
+        })?;
+        let mut d = FrameDecoder::new(DEFAULT_MAX_PAYLOAD_BYTES);
+        d.push(&bytes);
+        let mut chunks = BTreeMap::new();
+        let mut end = None;
+        // A torn or corrupt tail ends the journal: whatever follows was never made durable.
+        while let Ok(Some(f)) = d.next_frame() {
+            match Message::decode(f) {
+                Ok(Message::Chunk { seq, chunk }) => {
+                    chunks.insert(seq, chunk);
+                }
+                Ok(Message::EpochEnd(e)) => end = Some(e),
+                _ => break,
+            }
+        }
+        let Some(end) = end else { return Ok(None) };
+        if chunks.len() as u64 != u64::from(end.chunk_count)
+            || chunks
+                .keys()
+                .next_back()
+                .is_some_and(|&s| s + 1 != end.chunk_count)
+        {
+            return Ok(None);
+        }
+        let pages: u64 = chunks.values().map(|c| u64::from(c.n_pages)).sum();
+        if pages != end.page_count
+            || epoch_hash(pages, chunks.values().map(|c| &c.content_hash)) != end.epoch_hash
+        {
+            return Ok(None);
+        }
+        Ok(Some((end, chunks)))
+    }
+
+    fn apply_journal(&mut self, path: &Path, epoch: u64) -> Result<(), StoreError> {
+        let Some((end, chunks)) = self.read_journal(path)? else {
+            return Err(StoreError::Journal {
+                path: path.to_owned(),
+                why: format!("epoch {epoch} journal is incomplete after fsync"),
+            });
+        };
+        let half = chunks.len() / 2;
+        for (i, (seq, c)) in chunks.iter().enumerate() {
+            if self.crash.during_apply == Some(epoch) && i == half {
+                tracing::error!(
+                    epoch,
+                    "crash point reached halfway through applying; aborting"
+                );
+                std::process::abort();
+            }
+            let d = c
+                .decode(self.page_size, self.mem_bytes)
+                .map_err(|e| StoreError::Journal {
+                    path: path.to_owned(),
+                    why: format!("chunk {seq}: {e}"),
+                })?;
+            let ps = self.page_size as usize;
+            for (gpa, data) in d.pages() {
+                let dst = &mut self.map[gpa as usize..gpa as usize + ps];
+                match data {
+                    Some(src) => dst.copy_from_slice(src),
+                    None => dst.fill(0),
+                }
+            }
+        }
+        self.map.flush().map_err(|source| StoreError::Io {
+            op: "msync",
+            path: self.image_path(),
+            source,
+        })?;
+        self.committed = end.epoch;
+        self.write_state()?;
+        let _ = std::fs::remove_file(path);
+        Ok(())
+    }
+
+    fn write_state(&self) -> Result<(), StoreError> {
+        let path = self.dir.join("state.json");
+        let tmp = self.dir.join("state.json.tmp");
+        let s = State {
+            vm_id: self.vm_id.clone(),
+            mem_bytes: self.mem_bytes,
+            page_size: self.page_size,
+            committed_epoch: self.committed,
+        };
+        let io = |op| {
+            let path = path.clone();
+            move |source| StoreError::Io { op, path, source }
+        };
+        let mut f = File::create(&tmp).map_err(io("writing"))?;
+        f.write_all(&serde_json::to_vec(&s).expect("state serializes"))
+            .map_err(io("writing"))?;
+        f.sync_all().map_err(io("syncing"))?;
+        std::fs::rename(&tmp, &path).map_err(io("renaming"))?;
+        File::open(&self.dir)
+            .and_then(|d| d.sync_all())
+            .map_err(io("syncing directory of"))?;
+        Ok(())
+    }
+
+    /// Redoes complete journals above the committed epoch, in order; deletes the rest.
+    fn recover(&mut self) -> Result<(), StoreError> {
+        let jdir = self.dir.join("journal");
+        let mut found: Vec<(u64, PathBuf)> = std::fs::read_dir(&jdir)
+            .map_err(|source| StoreError::Io {
+                op: "listing",
+                path: jdir.clone(),
+                source,
+            })?
+            .filter_map(|e| e.ok())
+            .filter_map(|e| {
+                let p = e.path();
+                let epoch = p.file_stem()?.to_str()?.parse::<u64>().ok()?;
+                Some((epoch, p))
+            })
+            .collect();
+        found.sort();
+        for (epoch, path) in found {
+            if epoch > self.committed {
+                if let Some((end, _)) = self.read_journal(&path)? {
+                    if end.base_epoch <= self.committed {
+                        tracing::info!(epoch, "redoing a committed journal left by a crash");
+                        self.apply_journal(&path, epoch)?;
+                        continue;
+                    }
+                }
+            }
+            let _ = std::fs::remove_file(&path);
+        }
+        Ok(())
+    }
+}
