@@ -321,13 +321,15 @@ mod tests {
         assert!(e.to_string().contains("stagin"), "{e}");
         let e = BackupSpec::parse("name=b1,addr=nowhere").unwrap_err();
         assert!(e.contains("addr"), "{e}");
-        let mut c = SidecarConfig::default();
-        c.vm_id = "v".into();
-        c.attach_socket = "/s".into();
-        c.certs = "/c".into();
-        c.node = "n".into();
-        c.backups = vec![BackupSpec::parse("name=b1,addr=127.0.0.1:1").unwrap()];
-        c.quorum = 2;
+        let c = SidecarConfig {
+            vm_id: "v".into(),
+            attach_socket: "/s".into(),
+            certs: "/c".into(),
+            node: "n".into(),
+            backups: vec![BackupSpec::parse("name=b1,addr=127.0.0.1:1").unwrap()],
+            quorum: 2,
+            ..SidecarConfig::default()
+        };
         assert!(c.validate().unwrap_err().to_string().contains("quorum"));
     }
 

@@ -588,9 +588,12 @@ impl EpochLoop {
                 return Err(err).context("harvesting dirty pages");
             }
         };
-        if self.hash_out.is_some() && (!self.opts.final_hash_only || last) {
+        if let Some(f) = self
+            .hash_out
+            .as_mut()
+            .filter(|_| !self.opts.final_hash_only || last)
+        {
             let h = self.client.vmm_hash().context("hashing guest RAM")?;
-            let f = self.hash_out.as_mut().expect("checked");
             writeln!(f, "{}", serde_json::json!({"epoch": e, "ram_hash": h}))?;
         }
         let t_harvested = t0.elapsed();

@@ -215,6 +215,9 @@ impl Appender {
     }
 }
 
+/// A complete epoch read back from its journal: the end marker and the chunks by seq.
+type JournaledEpoch = (EpochEnd, BTreeMap<u32, PageChunk>);
+
 /// Test hook: abort the process halfway through applying this epoch (see `endophyte backup --crash-during-apply`).
 #[derive(Clone, Copy, Debug, Default)]
 pub struct CrashPoint {
@@ -378,10 +381,7 @@ impl ReplicaStore {
     }
 
     /// Reads a journal; returns its end marker and chunks by seq if it holds a complete, verified epoch.
-    fn read_journal(
-        &self,
-        path: &Path,
-    ) -> Result<Option<(EpochEnd, BTreeMap<u32, PageChunk>)>, StoreError> {
+    fn read_journal(&self, path: &Path) -> Result<Option<JournaledEpoch>, StoreError> {
         let bytes = std::fs::read(path).map_err(|source| StoreError::Io {
             op: "reading journal",
             path: path.to_owned(),

@@ -50,7 +50,16 @@ pub enum PathError {
 impl PathError {
     /// A one-line explanation that says plainly when TLS refused the peer or the peer refused us.
     pub fn explain(&self) -> String {
-        let s = self.to_string();
+        let mut s = self.to_string();
+        let mut src = std::error::Error::source(self);
+        while let Some(e) = src {
+            let t = e.to_string();
+            if !s.contains(&t) {
+                s.push_str(": ");
+                s.push_str(&t);
+            }
+            src = e.source();
+        }
         if s.contains("another network") {
             return s;
         }

@@ -1,0 +1,169 @@
+//! Helpers for multi-process tests: certificates, backup/relay/VMM processes, hashes.
+#![allow(dead_code)]
+
+use std::net::{SocketAddr, UdpSocket};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+pub const EXE: &str = env!("CARGO_BIN_EXE_endophyte");
+
+/// Whether /dev/kvm is usable; under CI its absence is a failure, not a skip.
+pub fn kvm_available() -> bool {
+    let ok = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open("/dev/kvm")
+        .is_ok();
+    if !ok && std::env::var_os("CI").is_some() {
+        panic!("/dev/kvm is required under CI");
+    }
+    ok
+}
+
+/// A child process killed when dropped.
+pub struct Proc {
+    pub child: Child,
+    pub name: String,
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Proc {
+    pub fn spawn(name: &str, args: &[&str]) -> Self {
+        let child = Command::new(EXE)
+            .args(args)
+            .env("RUST_LOG", "warn")
+            .stdin(Stdio::null())
+            .spawn()
+            .unwrap_or_else(|e| panic!("spawning {name}: {e}"));
+        Self {
+            child,
+            name: name.into(),
+        }
+    }
+
+    pub fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
+    /// Waits up to `limit` for the process to exit by itself.
+    pub fn wait_exit(&mut self, limit: Duration) -> Option<std::process::ExitStatus> {
+        let t = Instant::now();
+        while t.elapsed() < limit {
+            if let Some(s) = self.child.try_wait().unwrap() {
+                return Some(s);
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        None
+    }
+}
+
+pub fn free_udp() -> SocketAddr {
+    UdpSocket::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+}
+
+pub fn certs(dir: &Path, network: &str, nodes: &[&str]) -> PathBuf {
+    let d = dir.join(format!("certs-{network}"));
+    endophyte::tls::init_network(&d, network).unwrap();
+    for n in nodes {
+        endophyte::tls::issue_node(&d, n).unwrap();
+    }
+    d
+}
+
+pub fn backup(certs: &Path, node: &str, addr: SocketAddr, data: &Path, extra: &[&str]) -> Proc {
+    let mut args = vec![
+        "backup".to_string(),
+        "--listen".into(),
+        addr.to_string(),
+        "--node".into(),
+        node.into(),
+        "--certs".into(),
+        certs.display().to_string(),
+        "--data-dir".into(),
+        data.display().to_string(),
+    ];
+    args.extend(extra.iter().map(|s| s.to_string()));
+    let refs: Vec<&str> = args.iter().map(|s| s.as_str()).collect();
+    Proc::spawn(node, &refs)
+}
+
+pub fn relay(listen: SocketAddr, upstream: SocketAddr) -> Proc {
+    Proc::spawn(
+        "relay",
+        &["relay", "--route", &format!("{listen}={upstream}")],
+    )
+}
+
+/// Boots a testvm guest (through `endophyte testvm-serve`) and waits for its attach socket.
+pub fn vmm(socket: &Path, mem: &str, workload: &str) -> Proc {
+    let p = Proc::spawn(
+        "vmm",
+        &[
+            "testvm-serve",
+            "--fill",
+            "--mem",
+            mem,
+            "--workload",
+            workload,
+            "--attach-socket",
+            socket.to_str().unwrap(),
+        ],
+    );
+    let t = Instant::now();
+    while !socket.exists() {
+        assert!(
+            t.elapsed() < Duration::from_secs(60),
+            "VMM socket never appeared"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    p
+}
+
+pub fn hash_file(p: &Path) -> String {
+    endophyte::demo::hash_file(p).unwrap()
+}
+
+/// epoch -> the VMM's guest RAM hash taken during that epoch's pause.
+pub fn ram_hashes(p: &Path) -> std::collections::BTreeMap<u64, String> {
+    std::fs::read_to_string(p)
+        .unwrap()
+        .lines()
+        .map(|l| {
+            let v: serde_json::Value = serde_json::from_str(l).unwrap();
+            (
+                v["epoch"].as_u64().unwrap(),
+                v["ram_hash"].as_str().unwrap().to_string(),
+            )
+        })
+        .collect()
+}
+
+pub fn committed(vm_dir: &Path) -> u64 {
+    endophyte::demo::committed_on_disk(vm_dir).unwrap()
+}
+
+/// Runs `endophyte sidecar` to completion and returns its JSON report.
+pub fn sidecar(args: &[String]) -> serde_json::Value {
+    let out = Command::new(EXE)
+        .arg("sidecar")
+        .args(args)
+        .env("RUST_LOG", "warn")
+        .stderr(Stdio::inherit())
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "sidecar failed: {:?}", out.status);
+    serde_json::from_slice(&out.stdout).unwrap()
+}

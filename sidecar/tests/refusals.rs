@@ -1,0 +1,247 @@
+//! Bad input against a real backup process: a corrupted chunk, an oversized frame, a replayed epoch and
+//! certificates from another network are each refused with an error that says what was wrong, and nothing
+//! is applied to the replica (checked on disk).
+
+mod common;
+
+use std::net::SocketAddr;
+use std::path::Path;
+use std::time::Duration;
+
+use bytes::Bytes;
+use common::*;
+use endophyte::tls::Identity;
+use endophyte::transport::{client_endpoint, read_message, write_frame, PathError};
+use endophyte_wire::frame::{encode_header, HEADER_BYTES};
+use endophyte_wire::msg::epoch_hash;
+use endophyte_wire::{ChunkBuilder, EncodedFrame, EpochEnd, ErrorCode, Hello, Message, PageChunk};
+
+const MEM: u64 = 1 << 20;
+
+fn page_size() -> usize {
+    // SAFETY: sysconf has no preconditions.
+    unsafe { libc::sysconf(libc::_SC_PAGESIZE) as usize }
+}
+
+struct Path1 {
+    _conn: quinn::Connection,
+    send: quinn::SendStream,
+    recv: quinn::RecvStream,
+    _ep: quinn::Endpoint,
+}
+
+async fn connect(
+    id: &Identity,
+    addr: SocketAddr,
+    session: u64,
+) -> Result<(Path1, Message), PathError> {
+    let ep = client_endpoint(id.client_config().unwrap(), addr)?;
+    let conn = ep
+        .connect(addr, "b1")
+        .map_err(|source| PathError::Connect { addr, source })?
+        .await?;
+    let (mut send, mut recv) = conn.open_bi().await?;
+    write_frame(
+        &mut send,
+        Message::Hello(Hello {
+            session,
+            path: 0,
+            page_size: page_size() as u32,
+            mem_bytes: MEM,
+            vm_id: "vm1".into(),
+        })
+        .encode(),
+    )
+    .await?;
+    let welcome = read_message(&mut recv).await?;
+    Ok((
+        Path1 {
+            _conn: conn,
+            send,
+            recv,
+            _ep: ep,
+        },
+        welcome,
+    ))
+}
+
+fn one_page_chunk(epoch: u64, fill: u8) -> PageChunk {
+    let ps = page_size();
+    let mut b = ChunkBuilder::new(epoch, ps, 4);
+    b.push(ps as u64, &vec![fill; ps]);
+    b.finish(true)
+}
+
+async fn expect_error(p: &mut Path1) -> (ErrorCode, String) {
+    match tokio::time::timeout(Duration::from_secs(10), read_message(&mut p.recv))
+        .await
+        .expect("no answer in 10 s")
+    {
+        Ok(Message::Error { code, message }) => (code, message),
+        other => panic!("expected an Error, got {other:?}"),
+    }
+}
+
+fn replica_is_zero(vm_dir: &Path) -> bool {
+    std::fs::read(vm_dir.join("replica.img"))
+        .map(|b| b.iter().all(|&x| x == 0))
+        .unwrap_or(true)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_input_is_refused_and_nothing_is_applied() {
+    let tmp = tempfile::tempdir().unwrap();
+    let certs = certs(tmp.path(), "net-a", &["client", "b1"]);
+    let addr = free_udp();
+    let data = tmp.path().join("data");
+    let _b1 = backup(&certs, "b1", addr, &data, &[]);
+    let id = Identity::load(&certs, "client").unwrap();
+    let vm_dir = data.join("vm1");
+    tokio::time::sleep(Duration::from_millis(300)).await;
+
+    // A chunk whose content does not match its hash (frame CRC recomputed, so only the chunk check sees it).
+    let (mut p, w) = connect(&id, addr, 1).await.unwrap();
+    assert!(
+        matches!(w, Message::Welcome(ref w) if w.committed_epoch == 0),
+        "{w:?}"
+    );
+    let mut c = one_page_chunk(1, 0x5a);
+    let mut body = c.body.to_vec();
+    let last = body.len() - 1;
+    body[last] ^= 1;
+    c.body = Bytes::from(body);
+    write_frame(&mut p.send, Message::Chunk { seq: 0, chunk: c }.encode())
+        .await
+        .unwrap();
+    let (code, msg) = expect_error(&mut p).await;
+    assert_eq!(code, ErrorCode::Corrupt, "{msg}");
+    assert!(msg.contains("corrupted chunk 0 of epoch 1"), "{msg}");
+    assert!(
+        replica_is_zero(&vm_dir),
+        "a corrupted chunk reached the replica"
+    );
+
+    // A frame announcing 1 GiB: refused from its header.
+    let (mut p, _) = connect(&id, addr, 2).await.unwrap();
+    let mut head = encode_header(3, &[b""]);
+    head[8..12].copy_from_slice(&(1u32 << 30).to_le_bytes());
+    write_frame(
+        &mut p.send,
+        EncodedFrame {
+            head: Bytes::copy_from_slice(&head[..HEADER_BYTES]),
+            body: Bytes::new(),
+        },
+    )
+    .await
+    .unwrap();
+    let (code, msg) = expect_error(&mut p).await;
+    assert_eq!(code, ErrorCode::TooLarge, "{msg}");
+    assert!(msg.contains("exceeds the cap"), "{msg}");
+
+    // A valid epoch 1 commits...
+    let (mut p, _) = connect(&id, addr, 3).await.unwrap();
+    let c = one_page_chunk(1, 0x77);
+    let h = c.content_hash;
+    write_frame(&mut p.send, Message::Chunk { seq: 0, chunk: c }.encode())
+        .await
+        .unwrap();
+    write_frame(
+        &mut p.send,
+        Message::EpochEnd(EpochEnd {
+            epoch: 1,
+            base_epoch: 0,
+            chunk_count: 1,
+            page_count: 1,
+            epoch_hash: epoch_hash(1, [&h]),
+        })
+        .encode(),
+    )
+    .await
+    .unwrap();
+    let mut committed = false;
+    for _ in 0..3 {
+        if let Message::Committed { epoch: 1 } = read_message(&mut p.recv).await.unwrap() {
+            committed = true;
+            break;
+        }
+    }
+    assert!(committed, "epoch 1 was not committed");
+    let img = std::fs::read(vm_dir.join("replica.img")).unwrap();
+    let ps = page_size();
+    assert!(
+        img[ps..2 * ps].iter().all(|&b| b == 0x77),
+        "epoch 1's page is not in the replica"
+    );
+    let before = hash_file(&vm_dir.join("replica.img"));
+
+    // ...and offered again by another session, it is a replay.
+    let (mut p, w) = connect(&id, addr, 4).await.unwrap();
+    assert!(
+        matches!(w, Message::Welcome(ref w) if w.committed_epoch == 1),
+        "{w:?}"
+    );
+    write_frame(
+        &mut p.send,
+        Message::Chunk {
+            seq: 0,
+            chunk: one_page_chunk(1, 0x11),
+        }
+        .encode(),
+    )
+    .await
+    .unwrap();
+    let (code, msg) = expect_error(&mut p).await;
+    assert_eq!(code, ErrorCode::Replay, "{msg}");
+    assert!(msg.contains("replayed epoch 1"), "{msg}");
+    assert_eq!(
+        hash_file(&vm_dir.join("replica.img")),
+        before,
+        "a replay changed the replica"
+    );
+
+    // A client whose certificate comes from another network: the backup refuses it at the handshake.
+    let other = certs_other(tmp.path());
+    let mixed = tmp.path().join("mixed");
+    std::fs::create_dir_all(&mixed).unwrap();
+    std::fs::copy(certs.join("ca.pem"), mixed.join("ca.pem")).unwrap();
+    std::fs::copy(other.join("client.pem"), mixed.join("client.pem")).unwrap();
+    std::fs::copy(other.join("client.key"), mixed.join("client.key")).unwrap();
+    let intruder = Identity::load(&mixed, "client").unwrap();
+    let e = match connect(&intruder, addr, 5).await {
+        Err(e) => e,
+        Ok((mut p, m)) => {
+            // TLS 1.3 clients learn of a refused certificate on their first read.
+            match read_message(&mut p.recv).await {
+                Err(e) => e,
+                Ok(m2) => panic!("an intruder was welcomed: {m:?} {m2:?}"),
+            }
+        }
+    };
+    let text = e.explain();
+    eprintln!("intruder sees: {text}");
+    assert!(
+        text.contains("another network") && text.contains("net-b"),
+        "{text}"
+    );
+
+    // And a backup whose certificate comes from another network is refused by the sidecar's side.
+    let foreign = Identity::load(&other, "client").unwrap();
+    let e = connect(&foreign, addr, 6)
+        .await
+        .err()
+        .expect("connected across networks");
+    let text = e.explain();
+    assert!(
+        text.contains("another network") && text.contains("net-a") && text.contains("net-b"),
+        "{text}"
+    );
+    assert_eq!(
+        hash_file(&vm_dir.join("replica.img")),
+        before,
+        "the replica changed"
+    );
+}
+
+fn certs_other(dir: &Path) -> std::path::PathBuf {
+    certs(dir, "net-b", &["client"])
+}
