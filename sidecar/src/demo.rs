@@ -302,6 +302,7 @@ fn replicate_in(args: &ReplicateArgs, dir: &Path) -> anyhow::Result<ReplicateSum
             ram_hashes: Some(hashes.clone()),
             final_hash_only: true,
             report: None,
+            console_out: Some(dir.join("console.log")),
         },
     )?;
     let probe = AttachClient::connect(&socket, "demo-check")?;

@@ -162,6 +162,12 @@ struct SidecarArgs {
     /// Write the final report (JSON) here as well as to stdout.
     #[arg(long)]
     report: Option<PathBuf>,
+    /// Append released guest console output to this file (default: stderr).
+    #[arg(long)]
+    console_out: Option<PathBuf>,
+    /// Release guest console output at once instead of when its epoch is durable.
+    #[arg(long)]
+    no_output_commit: bool,
 }
 
 fn sidecar_config(a: &SidecarArgs) -> anyhow::Result<SidecarConfig> {
@@ -198,6 +204,9 @@ fn sidecar_config(a: &SidecarArgs) -> anyhow::Result<SidecarConfig> {
     }
     if a.no_compress {
         c.compress = false;
+    }
+    if a.no_output_commit {
+        c.output_commit = false;
     }
     c.validate()?;
     Ok(c)
@@ -311,6 +320,7 @@ fn main() -> anyhow::Result<()> {
                     ram_hashes: a.ram_hashes.clone(),
                     final_hash_only: false,
                     report: a.report.clone(),
+                    console_out: a.console_out.clone(),
                 },
             )?;
             println!("{}", serde_json::to_string_pretty(&report)?);
@@ -325,21 +335,27 @@ fn main() -> anyhow::Result<()> {
             let mut w = testvm::WorkloadConfig::parse(&workload)
                 .map_err(|e| anyhow::anyhow!("workload {workload:?}: {e}"))?;
             w.fill = fill;
+            let gate = testvm::agent::ConsoleGate::new(Box::new(
+                testvm::agent::ConsoleToStderr::default(),
+            ));
             let vm = testvm::Vm::boot(testvm::VmConfig {
                 mem_bytes: mem,
                 vcpus,
                 workload: w,
                 verify_dirty: false,
                 dirty_source: testvm::DirtySource::Bitmap,
-                console: Box::new(testvm::agent::ConsoleToStderr::default()),
+                console: Box::new(gate.clone()),
             })
             .context("booting the VM")?;
             vm.resume()?;
-            let host = std::sync::Arc::new(testvm::agent::VmHost::new(
-                Some(vm),
-                testvm::DirtySource::Bitmap,
-                Box::new(|| Box::new(testvm::agent::ConsoleToStderr::default())),
-            ));
+            let host = std::sync::Arc::new(
+                testvm::agent::VmHost::new(
+                    Some(vm),
+                    testvm::DirtySource::Bitmap,
+                    Box::new(|| Box::new(testvm::agent::ConsoleToStderr::default())),
+                )
+                .with_console_gate(gate),
+            );
             testvm::agent::serve_on_socket(host, &attach_socket, None)?;
         }
         Cmd::Demo { cmd } => match cmd {

@@ -50,6 +50,8 @@ pub struct RunOptions {
     pub final_hash_only: bool,
     /// Write the final [`SidecarReport`] here as JSON.
     pub report: Option<PathBuf>,
+    /// Where released guest console output goes (appended); stderr when `None`.
+    pub console_out: Option<PathBuf>,
 }
 
 /// What a sidecar run did; printed as JSON at exit.
@@ -108,6 +110,12 @@ pub struct SidecarReport {
     pub backup_committed: Vec<u64>,
     /// Whether the final epoch became durable before the sidecar exited.
     pub final_epoch_durable: bool,
+    /// Whether guest console output was held until durable (output commit).
+    pub output_commit: bool,
+    /// Console bytes released once their epoch was durable.
+    pub console_bytes_released: u64,
+    /// Console bytes released at exit without a durable epoch (replication stopped, the VM went on).
+    pub console_bytes_released_at_exit: u64,
 }
 
 struct Inner {
@@ -120,6 +128,25 @@ struct Inner {
     path_failures: u64,
     resyncs: u64,
     peer_errors: Vec<String>,
+    /// Output commit: console bytes by the epoch that produced them, released once it is durable.
+    held_console: BTreeMap<u64, Vec<u8>>,
+    console_out: Box<dyn Write + Send>,
+    console_released: u64,
+}
+
+impl Inner {
+    fn release_console(&mut self, durable: u64) {
+        while self
+            .held_console
+            .first_key_value()
+            .is_some_and(|(&e, _)| e <= durable)
+        {
+            let (_, bytes) = self.held_console.pop_first().expect("non-empty");
+            self.console_released += bytes.len() as u64;
+            let _ = self.console_out.write_all(&bytes);
+        }
+        let _ = self.console_out.flush();
+    }
 }
 
 struct Shared {
@@ -213,6 +240,16 @@ pub fn run_sidecar(cfg: SidecarConfig, opts: RunOptions) -> anyhow::Result<Sidec
         },
         &paths,
     );
+    let console_out: Box<dyn Write + Send> = match &opts.console_out {
+        Some(p) => Box::new(
+            std::fs::OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(p)
+                .with_context(|| format!("opening {}", p.display()))?,
+        ),
+        None => Box::new(std::io::stderr()),
+    };
     let shared = Arc::new(Shared {
         inner: Mutex::new(Inner {
             sender,
@@ -224,6 +261,9 @@ pub fn run_sidecar(cfg: SidecarConfig, opts: RunOptions) -> anyhow::Result<Sidec
             path_failures: 0,
             resyncs: 0,
             peer_errors: Vec::new(),
+            held_console: BTreeMap::new(),
+            console_out,
+            console_released: 0,
         }),
         cv: Condvar::new(),
         wake: tokio::sync::Notify::new(),
@@ -296,6 +336,9 @@ pub fn run_sidecar(cfg: SidecarConfig, opts: RunOptions) -> anyhow::Result<Sidec
         last_dirty_bytes: 0,
         epochs: 0,
         hash_out: None,
+        output_commit: false,
+        epoch_console: Vec::new(),
+        console_at_exit: 0,
     };
     let result = ep.run();
     path_stop.notify_waiters();
@@ -331,7 +374,10 @@ async fn drive(
             }
             while let Some(ev) = g.sender.poll_event() {
                 match ev {
-                    Event::Durable { epoch } => tracing::debug!(epoch, "durable"),
+                    Event::Durable { epoch } => {
+                        tracing::debug!(epoch, "durable");
+                        g.release_console(epoch);
+                    }
                     Event::NeedsResync { backup, committed } => {
                         g.resyncs += 1;
                         tracing::info!(
@@ -435,6 +481,9 @@ struct EpochLoop {
     last_dirty_bytes: u64,
     epochs: u64,
     hash_out: Option<std::fs::File>,
+    output_commit: bool,
+    epoch_console: Vec<u8>,
+    console_at_exit: u64,
 }
 
 /// Where a resync's pages come from.
@@ -456,6 +505,14 @@ impl EpochLoop {
         }
         // Allocate and touch the staging buffer now, so that no epoch pause pays for its page faults.
         self.staging = vec![0xa5u8; self.cfg.staging as usize];
+        if self.cfg.output_commit {
+            match self.client.hold_console(true) {
+                Ok(()) => self.output_commit = true,
+                Err(e) => {
+                    tracing::warn!("output commit unavailable, guest output is not held: {e}")
+                }
+            }
+        }
         self.client
             .start_dirty_log()
             .context("starting dirty logging")?;
@@ -503,6 +560,27 @@ impl EpochLoop {
         });
         if !done {
             tracing::warn!(epoch = last, "final epoch not on every backup after 30 s");
+        }
+        if self.output_commit {
+            // Replication stops but the VM goes on: what is still held belongs to it and is released.
+            let mut g = self.shared.lock();
+            let durable = g.sender.durable_epoch();
+            g.release_console(durable);
+            let rest: Vec<u8> = std::mem::take(&mut g.held_console)
+                .into_values()
+                .flatten()
+                .collect();
+            if !rest.is_empty() {
+                tracing::warn!(
+                    bytes = rest.len(),
+                    "releasing console output of epochs that never became durable"
+                );
+                self.console_at_exit = rest.len() as u64;
+                let _ = g.console_out.write_all(&rest);
+                let _ = g.console_out.flush();
+            }
+            drop(g);
+            let _ = self.client.hold_console(false);
         }
         let _ = self.client.stop_dirty_log();
         Ok(())
@@ -596,6 +674,7 @@ impl EpochLoop {
             let h = self.client.vmm_hash().context("hashing guest RAM")?;
             writeln!(f, "{}", serde_json::json!({"epoch": e, "ram_hash": h}))?;
         }
+        self.epoch_console.extend_from_slice(&harvest.console);
         let t_harvested = t0.elapsed();
         let pages: u64 = harvest.bitmaps.iter().map(|b| b.count()).sum();
         let bytes = pages * self.page_size as u64;
@@ -648,6 +727,10 @@ impl EpochLoop {
         result?;
         {
             let mut g = self.shared.lock();
+            if !self.epoch_console.is_empty() {
+                g.held_console
+                    .insert(e, std::mem::take(&mut self.epoch_console));
+            }
             for &b in &targets {
                 g.sender.end_epoch(b, e);
             }
@@ -840,6 +923,9 @@ impl EpochLoop {
                 .map(|b| g.sender.committed(b))
                 .collect(),
             final_epoch_durable: durable >= last && last > 0,
+            output_commit: self.output_commit,
+            console_bytes_released: g.console_released,
+            console_bytes_released_at_exit: self.console_at_exit,
         }
     }
 }

@@ -22,9 +22,11 @@ fn many_epochs_to_two_backups_over_four_paths_each_match_guest_ram() {
     let _b2 = backup(&certs, "b2", a2, &d2, &[]);
     let _relay = relay(relay_addr, a1);
     let sock = tmp.path().join("vm.sock");
-    let _vm = vmm(&sock, "64MiB", "hotset:size=16M,rate=5000");
+    let _vm = vmm(&sock, "64MiB", "hotset:size=16M,rate=5000,print=2000");
     let hashes = tmp.path().join("hashes.jsonl");
+    let console = tmp.path().join("console.out");
     let report = sidecar(&[
+        format!("--console-out={}", console.display()),
         "--vm-id=vm1".into(),
         format!("--attach-socket={}", sock.display()),
         format!("--certs={}", certs.display()),
@@ -58,6 +60,49 @@ fn many_epochs_to_two_backups_over_four_paths_each_match_guest_ram() {
             vm_dir.display()
         );
     }
+
+    // Output commit: the guest prints `pages=<hex>` every 2000 pages. What the sidecar released must be
+    // exactly what the guest printed before the last durable epoch's pause: never a line from later (its
+    // value would exceed the page count in the replica), and no line withheld.
+    let replica_pages = guest_pages_in_image(&d1.join("vm1/replica.img"));
+    let text = std::fs::read_to_string(&console).unwrap();
+    let values: Vec<u64> = text
+        .split_inclusive('\n')
+        .filter(|l| l.ends_with('\n'))
+        .filter_map(|l| l.trim().strip_prefix("pages="))
+        .map(|v| u64::from_str_radix(v, 16).unwrap())
+        .collect();
+    assert!(values.len() >= 3, "too little console output: {text:?}");
+    // (Lines printed before the sidecar attached went straight to the VMM's stderr.)
+    for w in values.windows(2) {
+        assert!(
+            (2000..2008).contains(&(w[1] - w[0])),
+            "lines out of order or missing: {values:?}"
+        );
+    }
+    let last_line = *values.last().unwrap();
+    assert!(
+        last_line <= replica_pages,
+        "released output from after the durable epoch: line {last_line} > {replica_pages} pages in the replica"
+    );
+    assert!(
+        replica_pages < last_line + 2 * 2000 + 16,
+        "output withheld: last line {last_line}, replica at {replica_pages} pages"
+    );
+}
+
+/// The guest's own pages-written counter (vCPU 0) as stored in a RAM image.
+fn guest_pages_in_image(path: &std::path::Path) -> u64 {
+    use testvm::guest;
+    let img = std::fs::read(path).unwrap();
+    let u64_at = |o: usize| u64::from_le_bytes(img[o..o + 8].try_into().unwrap());
+    // SAFETY: sysconf has no preconditions.
+    let page = unsafe { libc::sysconf(libc::_SC_PAGESIZE) } as usize;
+    (0..img.len().min(64 << 20))
+        .step_by(page)
+        .find(|&o| u64_at(o + guest::status::MAGIC) == guest::STATUS_MAGIC)
+        .map(|o| u64_at(o + guest::status::PAGES_WRITTEN))
+        .expect("no guest status record in the image")
 }
 
 #[test]

@@ -23,9 +23,76 @@ pub struct VmHost {
     console: ConsoleFactory,
     shutdown: Mutex<bool>,
     shutdown_cv: Condvar,
+    gate: Option<ConsoleGate>,
+}
+
+/// A console sink with output commit: it prints through its inner sink, except while held, when it
+/// buffers until the holder takes the bytes (see `AttachTarget::hold_console`).
+#[derive(Clone)]
+pub struct ConsoleGate {
+    state: std::sync::Arc<Mutex<GateState>>,
+}
+
+struct GateState {
+    held: bool,
+    buf: Vec<u8>,
+    out: Box<dyn std::io::Write + Send>,
+}
+
+impl ConsoleGate {
+    /// A gate in front of `out`, open (printing) at first.
+    pub fn new(out: Box<dyn std::io::Write + Send>) -> Self {
+        Self {
+            state: std::sync::Arc::new(Mutex::new(GateState {
+                held: false,
+                buf: Vec::new(),
+                out,
+            })),
+        }
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, GateState> {
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Holds output (`true`), or prints what is buffered and lets output through again (`false`).
+    pub fn hold(&self, hold: bool) {
+        let mut g = self.lock();
+        g.held = hold;
+        if !hold {
+            let buf = std::mem::take(&mut g.buf);
+            let _ = g.out.write_all(&buf);
+        }
+    }
+
+    /// The bytes buffered since the last call.
+    pub fn take(&self) -> Vec<u8> {
+        std::mem::take(&mut self.lock().buf)
+    }
+}
+
+impl std::io::Write for ConsoleGate {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        let mut g = self.lock();
+        if g.held {
+            g.buf.extend_from_slice(buf);
+            Ok(buf.len())
+        } else {
+            g.out.write(buf)
+        }
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        self.lock().out.flush()
+    }
 }
 
 impl VmHost {
+    /// Routes `hold_console`/`take_console` to `gate`, which must be the booted VM's console sink.
+    pub fn with_console_gate(mut self, gate: ConsoleGate) -> Self {
+        self.gate = Some(gate);
+        self
+    }
+
     /// Hosts `vm`, or nothing (standby) until a client restores one.
     pub fn new(vm: Option<Vm>, dirty_source: DirtySource, console: ConsoleFactory) -> Self {
         Self {
@@ -34,6 +101,7 @@ impl VmHost {
             console,
             shutdown: Mutex::new(false),
             shutdown_cv: Condvar::new(),
+            gate: None,
         }
     }
 
@@ -84,6 +152,26 @@ fn to_target_error(e: VmError) -> TargetError {
 }
 
 impl AttachTarget for VmHost {
+    fn hold_console(&self, hold: bool) -> Result<(), TargetError> {
+        match &self.gate {
+            Some(g) => {
+                g.hold(hold);
+                Ok(())
+            }
+            None => Err(TargetError {
+                code: ErrorCode::BadRequest,
+                message: "this VM's console has no gate; it cannot be held".into(),
+            }),
+        }
+    }
+
+    fn take_console(&self) -> Vec<u8> {
+        self.gate
+            .as_ref()
+            .map(ConsoleGate::take)
+            .unwrap_or_default()
+    }
+
     fn describe(&self) -> (VmInfo, Vec<TargetRegion>) {
         let page_size = crate::memory::host_page_size();
         let g = self.vm.read().unwrap_or_else(|e| e.into_inner());

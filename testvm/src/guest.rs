@@ -83,8 +83,11 @@ pub mod cfg {
     pub const SCAN_STRIDE: usize = 144;
     /// Nap length of the idle loop, microseconds.
     pub const IDLE_NAP_US: usize = 152;
+    /// vCPU 0 prints `pages=<16 hex digits>` on the console each time its pages-written counter has grown
+    /// by this much (0 = never). Gives tests console output whose content says when it was produced.
+    pub const PRINT_EVERY_PAGES: usize = 160;
     /// Size of the block in bytes.
-    pub const SIZE: usize = 160;
+    pub const SIZE: usize = 168;
 }
 
 /// Byte offsets of a vCPU's status record (all fields `u64`), one page per vCPU.
@@ -107,6 +110,8 @@ pub mod status {
     pub const LOG_STALLS: usize = 72;
     /// TSC value when the workload (after the fill) started.
     pub const WORK_START_TSC: usize = 80;
+    /// Pages-written value at which vCPU 0 prints its next progress line.
+    pub const NEXT_PRINT: usize = 88;
 }
 
 /// Byte offsets within a vCPU's log ring. The ring is one header page followed by `LOG_CAP` `u32` entries
@@ -350,8 +355,20 @@ tvg_stop_check:
     xor esi, esi
     jmp tvg_loop
 
-    // Every 8 pages: publish the TSC and pace to the target rate.
+    // Every 8 pages: maybe print progress (vCPU 0), publish the TSC and pace to the target rate.
 tvg_pace:
+    test r14, r14
+    jnz 13f
+    mov rax, [r15 + {cfg_print_every}]
+    test rax, rax
+    jz 13f
+    mov rdx, [r13 + {st_pages}]
+    cmp rdx, [r13 + {st_next_print}]
+    jb 13f
+    add rax, rdx
+    mov [r13 + {st_next_print}], rax
+    call tvg_print_progress
+13:
     rdtsc
     shl rdx, 32
     or rax, rdx
@@ -455,6 +472,31 @@ tvg_log_append:
     pop rax
     ret
 
+    // Print "pages=<rdx as 16 hex digits>\n" on the serial port. Clobbers rax, rdx, rdi.
+tvg_print_progress:
+    push rsi
+    push rcx
+    push rdx
+    lea rsi, [rip + tvg_msg_pages]
+    call tvg_puts
+    pop rdi
+    mov ecx, 16
+60:
+    rol rdi, 4
+    mov eax, edi
+    and eax, 15
+    lea rsi, [rip + tvg_hex_digits]
+    mov al, [rsi + rax]
+    mov dx, {serial}
+    out dx, al
+    dec ecx
+    jnz 60b
+    mov al, 10
+    out dx, al
+    pop rcx
+    pop rsi
+    ret
+
     // Print the NUL-terminated string at rsi on the serial port. Clobbers rax, rdx, rsi.
 tvg_puts:
     mov dx, {serial}
@@ -532,6 +574,10 @@ tvg_msg_up:
     .asciz "testvm guest: vcpu 0 up\n"
 tvg_msg_bad:
     .asciz "testvm guest: bad config block\n"
+tvg_msg_pages:
+    .asciz "pages="
+tvg_hex_digits:
+    .ascii "0123456789abcdef"
 
     .balign 8
     .globl endophyte_testvm_guest_end
@@ -562,6 +608,7 @@ endophyte_testvm_guest_end:
     cfg_stop_at = const cfg::STOP_AT_PAGES,
     cfg_scan_stride = const cfg::SCAN_STRIDE,
     cfg_idle_nap = const cfg::IDLE_NAP_US,
+    cfg_print_every = const cfg::PRINT_EVERY_PAGES,
     st_magic = const status::MAGIC,
     st_state = const status::STATE,
     st_pages = const status::PAGES_WRITTEN,
@@ -571,6 +618,7 @@ endophyte_testvm_guest_end:
     st_scan_pos = const status::SCAN_POS,
     st_log_stalls = const status::LOG_STALLS,
     st_work_start_tsc = const status::WORK_START_TSC,
+    st_next_print = const status::NEXT_PRINT,
     log_head = const log::HEAD,
     log_tail = const log::TAIL,
     flag_verify = const FLAG_VERIFY,

@@ -319,6 +319,7 @@ impl Layout {
         };
         put(cfg::SCAN_STRIDE, stride);
         put(cfg::IDLE_NAP_US, 1000);
+        put(cfg::PRINT_EVERY_PAGES, w.print_every_pages);
         b
     }
 }
@@ -341,6 +342,9 @@ pub struct WorkloadConfig {
     pub seed: u64,
     /// Per-vCPU page-write limit; 0 = none.
     pub stop_at_pages: u64,
+    /// vCPU 0 prints a `pages=<hex>` console line every this many pages; 0 = never.
+    #[serde(default)]
+    pub print_every_pages: u64,
 }
 
 mod kind_serde {
@@ -416,6 +420,7 @@ impl WorkloadConfig {
             fill: false,
             seed: 0x5eed_1234_abcd_0001,
             stop_at_pages: 0,
+            print_every_pages: 0,
         };
         for param in params.split(',').filter(|p| !p.is_empty()) {
             let bad = |why: &str| WorkloadParseError::BadParam {
@@ -454,6 +459,9 @@ impl WorkloadConfig {
                 ("seed", _) => w.seed = v.parse().map_err(|_| bad("expected an integer"))?,
                 ("stop_at", _) => {
                     w.stop_at_pages = v.parse().map_err(|_| bad("expected a page count"))?
+                }
+                ("print", _) => {
+                    w.print_every_pages = v.parse().map_err(|_| bad("expected a page count"))?
                 }
                 _ => return Err(bad("unknown key for this workload")),
             }

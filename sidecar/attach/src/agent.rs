@@ -78,6 +78,21 @@ pub trait AttachTarget: Send + Sync {
     fn restore(&self, state: serde_json::Value, ram: File) -> Result<(), TargetError>;
     /// Stops the VM; the VMM exits once the agent returns.
     fn shutdown(&self);
+    /// Output commit: while `hold` is true, guest console output is buffered for the client instead of
+    /// printed, and handed over with each harvest ([`AttachTarget::take_console`]); `false` prints whatever is
+    /// still buffered and goes back to printing directly. VMMs without a console gate refuse it (the default).
+    fn hold_console(&self, hold: bool) -> Result<(), TargetError> {
+        let _ = hold;
+        Err(TargetError {
+            code: ErrorCode::BadRequest,
+            message: "this VMM cannot hold console output".into(),
+        })
+    }
+    /// Console bytes buffered since the last call (empty unless held). Called right after each harvest, so
+    /// the bytes belong to the epoch of that harvest.
+    fn take_console(&self) -> Vec<u8> {
+        Vec::new()
+    }
 }
 
 /// Serves `target` on `listener` until [`AttachTarget::shutdown`] is requested by a client; each
@@ -243,6 +258,7 @@ impl Connection {
                     seq,
                     dirty_pages,
                     harvest_us,
+                    console: t.take_console(),
                 }
             }
             Request::ReleaseHarvest { seq, consumed } => match self.pending.take() {
@@ -293,6 +309,10 @@ impl Connection {
                 Response::Ok
             }
             Request::Status => Response::Status { vm: t.describe().0 },
+            Request::HoldConsole { hold } => {
+                t.hold_console(hold)?;
+                Response::Ok
+            }
             Request::Shutdown => {
                 t.shutdown();
                 Response::Ok

@@ -78,6 +78,8 @@ pub struct Harvest {
     pub bitmaps: Vec<DirtyBitmap>,
     /// Time the harvest took in the VMM.
     pub harvest_time: Duration,
+    /// Guest console output since the previous harvest (only while the console is held).
+    pub console: Vec<u8>,
 }
 
 /// A connection to a VMM's attach agent.
@@ -233,10 +235,13 @@ impl AttachClient {
     /// # Errors
     /// [`ClientError`].
     pub fn harvest(&self) -> Result<Harvest, ClientError> {
-        let (seq, harvest_us) = match self.call("harvest", &Request::Harvest, &[])? {
+        let (seq, harvest_us, console) = match self.call("harvest", &Request::Harvest, &[])? {
             Response::Harvested {
-                seq, harvest_us, ..
-            } => (seq, harvest_us),
+                seq,
+                harvest_us,
+                console,
+                ..
+            } => (seq, harvest_us, console),
             other => {
                 return Err(ClientError::Unexpected {
                     request: "harvest",
@@ -273,6 +278,7 @@ impl AttachClient {
             seq,
             bitmaps,
             harvest_time: Duration::from_micros(harvest_us),
+            console,
         })
     }
 
@@ -285,6 +291,15 @@ impl AttachClient {
             "release_harvest",
             &Request::ReleaseHarvest { seq, consumed },
         )
+    }
+
+    /// Output commit: asks the VMM to hold guest console output and hand it over with each harvest
+    /// (`hold = true`), or to print it directly again.
+    ///
+    /// # Errors
+    /// [`ClientError::Refused`] when the VMM has no console gate.
+    pub fn hold_console(&self, hold: bool) -> Result<(), ClientError> {
+        self.expect_ok("hold_console", &Request::HoldConsole { hold })
     }
 
     /// Stops every vCPU; returns how long that took in the VMM.

@@ -131,6 +131,12 @@ pub enum Request {
     },
     /// BLAKE3 of all guest RAM, computed by the VMM (VM must be paused).
     HashRam,
+    /// Output commit: hold guest console output and hand it over with each harvest (`true`), or print it
+    /// directly again (`false`).
+    HoldConsole {
+        /// Whether to hold.
+        hold: bool,
+    },
     /// vCPU and device state (VM must be paused); opaque to the protocol.
     SaveState,
     /// To a VMM on standby: start a VM from `state` on the RAM file sent with this frame (mapped, not
@@ -182,6 +188,10 @@ pub enum Response {
         dirty_pages: u64,
         /// How long the harvest took in the VMM, microseconds.
         harvest_us: u64,
+        /// Guest console output produced since the previous harvest, when the console is held (output
+        /// commit); absent otherwise.
+        #[serde(default, skip_serializing_if = "Vec::is_empty")]
+        console: Vec<u8>,
     },
     /// vCPUs stopped.
     Paused {
