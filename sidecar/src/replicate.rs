@@ -207,6 +207,73 @@ fn targets(spec: &crate::config::BackupSpec, n: usize) -> Vec<PathTarget> {
         .collect()
 }
 
+/// Copies the pages named by `bitmaps` from guest RAM into `staging`, range by range (ranges coalesced from
+/// the bitmaps), and returns `(gpa, staging offset, length in bytes)` per range. This is the memcpy inside
+/// the epoch pause. Copies of random pages are bound by memory latency rather than bandwidth, so above
+/// 1 MiB the ranges are split between `copy_threads` threads (the paused vCPUs leave their cores idle).
+///
+/// # Errors
+/// A range outside guest RAM ([`endophyte_attach::client::ClientError::OutOfRange`]).
+///
+/// # Panics
+/// If the pages do not fit `staging` (callers check the count first).
+pub fn stage_dirty(
+    client: &AttachClient,
+    bitmaps: &[DirtyBitmap],
+    staging: &mut [u8],
+    copy_threads: usize,
+) -> Result<Vec<(u64, usize, usize)>, endophyte_attach::client::ClientError> {
+    let mut off = 0usize;
+    let mut index = Vec::new();
+    for bm in bitmaps {
+        for r in bm.ranges() {
+            let len = r.len_bytes as usize;
+            index.push((r.gpa, off, len));
+            off += len;
+        }
+    }
+    let threads = if off < 1 << 20 {
+        1
+    } else {
+        copy_threads.max(1)
+    };
+    // Cut the ranges into `threads` runs of about equal bytes, each with its own slice of staging.
+    let per = off.div_ceil(threads);
+    let mut jobs: Vec<(&[(u64, usize, usize)], &mut [u8], usize)> = Vec::new();
+    let mut rest = &mut staging[..off];
+    let (mut start, mut base) = (0usize, 0usize);
+    while start < index.len() {
+        let mut end = start;
+        let mut bytes = 0;
+        while end < index.len() && (bytes < per || end == start) {
+            bytes += index[end].2;
+            end += 1;
+        }
+        let (mine, tail) = std::mem::take(&mut rest).split_at_mut(bytes);
+        rest = tail;
+        jobs.push((&index[start..end], mine, base));
+        base += bytes;
+        start = end;
+    }
+    let copy = |(ranges, dst, base): (&[(u64, usize, usize)], &mut [u8], usize)| {
+        for &(gpa, o, len) in ranges {
+            client.read(gpa, &mut dst[o - base..o - base + len])?;
+        }
+        Ok::<(), endophyte_attach::client::ClientError>(())
+    };
+    if jobs.len() <= 1 {
+        jobs.into_iter().try_for_each(copy)?;
+    } else {
+        std::thread::scope(|s| {
+            let handles: Vec<_> = jobs.into_iter().map(|j| s.spawn(move || copy(j))).collect();
+            handles
+                .into_iter()
+                .try_for_each(|h| h.join().expect("copy thread panicked"))
+        })?;
+    }
+    Ok(index)
+}
+
 /// Runs the sidecar until `opts.duration` passes or a signal arrives; then cuts a final epoch, waits (up to
 /// 30 s) for it to become durable and returns the report.
 ///
@@ -683,18 +750,8 @@ impl EpochLoop {
         let fits = bytes <= self.cfg.staging;
         let staged = if fits {
             // Copy the dirty ranges into staging while the guest stands still.
-            let mut off = 0usize;
-            let mut index = Vec::new();
-            for bm in &harvest.bitmaps {
-                for r in bm.ranges() {
-                    let len = r.len_bytes as usize;
-                    self.client
-                        .read(r.gpa, &mut self.staging[off..off + len])
-                        .context("copying dirty pages")?;
-                    index.push((r.gpa, off, len));
-                    off += len;
-                }
-            }
+            let index = stage_dirty(&self.client, &harvest.bitmaps, &mut self.staging, 2)
+                .context("copying dirty pages")?;
             let t_copied = t0.elapsed();
             self.client.resume().context("resuming the guest")?;
             tracing::debug!(epoch = e, pages, ?vmm_pause, ?t_paused, ?t_harvested, ?t_copied, resumed = ?t0.elapsed(), "epoch pause");
