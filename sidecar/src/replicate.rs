@@ -91,10 +91,13 @@ pub struct SidecarReport {
     pub epoch_pause_ms_p99: f64,
     /// Largest epoch pause, ms.
     pub epoch_pause_ms_max: f64,
-    /// Age of the newest durable epoch, sampled every 10 ms once one exists, ms.
+    /// Age of the newest durable epoch, ms, sampled every 10 ms in steady state: from the first durable
+    /// epoch cut after the initial full copy (see `initial_sync_ms`) became durable.
     pub rpo_ms_p50: f64,
     /// 99th percentile of the same.
     pub rpo_ms_p99: f64,
+    /// From the sidecar's start until the first epoch (the initial full copy) was durable, ms.
+    pub initial_sync_ms: f64,
     /// Epochs whose dirty pages did not fit the staging buffer (the guest stayed paused while they were
     /// encoded).
     pub overflow_epochs: u64,
@@ -132,6 +135,10 @@ struct Inner {
     held_console: BTreeMap<u64, Vec<u8>>,
     console_out: Box<dyn Write + Send>,
     console_released: u64,
+    started: Instant,
+    /// RPO is sampled once epochs cut after the initial full copy became durable start to become durable.
+    steady_from: Option<u64>,
+    initial_sync: Option<Duration>,
 }
 
 impl Inner {
@@ -331,6 +338,9 @@ pub fn run_sidecar(cfg: SidecarConfig, opts: RunOptions) -> anyhow::Result<Sidec
             held_console: BTreeMap::new(),
             console_out,
             console_released: 0,
+            started: Instant::now(),
+            steady_from: None,
+            initial_sync: None,
         }),
         cv: Condvar::new(),
         wake: tokio::sync::Notify::new(),
@@ -403,6 +413,7 @@ pub fn run_sidecar(cfg: SidecarConfig, opts: RunOptions) -> anyhow::Result<Sidec
         last_dirty_bytes: 0,
         epochs: 0,
         hash_out: None,
+        last_pause_at: None,
         output_commit: false,
         epoch_console: Vec::new(),
         console_at_exit: 0,
@@ -444,6 +455,12 @@ async fn drive(
                     Event::Durable { epoch } => {
                         tracing::debug!(epoch, "durable");
                         g.release_console(epoch);
+                        if g.steady_from.is_none() && g.first_epoch.is_some_and(|f| epoch >= f) {
+                            let cut = g.pause_at.keys().next_back().copied().unwrap_or(epoch);
+                            g.steady_from = Some(cut + 1);
+                            g.initial_sync = Some(g.started.elapsed());
+                            tracing::info!(epoch, ms = g.started.elapsed().as_millis() as u64, "initial copy durable");
+                        }
                     }
                     Event::NeedsResync { backup, committed } => {
                         g.resyncs += 1;
@@ -512,7 +529,8 @@ async fn drive(
             _ = rpo_tick.tick() => {
                 let mut g = shared.lock();
                 let d = g.sender.durable_epoch();
-                if let Some(&at) = g.pause_at.get(&d) {
+                let steady = g.steady_from.is_some_and(|s| d >= s);
+                if let Some(&at) = g.pause_at.get(&d).filter(|_| steady) {
                     let age = at.elapsed().as_secs_f64() * 1e3;
                     if g.rpo_samples.len() < 4_000_000 {
                         g.rpo_samples.push(age);
@@ -548,6 +566,7 @@ struct EpochLoop {
     last_dirty_bytes: u64,
     epochs: u64,
     hash_out: Option<std::fs::File>,
+    last_pause_at: Option<Instant>,
     output_commit: bool,
     epoch_console: Vec<u8>,
     console_at_exit: u64,
@@ -697,7 +716,10 @@ impl EpochLoop {
         let resynced = starts
             .iter()
             .any(|s| matches!(s, EpochStart::Resync { .. }));
-        if resynced || self.last_dirty_bytes > self.cfg.staging / 2 {
+        let long_epoch = self
+            .last_pause_at
+            .is_none_or(|t| t.elapsed() > 2 * Duration::from_millis(self.cfg.epoch_ms));
+        if resynced || long_epoch || self.last_dirty_bytes > self.cfg.staging / 2 {
             for _ in 0..MAX_PRECOPY_ROUNDS {
                 let h = self.client.harvest().context("harvesting dirty pages")?;
                 let bytes =
@@ -723,6 +745,7 @@ impl EpochLoop {
 
         // The pause.
         let t0 = Instant::now();
+        self.last_pause_at = Some(t0);
         let vmm_pause = self.client.pause().context("pausing the guest")?;
         let t_paused = t0.elapsed();
         self.shared.lock().pause_at.insert(e, t0);
@@ -971,6 +994,7 @@ impl EpochLoop {
             epoch_pause_ms_max: pauses.iter().copied().fold(0.0, f64::max),
             rpo_ms_p50: percentile(&mut rpo, 0.5),
             rpo_ms_p99: percentile(&mut rpo, 0.99),
+            initial_sync_ms: g.initial_sync.map_or(0.0, |d| d.as_secs_f64() * 1e3),
             overflow_epochs: self.overflow_epochs,
             precopy_rounds: self.precopy_rounds,
             resyncs: g.resyncs,
