@@ -214,6 +214,10 @@ fn targets(spec: &crate::config::BackupSpec, n: usize) -> Vec<PathTarget> {
         .collect()
 }
 
+/// One staged range: `(gpa, offset in staging, length in bytes)`.
+pub type StagedRange = (u64, usize, usize);
+type CopyJob<'a> = (&'a [StagedRange], &'a mut [u8], usize);
+
 /// Copies the pages named by `bitmaps` from guest RAM into `staging`, range by range (ranges coalesced from
 /// the bitmaps), and returns `(gpa, staging offset, length in bytes)` per range. This is the memcpy inside
 /// the epoch pause. Copies of random pages are bound by memory latency rather than bandwidth, so above
@@ -229,7 +233,7 @@ pub fn stage_dirty(
     bitmaps: &[DirtyBitmap],
     staging: &mut [u8],
     copy_threads: usize,
-) -> Result<Vec<(u64, usize, usize)>, endophyte_attach::client::ClientError> {
+) -> Result<Vec<StagedRange>, endophyte_attach::client::ClientError> {
     let mut off = 0usize;
     let mut index = Vec::new();
     for bm in bitmaps {
@@ -246,7 +250,7 @@ pub fn stage_dirty(
     };
     // Cut the ranges into `threads` runs of about equal bytes, each with its own slice of staging.
     let per = off.div_ceil(threads);
-    let mut jobs: Vec<(&[(u64, usize, usize)], &mut [u8], usize)> = Vec::new();
+    let mut jobs: Vec<CopyJob<'_>> = Vec::new();
     let mut rest = &mut staging[..off];
     let (mut start, mut base) = (0usize, 0usize);
     while start < index.len() {
@@ -262,7 +266,7 @@ pub fn stage_dirty(
         base += bytes;
         start = end;
     }
-    let copy = |(ranges, dst, base): (&[(u64, usize, usize)], &mut [u8], usize)| {
+    let copy = |(ranges, dst, base): CopyJob<'_>| {
         for &(gpa, o, len) in ranges {
             client.read(gpa, &mut dst[o - base..o - base + len])?;
         }
@@ -459,7 +463,11 @@ async fn drive(
                             let cut = g.pause_at.keys().next_back().copied().unwrap_or(epoch);
                             g.steady_from = Some(cut + 1);
                             g.initial_sync = Some(g.started.elapsed());
-                            tracing::info!(epoch, ms = g.started.elapsed().as_millis() as u64, "initial copy durable");
+                            tracing::info!(
+                                epoch,
+                                ms = g.started.elapsed().as_millis() as u64,
+                                "initial copy durable"
+                            );
                         }
                     }
                     Event::NeedsResync { backup, committed } => {
