@@ -43,6 +43,7 @@ async fn sink(certs: std::path::PathBuf, addr_file: std::path::PathBuf) {
             let w = Message::Welcome(Welcome {
                 instance: 1,
                 committed_epoch: 0,
+                committed_session: 0,
                 node: "sink".into(),
             });
             if write_frame(&mut send, w.encode()).await.is_err() {

@@ -197,6 +197,7 @@ impl BackupNode {
             page_size,
             h.mem_bytes,
             store.committed_epoch(),
+            store.committed_session(),
             self.instance,
             self.identity.node.clone(),
             self.cfg.max_staged_epochs,
@@ -348,21 +349,23 @@ fn vm_thread(
                 break;
             };
             match action {
-                Action::Store { epoch, seq, chunk } => match store.store_chunk(seq, &chunk) {
-                    Ok(()) => {
-                        if let Err(e) = rx.chunk_stored(epoch, seq) {
-                            tracing::warn!(vm = %vm_id, "refused: {e}");
+                Action::Store { epoch, seq, chunk } => {
+                    match store.store_chunk(seq, &chunk, rx.session().unwrap_or(0)) {
+                        Ok(()) => {
+                            if let Err(e) = rx.chunk_stored(epoch, seq) {
+                                tracing::warn!(vm = %vm_id, "refused: {e}");
+                            }
+                        }
+                        Err(e) => {
+                            // The epoch is dropped and the sender told; it starts over from our committed epoch.
+                            tracing::error!(vm = %vm_id, epoch, "journal write failed: {e}");
+                            rx.store_failed(epoch, seq, &e.to_string());
                         }
                     }
-                    Err(e) => {
-                        // The epoch is dropped and the sender told; it starts over from our committed epoch.
-                        tracing::error!(vm = %vm_id, epoch, "journal write failed: {e}");
-                        rx.store_failed(epoch, seq, &e.to_string());
-                    }
-                },
+                }
                 Action::Commit { end } => {
                     let epoch = end.epoch;
-                    match store.commit(&end) {
+                    match store.commit(&end, rx.session().unwrap_or(0)) {
                         Ok(()) => {
                             tracing::debug!(vm = %vm_id, epoch, "committed");
                             if let Err(e) = rx.epoch_committed(epoch) {

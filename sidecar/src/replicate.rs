@@ -311,9 +311,11 @@ pub fn run_sidecar(cfg: SidecarConfig, opts: RunOptions) -> anyhow::Result<Sidec
         .iter()
         .map(|b| b.paths.unwrap_or(cfg.paths_per_backup))
         .collect();
+    let session = crate::backup::random_u64();
     let sender = Sender::new(
         SenderConfig {
             quorum: cfg.quorum,
+            session,
             ..SenderConfig::default()
         },
         &paths,
@@ -357,7 +359,6 @@ pub fn run_sidecar(cfg: SidecarConfig, opts: RunOptions) -> anyhow::Result<Sidec
         .thread_name("endophyte-net")
         .build()?;
     let client_cfg = identity.client_config()?;
-    let session = crate::backup::random_u64();
     let (ev_tx, ev_rx) = mpsc::unbounded_channel();
     let path_stop = Arc::new(tokio::sync::Notify::new());
     for (b, spec) in cfg.backups.iter().enumerate() {
@@ -416,6 +417,7 @@ pub fn run_sidecar(cfg: SidecarConfig, opts: RunOptions) -> anyhow::Result<Sidec
         precopy_rounds: 0,
         last_dirty_bytes: 0,
         epochs: 0,
+        session,
         hash_out: None,
         last_pause_at: None,
         output_commit: false,
@@ -573,6 +575,7 @@ struct EpochLoop {
     precopy_rounds: u64,
     last_dirty_bytes: u64,
     epochs: u64,
+    session: u64,
     hash_out: Option<std::fs::File>,
     last_pause_at: Option<Instant>,
     output_commit: bool,
@@ -702,8 +705,8 @@ impl EpochLoop {
         // Resync prefixes, read from live RAM before the pause: anything the guest changes after a page was
         // read is dirty and comes again in this epoch's delta.
         for (b, s) in starts.iter().enumerate() {
-            if let EpochStart::Resync { from } = *s {
-                let set = self.pages_since(from, e);
+            if let EpochStart::Resync { from, from_session } = *s {
+                let set = self.pages_since(from, from_session, e);
                 let n = self.send_pages(e, &[b], &set)?;
                 self.resync_bytes += n * self.page_size as u64;
                 tracing::info!(backup = b, from, epoch = e, pages = n, "resync prefix sent");
@@ -838,15 +841,13 @@ impl EpochLoop {
         Ok(())
     }
 
-    /// Pages changed after epoch `from`, up to (not including) this run's epoch `e`'s delta.
-    fn pages_since(&self, from: u64, e: u64) -> PageSet {
-        let first = self.history.keys().next().copied();
-        let covered = match first {
-            // Everything after `from` up to e-1 must be in the history of this run.
-            Some(f) => from + 1 >= f && (from + 1..e).all(|k| self.history.contains_key(&k)),
-            None => false,
-        };
-        if !covered || from == 0 {
+    /// Pages changed after epoch `from` (sent by session `from_session`), up to (not including) epoch `e`'s
+    /// delta. Only an epoch this run cut, still in its history, says what the replica holds; anything
+    /// else (an empty replica, another session's epoch, history pruned) means all of RAM.
+    fn pages_since(&self, from: u64, from_session: u64, e: u64) -> PageSet {
+        // History is pruned from the oldest end only, so every epoch this run cut after `from` is in it.
+        let covered = from_session == self.session && self.history.contains_key(&from);
+        if !covered {
             return PageSet::All;
         }
         let mut acc: Option<Vec<DirtyBitmap>> = None;

@@ -5,8 +5,8 @@
 //! | file | what |
 //! |---|---|
 //! | `replica.img` | guest RAM as of the committed epoch, `mem_bytes` long (sparse where never written) |
-//! | `state.json` | `{vm_id, mem_bytes, page_size, committed_epoch}`, replaced atomically (write, fsync, rename) |
-//! | `journal/<epoch>.ejl` | the epoch's frames as received (Chunk frames, then its EpochEnd frame) |
+//! | `state.json` | `{vm_id, mem_bytes, page_size, committed_epoch, committed_session}`, replaced atomically (write, fsync, rename) |
+//! | `journal/<epoch>.ejl` | the epoch's frames: a Hello naming the sending session, the Chunk frames as received, then its EpochEnd frame |
 //!
 //! Commit protocol, write-ahead: chunks are appended to the epoch's journal as they arrive; at commit the
 //! EpochEnd frame is appended and the journal fsynced (the commit point), then the chunks are applied to the
@@ -25,7 +25,7 @@ use std::path::{Path, PathBuf};
 
 use endophyte_wire::frame::{FrameDecoder, DEFAULT_MAX_PAYLOAD_BYTES};
 use endophyte_wire::msg::epoch_hash;
-use endophyte_wire::{EncodedFrame, EpochEnd, Message, PageChunk};
+use endophyte_wire::{EncodedFrame, EpochEnd, Hello, Message, PageChunk};
 use memmap2::MmapMut;
 use serde::{Deserialize, Serialize};
 
@@ -84,6 +84,8 @@ struct State {
     mem_bytes: u64,
     page_size: u64,
     committed_epoch: u64,
+    #[serde(default)]
+    committed_session: u64,
 }
 
 /// Appends to a file through io_uring, or pwritev when io_uring is unavailable.
@@ -131,11 +133,25 @@ impl Appender {
     /// Submits one SQE and waits for its completion; returns the CQE result.
     fn submit(&mut self, sqe: io_uring::squeue::Entry) -> std::io::Result<i32> {
         let ring = self.ring.as_mut().expect("ring present");
-        // SAFETY: every buffer the SQE points to (iovecs and the data they name) is borrowed by our caller for
-        // the whole call, and we wait for the completion before returning, so the kernel never sees freed memory.
+        // SAFETY: the buffers the SQE names (iovecs and their data) are borrowed by our caller for this whole call, and we return only after the completion arrived (below), so the kernel never touches freed memory.
         unsafe { ring.submission().push(&sqe) }
             .map_err(|_| std::io::Error::other("io_uring submission queue full"))?;
-        ring.submit_and_wait(1)?;
+        // An interrupted wait leaves the SQE in flight: keep waiting for its completion. Other errors of
+        // io_uring_enter (EFAULT, EINVAL, ...) come before anything is submitted.
+        loop {
+            match ring.submit_and_wait(1) {
+                Ok(_) => break,
+                Err(e)
+                    if matches!(
+                        e.kind(),
+                        std::io::ErrorKind::Interrupted | std::io::ErrorKind::ResourceBusy
+                    ) || e.raw_os_error() == Some(libc::EBUSY) =>
+                {
+                    continue
+                }
+                Err(e) => return Err(e),
+            }
+        }
         let cqe = ring
             .completion()
             .next()
@@ -215,8 +231,8 @@ impl Appender {
     }
 }
 
-/// A complete epoch read back from its journal: the end marker and the chunks by seq.
-type JournaledEpoch = (EpochEnd, BTreeMap<u32, PageChunk>);
+/// A complete epoch read back from its journal: the end marker, the chunks by seq, the sending session.
+type JournaledEpoch = (EpochEnd, BTreeMap<u32, PageChunk>, u64);
 
 /// Test hook: abort the process halfway through applying this epoch (see `endophyte backup --crash-during-apply`).
 #[derive(Clone, Copy, Debug, Default)]
@@ -232,6 +248,7 @@ pub struct ReplicaStore {
     mem_bytes: u64,
     page_size: u64,
     committed: u64,
+    committed_session: u64,
     map: MmapMut,
     _file: File,
     journals: BTreeMap<u64, Appender>,
@@ -257,7 +274,7 @@ impl ReplicaStore {
         };
         std::fs::create_dir_all(dir.join("journal")).map_err(io("creating", dir))?;
         let state_path = dir.join("state.json");
-        let committed = match std::fs::read(&state_path) {
+        let (committed, committed_session) = match std::fs::read(&state_path) {
             Ok(bytes) => {
                 let s: State = serde_json::from_slice(&bytes).map_err(|e| StoreError::State {
                     path: state_path.clone(),
@@ -274,9 +291,9 @@ impl ReplicaStore {
                         want_page: page_size,
                     });
                 }
-                s.committed_epoch
+                (s.committed_epoch, s.committed_session)
             }
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => 0,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => (0, 0),
             Err(e) => return Err(io("reading", &state_path)(e)),
         };
         let img = dir.join("replica.img");
@@ -300,6 +317,7 @@ impl ReplicaStore {
             mem_bytes,
             page_size,
             committed,
+            committed_session,
             map,
             _file: file,
             journals: BTreeMap::new(),
@@ -318,6 +336,11 @@ impl ReplicaStore {
         self.committed
     }
 
+    /// Session that sent the committed epoch (0: unknown).
+    pub fn committed_session(&self) -> u64 {
+        self.committed_session
+    }
+
     /// The replica file's path.
     pub fn image_path(&self) -> PathBuf {
         self.dir.join("replica.img")
@@ -332,16 +355,35 @@ impl ReplicaStore {
         self.dir.join("journal").join(format!("{epoch:020}.ejl"))
     }
 
-    /// Appends a verified chunk to its epoch's journal.
+    fn open_journal(&mut self, epoch: u64, session: u64) -> Result<(), StoreError> {
+        if !self.journals.contains_key(&epoch) {
+            let mut a = Appender::create(self.journal_path(epoch), self.use_uring)?;
+            let hello = Message::Hello(Hello {
+                session,
+                path: 0,
+                page_size: self.page_size as u32,
+                mem_bytes: self.mem_bytes,
+                vm_id: self.vm_id.clone(),
+            })
+            .encode();
+            a.append(&[&hello.head])?;
+            self.journals.insert(epoch, a);
+        }
+        Ok(())
+    }
+
+    /// Appends a verified chunk, sent by session `session`, to its epoch's journal.
     ///
     /// # Errors
     /// [`StoreError::Io`] (for example a full disk); nothing is applied.
-    pub fn store_chunk(&mut self, seq: u32, chunk: &PageChunk) -> Result<(), StoreError> {
+    pub fn store_chunk(
+        &mut self,
+        seq: u32,
+        chunk: &PageChunk,
+        session: u64,
+    ) -> Result<(), StoreError> {
         let epoch = chunk.epoch;
-        if !self.journals.contains_key(&epoch) {
-            let a = Appender::create(self.journal_path(epoch), self.use_uring)?;
-            self.journals.insert(epoch, a);
-        }
+        self.open_journal(epoch, session)?;
         let frame = Message::Chunk {
             seq,
             chunk: chunk.clone(),
@@ -358,14 +400,12 @@ impl ReplicaStore {
     ///
     /// # Errors
     /// [`StoreError`]; if it fails before the fsync the replica still holds the previous epoch.
-    pub fn commit(&mut self, end: &EpochEnd) -> Result<(), StoreError> {
+    pub fn commit(&mut self, end: &EpochEnd, session: u64) -> Result<(), StoreError> {
         let epoch = end.epoch;
         let path = self.journal_path(epoch);
         // An epoch with no dirty pages has no chunks, hence no journal yet.
-        let mut j = match self.journals.remove(&epoch) {
-            Some(j) => j,
-            None => Appender::create(path.clone(), self.use_uring)?,
-        };
+        self.open_journal(epoch, session)?;
+        let mut j = self.journals.remove(&epoch).expect("just opened");
         let frame: EncodedFrame = Message::EpochEnd(end.clone()).encode();
         j.append(&[&frame.head])?;
         j.sync()?;
@@ -391,6 +431,7 @@ impl ReplicaStore {
         d.push(&bytes);
         let mut chunks = BTreeMap::new();
         let mut end = None;
+        let mut session = 0;
         // A torn or corrupt tail ends the journal: whatever follows was never made durable.
         while let Ok(Some(f)) = d.next_frame() {
             match Message::decode(f) {
@@ -398,6 +439,7 @@ impl ReplicaStore {
                     chunks.insert(seq, chunk);
                 }
                 Ok(Message::EpochEnd(e)) => end = Some(e),
+                Ok(Message::Hello(h)) => session = h.session,
                 _ => break,
             }
         }
@@ -416,11 +458,11 @@ impl ReplicaStore {
         {
             return Ok(None);
         }
-        Ok(Some((end, chunks)))
+        Ok(Some((end, chunks, session)))
     }
 
     fn apply_journal(&mut self, path: &Path, epoch: u64) -> Result<(), StoreError> {
-        let Some((end, chunks)) = self.read_journal(path)? else {
+        let Some((end, chunks, session)) = self.read_journal(path)? else {
             return Err(StoreError::Journal {
                 path: path.to_owned(),
                 why: format!("epoch {epoch} journal is incomplete after fsync"),
@@ -456,6 +498,7 @@ impl ReplicaStore {
             source,
         })?;
         self.committed = end.epoch;
+        self.committed_session = session;
         self.write_state()?;
         let _ = std::fs::remove_file(path);
         Ok(())
@@ -469,6 +512,7 @@ impl ReplicaStore {
             mem_bytes: self.mem_bytes,
             page_size: self.page_size,
             committed_epoch: self.committed,
+            committed_session: self.committed_session,
         };
         let io = |op| {
             let path = path.clone();
@@ -504,7 +548,7 @@ impl ReplicaStore {
         found.sort();
         for (epoch, path) in found {
             if epoch > self.committed {
-                if let Some((end, _)) = self.read_journal(&path)? {
+                if let Some((end, _, _)) = self.read_journal(&path)? {
                     if end.base_epoch <= self.committed {
                         tracing::info!(epoch, "redoing a committed journal left by a crash");
                         self.apply_journal(&path, epoch)?;

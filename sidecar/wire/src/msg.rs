@@ -3,7 +3,7 @@
 //! | type | message | direction | payload (little-endian) |
 //! |---|---|---|---|
 //! | 1 | Hello | sidecar -> backup, first on each path | session u64, path u32, page_size u32, mem_bytes u64, vm_id (u16 len + UTF-8) |
-//! | 2 | Welcome | backup -> sidecar | instance u64, committed_epoch u64, node (u16 len + UTF-8) |
+//! | 2 | Welcome | backup -> sidecar | instance u64, committed_epoch u64, committed_session u64, node (u16 len + UTF-8) |
 //! | 3 | Chunk | sidecar -> backup | epoch u64, seq u32, n_pages u32, raw_len u32, flags u8, 3 zero bytes, content_hash [32], body |
 //! | 4 | ChunkAck | backup -> sidecar | epoch u64, seq u32 |
 //! | 5 | EpochEnd | sidecar -> backup | epoch u64, base_epoch u64, chunk_count u32, page_count u64, epoch_hash [32] |
@@ -100,6 +100,9 @@ pub struct Welcome {
     pub instance: u64,
     /// Newest epoch the backup holds committed (0: empty replica).
     pub committed_epoch: u64,
+    /// Session that sent that epoch (0: unknown). Epoch numbers are only comparable within one session's
+    /// history, so a sidecar resyncs from its dirty-page history only when this is its own session.
+    pub committed_session: u64,
     /// The backup's node name.
     pub node: String,
 }
@@ -266,6 +269,7 @@ impl Message {
             Message::Welcome(w) => {
                 b.put_u64_le(w.instance);
                 b.put_u64_le(w.committed_epoch);
+                b.put_u64_le(w.committed_session);
                 put_str(&mut b, &w.node);
             }
             Message::Chunk { seq, chunk } => {
@@ -337,13 +341,15 @@ impl Message {
                 })
             }
             2 => {
-                need!("Welcome", 16);
+                need!("Welcome", 24);
                 let instance = p.get_u64_le();
                 let committed_epoch = p.get_u64_le();
+                let committed_session = p.get_u64_le();
                 let node = get_str(&mut p, "Welcome")?;
                 Message::Welcome(Welcome {
                     instance,
                     committed_epoch,
+                    committed_session,
                     node,
                 })
             }
@@ -486,6 +492,7 @@ mod tests {
             Message::Welcome(Welcome {
                 instance: 9,
                 committed_epoch: 4,
+                committed_session: 3,
                 node: "b1".into(),
             }),
             Message::Chunk {

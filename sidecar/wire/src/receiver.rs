@@ -137,6 +137,7 @@ pub struct Receiver {
     mem_bytes: u64,
     welcome: Welcome,
     committed: u64,
+    committed_session: u64,
     session: Option<u64>,
     session_base: u64,
     staged: BTreeMap<u64, Staged>,
@@ -148,12 +149,15 @@ pub struct Receiver {
 
 impl Receiver {
     /// A receiver for VM `vm_id` of `mem_bytes` bytes in `page_size`-byte pages whose replica holds epoch
-    /// `committed`. `instance` and `node` go into every Welcome. At most `max_staged` epochs stage at once.
+    /// `committed`, sent by session `committed_session` (0: unknown). `instance` and `node` go into every
+    /// Welcome. At most `max_staged` epochs stage at once.
+    #[allow(clippy::too_many_arguments)]
     pub fn new(
         vm_id: String,
         page_size: u64,
         mem_bytes: u64,
         committed: u64,
+        committed_session: u64,
         instance: u64,
         node: String,
         max_staged: usize,
@@ -165,9 +169,11 @@ impl Receiver {
             welcome: Welcome {
                 instance,
                 committed_epoch: committed,
+                committed_session,
                 node,
             },
             committed,
+            committed_session,
             session: None,
             session_base: committed,
             staged: BTreeMap::new(),
@@ -181,6 +187,16 @@ impl Receiver {
     /// Newest committed epoch.
     pub fn committed_epoch(&self) -> u64 {
         self.committed
+    }
+
+    /// Session that sent the committed epoch (0: unknown).
+    pub fn committed_session(&self) -> u64 {
+        self.committed_session
+    }
+
+    /// Session of the sidecar currently connected (the last Hello), if any.
+    pub fn session(&self) -> Option<u64> {
+        self.session
     }
 
     /// Guest page size in bytes.
@@ -256,6 +272,7 @@ impl Receiver {
             }
         }
         self.welcome.committed_epoch = self.committed;
+        self.welcome.committed_session = self.committed_session;
         self.out
             .push_back((path, Message::Welcome(self.welcome.clone())));
         Ok(())
@@ -446,6 +463,7 @@ impl Receiver {
         );
         self.committing = None;
         self.committed = epoch;
+        self.committed_session = self.session.unwrap_or(0);
         if let Some(s) = self.staged.remove(&epoch) {
             if let Some((_, path)) = s.end {
                 self.out.push_back((path, Message::Committed { epoch }));

@@ -43,6 +43,8 @@ pub struct SenderConfig {
     /// Epochs a backup may have open (sent but not committed); chunks of later epochs wait. Must not exceed
     /// what receivers stage.
     pub max_epochs_in_flight: usize,
+    /// This sender's session (the one in its Hellos): epochs it commits on a backup are of this session.
+    pub session: u64,
 }
 
 impl Default for SenderConfig {
@@ -54,6 +56,7 @@ impl Default for SenderConfig {
             ping_interval: Duration::from_secs(1),
             quorum: 1,
             max_epochs_in_flight: 4,
+            session: 0,
         }
     }
 }
@@ -65,10 +68,13 @@ pub enum EpochStart {
     NotStreaming,
     /// Send the epoch's shared delta.
     Delta,
-    /// Send every page changed after epoch `from` first, then the shared delta.
+    /// Send every page changed after epoch `from` first, then the shared delta. When `from_session` is
+    /// not this sender's session, the driver cannot know what changed: it must send all of RAM.
     Resync {
         /// Epoch the backup holds.
         from: u64,
+        /// Session that sent that epoch (0: unknown).
+        from_session: u64,
     },
 }
 
@@ -176,8 +182,11 @@ struct Backup {
     /// Epoch the backup will hold once everything streamed so far commits.
     planned: u64,
     streaming: bool,
-    /// Set when the backup (re)joined: its next epoch must carry every page changed since this epoch.
-    resync_from: Option<u64>,
+    /// Set when the backup (re)joined: its next epoch must carry every page changed since this epoch
+    /// (and the session that sent it).
+    resync_from: Option<(u64, u64)>,
+    /// Session that sent the backup's committed epoch.
+    committed_session: u64,
     epochs: VecDeque<StreamEpoch>,
     queue: VecDeque<(u64, u32)>,
     rr: usize,
@@ -213,6 +222,7 @@ impl Sender {
                 planned: 0,
                 streaming: false,
                 resync_from: None,
+                committed_session: 0,
                 epochs: VecDeque::new(),
                 queue: VecDeque::new(),
                 rr: 0,
@@ -298,9 +308,10 @@ impl Sender {
         }
         if !backup.streaming {
             backup.committed = welcome.committed_epoch;
+            backup.committed_session = welcome.committed_session;
             backup.planned = welcome.committed_epoch;
             backup.streaming = true;
-            backup.resync_from = Some(welcome.committed_epoch);
+            backup.resync_from = Some((welcome.committed_epoch, welcome.committed_session));
             self.events.push_back(Event::NeedsResync {
                 backup: b,
                 committed: welcome.committed_epoch,
@@ -386,7 +397,7 @@ impl Sender {
             end_sent: None,
         });
         match backup.resync_from.take() {
-            Some(from) => EpochStart::Resync { from },
+            Some((from, from_session)) => EpochStart::Resync { from, from_session },
             None => EpochStart::Delta,
         }
     }
@@ -496,7 +507,7 @@ impl Sender {
                 if backup.streaming {
                     Self::drop_streams(backup);
                     backup.planned = backup.committed;
-                    backup.resync_from = Some(backup.committed);
+                    backup.resync_from = Some((backup.committed, backup.committed_session));
                     self.events.push_back(Event::NeedsResync {
                         backup: b,
                         committed: backup.committed,
@@ -515,11 +526,13 @@ impl Sender {
     }
 
     fn note_commit(&mut self, b: BackupId, epoch: u64) {
+        let session = self.cfg.session;
         let backup = &mut self.backups[b];
         if epoch <= backup.committed {
             return;
         }
         backup.committed = epoch;
+        backup.committed_session = session;
         while backup.epochs.front().is_some_and(|e| e.epoch <= epoch) {
             let e = backup.epochs.pop_front().expect("front");
             for s in e.slots {

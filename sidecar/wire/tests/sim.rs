@@ -13,6 +13,7 @@ use endophyte_wire::{
 };
 
 const PS: usize = 4096;
+const SESSION: u64 = 7;
 
 /// xorshift64*: small, deterministic.
 struct Rng(u64);
@@ -56,13 +57,14 @@ struct Replica {
 }
 
 impl Replica {
-    fn new(mem: usize, instance: u64, committed: u64, image: Vec<u8>) -> Self {
+    fn new(mem: usize, instance: u64, committed: u64, session: u64, image: Vec<u8>) -> Self {
         Self {
             rx: Receiver::new(
                 "vm".into(),
                 PS as u64,
                 mem as u64,
                 committed,
+                session,
                 instance,
                 "b".into(),
                 4,
@@ -109,6 +111,7 @@ impl Sim {
             ping_interval: Duration::from_millis(100),
             quorum,
             max_epochs_in_flight: 4,
+            session: SESSION,
         };
         let mut s = Self {
             now: Duration::ZERO,
@@ -120,7 +123,7 @@ impl Sim {
             dirty_since: BTreeMap::new(),
             sender: Sender::new(cfg, &vec![paths; backups]),
             replicas: (0..backups)
-                .map(|b| Replica::new(pages * PS, 100 + b as u64, 0, vec![0u8; pages * PS]))
+                .map(|b| Replica::new(pages * PS, 100 + b as u64, 0, 0, vec![0u8; pages * PS]))
                 .collect(),
             paths: vec![vec![(false, 0); paths]; backups],
             link,
@@ -150,7 +153,7 @@ impl Sim {
         r.rx.handle_message(
             p as u64,
             Message::Hello(Hello {
-                session: 7,
+                session: SESSION,
                 path: p as u32,
                 page_size: PS as u32,
                 mem_bytes: (self.pages * PS) as u64,
@@ -227,13 +230,17 @@ impl Sim {
             match self.sender.begin_epoch(b, e) {
                 EpochStart::NotStreaming => continue,
                 EpochStart::Delta => {}
-                EpochStart::Resync { from } => {
-                    // Pages changed since the epoch it holds, as of this pause; the shared delta follows.
-                    let mut changed: Vec<usize> = self
-                        .dirty_since
-                        .range(from + 1..e)
-                        .flat_map(|(_, v)| v.iter().copied())
-                        .collect();
+                EpochStart::Resync { from, from_session } => {
+                    // Pages changed since the epoch it holds, as of this pause (all pages when that epoch
+                    // is not from this session's history); the shared delta follows.
+                    let mut changed: Vec<usize> = if from_session == SESSION || from == 0 {
+                        self.dirty_since
+                            .range(from + 1..e)
+                            .flat_map(|(_, v)| v.iter().copied())
+                            .collect()
+                    } else {
+                        (0..self.pages).collect()
+                    };
                     changed.sort_unstable();
                     changed.dedup();
                     for c in self.chunks_of(e, changed, &snap) {
@@ -405,13 +412,18 @@ impl Sim {
 
     fn restart_backup(&mut self, b: usize) {
         let committed = self.replicas[b].rx.committed_epoch();
+        let session = self.replicas[b].rx.committed_session();
+        assert!(
+            committed == 0 || session == SESSION,
+            "a committed epoch without its session"
+        );
         let image = self.replicas[b].image.clone();
         let instance = self.replicas[b].instance + 1000;
         for p in 0..self.paths[b].len() {
             self.path_down(b, p);
         }
         self.drive_sender();
-        self.replicas[b] = Replica::new(self.pages * PS, instance, committed, image);
+        self.replicas[b] = Replica::new(self.pages * PS, instance, committed, session, image);
     }
 }
 
