@@ -327,7 +327,15 @@ fn vm_thread(
     inbox: std::sync::mpsc::Receiver<VmIn>,
 ) {
     let mut paths: HashMap<u64, mpsc::UnboundedSender<EncodedFrame>> = HashMap::new();
-    while let Ok(input) = inbox.recv() {
+    loop {
+        let input = match inbox.recv_timeout(std::time::Duration::from_millis(300)) {
+            Ok(i) => i,
+            Err(std::sync::mpsc::RecvTimeoutError::Timeout) => {
+                store.maybe_checkpoint(true);
+                continue;
+            }
+            Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => break,
+        };
         match input {
             VmIn::PathUp { key, tx } => {
                 paths.insert(key, tx);
@@ -368,6 +376,7 @@ fn vm_thread(
                     match store.commit(&end, rx.session().unwrap_or(0)) {
                         Ok(()) => {
                             tracing::debug!(vm = %vm_id, epoch, "committed");
+                            store.maybe_checkpoint(false);
                             if let Err(e) = rx.epoch_committed(epoch) {
                                 tracing::warn!(vm = %vm_id, "refused: {e}");
                             }

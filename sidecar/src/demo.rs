@@ -163,15 +163,28 @@ pub fn hash_file(path: &Path) -> anyhow::Result<String> {
     Ok(h.finalize().to_hex().to_string())
 }
 
-/// The committed epoch recorded in a backup's `state.json` for a VM.
-pub fn committed_on_disk(vm_dir: &Path) -> anyhow::Result<u64> {
+/// The epoch a backup's replica file holds durably, from its `state.json` (its last checkpoint).
+pub fn checkpoint_on_disk(vm_dir: &Path) -> anyhow::Result<u64> {
     let p = vm_dir.join("state.json");
     let v: serde_json::Value = serde_json::from_slice(
         &std::fs::read(&p).with_context(|| format!("reading {}", p.display()))?,
     )?;
-    v["committed_epoch"]
+    v["checkpoint_epoch"]
         .as_u64()
-        .context("state.json has no committed_epoch")
+        .context("state.json has no checkpoint_epoch")
+}
+
+/// Waits (up to `limit`) until the backup checkpointed `epoch` (it does within about 2 s of committing it,
+/// sooner when idle); returns the last checkpoint seen.
+pub fn wait_checkpoint(vm_dir: &Path, epoch: u64, limit: Duration) -> anyhow::Result<u64> {
+    let t = Instant::now();
+    loop {
+        let c = checkpoint_on_disk(vm_dir)?;
+        if c >= epoch || t.elapsed() > limit {
+            return Ok(c);
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
 }
 
 /// Runs the demo and prints its summary.
@@ -330,7 +343,7 @@ fn replicate_in(args: &ReplicateArgs, dir: &Path) -> anyhow::Result<ReplicateSum
         .to_string();
     let mut matches = report.final_epoch_durable && report.durable_epoch == epoch;
     for d in &data_dirs {
-        let committed = committed_on_disk(d)?;
+        let committed = wait_checkpoint(d, epoch, Duration::from_secs(15))?;
         let h = hash_file(&d.join("replica.img"))?;
         let ok = committed == epoch && h == ram_hash;
         if !ok {

@@ -397,6 +397,14 @@ pub fn run_sidecar(cfg: SidecarConfig, opts: RunOptions) -> anyhow::Result<Sidec
             shared.cv.notify_all();
         });
     }
+    if let Some(d) = opts.duration {
+        let shared = shared.clone();
+        rt.spawn(async move {
+            tokio::time::sleep(d).await;
+            shared.stop.store(true, Ordering::SeqCst);
+            shared.cv.notify_all();
+        });
+    }
 
     let mut ep = EpochLoop {
         client,
@@ -621,12 +629,10 @@ impl EpochLoop {
                 .count()
                 >= quorum
         });
-        let started = Instant::now();
         let epoch_len = Duration::from_millis(self.cfg.epoch_ms);
         let mut last_pause = Instant::now();
         loop {
-            let stopping = self.shared.stop.load(Ordering::SeqCst)
-                || self.opts.duration.is_some_and(|d| started.elapsed() >= d);
+            let stopping = self.shared.stop.load(Ordering::SeqCst);
             // Pace epochs; also wait while the backups cannot take another one.
             let due = last_pause + epoch_len;
             if !stopping {
@@ -733,6 +739,8 @@ impl EpochLoop {
         if resynced || long_epoch || self.last_dirty_bytes > self.cfg.staging / 2 {
             for _ in 0..MAX_PRECOPY_ROUNDS {
                 let h = self.client.harvest().context("harvesting dirty pages")?;
+                // Console output handed over with any harvest belongs to this epoch.
+                self.epoch_console.extend_from_slice(&h.console);
                 let bytes =
                     h.bitmaps.iter().map(|b| b.count()).sum::<u64>() * self.page_size as u64;
                 if bytes <= self.cfg.staging / 2 {
@@ -878,10 +886,14 @@ impl EpochLoop {
         }
         self.shared.wake.notify_one();
         let budget = self.cfg.max_unacked as usize;
-        self.shared.wait_until(Duration::from_secs(3600), |g| {
+        // Back-pressure; a stop request ends the wait, so that a stuck backup cannot keep the sidecar from
+        // cutting its final epoch and exiting.
+        let shared = self.shared.clone();
+        shared.wait_until(Duration::from_secs(3600), |g| {
             targets
                 .iter()
                 .all(|&b| g.sender.unacked_bytes(b) < budget || !g.sender.is_streaming(b))
+                || shared.stop.load(Ordering::SeqCst)
         });
     }
 

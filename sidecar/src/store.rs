@@ -5,14 +5,21 @@
 //! | file | what |
 //! |---|---|
 //! | `replica.img` | guest RAM as of the committed epoch, `mem_bytes` long (sparse where never written) |
-//! | `state.json` | `{vm_id, mem_bytes, page_size, committed_epoch, committed_session}`, replaced atomically (write, fsync, rename) |
+//! | `state.json` | `{vm_id, mem_bytes, page_size, checkpoint_epoch, checkpoint_session}`: the epoch `replica.img` holds durably; replaced atomically (write, fsync, rename) |
 //! | `journal/<epoch>.ejl` | the epoch's frames: a Hello naming the sending session, the Chunk frames as received, then its EpochEnd frame |
 //!
-//! Commit protocol, write-ahead: chunks are appended to the epoch's journal as they arrive; at commit the
-//! EpochEnd frame is appended and the journal fsynced (the commit point), then the chunks are applied to the
-//! mapped replica in seq order, the replica is msynced, `state.json` names the new epoch, and the journal is
-//! deleted. Recovery redoes any journal that holds a complete, verifiable epoch above `state.json`'s and
-//! deletes every other journal, so a backup killed at any moment restarts with the last committed epoch.
+//! Write-ahead logging with checkpoints, as databases do:
+//! - chunks are appended to the epoch's journal as they arrive;
+//! - at commit the EpochEnd frame is appended and the journal fsynced: **the commit point**;
+//! - the chunks are then applied to the mapped replica in seq order, without waiting for the disk;
+//! - a checkpoint (every 2 s, or when the VM is idle for 300 ms) fdatasyncs the replica in a background
+//!   thread, records its epoch in `state.json`, and deletes the journals it covers.
+//!
+//! Recovery starts from the checkpoint, redoes every complete, verifiable journal above it in order (each
+//! rewrites whole pages, so pages written after the checkpoint end up as the newest committed epoch has
+//! them), and deletes incomplete ones. A backup killed at any moment thus restarts with the last committed
+//! epoch. Syncing the replica per epoch instead would cost a random write per dirty page per epoch (measured
+//! here: 200-370 ms per 5 MB epoch, against about 1 ms for the sequential journal fsync).
 //!
 //! Journal writes go through io_uring (writev and fdatasync submitted to the kernel's ring); when the kernel
 //! refuses io_uring the store falls back to pwritev/fdatasync and says so in the log.
@@ -83,9 +90,9 @@ struct State {
     vm_id: String,
     mem_bytes: u64,
     page_size: u64,
-    committed_epoch: u64,
+    checkpoint_epoch: u64,
     #[serde(default)]
-    committed_session: u64,
+    checkpoint_session: u64,
 }
 
 /// Appends to a file through io_uring, or pwritev when io_uring is unavailable.
@@ -249,9 +256,14 @@ pub struct ReplicaStore {
     page_size: u64,
     committed: u64,
     committed_session: u64,
+    checkpoint: u64,
     map: MmapMut,
-    _file: File,
+    file: File,
     journals: BTreeMap<u64, Appender>,
+    /// Journals of committed epochs newer than the checkpoint: needed by recovery until the next one.
+    applied: Vec<PathBuf>,
+    last_checkpoint: std::time::Instant,
+    checkpointing: Option<std::thread::JoinHandle<Result<u64, StoreError>>>,
     use_uring: bool,
     crash: CrashPoint,
 }
@@ -291,7 +303,7 @@ impl ReplicaStore {
                         want_page: page_size,
                     });
                 }
-                (s.committed_epoch, s.committed_session)
+                (s.checkpoint_epoch, s.checkpoint_session)
             }
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => (0, 0),
             Err(e) => return Err(io("reading", &state_path)(e)),
@@ -318,16 +330,21 @@ impl ReplicaStore {
             page_size,
             committed,
             committed_session,
+            checkpoint: committed,
             map,
-            _file: file,
+            file,
             journals: BTreeMap::new(),
+            applied: Vec::new(),
+            last_checkpoint: std::time::Instant::now(),
+            checkpointing: None,
             use_uring,
             crash,
         };
         if !state_path.exists() {
-            store.write_state()?;
+            store.checkpoint_now()?;
         }
         store.recover()?;
+        store.checkpoint_now()?;
         Ok(store)
     }
 
@@ -408,9 +425,12 @@ impl ReplicaStore {
         let mut j = self.journals.remove(&epoch).expect("just opened");
         let frame: EncodedFrame = Message::EpochEnd(end.clone()).encode();
         j.append(&[&frame.head])?;
+        let t0 = std::time::Instant::now();
         j.sync()?;
+        let synced = t0.elapsed();
         drop(j);
         self.apply_journal(&path, epoch)?;
+        tracing::debug!(epoch, ?synced, total = ?t0.elapsed(), "epoch committed");
         Ok(())
     }
 
@@ -492,41 +512,96 @@ impl ReplicaStore {
                 }
             }
         }
-        self.map.flush().map_err(|source| StoreError::Io {
-            op: "msync",
-            path: self.image_path(),
-            source,
-        })?;
         self.committed = end.epoch;
         self.committed_session = session;
-        self.write_state()?;
-        let _ = std::fs::remove_file(path);
+        self.applied.push(path.to_owned());
         Ok(())
     }
 
-    fn write_state(&self) -> Result<(), StoreError> {
-        let path = self.dir.join("state.json");
-        let tmp = self.dir.join("state.json.tmp");
-        let s = State {
+    /// Epoch `replica.img` holds durably (the last checkpoint).
+    pub fn checkpoint_epoch(&self) -> u64 {
+        self.checkpoint
+    }
+
+    fn state(&self) -> State {
+        State {
             vm_id: self.vm_id.clone(),
             mem_bytes: self.mem_bytes,
             page_size: self.page_size,
-            committed_epoch: self.committed,
-            committed_session: self.committed_session,
+            checkpoint_epoch: self.committed,
+            checkpoint_session: self.committed_session,
+        }
+    }
+
+    /// Collects a finished background checkpoint.
+    fn reap_checkpoint(&mut self, wait: bool) {
+        if let Some(h) = self.checkpointing.take() {
+            if !wait && !h.is_finished() {
+                self.checkpointing = Some(h);
+                return;
+            }
+            match h.join().expect("checkpoint thread panicked") {
+                Ok(epoch) => self.checkpoint = epoch,
+                Err(e) => tracing::error!(
+                    "checkpoint failed; the journals since epoch {} stay for recovery: {e}",
+                    self.checkpoint
+                ),
+            }
+        }
+    }
+
+    /// Starts a background checkpoint when 2 s passed since the last one (or at once when `idle`) and
+    /// there is something to checkpoint. Returns immediately.
+    pub fn maybe_checkpoint(&mut self, idle: bool) {
+        self.reap_checkpoint(false);
+        let due = idle || self.last_checkpoint.elapsed() >= std::time::Duration::from_secs(2);
+        if self.checkpointing.is_some() || self.committed == self.checkpoint || !due {
+            return;
+        }
+        let file = match self.file.try_clone() {
+            Ok(f) => f,
+            Err(e) => {
+                tracing::error!("checkpoint: cannot clone the replica's fd: {e}");
+                return;
+            }
         };
-        let io = |op| {
-            let path = path.clone();
-            move |source| StoreError::Io { op, path, source }
-        };
-        let mut f = File::create(&tmp).map_err(io("writing"))?;
-        f.write_all(&serde_json::to_vec(&s).expect("state serializes"))
-            .map_err(io("writing"))?;
-        f.sync_all().map_err(io("syncing"))?;
-        std::fs::rename(&tmp, &path).map_err(io("renaming"))?;
-        File::open(&self.dir)
-            .and_then(|d| d.sync_all())
-            .map_err(io("syncing directory of"))?;
-        Ok(())
+        let (dir, state, journals) = (
+            self.dir.clone(),
+            self.state(),
+            std::mem::take(&mut self.applied),
+        );
+        let img = self.image_path();
+        self.last_checkpoint = std::time::Instant::now();
+        self.checkpointing = Some(std::thread::spawn(move || {
+            checkpoint(&file, &img, &dir, &state, &journals)
+        }));
+    }
+
+    /// Checkpoints now and waits: the replica file holds the committed epoch durably when this returns.
+    ///
+    /// # Errors
+    /// [`StoreError::Io`] if syncing or recording fails (the journals are kept).
+    pub fn checkpoint_now(&mut self) -> Result<(), StoreError> {
+        self.reap_checkpoint(true);
+        let journals = std::mem::take(&mut self.applied);
+        let r = checkpoint(
+            &self.file,
+            &self.image_path(),
+            &self.dir,
+            &self.state(),
+            &journals,
+        );
+        match r {
+            Ok(epoch) => {
+                self.checkpoint = epoch;
+                self.last_checkpoint = std::time::Instant::now();
+                Ok(())
+            }
+            Err(e) => {
+                self.applied = journals;
+                Err(e)
+            }
+        }
     }
 
     /// Redoes complete journals above the committed epoch, in order; deletes the rest.
@@ -560,4 +635,41 @@ impl ReplicaStore {
         }
         Ok(())
     }
+}
+
+/// Makes `file` (the replica, at `img`) durable, records `state` in `dir/state.json` atomically, then deletes
+/// `journals` (all covered by the state). Returns the checkpointed epoch.
+fn checkpoint(
+    file: &File,
+    img: &Path,
+    dir: &Path,
+    state: &State,
+    journals: &[PathBuf],
+) -> Result<u64, StoreError> {
+    let t0 = std::time::Instant::now();
+    // fdatasync writes back the page cache, including the pages written through the shared mapping.
+    file.sync_data().map_err(|source| StoreError::Io {
+        op: "syncing",
+        path: img.to_owned(),
+        source,
+    })?;
+    let path = dir.join("state.json");
+    let tmp = dir.join("state.json.tmp");
+    let io = |op| {
+        let path = path.clone();
+        move |source| StoreError::Io { op, path, source }
+    };
+    let mut f = File::create(&tmp).map_err(io("writing"))?;
+    f.write_all(&serde_json::to_vec(state).expect("state serializes"))
+        .map_err(io("writing"))?;
+    f.sync_all().map_err(io("syncing"))?;
+    std::fs::rename(&tmp, &path).map_err(io("renaming"))?;
+    File::open(dir)
+        .and_then(|d| d.sync_all())
+        .map_err(io("syncing directory of"))?;
+    for j in journals {
+        let _ = std::fs::remove_file(j);
+    }
+    tracing::debug!(epoch = state.checkpoint_epoch, took = ?t0.elapsed(), "checkpoint");
+    Ok(state.checkpoint_epoch)
 }

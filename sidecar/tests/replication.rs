@@ -84,7 +84,7 @@ fn many_epochs_to_two_backups_over_four_paths_each_match_guest_ram() {
     );
 }
 
-/// The replica in `vm_dir` holds epoch `epoch` (state.json) and its bytes hash to `ram_hash`, the VMM's
+/// The replica in `vm_dir` holds epoch `epoch` durably (its state.json, once checkpointed) and its bytes hash to `ram_hash`, the VMM's
 /// hash of guest RAM at that epoch's pause.
 fn assert_replica_is(
     vm_dir: &std::path::Path,
@@ -92,7 +92,12 @@ fn assert_replica_is(
     ram_hash: &str,
     report: &serde_json::Value,
 ) {
-    assert_eq!(committed(vm_dir), epoch, "{}: {report}", vm_dir.display());
+    assert_eq!(
+        checkpoint_reaching(vm_dir, epoch),
+        epoch,
+        "{}: {report}",
+        vm_dir.display()
+    );
     assert_eq!(
         hash_file(&vm_dir.join("replica.img")),
         ram_hash,
@@ -182,7 +187,7 @@ fn killed_path_and_crashed_backup_lose_nothing() {
     );
 
     // Kill the relay: b1's paths through it die mid-epoch; its direct paths carry on.
-    let at_kill = committed(&d1.join("vm1"));
+    let at_kill = checkpoint(&d1.join("vm1"));
     relay.kill();
     // Restart b2 on its old data; it resumes from epoch 8 and catches up.
     let _b2 = backup(&certs, "b2", a2, &d2, &[]);
@@ -199,7 +204,7 @@ fn killed_path_and_crashed_backup_lose_nothing() {
     // sidecar's dirty-page history), not all of RAM again.
     let resync = report["resync_bytes"].as_u64().unwrap();
     assert!(
-        resync >= 2 * (64 << 20) && resync < 2 * (64 << 20) + (32 << 20),
+        (2 * (64 << 20)..2 * (64 << 20) + (32 << 20)).contains(&resync),
         "resync bytes {resync}: {report}"
     );
     for d in [&d1, &d2] {

@@ -21,6 +21,11 @@ pub fn kvm_available() -> bool {
     ok
 }
 
+/// Log filter for the processes a test starts: `ENDOPHYTE_TEST_LOG`, default `warn`.
+pub fn log_level() -> String {
+    std::env::var("ENDOPHYTE_TEST_LOG").unwrap_or_else(|_| "warn".into())
+}
+
 /// A child process killed when dropped.
 pub struct Proc {
     pub child: Child,
@@ -38,7 +43,7 @@ impl Proc {
     pub fn spawn(name: &str, args: &[&str]) -> Self {
         let child = Command::new(EXE)
             .args(args)
-            .env("RUST_LOG", "warn")
+            .env("RUST_LOG", log_level())
             .stdin(Stdio::null())
             .spawn()
             .unwrap_or_else(|e| panic!("spawning {name}: {e}"));
@@ -151,8 +156,14 @@ pub fn ram_hashes(p: &Path) -> std::collections::BTreeMap<u64, String> {
         .collect()
 }
 
-pub fn committed(vm_dir: &Path) -> u64 {
-    endophyte::demo::committed_on_disk(vm_dir).unwrap()
+/// The epoch the backup's replica file holds durably (its last checkpoint).
+pub fn checkpoint(vm_dir: &Path) -> u64 {
+    endophyte::demo::checkpoint_on_disk(vm_dir).unwrap()
+}
+
+/// Waits up to 15 s for the backup to checkpoint `epoch`; returns the checkpoint then.
+pub fn checkpoint_reaching(vm_dir: &Path, epoch: u64) -> u64 {
+    endophyte::demo::wait_checkpoint(vm_dir, epoch, Duration::from_secs(15)).unwrap()
 }
 
 /// Runs `endophyte sidecar` to completion and returns its JSON report.
@@ -160,7 +171,7 @@ pub fn sidecar(args: &[String]) -> serde_json::Value {
     let out = Command::new(EXE)
         .arg("sidecar")
         .args(args)
-        .env("RUST_LOG", "warn")
+        .env("RUST_LOG", log_level())
         .stderr(Stdio::inherit())
         .output()
         .unwrap();

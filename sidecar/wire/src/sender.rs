@@ -304,7 +304,10 @@ impl Sender {
         path.ping = None;
         path.next_ping = Some(now);
         if restarted && backup.streaming {
+            // A new instance lost whatever it had staged: start it over from what it holds, even though its
+            // other paths (to the old instance) have not timed out yet.
             Self::drop_streams(backup);
+            backup.streaming = false;
         }
         if !backup.streaming {
             backup.committed = welcome.committed_epoch;

@@ -410,6 +410,30 @@ impl Sim {
         panic!("did not converge on epoch {}: committed {c:?}", self.epoch);
     }
 
+    /// The backup process restarts and one path reconnects to the new instance at once, while the sender
+    /// still believes the other paths up (their connections to the old instance have not timed out yet).
+    fn restart_backup_silently(&mut self, b: usize) {
+        let committed = self.replicas[b].rx.committed_epoch();
+        let session = self.replicas[b].rx.committed_session();
+        let image = self.replicas[b].image.clone();
+        let instance = self.replicas[b].instance + 1000;
+        for p in &mut self.paths[b] {
+            // Whatever is in flight to or from the old instance is lost with it; sends go nowhere.
+            p.0 = false;
+            p.1 += 1;
+        }
+        self.replicas[b] = Replica::new(self.pages * PS, instance, committed, session, image);
+        self.path_up(b, 0);
+    }
+
+    /// The stale paths time out and reconnect.
+    fn reconnect_stale_paths(&mut self, b: usize) {
+        for p in 1..self.paths[b].len() {
+            self.sender.handle_path_down(b, p);
+            self.path_up(b, p);
+        }
+    }
+
     fn restart_backup(&mut self, b: usize) {
         let committed = self.replicas[b].rx.committed_epoch();
         let session = self.replicas[b].rx.committed_session();
@@ -528,4 +552,23 @@ fn a_backup_cut_off_entirely_catches_up() {
         }
     }
     sim.settle();
+}
+
+#[test]
+fn a_backup_restarted_behind_live_looking_paths_resyncs() {
+    for seed in 1..=6 {
+        let mut sim = Sim::new(seed, 2, 3, 256, LOSSY, 1);
+        for round in 0..24 {
+            sim.guest_writes(40);
+            sim.cut_epoch();
+            sim.run_for(30);
+            if round == 8 {
+                sim.restart_backup_silently(1);
+            }
+            if round == 12 {
+                sim.reconnect_stale_paths(1);
+            }
+        }
+        sim.settle();
+    }
 }
