@@ -20,7 +20,7 @@ use crate::replicate::{run_sidecar, RunOptions};
 /// Arguments of `endophyte demo replicate`.
 #[derive(clap::Args, Debug, Clone)]
 pub struct ReplicateArgs {
-    /// How long to replicate.
+    /// How long to replicate once the initial full copy is durable on both backups.
     #[arg(long, default_value = "20s", value_parser = humantime::parse_duration)]
     pub duration: Duration,
     /// Guest RAM.
@@ -202,7 +202,7 @@ pub fn replicate(args: ReplicateArgs) -> anyhow::Result<()> {
         Output::Json => println!("{}", serde_json::to_string(&summary)?),
         Output::Text => {
             println!(
-                "Replicated a {} MiB guest to {} backups over {} paths each for {:?}:",
+                "Replicated a {} MiB guest to {} backups over {} paths each for {:?} after the initial copy:",
                 summary.mem_bytes >> 20,
                 summary.backups,
                 summary.paths,
@@ -324,6 +324,7 @@ fn replicate_in(args: &ReplicateArgs, dir: &Path) -> anyhow::Result<ReplicateSum
         cfg,
         RunOptions {
             duration: Some(args.duration),
+            duration_after_initial_copy: true,
             ram_hashes: Some(hashes.clone()),
             final_hash_only: true,
             report: None,

@@ -317,6 +317,7 @@ fn main() -> anyhow::Result<()> {
                 cfg,
                 endophyte::replicate::RunOptions {
                     duration: a.duration,
+                    duration_after_initial_copy: false,
                     ram_hashes: a.ram_hashes.clone(),
                     final_hash_only: false,
                     report: a.report.clone(),

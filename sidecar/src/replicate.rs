@@ -43,6 +43,9 @@ const MAX_PRECOPY_ROUNDS: usize = 5;
 pub struct RunOptions {
     /// Stop after this long (at an epoch boundary); `None` runs until SIGINT/SIGTERM.
     pub duration: Option<Duration>,
+    /// Count `duration` from the moment the initial full copy is durable instead of from the start, so
+    /// that a short run still shows steady-state replication (the demo does this).
+    pub duration_after_initial_copy: bool,
     /// Append `{"epoch", "ram_hash"}` lines: the VMM's BLAKE3 of guest RAM taken during each epoch's pause.
     /// Costs a full RAM hash per pause; meant for tests and the demo's final epoch.
     pub ram_hashes: Option<PathBuf>,
@@ -397,7 +400,7 @@ pub fn run_sidecar(cfg: SidecarConfig, opts: RunOptions) -> anyhow::Result<Sidec
             shared.cv.notify_all();
         });
     }
-    if let Some(d) = opts.duration {
+    if let Some(d) = opts.duration.filter(|_| !opts.duration_after_initial_copy) {
         let shared = shared.clone();
         rt.spawn(async move {
             tokio::time::sleep(d).await;
@@ -632,7 +635,12 @@ impl EpochLoop {
         let epoch_len = Duration::from_millis(self.cfg.epoch_ms);
         let mut last_pause = Instant::now();
         loop {
-            let stopping = self.shared.stop.load(Ordering::SeqCst);
+            let steady_done = self.opts.duration_after_initial_copy
+                && self.opts.duration.is_some_and(|d| {
+                    let g = self.shared.lock();
+                    g.initial_sync.is_some_and(|t| g.started.elapsed() >= t + d)
+                });
+            let stopping = self.shared.stop.load(Ordering::SeqCst) || steady_done;
             // Pace epochs; also wait while the backups cannot take another one.
             let due = last_pause + epoch_len;
             if !stopping {
@@ -710,13 +718,25 @@ impl EpochLoop {
         };
         // Resync prefixes, read from live RAM before the pause: anything the guest changes after a page was
         // read is dirty and comes again in this epoch's delta.
+        // Backups that need the same pages (all of RAM, or the same history) share one encoding.
+        let mut groups: Vec<(Option<u64>, Vec<usize>)> = Vec::new();
         for (b, s) in starts.iter().enumerate() {
             if let EpochStart::Resync { from, from_session } = *s {
-                let set = self.pages_since(from, from_session, e);
-                let n = self.send_pages(e, &[b], &set)?;
-                self.resync_bytes += n * self.page_size as u64;
-                tracing::info!(backup = b, from, epoch = e, pages = n, "resync prefix sent");
+                let key = self.history_covers(from, from_session).then_some(from);
+                match groups.iter_mut().find(|(k, _)| *k == key) {
+                    Some((_, bs)) => bs.push(b),
+                    None => groups.push((key, vec![b])),
+                }
             }
+        }
+        for (key, backups) in groups {
+            let set = match key {
+                Some(from) => self.pages_since(from, e),
+                None => PageSet::All,
+            };
+            let n = self.send_pages(e, &backups, &set)?;
+            self.resync_bytes += n * self.page_size as u64 * backups.len() as u64;
+            tracing::info!(?backups, from = ?key, epoch = e, pages = n, "resync prefix sent");
         }
         let targets: Vec<usize> = starts
             .iter()
@@ -849,15 +869,16 @@ impl EpochLoop {
         Ok(())
     }
 
-    /// Pages changed after epoch `from` (sent by session `from_session`), up to (not including) epoch `e`'s
-    /// delta. Only an epoch this run cut, still in its history, says what the replica holds; anything
-    /// else (an empty replica, another session's epoch, history pruned) means all of RAM.
-    fn pages_since(&self, from: u64, from_session: u64, e: u64) -> PageSet {
-        // History is pruned from the oldest end only, so every epoch this run cut after `from` is in it.
-        let covered = from_session == self.session && self.history.contains_key(&from);
-        if !covered {
-            return PageSet::All;
-        }
+    /// Whether this run's history says what changed after epoch `from` of session `from_session`: only an
+    /// epoch this run cut and still remembers does (history is pruned from the oldest end only, so every
+    /// epoch cut after it is there too). An empty replica, another session's epoch or a pruned one do not.
+    fn history_covers(&self, from: u64, from_session: u64) -> bool {
+        from_session == self.session && self.history.contains_key(&from)
+    }
+
+    /// Pages changed after epoch `from`, up to (not including) epoch `e`'s delta; see
+    /// [`EpochLoop::history_covers`].
+    fn pages_since(&self, from: u64, e: u64) -> PageSet {
         let mut acc: Option<Vec<DirtyBitmap>> = None;
         for (_, bms) in self.history.range(from + 1..e) {
             match &mut acc {

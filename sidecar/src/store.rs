@@ -11,7 +11,8 @@
 //! Write-ahead logging with checkpoints, as databases do:
 //! - chunks are appended to the epoch's journal as they arrive;
 //! - at commit the EpochEnd frame is appended and the journal fsynced: **the commit point**;
-//! - the chunks are then applied to the mapped replica in seq order, without waiting for the disk;
+//! - the chunks are then written into `replica.img` in seq order (pwrite, runs of pages coalesced), without
+//!   waiting for the disk;
 //! - a checkpoint (every 2 s, or when the VM is idle for 300 ms) fdatasyncs the replica in a background
 //!   thread, records its epoch in `state.json`, and deletes the journals it covers.
 //!
@@ -30,11 +31,12 @@ use std::io::Write;
 use std::os::fd::AsRawFd;
 use std::path::{Path, PathBuf};
 
-use endophyte_wire::frame::{FrameDecoder, DEFAULT_MAX_PAYLOAD_BYTES};
+use endophyte_wire::frame::{FrameHeader, DEFAULT_MAX_PAYLOAD_BYTES, HEADER_BYTES};
 use endophyte_wire::msg::epoch_hash;
 use endophyte_wire::{EncodedFrame, EpochEnd, Hello, Message, PageChunk};
-use memmap2::MmapMut;
 use serde::{Deserialize, Serialize};
+use std::io::{BufReader, Read};
+use std::os::unix::fs::FileExt;
 
 /// Errors of the replica store. Each names the file and what failed.
 #[derive(Debug, thiserror::Error)]
@@ -100,6 +102,9 @@ struct Appender {
     file: File,
     path: PathBuf,
     len: u64,
+    /// Where each chunk frame lies: seq -> (offset, length).
+    index: BTreeMap<u32, (u64, usize)>,
+    session: u64,
     ring: Option<io_uring::IoUring>,
 }
 
@@ -125,6 +130,8 @@ impl Appender {
             file,
             path,
             len: 0,
+            index: BTreeMap::new(),
+            session: 0,
             ring,
         })
     }
@@ -238,8 +245,9 @@ impl Appender {
     }
 }
 
-/// A complete epoch read back from its journal: the end marker, the chunks by seq, the sending session.
-type JournaledEpoch = (EpochEnd, BTreeMap<u32, PageChunk>, u64);
+/// A complete epoch found in its journal: the end marker, each chunk frame's `(offset, length)` by seq, and
+/// the sending session.
+type JournaledEpoch = (EpochEnd, BTreeMap<u32, (u64, usize)>, u64);
 
 /// Test hook: abort the process halfway through applying this epoch (see `endophyte backup --crash-during-apply`).
 #[derive(Clone, Copy, Debug, Default)]
@@ -257,7 +265,6 @@ pub struct ReplicaStore {
     committed: u64,
     committed_session: u64,
     checkpoint: u64,
-    map: MmapMut,
     file: File,
     journals: BTreeMap<u64, Appender>,
     /// Journals of committed epochs newer than the checkpoint: needed by recovery until the next one.
@@ -317,8 +324,6 @@ impl ReplicaStore {
             .open(&img)
             .map_err(io("opening", &img))?;
         file.set_len(mem_bytes).map_err(io("sizing", &img))?;
-        // SAFETY: the file is ours, sized to mem_bytes above; no one else maps it for writing while we run.
-        let map = unsafe { MmapMut::map_mut(&file) }.map_err(io("mapping", &img))?;
         let use_uring = io_uring::IoUring::new(2).is_ok();
         if !use_uring {
             tracing::warn!("io_uring unavailable here; the journal uses pwritev/fdatasync");
@@ -331,7 +336,6 @@ impl ReplicaStore {
             committed,
             committed_session,
             checkpoint: committed,
-            map,
             file,
             journals: BTreeMap::new(),
             applied: Vec::new(),
@@ -384,6 +388,7 @@ impl ReplicaStore {
             })
             .encode();
             a.append(&[&hello.head])?;
+            a.session = session;
             self.journals.insert(epoch, a);
         }
         Ok(())
@@ -406,14 +411,17 @@ impl ReplicaStore {
             chunk: chunk.clone(),
         }
         .encode();
-        self.journals
-            .get_mut(&epoch)
-            .expect("just inserted")
-            .append(&[&frame.head, &frame.body])
+        let j = self.journals.get_mut(&epoch).expect("just inserted");
+        let offset = j.len;
+        j.append(&[&frame.head, &frame.body])?;
+        // A retransmitted chunk journaled twice: the later copy is as good as the first.
+        j.index.insert(seq, (offset, frame.len()));
+        Ok(())
     }
 
-    /// Commits an epoch whose chunks are all journaled: journal the end marker, fsync (commit point), apply,
-    /// msync, record, delete the journal.
+    /// Commits an epoch whose chunks are all journaled and verified (by the [`endophyte_wire::Receiver`]):
+    /// journal the end marker and fsync (the commit point), then write the chunks into the replica. The
+    /// journal stays until a checkpoint covers the epoch.
     ///
     /// # Errors
     /// [`StoreError`]; if it fails before the fsync the replica still holds the previous epoch.
@@ -428,8 +436,9 @@ impl ReplicaStore {
         let t0 = std::time::Instant::now();
         j.sync()?;
         let synced = t0.elapsed();
+        let (index, session) = (std::mem::take(&mut j.index), j.session);
         drop(j);
-        self.apply_journal(&path, epoch)?;
+        self.apply_chunks(&path, end, &index, session)?;
         tracing::debug!(epoch, ?synced, total = ?t0.elapsed(), "epoch committed");
         Ok(())
     }
@@ -440,41 +449,55 @@ impl ReplicaStore {
         let _ = std::fs::remove_file(self.journal_path(epoch));
     }
 
-    /// Reads a journal; returns its end marker and chunks by seq if it holds a complete, verified epoch.
+    /// Scans a journal frame by frame (one frame in memory at a time); returns its end marker and where each
+    /// chunk frame lies, if it holds a complete epoch whose page count and epoch hash match its chunks.
     fn read_journal(&self, path: &Path) -> Result<Option<JournaledEpoch>, StoreError> {
-        let bytes = std::fs::read(path).map_err(|source| StoreError::Io {
+        let io = |source| StoreError::Io {
             op: "reading journal",
             path: path.to_owned(),
             source,
-        })?;
-        let mut d = FrameDecoder::new(DEFAULT_MAX_PAYLOAD_BYTES);
-        d.push(&bytes);
+        };
+        let mut r = BufReader::with_capacity(1 << 20, File::open(path).map_err(io)?);
         let mut chunks = BTreeMap::new();
+        let (mut hashes, mut pages) = (BTreeMap::new(), 0u64);
         let mut end = None;
         let mut session = 0;
+        let mut offset = 0u64;
         // A torn or corrupt tail ends the journal: whatever follows was never made durable.
-        while let Ok(Some(f)) = d.next_frame() {
-            match Message::decode(f) {
+        loop {
+            let mut head = [0u8; HEADER_BYTES];
+            if r.read_exact(&mut head).is_err() {
+                break;
+            }
+            let Ok(h) = FrameHeader::parse(&head, DEFAULT_MAX_PAYLOAD_BYTES) else {
+                break;
+            };
+            let mut payload = vec![0u8; h.len as usize];
+            if r.read_exact(&mut payload).is_err() {
+                break;
+            }
+            let len = HEADER_BYTES + payload.len();
+            match Message::from_parts(&head, &h, payload.into()) {
                 Ok(Message::Chunk { seq, chunk }) => {
-                    chunks.insert(seq, chunk);
+                    chunks.insert(seq, (offset, len));
+                    hashes.insert(seq, chunk.content_hash);
+                    pages += u64::from(chunk.n_pages);
                 }
                 Ok(Message::EpochEnd(e)) => end = Some(e),
                 Ok(Message::Hello(h)) => session = h.session,
                 _ => break,
             }
+            offset += len as u64;
         }
         let Some(end) = end else { return Ok(None) };
-        if chunks.len() as u64 != u64::from(end.chunk_count)
-            || chunks
+        let complete = chunks.len() as u64 == u64::from(end.chunk_count)
+            && chunks
                 .keys()
                 .next_back()
-                .is_some_and(|&s| s + 1 != end.chunk_count)
-        {
-            return Ok(None);
-        }
-        let pages: u64 = chunks.values().map(|c| u64::from(c.n_pages)).sum();
-        if pages != end.page_count
-            || epoch_hash(pages, chunks.values().map(|c| &c.content_hash)) != end.epoch_hash
+                .is_none_or(|&s| s + 1 == end.chunk_count);
+        if !complete
+            || pages != end.page_count
+            || epoch_hash(pages, hashes.values()) != end.epoch_hash
         {
             return Ok(None);
         }
@@ -485,11 +508,31 @@ impl ReplicaStore {
         let Some((end, chunks, session)) = self.read_journal(path)? else {
             return Err(StoreError::Journal {
                 path: path.to_owned(),
-                why: format!("epoch {epoch} journal is incomplete after fsync"),
+                why: format!("epoch {epoch} journal is incomplete"),
             });
         };
+        self.apply_chunks(path, &end, &chunks, session)
+    }
+
+    /// Writes the chunks of a durable journal into the replica, in seq order.
+    fn apply_chunks(
+        &mut self,
+        path: &Path,
+        end: &EpochEnd,
+        chunks: &BTreeMap<u32, (u64, usize)>,
+        session: u64,
+    ) -> Result<(), StoreError> {
+        let epoch = end.epoch;
+        let journal = File::open(path).map_err(|source| StoreError::Io {
+            op: "opening journal",
+            path: path.to_owned(),
+            source,
+        })?;
+        let mut writer = RunWriter::new(&self.file, self.image_path());
+        let zero = vec![0u8; self.page_size as usize];
+        let mut buf = Vec::new();
         let half = chunks.len() / 2;
-        for (i, (seq, c)) in chunks.iter().enumerate() {
+        for (i, (seq, &(offset, len))) in chunks.iter().enumerate() {
             if self.crash.during_apply == Some(epoch) && i == half {
                 tracing::error!(
                     epoch,
@@ -497,21 +540,29 @@ impl ReplicaStore {
                 );
                 std::process::abort();
             }
-            let d = c
+            let bad = |why: String| StoreError::Journal {
+                path: path.to_owned(),
+                why: format!("chunk {seq}: {why}"),
+            };
+            buf.resize(len, 0);
+            journal
+                .read_exact_at(&mut buf, offset)
+                .map_err(|e| bad(e.to_string()))?;
+            let head: [u8; HEADER_BYTES] = buf[..HEADER_BYTES].try_into().expect("header");
+            let h = FrameHeader::parse(&head, DEFAULT_MAX_PAYLOAD_BYTES)
+                .map_err(|e| bad(e.to_string()))?;
+            let payload = bytes::Bytes::copy_from_slice(&buf[HEADER_BYTES..]);
+            let Ok(Message::Chunk { chunk, .. }) = Message::from_parts(&head, &h, payload) else {
+                return Err(bad("not a chunk frame".into()));
+            };
+            let d = chunk
                 .decode(self.page_size, self.mem_bytes)
-                .map_err(|e| StoreError::Journal {
-                    path: path.to_owned(),
-                    why: format!("chunk {seq}: {e}"),
-                })?;
-            let ps = self.page_size as usize;
+                .map_err(|e| bad(e.to_string()))?;
             for (gpa, data) in d.pages() {
-                let dst = &mut self.map[gpa as usize..gpa as usize + ps];
-                match data {
-                    Some(src) => dst.copy_from_slice(src),
-                    None => dst.fill(0),
-                }
+                writer.page(gpa, data.unwrap_or(&zero))?;
             }
         }
+        writer.flush()?;
         self.committed = end.epoch;
         self.committed_session = session;
         self.applied.push(path.to_owned());
@@ -647,7 +698,7 @@ fn checkpoint(
     journals: &[PathBuf],
 ) -> Result<u64, StoreError> {
     let t0 = std::time::Instant::now();
-    // fdatasync writes back the page cache, including the pages written through the shared mapping.
+    // fdatasync writes back every dirty page-cache page of the replica.
     file.sync_data().map_err(|source| StoreError::Io {
         op: "syncing",
         path: img.to_owned(),
@@ -672,4 +723,53 @@ fn checkpoint(
     }
     tracing::debug!(epoch = state.checkpoint_epoch, took = ?t0.elapsed(), "checkpoint");
     Ok(state.checkpoint_epoch)
+}
+
+/// Writes pages to the replica file, coalescing runs of consecutive pages into one `pwrite` each.
+struct RunWriter<'a> {
+    file: &'a File,
+    path: PathBuf,
+    start: u64,
+    buf: Vec<u8>,
+}
+
+impl<'a> RunWriter<'a> {
+    const MAX_RUN_BYTES: usize = 1 << 20;
+
+    fn new(file: &'a File, path: PathBuf) -> Self {
+        Self {
+            file,
+            path,
+            start: 0,
+            buf: Vec::with_capacity(Self::MAX_RUN_BYTES),
+        }
+    }
+
+    fn page(&mut self, gpa: u64, data: &[u8]) -> Result<(), StoreError> {
+        let contiguous = self.start + self.buf.len() as u64 == gpa;
+        if !self.buf.is_empty()
+            && (!contiguous || self.buf.len() + data.len() > Self::MAX_RUN_BYTES)
+        {
+            self.flush()?;
+        }
+        if self.buf.is_empty() {
+            self.start = gpa;
+        }
+        self.buf.extend_from_slice(data);
+        Ok(())
+    }
+
+    fn flush(&mut self) -> Result<(), StoreError> {
+        if !self.buf.is_empty() {
+            self.file
+                .write_all_at(&self.buf, self.start)
+                .map_err(|source| StoreError::Io {
+                    op: "writing",
+                    path: self.path.clone(),
+                    source,
+                })?;
+            self.buf.clear();
+        }
+        Ok(())
+    }
 }
