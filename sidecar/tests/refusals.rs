@@ -35,6 +35,16 @@ async fn connect(
     addr: SocketAddr,
     session: u64,
 ) -> Result<(Path1, Message), PathError> {
+    connect_vm(id, addr, session, "vm1", MEM).await
+}
+
+async fn connect_vm(
+    id: &Identity,
+    addr: SocketAddr,
+    session: u64,
+    vm_id: &str,
+    mem_bytes: u64,
+) -> Result<(Path1, Message), PathError> {
     let ep = client_endpoint(id.client_config().unwrap(), addr)?;
     let conn = ep
         .connect(addr, "b1")
@@ -47,8 +57,8 @@ async fn connect(
             session,
             path: 0,
             page_size: page_size() as u32,
-            mem_bytes: MEM,
-            vm_id: "vm1".into(),
+            mem_bytes,
+            vm_id: vm_id.into(),
         })
         .encode(),
     )
@@ -140,32 +150,7 @@ async fn bad_input_is_refused_and_nothing_is_applied() {
 
     // A valid epoch 1 commits...
     let (mut p, _) = connect(&id, addr, 3).await.unwrap();
-    let c = one_page_chunk(1, 0x77);
-    let h = c.content_hash;
-    write_frame(&mut p.send, Message::Chunk { seq: 0, chunk: c }.encode())
-        .await
-        .unwrap();
-    write_frame(
-        &mut p.send,
-        Message::EpochEnd(EpochEnd {
-            epoch: 1,
-            base_epoch: 0,
-            chunk_count: 1,
-            page_count: 1,
-            epoch_hash: epoch_hash(1, [&h]),
-        })
-        .encode(),
-    )
-    .await
-    .unwrap();
-    let mut committed = false;
-    for _ in 0..3 {
-        if let Message::Committed { epoch: 1 } = read_message(&mut p.recv).await.unwrap() {
-            committed = true;
-            break;
-        }
-    }
-    assert!(committed, "epoch 1 was not committed");
+    commit_one_page_epoch(&mut p, 0x77).await;
     let img = std::fs::read(vm_dir.join("replica.img")).unwrap();
     let ps = page_size();
     assert!(
@@ -173,6 +158,25 @@ async fn bad_input_is_refused_and_nothing_is_applied() {
         "epoch 1's page is not in the replica"
     );
     let before = hash_file(&vm_dir.join("replica.img"));
+
+    // The same backup serves another VM at the same time, in its own replica.
+    let (mut p2, w) = connect_vm(&id, addr, 9, "vm2", 2 * MEM).await.unwrap();
+    assert!(
+        matches!(w, Message::Welcome(ref w) if w.committed_epoch == 0),
+        "{w:?}"
+    );
+    commit_one_page_epoch(&mut p2, 0x33).await;
+    let img2 = std::fs::read(data.join("vm2/replica.img")).unwrap();
+    assert_eq!(img2.len() as u64, 2 * MEM);
+    assert!(
+        img2[ps..2 * ps].iter().all(|&b| b == 0x33),
+        "vm2's page is not in its replica"
+    );
+    assert_eq!(
+        hash_file(&vm_dir.join("replica.img")),
+        before,
+        "vm2's epoch touched vm1's replica"
+    );
 
     // ...and offered again by another session, it is a replay.
     let (mut p, w) = connect(&id, addr, 4).await.unwrap();
@@ -240,6 +244,34 @@ async fn bad_input_is_refused_and_nothing_is_applied() {
         before,
         "the replica changed"
     );
+}
+
+/// Sends epoch 1 (one page of `fill` at the second page) on `p` and waits for its Committed.
+async fn commit_one_page_epoch(p: &mut Path1, fill: u8) {
+    let c = one_page_chunk(1, fill);
+    let h = c.content_hash;
+    write_frame(&mut p.send, Message::Chunk { seq: 0, chunk: c }.encode())
+        .await
+        .unwrap();
+    write_frame(
+        &mut p.send,
+        Message::EpochEnd(EpochEnd {
+            epoch: 1,
+            base_epoch: 0,
+            chunk_count: 1,
+            page_count: 1,
+            epoch_hash: epoch_hash(1, [&h]),
+        })
+        .encode(),
+    )
+    .await
+    .unwrap();
+    for _ in 0..3 {
+        if let Message::Committed { epoch: 1 } = read_message(&mut p.recv).await.unwrap() {
+            return;
+        }
+    }
+    panic!("epoch 1 was not committed");
 }
 
 fn certs_other(dir: &Path) -> std::path::PathBuf {
