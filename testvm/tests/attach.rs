@@ -136,12 +136,25 @@ fn a_harvest_lost_with_its_client_is_reported_again() {
             ..
         })
     ));
+    // While `a` owns the dirty log, another consumer is refused, with a message that names the owner.
+    let b = AttachClient::connect(&vmm.socket, "b").unwrap();
+    let refused = b.harvest().unwrap_err().to_string();
+    assert!(refused.contains("belongs to \"a\""), "{refused}");
+
     drop(a); // the sidecar dies without releasing its harvest
 
-    let b = AttachClient::connect(&vmm.socket, "b").unwrap();
     let t0 = Instant::now();
     let again = loop {
-        let h = b.harvest().unwrap();
+        // `a`'s connection winds down in the agent, then the log is free to take over.
+        let h = match b.harvest() {
+            Ok(h) => h,
+            Err(e) if t0.elapsed() < Duration::from_secs(5) => {
+                assert!(e.to_string().contains("belongs to"), "{e}");
+                std::thread::sleep(Duration::from_millis(20));
+                continue;
+            }
+            Err(e) => panic!("{e}"),
+        };
         if h.bitmaps[0].count() > 0 || t0.elapsed() > Duration::from_secs(5) {
             break h;
         }

@@ -8,7 +8,7 @@
 use std::fs::File;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::os::unix::net::{UnixListener, UnixStream};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use crate::bitmap::{words_for, DirtyBitmap};
@@ -102,6 +102,8 @@ pub trait AttachTarget: Send + Sync {
 /// Errors of `accept` other than interruptions.
 pub fn serve(listener: UnixListener, target: Arc<dyn AttachTarget>) -> std::io::Result<()> {
     let (stop_tx, stop_rx) = std::sync::mpsc::channel::<()>();
+    let owner: Arc<Mutex<Option<(u64, String)>>> = Arc::default();
+    let mut next_id = 1u64;
     listener.set_nonblocking(true)?;
     loop {
         if stop_rx.try_recv().is_ok() {
@@ -112,10 +114,12 @@ pub fn serve(listener: UnixListener, target: Arc<dyn AttachTarget>) -> std::io::
                 stream.set_nonblocking(false)?;
                 let target = target.clone();
                 let stop_tx = stop_tx.clone();
+                let (owner, id) = (owner.clone(), next_id);
+                next_id += 1;
                 std::thread::Builder::new()
                     .name("attach-conn".into())
                     .spawn(move || {
-                        if let Ok(true) = Connection::new(stream, target).run() {
+                        if let Ok(true) = Connection::new(stream, target, owner, id).run() {
                             let _ = stop_tx.send(());
                         }
                     })?;
@@ -136,6 +140,11 @@ struct Connection {
     bitmap: Option<(File, *mut u8, usize)>,
     pending: Option<(u64, Vec<DirtyBitmap>)>,
     next_seq: u64,
+    /// The connection that consumes dirty pages, shared by all connections: `(connection id, client name)`.
+    /// Harvests take pages away, so two consumers would each see only part of them; one owns the log.
+    owner: Arc<Mutex<Option<(u64, String)>>>,
+    id: u64,
+    client: String,
 }
 
 // SAFETY: the raw pointer is a private MAP_SHARED mapping owned by this connection and only used by the
@@ -143,13 +152,36 @@ struct Connection {
 unsafe impl Send for Connection {}
 
 impl Connection {
-    fn new(stream: UnixStream, target: Arc<dyn AttachTarget>) -> Self {
+    fn new(
+        stream: UnixStream,
+        target: Arc<dyn AttachTarget>,
+        owner: Arc<Mutex<Option<(u64, String)>>>,
+        id: u64,
+    ) -> Self {
         Self {
             stream,
             target,
             bitmap: None,
             pending: None,
             next_seq: 1,
+            owner,
+            id,
+            client: String::new(),
+        }
+    }
+
+    /// Makes this connection the dirty-log owner if there is none; refuses if another one is.
+    fn claim_dirty_log(&self, what: &str) -> Result<(), TargetError> {
+        let mut o = self.owner.lock().unwrap_or_else(|e| e.into_inner());
+        match &*o {
+            Some((id, name)) if *id != self.id => Err(TargetError::bad_state(format!(
+                "cannot {what}: dirty logging belongs to {name:?} (attach connection {id}); a second consumer \
+                 would take dirty pages away from it"
+            ))),
+            _ => {
+                *o = Some((self.id, self.client.clone()));
+                Ok(())
+            }
         }
     }
 
@@ -160,6 +192,11 @@ impl Connection {
             // The client went away mid-harvest: nothing it took may be lost.
             self.target.put_back(&bitmaps);
         }
+        // Logging goes on (so no write is missed); the next consumer takes the log over.
+        let mut o = self.owner.lock().unwrap_or_else(|e| e.into_inner());
+        if o.as_ref().is_some_and(|(id, _)| *id == self.id) {
+            *o = None;
+        }
         result
     }
 
@@ -167,7 +204,8 @@ impl Connection {
         // Handshake first.
         let (req, _fds): (Request, Vec<OwnedFd>) = proto::recv(&self.stream)?;
         match req {
-            Request::Hello { versions, .. } => {
+            Request::Hello { versions, client } => {
+                self.client = client;
                 let Some(&v) = SUPPORTED_VERSIONS.iter().find(|v| versions.contains(v)) else {
                     let msg =
                         format!("client speaks {versions:?}, agent speaks {SUPPORTED_VERSIONS:?}");
@@ -230,14 +268,18 @@ impl Connection {
                 })
             }
             Request::StartDirtyLog => {
+                self.claim_dirty_log("start dirty logging")?;
                 t.start_dirty_log()?;
                 Response::Ok
             }
             Request::StopDirtyLog => {
+                self.claim_dirty_log("stop dirty logging")?;
                 t.stop_dirty_log()?;
+                *self.owner.lock().unwrap_or_else(|e| e.into_inner()) = None;
                 Response::Ok
             }
             Request::Harvest => {
+                self.claim_dirty_log("harvest")?;
                 if let Some((seq, _)) = &self.pending {
                     return Err(TargetError::bad_state(format!(
                         "harvest {seq} is still outstanding; release it first"
