@@ -114,6 +114,8 @@ pub struct SidecarReport {
     pub peer_errors: Vec<String>,
     /// Committed epoch per backup, in configuration order.
     pub backup_committed: Vec<u64>,
+    /// Smoothed round-trip time per backup (its fastest path, from Ping/Pong), ms; 0 when not measured.
+    pub backup_rtt_ms: Vec<f64>,
     /// Whether the final epoch became durable before the sidecar exited.
     pub final_epoch_durable: bool,
     /// Whether guest console output was held until durable (output commit).
@@ -1044,6 +1046,9 @@ impl EpochLoop {
             peer_errors: g.peer_errors.clone(),
             backup_committed: (0..g.sender.backups())
                 .map(|b| g.sender.committed(b))
+                .collect(),
+            backup_rtt_ms: (0..g.sender.backups())
+                .map(|b| g.sender.rtt(b).map_or(0.0, |d| d.as_secs_f64() * 1e3))
                 .collect(),
             final_epoch_durable: durable >= last && last > 0,
             output_commit: self.output_commit,

@@ -8,7 +8,7 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
-use bytes::{Bytes, BytesMut};
+use bytes::BytesMut;
 use endophyte_wire::frame::{FrameHeader, DEFAULT_MAX_PAYLOAD_BYTES, HEADER_BYTES};
 use endophyte_wire::{EncodedFrame, Message, MessageError};
 use tokio::sync::mpsc;
@@ -48,7 +48,9 @@ pub enum PathError {
 }
 
 impl PathError {
-    /// A one-line explanation that says plainly when TLS refused the peer or the peer refused us.
+    /// The error with its whole chain of causes on one line. A TLS refusal between networks comes out as
+    /// the verifier's message (see [`crate::tls`]), e.g. "... was issued by network "b", not by this node's
+    /// network "a": refusing a peer from another network", on whichever side reads it.
     pub fn explain(&self) -> String {
         let mut s = self.to_string();
         let mut src = std::error::Error::source(self);
@@ -59,16 +61,6 @@ impl PathError {
                 s.push_str(&t);
             }
             src = e.source();
-        }
-        if s.contains("another network") {
-            return s;
-        }
-        if s.contains("alert")
-            && (s.contains("UnknownCA") || s.contains("BadCertificate") || s.contains("unknown"))
-        {
-            return format!(
-                "{s} (the peer refused our certificate: is it from the peer's network?)"
-            );
         }
         s
     }
@@ -246,9 +238,4 @@ async fn client_session(
     };
     conn.close(0u32.into(), b"path closed");
     r
-}
-
-/// Bytes of a frame as one buffer (tests and tools that write raw bytes).
-pub fn frame_bytes(frame: &EncodedFrame) -> Bytes {
-    Bytes::from(frame.to_vec())
 }
