@@ -803,7 +803,9 @@ impl EpochLoop {
             .filter(|_| !self.opts.final_hash_only || last)
         {
             let h = self.client.vmm_hash().context("hashing guest RAM")?;
-            writeln!(f, "{}", serde_json::json!({"epoch": e, "ram_hash": h}))?;
+            // One write per line, so a reader never sees half of one.
+            let line = format!("{}\n", serde_json::json!({"epoch": e, "ram_hash": h}));
+            f.write_all(line.as_bytes())?;
         }
         self.epoch_console.extend_from_slice(&harvest.console);
         let t_harvested = t0.elapsed();

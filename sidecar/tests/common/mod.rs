@@ -146,8 +146,9 @@ pub fn ram_hashes(p: &Path) -> std::collections::BTreeMap<u64, String> {
     std::fs::read_to_string(p)
         .unwrap()
         .lines()
-        .map(|l| {
-            let v: serde_json::Value = serde_json::from_str(l).unwrap();
+        // Read while the sidecar runs, the last line may still be partly written.
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+        .map(|v| {
             (
                 v["epoch"].as_u64().unwrap(),
                 v["ram_hash"].as_str().unwrap().to_string(),

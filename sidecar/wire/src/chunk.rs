@@ -119,6 +119,29 @@ impl PageChunk {
     /// # Errors
     /// Any [`ChunkError`]: caps, entries, lengths, lz4 data, content hash.
     pub fn decode(&self, page_size: u64, mem_bytes: u64) -> Result<DecodedChunk, ChunkError> {
+        self.decode_checked(page_size, mem_bytes, true)
+    }
+
+    /// As [`PageChunk::decode`] but without recomputing the content hash, for a chunk whose hash was
+    /// already verified and that has been carried since under a CRC (a backup applying its own journal).
+    /// Structure, bounds and lz4 data are still checked.
+    ///
+    /// # Errors
+    /// Any [`ChunkError`] but [`ChunkError::HashMismatch`].
+    pub fn decode_verified_earlier(
+        &self,
+        page_size: u64,
+        mem_bytes: u64,
+    ) -> Result<DecodedChunk, ChunkError> {
+        self.decode_checked(page_size, mem_bytes, false)
+    }
+
+    fn decode_checked(
+        &self,
+        page_size: u64,
+        mem_bytes: u64,
+        verify_hash: bool,
+    ) -> Result<DecodedChunk, ChunkError> {
         let epoch = self.epoch;
         if self.n_pages > MAX_CHUNK_PAGES || self.raw_len > MAX_CHUNK_RAW_BYTES {
             return Err(ChunkError::TooLarge {
@@ -203,8 +226,9 @@ impl PageChunk {
             }
             payload.to_vec()
         };
-        let hash = content_hash(epoch, self.n_pages, &self.body[..need], &data);
-        if hash != self.content_hash {
+        if verify_hash
+            && content_hash(epoch, self.n_pages, &self.body[..need], &data) != self.content_hash
+        {
             return Err(ChunkError::HashMismatch { epoch });
         }
         Ok(DecodedChunk {
