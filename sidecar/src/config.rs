@@ -12,6 +12,7 @@
 //! quorum = 1                         # backups that must commit an epoch before it is durable
 //! compress = true
 //! output_commit = true               # hold guest console output until its epoch is durable
+//! curve = "linear:start=0.5,max=0.9" # pressure -> vCPU throttle (crate throttle-curves)
 //!
 //! [[backup]]
 //! name = "backup-1"                  # its certificate's name
@@ -179,6 +180,9 @@ fn d_chunk_pages() -> u32 {
 fn d_unacked() -> u64 {
     16 << 20
 }
+fn d_curve() -> String {
+    "linear:start=0.5,max=0.9".into()
+}
 
 /// The sidecar's settings.
 #[derive(Clone, Debug, Deserialize)]
@@ -220,6 +224,9 @@ pub struct SidecarConfig {
     /// Encoded chunk bytes in flight (unacknowledged by a backup) before the sidecar waits.
     #[serde(default = "d_unacked", deserialize_with = "de_bytes")]
     pub max_unacked: u64,
+    /// Throttle curve, in `throttle_curves` string form (e.g. `exponential:start=0.3,max=0.95,steepness=4`).
+    #[serde(default = "d_curve")]
+    pub curve: String,
     /// The backups.
     #[serde(default, rename = "backup")]
     pub backups: Vec<BackupSpec>,
@@ -281,6 +288,8 @@ impl SidecarConfig {
                 self.staging
             ));
         }
+        throttle_curves::Curve::parse(&self.curve)
+            .map_err(|e| ConfigError::Invalid(e.to_string()))?;
         for b in &self.backups {
             let p = b.paths.unwrap_or(self.paths_per_backup);
             if p == 0 || p > 64 {

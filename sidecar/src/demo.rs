@@ -96,6 +96,14 @@ pub struct ReplicateSummary {
     pub console_bytes_released: u64,
     /// Last durable epoch, whose hash was compared.
     pub durable_epoch: u64,
+    /// Median vCPU throttle, percent.
+    pub throttle_pct_p50: f64,
+    /// Largest vCPU throttle, percent.
+    pub throttle_pct_max: f64,
+    /// Emergencies (epochs that overflowed staging).
+    pub emergency_events: u64,
+    /// Bytes the slowest backup acknowledged per second.
+    pub drain_bytes_per_s: f64,
 }
 
 struct Kids(Vec<Child>);
@@ -373,5 +381,9 @@ fn replicate_in(args: &ReplicateArgs, dir: &Path) -> anyhow::Result<ReplicateSum
         initial_sync_ms: report.initial_sync_ms,
         console_bytes_released: report.console_bytes_released,
         durable_epoch: report.durable_epoch,
+        throttle_pct_p50: report.throttle_pct_p50,
+        throttle_pct_max: report.throttle_pct_max,
+        emergency_events: report.emergency_events,
+        drain_bytes_per_s: report.drain_bytes_per_s,
     })
 }

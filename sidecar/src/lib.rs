@@ -6,6 +6,7 @@
 //! - [`tls`]: network CAs and node certificates (`endophyte certs`), mutual TLS configuration.
 //! - [`transport`]: QUIC paths carrying the frames of [`endophyte_wire`].
 //! - [`config`]: the sidecar's TOML configuration.
+//! - [`throttle`]: the controller that turns measured pressure into a vCPU throttle along a curve.
 //! - [`demo`]: `endophyte demo replicate`, everything on loopback in one command.
 //! - [`inspect`]: checks what a sidecar sees of a VMM through the attach protocol.
 
@@ -16,5 +17,6 @@ pub mod inspect;
 pub mod relay;
 pub mod replicate;
 pub mod store;
+pub mod throttle;
 pub mod tls;
 pub mod transport;

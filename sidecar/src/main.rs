@@ -153,6 +153,9 @@ struct SidecarArgs {
     /// Send chunks uncompressed.
     #[arg(long)]
     no_compress: bool,
+    /// Throttle curve, e.g. linear:start=0.5,max=0.9 or exponential:start=0.3,max=0.95,steepness=4.
+    #[arg(long)]
+    curve: Option<String>,
     /// Stop after this long (e.g. 20s), at an epoch boundary.
     #[arg(long, value_parser = humantime::parse_duration)]
     duration: Option<Duration>,
@@ -204,6 +207,9 @@ fn sidecar_config(a: &SidecarArgs) -> anyhow::Result<SidecarConfig> {
     }
     if a.no_compress {
         c.compress = false;
+    }
+    if let Some(v) = &a.curve {
+        c.curve = v.clone();
     }
     if a.no_output_commit {
         c.output_commit = false;

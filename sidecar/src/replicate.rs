@@ -114,6 +114,23 @@ pub struct SidecarReport {
     pub peer_errors: Vec<String>,
     /// Committed epoch per backup, in configuration order.
     pub backup_committed: Vec<u64>,
+    /// Throttle curve in use.
+    pub curve: String,
+    /// Median vCPU throttle over epochs, percent.
+    pub throttle_pct_p50: f64,
+    /// Largest vCPU throttle set, percent.
+    pub throttle_pct_max: f64,
+    /// Median pressure over epochs, `0..=1`.
+    pub pressure_p50: f64,
+    /// Largest pressure seen.
+    pub pressure_max: f64,
+    /// Emergencies: epochs whose dirty pages overflowed staging (the guest stayed paused while they were
+    /// sent).
+    pub emergency_events: u64,
+    /// Dirty bytes harvested per second, over the run.
+    pub dirty_bytes_per_s: f64,
+    /// Bytes the slowest backup acknowledged per second, over the run.
+    pub drain_bytes_per_s: f64,
     /// Smoothed round-trip time per backup (its fastest path, from Ping/Pong), ms; 0 when not measured.
     pub backup_rtt_ms: Vec<f64>,
     /// Whether the final epoch became durable before the sidecar exited.
@@ -433,6 +450,12 @@ pub fn run_sidecar(cfg: SidecarConfig, opts: RunOptions) -> anyhow::Result<Sidec
         session,
         hash_out: None,
         last_pause_at: None,
+        controller: crate::throttle::Controller::new(throttle_curves::Curve::parse(&cfg.curve)?),
+        throttle_now: 0.0,
+        last_sample: (Instant::now(), 0, vec![0; paths.len()]),
+        throttles: Vec::new(),
+        pressures: Vec::new(),
+        run_started: Instant::now(),
         output_commit: false,
         epoch_console: Vec::new(),
         console_at_exit: 0,
@@ -591,6 +614,12 @@ struct EpochLoop {
     session: u64,
     hash_out: Option<std::fs::File>,
     last_pause_at: Option<Instant>,
+    controller: crate::throttle::Controller,
+    throttle_now: f64,
+    last_sample: (Instant, u64, Vec<u64>),
+    throttles: Vec<f64>,
+    pressures: Vec<f64>,
+    run_started: Instant,
     output_commit: bool,
     epoch_console: Vec<u8>,
     console_at_exit: u64,
@@ -696,6 +725,12 @@ impl EpochLoop {
             let _ = self.client.hold_console(false);
         }
         let _ = self.client.stop_dirty_log();
+        // Replication stops; the guest must not stay slowed down for it.
+        if self.throttle_now > 0.0 {
+            self.client
+                .set_throttle(0.0)
+                .context("clearing the vCPU throttle")?;
+        }
         Ok(())
     }
 
@@ -867,6 +902,7 @@ impl EpochLoop {
                 .for_each(|(a, b)| a.or_assign(b));
         }
         self.history.insert(e, changed);
+        self.control()?;
         while self.history.len() > HISTORY_EPOCHS {
             self.history.pop_first();
         }
@@ -878,6 +914,52 @@ impl EpochLoop {
     /// epoch cut after it is there too). An empty replica, another session's epoch or a pruned one do not.
     fn history_covers(&self, from: u64, from_session: u64) -> bool {
         from_session == self.session && self.history.contains_key(&from)
+    }
+
+    /// Feeds this epoch's measurements to the throttle controller and sets the throttle it decides.
+    fn control(&mut self) -> anyhow::Result<()> {
+        let now = Instant::now();
+        let (acked, backlog) = {
+            let g = self.shared.lock();
+            let acked: Vec<u64> = (0..g.sender.backups())
+                .map(|b| g.sender.acked_bytes(b))
+                .collect();
+            (acked, g.sender.max_unacked_bytes() as u64)
+        };
+        let (then, dirty_then, acked_then) = &self.last_sample;
+        // The slowest backup that drained anything sets the drain rate.
+        let drained = {
+            let g = self.shared.lock();
+            (0..acked.len())
+                .filter(|&b| g.sender.is_streaming(b))
+                .map(|b| acked[b] - acked_then[b])
+                .min()
+                .unwrap_or(0)
+        };
+        let d = self.controller.sample(crate::throttle::EpochSample {
+            elapsed: now - *then,
+            dirty_bytes: self.dirty_bytes - dirty_then,
+            drained_bytes: drained,
+            backlog_bytes: backlog,
+            backlog_capacity_bytes: self.cfg.max_unacked,
+        });
+        self.last_sample = (now, self.dirty_bytes, acked);
+        self.pressures.push(d.pressure);
+        if (d.throttle - self.throttle_now).abs() >= 0.01 {
+            self.client
+                .set_throttle(d.throttle)
+                .context("setting the vCPU throttle")?;
+            tracing::debug!(
+                pressure = d.pressure,
+                throttle = d.throttle,
+                dirty_rate = d.dirty_rate,
+                drain_rate = d.drain_rate,
+                "throttle"
+            );
+            self.throttle_now = d.throttle;
+        }
+        self.throttles.push(self.throttle_now);
+        Ok(())
     }
 
     /// Pages changed after epoch `from`, up to (not including) epoch `e`'s delta; see
@@ -1049,6 +1131,19 @@ impl EpochLoop {
             backup_committed: (0..g.sender.backups())
                 .map(|b| g.sender.committed(b))
                 .collect(),
+            curve: self.controller.curve().to_string(),
+            throttle_pct_p50: percentile(&mut self.throttles.clone(), 0.5) * 100.0,
+            throttle_pct_max: self.throttles.iter().copied().fold(0.0, f64::max) * 100.0,
+            pressure_p50: percentile(&mut self.pressures.clone(), 0.5),
+            pressure_max: self.pressures.iter().copied().fold(0.0, f64::max),
+            emergency_events: self.overflow_epochs,
+            dirty_bytes_per_s: self.dirty_bytes as f64 / self.run_started.elapsed().as_secs_f64(),
+            drain_bytes_per_s: (0..g.sender.backups())
+                .filter(|&b| g.sender.committed(b) > 0)
+                .map(|b| g.sender.acked_bytes(b))
+                .min()
+                .unwrap_or(0) as f64
+                / self.run_started.elapsed().as_secs_f64(),
             backup_rtt_ms: (0..g.sender.backups())
                 .map(|b| g.sender.rtt(b).map_or(0.0, |d| d.as_secs_f64() * 1e3))
                 .collect(),

@@ -191,6 +191,7 @@ struct Backup {
     queue: VecDeque<(u64, u32)>,
     rr: usize,
     unacked_bytes: usize,
+    acked_bytes: u64,
 }
 
 impl Backup {
@@ -227,6 +228,7 @@ impl Sender {
                 queue: VecDeque::new(),
                 rr: 0,
                 unacked_bytes: 0,
+                acked_bytes: 0,
             })
             .collect();
         Self {
@@ -272,6 +274,11 @@ impl Sender {
     /// Chunk body bytes held for backup `b` and not yet acknowledged by it.
     pub fn unacked_bytes(&self, b: BackupId) -> usize {
         self.backups[b].unacked_bytes
+    }
+
+    /// Chunk body bytes backup `b` has acknowledged since the sender started (its drain, cumulative).
+    pub fn acked_bytes(&self, b: BackupId) -> u64 {
+        self.backups[b].acked_bytes
     }
 
     /// The most unacknowledged bytes any streaming backup holds: what back-pressure should watch.
@@ -470,6 +477,7 @@ impl Sender {
                     }
                 }
                 backup.unacked_bytes -= freed;
+                backup.acked_bytes += freed as u64;
                 if let Some(sp) = path_of {
                     let path = &mut backup.paths[sp];
                     path.inflight = path.inflight.saturating_sub(1);
