@@ -93,6 +93,32 @@ fn de_bytes<'de, D: serde::Deserializer<'de>>(d: D) -> Result<u64, D::Error> {
     }
 }
 
+/// Parses a rate: a byte size per second, `/s` optional (`20MB/s`, `1GiB/s`, `5000000`).
+///
+/// # Errors
+/// A message naming the bad input.
+pub fn parse_rate(s: &str) -> Result<u64, String> {
+    let t = s.trim();
+    let t = t.strip_suffix("/s").unwrap_or(t);
+    match parse_bytes(t)? {
+        0 => Err(format!("{s:?}: a bandwidth cap must be above 0")),
+        n => Ok(n),
+    }
+}
+
+fn de_opt_rate<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<u64>, D::Error> {
+    #[derive(Deserialize)]
+    #[serde(untagged)]
+    enum R {
+        N(u64),
+        S(String),
+    }
+    match R::deserialize(d)? {
+        R::N(n) => Ok(Some(n)),
+        R::S(s) => parse_rate(&s).map(Some).map_err(serde::de::Error::custom),
+    }
+}
+
 /// One backup node and how to reach it.
 #[derive(Clone, Debug, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields)]
@@ -224,6 +250,10 @@ pub struct SidecarConfig {
     /// Encoded chunk bytes in flight (unacknowledged by a backup) before the sidecar waits.
     #[serde(default = "d_unacked", deserialize_with = "de_bytes")]
     pub max_unacked: u64,
+    /// Cap on what the sidecar sends, all paths and backups together, bytes/s (`"20MB/s"`, or a number);
+    /// none by default. QEMU has the same knob (`max-bandwidth`); it lets throttling be exercised on loopback.
+    #[serde(default, deserialize_with = "de_opt_rate")]
+    pub max_bandwidth: Option<u64>,
     /// Throttle curve, in `throttle_curves` string form (e.g. `exponential:start=0.3,max=0.95,steepness=4`).
     #[serde(default = "d_curve")]
     pub curve: String,
@@ -348,5 +378,10 @@ mod tests {
         assert_eq!(parse_bytes("20MB").unwrap(), 20_000_000);
         assert_eq!(parse_bytes("4096").unwrap(), 4096);
         assert!(parse_bytes("12 parsecs").is_err());
+        assert_eq!(parse_rate("20MB/s").unwrap(), 20_000_000);
+        assert_eq!(parse_rate("1GiB/s").unwrap(), 1 << 30);
+        assert!(parse_rate("0/s").unwrap_err().contains("above 0"));
+        let c: SidecarConfig = toml::from_str("max_bandwidth = \"20MB/s\"").unwrap();
+        assert_eq!(c.max_bandwidth, Some(20_000_000));
     }
 }

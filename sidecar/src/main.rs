@@ -156,6 +156,9 @@ struct SidecarArgs {
     /// Throttle curve, e.g. linear:start=0.5,max=0.9 or exponential:start=0.3,max=0.95,steepness=4.
     #[arg(long)]
     curve: Option<String>,
+    /// Cap on what the sidecar sends, all paths together (e.g. 20MB/s).
+    #[arg(long, value_parser = endophyte::config::parse_rate)]
+    max_bandwidth: Option<u64>,
     /// Stop after this long (e.g. 20s), at an epoch boundary.
     #[arg(long, value_parser = humantime::parse_duration)]
     duration: Option<Duration>,
@@ -210,6 +213,9 @@ fn sidecar_config(a: &SidecarArgs) -> anyhow::Result<SidecarConfig> {
     }
     if let Some(v) = &a.curve {
         c.curve = v.clone();
+    }
+    if let Some(v) = a.max_bandwidth {
+        c.max_bandwidth = Some(v);
     }
     if a.no_output_commit {
         c.output_commit = false;

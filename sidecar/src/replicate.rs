@@ -403,7 +403,7 @@ pub fn run_sidecar(cfg: SidecarConfig, opts: RunOptions) -> anyhow::Result<Sidec
         }
     }
     drop(ev_tx);
-    rt.spawn(drive(shared.clone(), ev_rx));
+    rt.spawn(drive(shared.clone(), ev_rx, cfg.max_bandwidth));
     {
         let shared = shared.clone();
         rt.spawn(async move {
@@ -472,11 +472,46 @@ pub fn run_sidecar(cfg: SidecarConfig, opts: RunOptions) -> anyhow::Result<Sidec
     Ok(report)
 }
 
+/// A token bucket for `--max-bandwidth`: `rate` bytes/s, bursts up to 50 ms worth (at least 1 MiB).
+/// Sending may overdraw it; nothing more goes out until it is back above zero.
+struct Bucket {
+    rate: f64,
+    tokens: f64,
+    at: Instant,
+}
+
+impl Bucket {
+    fn new(rate_bytes_per_s: u64) -> Self {
+        Self {
+            rate: rate_bytes_per_s as f64,
+            tokens: 0.0,
+            at: Instant::now(),
+        }
+    }
+
+    fn refill(&mut self, now: Instant) {
+        let burst = (self.rate * 0.05).max(1048576.0);
+        self.tokens = (self.tokens + self.rate * (now - self.at).as_secs_f64()).min(burst);
+        self.at = now;
+    }
+
+    /// When the bucket is back above zero (now if it is).
+    fn ready_at(&self) -> Instant {
+        if self.tokens >= 0.0 {
+            self.at
+        } else {
+            self.at + Duration::from_secs_f64(-self.tokens / self.rate)
+        }
+    }
+}
+
 async fn drive(
     shared: Arc<Shared>,
     mut events: mpsc::UnboundedReceiver<((usize, usize), PathEvent)>,
+    max_bandwidth: Option<u64>,
 ) {
     let mut rpo_tick = tokio::time::interval(Duration::from_millis(10));
+    let mut bucket = max_bandwidth.map(Bucket::new);
     loop {
         let timeout = {
             let mut g = shared.lock();
@@ -485,10 +520,19 @@ async fn drive(
             if g.sender.poll_timeout().is_some_and(|t| t <= now) {
                 g.sender.handle_timeout(now);
             }
-            while let Some(t) = g.sender.poll_transmit(now) {
+            if let Some(b) = &mut bucket {
+                b.refill(now);
+            }
+            while bucket.as_ref().is_none_or(|b| b.tokens >= 0.0) {
+                let Some(t) = g.sender.poll_transmit(now) else {
+                    break;
+                };
                 if let Some(tx) = &g.path_tx[t.backup][t.path] {
                     let frame = t.msg.encode();
                     g.wire_bytes += frame.len() as u64;
+                    if let Some(b) = &mut bucket {
+                        b.tokens -= frame.len() as f64;
+                    }
                     let _ = tx.send(frame);
                 }
             }
@@ -536,7 +580,14 @@ async fn drive(
                 }
             }
             shared.cv.notify_all();
-            g.sender.poll_timeout()
+            let limited = bucket
+                .as_ref()
+                .filter(|b| b.tokens < 0.0)
+                .map(Bucket::ready_at);
+            match (g.sender.poll_timeout(), limited) {
+                (Some(a), Some(b)) => Some(a.min(b)),
+                (a, b) => a.or(b),
+            }
         };
         let sleep = async {
             match timeout {
