@@ -22,7 +22,7 @@ struct Cli {
 #[derive(Subcommand)]
 enum Cmd {
     /// Replicate a VM (reached through its VMM's attach socket) to backups, in epochs.
-    Sidecar(SidecarArgs),
+    Sidecar(Box<SidecarArgs>),
     /// Run a backup node: accept paths, keep a replica per VM.
     Backup {
         /// UDP address to listen on.
