@@ -860,6 +860,10 @@ impl EpochLoop {
                 self.client.release(h.seq, r.is_ok())?;
                 r?;
                 self.precopy_rounds += 1;
+                // A pre-copy round is where a guest that outruns the paths shows: let the controller
+                // throttle it now, not only at the end of this (long) epoch.
+                self.last_dirty_bytes = bytes;
+                self.control()?;
                 match &mut precopied {
                     None => precopied = Some(h.bitmaps),
                     Some(acc) => acc
@@ -970,12 +974,11 @@ impl EpochLoop {
     /// Feeds this epoch's measurements to the throttle controller and sets the throttle it decides.
     fn control(&mut self) -> anyhow::Result<()> {
         let now = Instant::now();
-        let (acked, backlog) = {
+        let acked: Vec<u64> = {
             let g = self.shared.lock();
-            let acked: Vec<u64> = (0..g.sender.backups())
+            (0..g.sender.backups())
                 .map(|b| g.sender.acked_bytes(b))
-                .collect();
-            (acked, g.sender.max_unacked_bytes() as u64)
+                .collect()
         };
         let (then, dirty_then, acked_then) = &self.last_sample;
         // The slowest backup that drained anything sets the drain rate.
@@ -991,8 +994,8 @@ impl EpochLoop {
             elapsed: now - *then,
             dirty_bytes: self.dirty_bytes - dirty_then,
             drained_bytes: drained,
-            backlog_bytes: backlog,
-            backlog_capacity_bytes: self.cfg.max_unacked,
+            staged_bytes: self.last_dirty_bytes,
+            staging_capacity_bytes: self.cfg.staging,
         });
         self.last_sample = (now, self.dirty_bytes, acked);
         self.pressures.push(d.pressure);

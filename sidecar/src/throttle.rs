@@ -2,8 +2,8 @@
 //! [`throttle_curves::Curve`], into the vCPU throttle fraction to set.
 //!
 //! Pressure is the larger of two signals:
-//! - **fill**: how much of the budget for not-yet-acknowledged data (staging buffer plus chunks in flight)
-//!   is in use, `0..=1`;
+//! - **fill**: how much of the staging buffer the epoch's dirty pages took, `0..=1` (1: the epoch
+//!   overflowed, and the guest had to stay paused while it was sent);
 //! - **rate**: how fast the guest dirties memory against how fast the paths drain it. Dirtying at half the
 //!   drain rate or less gives 0, dirtying at 1.5 times the drain rate or more gives 1, linear in between.
 //!   Rates are smoothed over epochs (EWMA, weight 1/4 for the newest).
@@ -23,10 +23,10 @@ pub struct EpochSample {
     pub dirty_bytes: u64,
     /// Chunk bytes the slowest streaming backup acknowledged in that time.
     pub drained_bytes: u64,
-    /// Bytes staged or in flight, not yet acknowledged, at the end of the epoch.
-    pub backlog_bytes: u64,
-    /// What `backlog_bytes` may reach before the sidecar has to wait (staging plus in-flight budget).
-    pub backlog_capacity_bytes: u64,
+    /// Bytes of dirty pages the epoch's pause had to stage.
+    pub staged_bytes: u64,
+    /// The staging buffer's size.
+    pub staging_capacity_bytes: u64,
 }
 
 /// The controller's view after a sample.
@@ -36,7 +36,7 @@ pub struct Decision {
     pub dirty_rate: f64,
     /// Smoothed drain rate, bytes/s.
     pub drain_rate: f64,
-    /// Backlog fill, `0..=1`.
+    /// Staging fill, `0..=1`.
     pub fill: f64,
     /// Pressure, `0..=1`.
     pub pressure: f64,
@@ -88,10 +88,10 @@ impl Controller {
             self.dirty_rate = Some(ewma(self.dirty_rate, s.dirty_bytes as f64 / secs));
             self.drain_rate = Some(ewma(self.drain_rate, s.drained_bytes as f64 / secs));
         }
-        let fill = if s.backlog_capacity_bytes == 0 {
+        let fill = if s.staging_capacity_bytes == 0 {
             0.0
         } else {
-            (s.backlog_bytes as f64 / s.backlog_capacity_bytes as f64).clamp(0.0, 1.0)
+            (s.staged_bytes as f64 / s.staging_capacity_bytes as f64).clamp(0.0, 1.0)
         };
         let (dirty, drain) = (
             self.dirty_rate.unwrap_or(0.0),
@@ -100,7 +100,7 @@ impl Controller {
         let rate = if dirty <= 0.0 {
             0.0
         } else if drain <= 0.0 {
-            // Nothing drained while the guest dirtied: only the backlog tells how bad it is.
+            // Nothing drained while the guest dirtied: only the staging fill tells how bad it is.
             fill
         } else {
             ((dirty / drain - 0.5) / 1.0).clamp(0.0, 1.0)
@@ -121,13 +121,13 @@ impl Controller {
 mod tests {
     use super::*;
 
-    fn sample(dirty_mb: u64, drained_mb: u64, backlog_mb: u64) -> EpochSample {
+    fn sample(dirty_mb: u64, drained_mb: u64, staged_mb: u64) -> EpochSample {
         EpochSample {
             elapsed: Duration::from_millis(100),
             dirty_bytes: dirty_mb << 20,
             drained_bytes: drained_mb << 20,
-            backlog_bytes: backlog_mb << 20,
-            backlog_capacity_bytes: 48 << 20,
+            staged_bytes: staged_mb << 20,
+            staging_capacity_bytes: 48 << 20,
         }
     }
 
@@ -158,7 +158,7 @@ mod tests {
     }
 
     #[test]
-    fn a_full_backlog_is_full_pressure_even_if_rates_look_fine() {
+    fn a_full_staging_buffer_is_full_pressure_even_if_rates_look_fine() {
         let mut c =
             Controller::new(Curve::parse("exponential:start=0.2,max=0.8,steepness=3").unwrap());
         let d = c.sample(sample(1, 4, 48));
@@ -167,7 +167,7 @@ mod tests {
     }
 
     #[test]
-    fn nothing_drained_falls_back_to_the_backlog() {
+    fn nothing_drained_falls_back_to_the_staging_fill() {
         let mut c = Controller::new(Curve::parse("linear:start=0,max=0.9").unwrap());
         let d = c.sample(sample(4, 0, 12));
         assert!((d.pressure - 0.25).abs() < 1e-9, "{d:?}");
