@@ -13,6 +13,8 @@
 //! compress = true
 //! output_commit = true               # hold guest console output until its epoch is durable
 //! curve = "linear:start=0.5,max=0.9" # pressure -> vCPU throttle (crate throttle-curves)
+//! emergency = "pause"                # or "discard", when an epoch overflows staging
+//! max_bandwidth = "20MB/s"           # optional cap on what the sidecar sends
 //!
 //! [[backup]]
 //! name = "backup-1"                  # its certificate's name
@@ -117,6 +119,18 @@ fn de_opt_rate<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<u64>, D:
         R::N(n) => Ok(Some(n)),
         R::S(s) => parse_rate(&s).map(Some).map_err(serde::de::Error::custom),
     }
+}
+
+/// What to do when an epoch's dirty pages overflow the staging buffer.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum Emergency {
+    /// Keep the guest paused while the pages are sent: the replica stays consistent, the guest stands still.
+    #[default]
+    Pause,
+    /// Abandon the pause, give the pages back to the VMM and let the guest run; the epoch ends later, the
+    /// replica falls behind (the RPO grows).
+    Discard,
 }
 
 /// One backup node and how to reach it.
@@ -254,6 +268,9 @@ pub struct SidecarConfig {
     /// none by default. QEMU has the same knob (`max-bandwidth`); it lets throttling be exercised on loopback.
     #[serde(default, deserialize_with = "de_opt_rate")]
     pub max_bandwidth: Option<u64>,
+    /// Emergency policy when staging overflows.
+    #[serde(default)]
+    pub emergency: Emergency,
     /// Throttle curve, in `throttle_curves` string form (e.g. `exponential:start=0.3,max=0.95,steepness=4`).
     #[serde(default = "d_curve")]
     pub curve: String,

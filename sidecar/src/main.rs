@@ -156,6 +156,9 @@ struct SidecarArgs {
     /// Throttle curve, e.g. linear:start=0.5,max=0.9 or exponential:start=0.3,max=0.95,steepness=4.
     #[arg(long)]
     curve: Option<String>,
+    /// What to do when an epoch overflows the staging buffer.
+    #[arg(long, value_enum)]
+    emergency: Option<endophyte::config::Emergency>,
     /// Cap on what the sidecar sends, all paths together (e.g. 20MB/s).
     #[arg(long, value_parser = endophyte::config::parse_rate)]
     max_bandwidth: Option<u64>,
@@ -213,6 +216,9 @@ fn sidecar_config(a: &SidecarArgs) -> anyhow::Result<SidecarConfig> {
     }
     if let Some(v) = &a.curve {
         c.curve = v.clone();
+    }
+    if let Some(v) = a.emergency {
+        c.emergency = v;
     }
     if let Some(v) = a.max_bandwidth {
         c.max_bandwidth = Some(v);

@@ -124,9 +124,11 @@ pub struct SidecarReport {
     pub pressure_p50: f64,
     /// Largest pressure seen.
     pub pressure_max: f64,
-    /// Emergencies: epochs whose dirty pages overflowed staging (the guest stayed paused while they were
-    /// sent).
+    /// Emergencies: epochs whose dirty pages overflowed staging, under either policy (`pause`: the guest
+    /// stayed paused while they were sent; `discard`: the pause was abandoned).
     pub emergency_events: u64,
+    /// Pauses abandoned under the `discard` policy.
+    pub discarded_pauses: u64,
     /// Dirty bytes harvested per second, over the run.
     pub dirty_bytes_per_s: f64,
     /// Bytes the slowest backup acknowledged per second, over the run.
@@ -444,6 +446,7 @@ pub fn run_sidecar(cfg: SidecarConfig, opts: RunOptions) -> anyhow::Result<Sidec
         raw_bytes: 0,
         body_bytes: 0,
         overflow_epochs: 0,
+        discards: 0,
         precopy_rounds: 0,
         last_dirty_bytes: 0,
         epochs: 0,
@@ -659,6 +662,7 @@ struct EpochLoop {
     raw_bytes: u64,
     body_bytes: u64,
     overflow_epochs: u64,
+    discards: u64,
     precopy_rounds: u64,
     last_dirty_bytes: u64,
     epochs: u64,
@@ -841,69 +845,100 @@ impl EpochLoop {
         let resynced = starts
             .iter()
             .any(|s| matches!(s, EpochStart::Resync { .. }));
-        let long_epoch = self
-            .last_pause_at
-            .is_none_or(|t| t.elapsed() > 2 * Duration::from_millis(self.cfg.epoch_ms));
-        if resynced || long_epoch || self.last_dirty_bytes > self.cfg.staging / 2 {
-            for _ in 0..MAX_PRECOPY_ROUNDS {
-                let h = self.client.harvest().context("harvesting dirty pages")?;
-                // Console output handed over with any harvest belongs to this epoch.
-                self.epoch_console.extend_from_slice(&h.console);
-                let bytes =
-                    h.bitmaps.iter().map(|b| b.count()).sum::<u64>() * self.page_size as u64;
-                if bytes <= self.cfg.staging / 2 {
-                    self.client.release(h.seq, false)?;
-                    break;
-                }
-                self.dirty_bytes += bytes;
-                let r = self.send_pages(e, &targets, &PageSet::Union(h.bitmaps.clone()));
-                self.client.release(h.seq, r.is_ok())?;
-                r?;
-                self.precopy_rounds += 1;
-                // A pre-copy round is where a guest that outruns the paths shows: let the controller
-                // throttle it now, not only at the end of this (long) epoch.
-                self.last_dirty_bytes = bytes;
-                self.control()?;
-                match &mut precopied {
-                    None => precopied = Some(h.bitmaps),
-                    Some(acc) => acc
-                        .iter_mut()
-                        .zip(&h.bitmaps)
-                        .for_each(|(a, b)| a.or_assign(b)),
+        // Discard policy: when the pause finds more than staging holds, the pause is abandoned (the pages go
+        // back to the VMM, the guest runs on) and the epoch goes on with more pre-copy; it ends at the first
+        // pause whose pages fit. The replica falls behind meanwhile instead of the guest standing still.
+        let mut discarded = false;
+        let (t0, vmm_pause, t_paused, harvest, t_harvested, pages, bytes, fits) = loop {
+            let long_epoch = self
+                .last_pause_at
+                .is_none_or(|t| t.elapsed() > 2 * Duration::from_millis(self.cfg.epoch_ms));
+            if discarded || resynced || long_epoch || self.last_dirty_bytes > self.cfg.staging / 2 {
+                for _ in 0..MAX_PRECOPY_ROUNDS {
+                    let h = self.client.harvest().context("harvesting dirty pages")?;
+                    // Console output handed over with any harvest belongs to this epoch.
+                    self.epoch_console.extend_from_slice(&h.console);
+                    let bytes =
+                        h.bitmaps.iter().map(|b| b.count()).sum::<u64>() * self.page_size as u64;
+                    if bytes <= self.cfg.staging / 2 {
+                        self.client.release(h.seq, false)?;
+                        break;
+                    }
+                    self.dirty_bytes += bytes;
+                    let r = self.send_pages(e, &targets, &PageSet::Union(h.bitmaps.clone()));
+                    self.client.release(h.seq, r.is_ok())?;
+                    r?;
+                    self.precopy_rounds += 1;
+                    // A pre-copy round is where a guest that outruns the paths shows: let the controller
+                    // throttle it now, not only at the end of this (long) epoch.
+                    self.last_dirty_bytes = bytes;
+                    self.control()?;
+                    match &mut precopied {
+                        None => precopied = Some(h.bitmaps),
+                        Some(acc) => acc
+                            .iter_mut()
+                            .zip(&h.bitmaps)
+                            .for_each(|(a, b)| a.or_assign(b)),
+                    }
                 }
             }
-        }
 
-        // The pause.
-        let t0 = Instant::now();
-        self.last_pause_at = Some(t0);
-        let vmm_pause = self.client.pause().context("pausing the guest")?;
-        let t_paused = t0.elapsed();
-        self.shared.lock().pause_at.insert(e, t0);
-        let harvest = match self.client.harvest() {
-            Ok(h) => h,
-            Err(err) => {
-                let _ = self.client.resume();
-                return Err(err).context("harvesting dirty pages");
+            // The pause.
+            let t0 = Instant::now();
+            self.last_pause_at = Some(t0);
+            let vmm_pause = self.client.pause().context("pausing the guest")?;
+            let t_paused = t0.elapsed();
+            self.shared.lock().pause_at.insert(e, t0);
+            let harvest = match self.client.harvest() {
+                Ok(h) => h,
+                Err(err) => {
+                    let _ = self.client.resume();
+                    return Err(err).context("harvesting dirty pages");
+                }
+            };
+            if let Some(f) = self
+                .hash_out
+                .as_mut()
+                .filter(|_| !self.opts.final_hash_only || last)
+            {
+                let h = self.client.vmm_hash().context("hashing guest RAM")?;
+                // One write per line, so a reader never sees half of one.
+                let line = format!("{}\n", serde_json::json!({"epoch": e, "ram_hash": h}));
+                f.write_all(line.as_bytes())?;
             }
+            self.epoch_console.extend_from_slice(&harvest.console);
+            let t_harvested = t0.elapsed();
+            let pages: u64 = harvest.bitmaps.iter().map(|b| b.count()).sum();
+            let bytes = pages * self.page_size as u64;
+            self.dirty_bytes += bytes;
+            self.last_dirty_bytes = bytes;
+            let fits = bytes <= self.cfg.staging;
+            if !fits && self.cfg.emergency == crate::config::Emergency::Discard {
+                self.client.release(harvest.seq, false)?;
+                self.client.resume().context("resuming the guest")?;
+                // Not consumed: these pages are harvested again.
+                self.dirty_bytes -= bytes;
+                self.discards += 1;
+                tracing::warn!(
+                    epoch = e,
+                    dirty_bytes = bytes,
+                    staging = self.cfg.staging,
+                    "emergency (discard): the pause's pages overflow staging; guest resumed, epoch continues"
+                );
+                discarded = true;
+                continue;
+            }
+            break (
+                t0,
+                vmm_pause,
+                t_paused,
+                harvest,
+                t_harvested,
+                pages,
+                bytes,
+                fits,
+            );
         };
-        if let Some(f) = self
-            .hash_out
-            .as_mut()
-            .filter(|_| !self.opts.final_hash_only || last)
-        {
-            let h = self.client.vmm_hash().context("hashing guest RAM")?;
-            // One write per line, so a reader never sees half of one.
-            let line = format!("{}\n", serde_json::json!({"epoch": e, "ram_hash": h}));
-            f.write_all(line.as_bytes())?;
-        }
-        self.epoch_console.extend_from_slice(&harvest.console);
-        let t_harvested = t0.elapsed();
-        let pages: u64 = harvest.bitmaps.iter().map(|b| b.count()).sum();
-        let bytes = pages * self.page_size as u64;
-        self.dirty_bytes += bytes;
-        self.last_dirty_bytes = bytes;
-        let fits = bytes <= self.cfg.staging;
         let staged = if fits {
             // Copy the dirty ranges into staging while the guest stands still.
             let index = stage_dirty(&self.client, &harvest.bitmaps, &mut self.staging, 2)
@@ -1190,7 +1225,8 @@ impl EpochLoop {
             throttle_pct_max: self.throttles.iter().copied().fold(0.0, f64::max) * 100.0,
             pressure_p50: percentile(&mut self.pressures.clone(), 0.5),
             pressure_max: self.pressures.iter().copied().fold(0.0, f64::max),
-            emergency_events: self.overflow_epochs,
+            emergency_events: self.overflow_epochs + self.discards,
+            discarded_pauses: self.discards,
             dirty_bytes_per_s: self.dirty_bytes as f64 / self.run_started.elapsed().as_secs_f64(),
             drain_bytes_per_s: (0..g.sender.backups())
                 .filter(|&b| g.sender.committed(b) > 0)
