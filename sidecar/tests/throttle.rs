@@ -1,0 +1,74 @@
+//! Adaptive throttling against a real guest: with the sidecar's bandwidth capped below the guest's dirty
+//! rate, the guest's own page counter must show it slowing down as the curve says, while the replica stays
+//! exact (pause policy).
+
+mod common;
+
+use std::time::Duration;
+
+use common::*;
+use endophyte_attach::client::AttachClient;
+
+fn guest_pages(c: &AttachClient) -> u64 {
+    endophyte::demo::guest_pages_written(c).unwrap()
+}
+
+#[test]
+fn a_capped_path_slows_the_guest_along_the_curve_and_the_replica_stays_exact() {
+    if !kvm_available() {
+        return;
+    }
+    let tmp = tempfile::tempdir().unwrap();
+    let certs = certs(tmp.path(), "test", &["primary", "b1"]);
+    let a1 = free_udp();
+    let d1 = tmp.path().join("d1");
+    let _b1 = backup(&certs, "b1", a1, &d1, &[]);
+    let sock = tmp.path().join("vm.sock");
+    // Unpaced, so that only the throttle limits it: tens of MB/s of dirty pages; the sidecar may send 8 MB/s.
+    let _vm = vmm(&sock, "32MiB", "hotset:size=16M,rate=0");
+    let probe = AttachClient::connect(&sock, "probe").unwrap();
+    let p0 = guest_pages(&probe);
+    std::thread::sleep(Duration::from_secs(2));
+    let free_rate = (guest_pages(&probe) - p0) as f64 / 2.0;
+
+    let hashes = tmp.path().join("hashes.jsonl");
+    let args: Vec<String> = vec![
+        "--vm-id=vm1".into(),
+        format!("--attach-socket={}", sock.display()),
+        format!("--certs={}", certs.display()),
+        "--node=primary".into(),
+        format!("--backup=name=b1,addr={a1}"),
+        "--max-bandwidth=8MB/s".into(),
+        "--curve=linear:start=0,max=0.9".into(),
+        "--emergency=pause".into(),
+        "--duration=16s".into(),
+        format!("--ram-hashes={}", hashes.display()),
+    ];
+    let sidecar = std::thread::spawn(move || common::sidecar(&args));
+    // Let the initial copy finish and the controller settle, then measure the guest's own rate.
+    std::thread::sleep(Duration::from_secs(10));
+    let q0 = guest_pages(&probe);
+    std::thread::sleep(Duration::from_secs(4));
+    let throttled_rate = (guest_pages(&probe) - q0) as f64 / 4.0;
+    let report = sidecar.join().unwrap();
+
+    let throttle = report["throttle_pct_p50"].as_f64().unwrap() / 100.0;
+    assert!(throttle > 0.3, "the controller did not throttle: {report}");
+    // The guest sleeps `throttle` of each slice, so it runs at about (1 - throttle) of its free rate.
+    let ratio = throttled_rate / free_rate;
+    eprintln!(
+        "guest: {free_rate:.0} pages/s free, {throttled_rate:.0} throttled (ratio {ratio:.2}); throttle p50 {throttle:.2}"
+    );
+    assert!(
+        (ratio - (1.0 - throttle)).abs() < 0.3,
+        "guest at {throttled_rate:.0} pages/s against {free_rate:.0} free (ratio {ratio:.2}) with throttle {throttle:.2}: {report}"
+    );
+    assert!(throttled_rate > 0.0, "the guest stopped altogether");
+    assert_eq!(report["overflow_epochs"].as_u64().unwrap(), 0, "{report}");
+    // And the replica is exactly guest RAM at the last epoch.
+    let last = report["last_epoch"].as_u64().unwrap();
+    let h = ram_hashes(&hashes);
+    let vm_dir = d1.join("vm1");
+    assert_eq!(checkpoint_reaching(&vm_dir, last), last, "{report}");
+    assert_eq!(hash_file(&vm_dir.join("replica.img")), h[&last]);
+}
