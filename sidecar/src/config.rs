@@ -277,6 +277,21 @@ pub struct SidecarConfig {
     /// The backups.
     #[serde(default, rename = "backup")]
     pub backups: Vec<BackupSpec>,
+    /// Whether `epoch_ms`, `staging` and `max_unacked` were set by the operator (file or flags). Those not
+    /// set follow the measured bandwidth-delay product ([`crate::throttle::tune`]).
+    #[serde(skip)]
+    pub explicit: Explicit,
+}
+
+/// Which tunables the operator set; see [`SidecarConfig::explicit`].
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Explicit {
+    /// `epoch_ms` was set.
+    pub epoch_ms: bool,
+    /// `staging` was set.
+    pub staging: bool,
+    /// `max_unacked` was set.
+    pub max_unacked: bool,
 }
 
 impl Default for SidecarConfig {
@@ -295,10 +310,18 @@ impl SidecarConfig {
             path: path.to_owned(),
             source,
         })?;
-        toml::from_str(&text).map_err(|e| ConfigError::Toml {
+        let toml_err = |e: toml::de::Error| ConfigError::Toml {
             path: path.to_owned(),
             message: e.to_string(),
-        })
+        };
+        let mut c: SidecarConfig = toml::from_str(&text).map_err(toml_err)?;
+        let table: toml::Table = toml::from_str(&text).map_err(toml_err)?;
+        c.explicit = Explicit {
+            epoch_ms: table.contains_key("epoch_ms"),
+            staging: table.contains_key("staging"),
+            max_unacked: table.contains_key("max_unacked"),
+        };
+        Ok(c)
     }
 
     /// Checks the settings make sense together.
@@ -387,6 +410,19 @@ mod tests {
             ..SidecarConfig::default()
         };
         assert!(c.validate().unwrap_err().to_string().contains("quorum"));
+    }
+
+    #[test]
+    fn a_file_says_which_tunables_it_sets() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("s.toml");
+        std::fs::write(&p, "vm_id = \"v\"\nstaging = \"64MiB\"\n").unwrap();
+        let c = SidecarConfig::from_file(&p).unwrap();
+        assert_eq!(c.staging, 64 << 20);
+        assert!(c.explicit.staging && !c.explicit.epoch_ms && !c.explicit.max_unacked);
+        std::fs::write(&p, "epoch_ms = 0.5\n").unwrap();
+        let e = SidecarConfig::from_file(&p).unwrap_err().to_string();
+        assert!(e.contains("s.toml") && e.contains("epoch_ms"), "{e}");
     }
 
     #[test]

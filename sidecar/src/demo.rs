@@ -323,6 +323,11 @@ fn replicate_in(args: &ReplicateArgs, dir: &Path) -> anyhow::Result<ReplicateSum
         epoch_ms: args.epoch_ms,
         staging: args.staging,
         paths_per_backup: args.paths,
+        explicit: crate::config::Explicit {
+            epoch_ms: true,
+            staging: true,
+            max_unacked: false,
+        },
         quorum: 2,
         compress: !args.no_compress,
         backups,

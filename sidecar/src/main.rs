@@ -198,9 +198,11 @@ fn sidecar_config(a: &SidecarArgs) -> anyhow::Result<SidecarConfig> {
     }
     if let Some(v) = a.epoch_ms {
         c.epoch_ms = v;
+        c.explicit.epoch_ms = true;
     }
     if let Some(v) = a.staging {
         c.staging = v;
+        c.explicit.staging = true;
     }
     if let Some(v) = a.paths {
         c.paths_per_backup = v;

@@ -72,8 +72,10 @@ pub struct SidecarReport {
     pub durable_epoch: u64,
     /// Newest epoch cut.
     pub last_epoch: u64,
-    /// Configured epoch length, ms.
+    /// Epoch length at the end of the run (configured, or tuned to the path), ms.
     pub epoch_ms: u64,
+    /// Staging buffer size at the end of the run (configured, or tuned to the path), bytes.
+    pub staging_bytes: u64,
     /// Paths per backup (total over backups in `paths_total`).
     pub paths: usize,
     /// Paths over all backups.
@@ -718,9 +720,10 @@ impl EpochLoop {
                 .count()
                 >= quorum
         });
-        let epoch_len = Duration::from_millis(self.cfg.epoch_ms);
         let mut last_pause = Instant::now();
         loop {
+            // Read each time: the epoch length may follow the measured bandwidth-delay product.
+            let epoch_len = Duration::from_millis(self.cfg.epoch_ms);
             let steady_done = self.opts.duration_after_initial_copy
                 && self.opts.duration.is_some_and(|d| {
                     let g = self.shared.lock();
@@ -1034,6 +1037,7 @@ impl EpochLoop {
         });
         self.last_sample = (now, self.dirty_bytes, acked);
         self.pressures.push(d.pressure);
+        self.tune(d.drain_rate);
         if (d.throttle - self.throttle_now).abs() >= 0.01 {
             self.client
                 .set_throttle(d.throttle)
@@ -1049,6 +1053,44 @@ impl EpochLoop {
         }
         self.throttles.push(self.throttle_now);
         Ok(())
+    }
+
+    /// LAN/WAN tuning: the settings the operator left alone follow the bandwidth-delay product of the slowest
+    /// backup's path ([`crate::throttle::tune`]). Staging only grows (the buffer is touched here, outside
+    /// any pause).
+    fn tune(&mut self, drain_rate: f64) {
+        let rtt = {
+            let g = self.shared.lock();
+            (0..g.sender.backups())
+                .filter(|&b| g.sender.is_streaming(b))
+                .filter_map(|b| g.sender.rtt(b))
+                .max()
+        };
+        let (Some(rtt), true) = (rtt, drain_rate > 0.0) else {
+            return;
+        };
+        let t = crate::throttle::tune(rtt, drain_rate);
+        let explicit = self.cfg.explicit;
+        if !explicit.epoch_ms && t.epoch_ms != self.cfg.epoch_ms {
+            tracing::info!(
+                epoch_ms = t.epoch_ms,
+                ?rtt,
+                "epoch length follows the path's RTT"
+            );
+            self.cfg.epoch_ms = t.epoch_ms;
+        }
+        if !explicit.staging && t.staging_bytes > self.cfg.staging {
+            tracing::info!(
+                staging = t.staging_bytes,
+                drain_rate,
+                "staging grows with the bandwidth-delay product"
+            );
+            self.cfg.staging = t.staging_bytes;
+            self.staging.resize(t.staging_bytes as usize, 0xa5);
+        }
+        if !explicit.max_unacked && t.in_flight_bytes != self.cfg.max_unacked {
+            self.cfg.max_unacked = t.in_flight_bytes;
+        }
     }
 
     /// Pages changed after epoch `from`, up to (not including) epoch `e`'s delta; see
@@ -1194,7 +1236,8 @@ impl EpochLoop {
             .min(self.epochs),
             durable_epoch: durable,
             last_epoch: last,
-            epoch_ms: cfg.epoch_ms,
+            epoch_ms: self.cfg.epoch_ms,
+            staging_bytes: self.cfg.staging,
             paths: paths.first().copied().unwrap_or(0),
             paths_total: paths.iter().sum(),
             backups: paths.len(),

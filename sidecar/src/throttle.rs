@@ -117,6 +117,34 @@ impl Controller {
     }
 }
 
+/// Epoch length and buffer sizes for a path of round-trip time `rtt` draining `drain_bytes_per_s`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Tuning {
+    /// Epoch length, ms: 100 on a LAN, 4 RTTs on a longer path (an epoch should take several round
+    /// trips, or acknowledgements dominate it), at most 2 s.
+    pub epoch_ms: u64,
+    /// Staging buffer, bytes: twice what the paths drain in an epoch plus a round trip, 32 MiB to 512 MiB.
+    pub staging_bytes: u64,
+    /// Unacknowledged bytes allowed in flight per backup: twice the bandwidth-delay product, 16 MiB to
+    /// 256 MiB, so that a long fat path stays full.
+    pub in_flight_bytes: u64,
+}
+
+/// LAN/WAN tuning from the measured bandwidth-delay product: a high-RTT path gets longer epochs and larger
+/// buffers. Pure; see [`Tuning`] for the rules.
+pub fn tune(rtt: Duration, drain_bytes_per_s: f64) -> Tuning {
+    let rtt_s = rtt.as_secs_f64();
+    let epoch_ms = ((rtt_s * 4.0 * 1e3).round() as u64).clamp(100, 2000);
+    let drain = drain_bytes_per_s.max(0.0);
+    let staging = (2.0 * drain * (epoch_ms as f64 / 1e3 + rtt_s)) as u64;
+    let in_flight = (2.0 * drain * rtt_s) as u64;
+    Tuning {
+        epoch_ms,
+        staging_bytes: staging.clamp(32 << 20, 512 << 20),
+        in_flight_bytes: in_flight.clamp(16 << 20, 256 << 20),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -164,6 +192,31 @@ mod tests {
         let d = c.sample(sample(1, 4, 48));
         assert_eq!(d.fill, 1.0);
         assert!((d.throttle - 0.8).abs() < 1e-9, "{d:?}");
+    }
+
+    #[test]
+    fn longer_paths_get_longer_epochs_and_larger_buffers() {
+        let lan = tune(Duration::from_micros(200), 1.25e9);
+        let wan = tune(Duration::from_millis(50), 125e6);
+        let thin = tune(Duration::from_millis(100), 12.5e6);
+        assert_eq!(lan.epoch_ms, 100);
+        assert_eq!(wan.epoch_ms, 200);
+        assert_eq!(thin.epoch_ms, 400);
+        // 1 Gbit/s at 50 ms: BDP 6.25 MB -> in flight at the 16 MiB floor; staging 2 x 125 MB/s x 250 ms.
+        assert_eq!(wan.in_flight_bytes, 16 << 20);
+        assert_eq!(wan.staging_bytes, 62_500_000);
+        // A fast LAN needs a big staging buffer too: 2 x 1.25 GB/s x 100 ms.
+        assert_eq!(lan.staging_bytes, 250_500_000);
+        assert_eq!(thin.staging_bytes, 32 << 20);
+        for (rtt_ms, drain) in [(0.1, 1e6), (10.0, 1e8), (300.0, 1e9)] {
+            let a = tune(Duration::from_secs_f64(rtt_ms / 1e3), drain);
+            let b = tune(Duration::from_secs_f64(rtt_ms * 2.0 / 1e3), drain);
+            assert!(
+                b.epoch_ms >= a.epoch_ms
+                    && b.staging_bytes >= a.staging_bytes
+                    && b.in_flight_bytes >= a.in_flight_bytes
+            );
+        }
     }
 
     #[test]
