@@ -41,6 +41,15 @@ pub struct ReplicateArgs {
     /// Send chunks uncompressed.
     #[arg(long)]
     pub no_compress: bool,
+    /// Throttle curve (throttle-curves string form; a bare kind takes its defaults).
+    #[arg(long, default_value = "linear:start=0.5,max=0.9")]
+    pub curve: String,
+    /// What to do when an epoch overflows staging.
+    #[arg(long, value_enum, default_value = "pause")]
+    pub emergency: crate::config::Emergency,
+    /// Cap on what the sidecar sends, both backups together (e.g. 20MB/s).
+    #[arg(long, value_parser = crate::config::parse_rate)]
+    pub max_bandwidth: Option<u64>,
     /// Output format.
     #[arg(long, value_enum, default_value = "text")]
     pub output: Output,
@@ -104,6 +113,8 @@ pub struct ReplicateSummary {
     pub emergency_events: u64,
     /// Bytes the slowest backup acknowledged per second.
     pub drain_bytes_per_s: f64,
+    /// The guest's own write rate over the whole run (initial copy included), pages/s.
+    pub guest_rate_pages_per_s: f64,
 }
 
 struct Kids(Vec<Child>);
@@ -314,6 +325,11 @@ fn replicate_in(args: &ReplicateArgs, dir: &Path) -> anyhow::Result<ReplicateSum
             .context("starting testvm")?,
     );
     wait_for(&socket, Duration::from_secs(60))?;
+    // The guest's own counter, read before and after: its write rate as it experienced the run.
+    let (pages_before, run_start) = {
+        let probe = AttachClient::connect(&socket, "demo-check")?;
+        (guest_pages_written(&probe)?, Instant::now())
+    };
     let hashes = dir.join("ram-hashes.jsonl");
     let cfg = SidecarConfig {
         vm_id: "demo-vm".into(),
@@ -330,6 +346,9 @@ fn replicate_in(args: &ReplicateArgs, dir: &Path) -> anyhow::Result<ReplicateSum
         },
         quorum: 2,
         compress: !args.no_compress,
+        curve: args.curve.clone(),
+        emergency: args.emergency,
+        max_bandwidth: args.max_bandwidth,
         backups,
         ..SidecarConfig::default()
     };
@@ -346,6 +365,8 @@ fn replicate_in(args: &ReplicateArgs, dir: &Path) -> anyhow::Result<ReplicateSum
     )?;
     let probe = AttachClient::connect(&socket, "demo-check")?;
     let guest_pages_written = guest_pages_written(&probe)?;
+    let guest_rate_pages_per_s =
+        (guest_pages_written - pages_before) as f64 / run_start.elapsed().as_secs_f64();
     // The final epoch's RAM hash, taken by the VMM during its pause.
     let text = std::fs::read_to_string(&hashes)?;
     let last: serde_json::Value =
@@ -390,5 +411,6 @@ fn replicate_in(args: &ReplicateArgs, dir: &Path) -> anyhow::Result<ReplicateSum
         throttle_pct_max: report.throttle_pct_max,
         emergency_events: report.emergency_events,
         drain_bytes_per_s: report.drain_bytes_per_s,
+        guest_rate_pages_per_s,
     })
 }
