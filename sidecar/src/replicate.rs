@@ -1012,21 +1012,19 @@ impl EpochLoop {
     /// Feeds this epoch's measurements to the throttle controller and sets the throttle it decides.
     fn control(&mut self) -> anyhow::Result<()> {
         let now = Instant::now();
-        let acked: Vec<u64> = {
-            let g = self.shared.lock();
-            (0..g.sender.backups())
-                .map(|b| g.sender.acked_bytes(b))
-                .collect()
-        };
         let (then, dirty_then, acked_then) = &self.last_sample;
-        // The slowest backup that drained anything sets the drain rate.
-        let drained = {
+        // The slowest streaming backup sets the drain rate.
+        let (acked, drained) = {
             let g = self.shared.lock();
-            (0..acked.len())
+            let acked: Vec<u64> = (0..g.sender.backups())
+                .map(|b| g.sender.acked_bytes(b))
+                .collect();
+            let drained = (0..acked.len())
                 .filter(|&b| g.sender.is_streaming(b))
                 .map(|b| acked[b] - acked_then[b])
                 .min()
-                .unwrap_or(0)
+                .unwrap_or(0);
+            (acked, drained)
         };
         let d = self.controller.sample(crate::throttle::EpochSample {
             elapsed: now - *then,

@@ -25,12 +25,9 @@ fn many_epochs_to_two_backups_over_four_paths_each_match_guest_ram() {
     let _vm = vmm(&sock, "64MiB", "hotset:size=16M,rate=5000,print=2000");
     let hashes = tmp.path().join("hashes.jsonl");
     let console = tmp.path().join("console.out");
-    let report = sidecar(&[
+    let mut args = base_args(&sock, &certs, &hashes);
+    args.extend([
         format!("--console-out={}", console.display()),
-        "--vm-id=vm1".into(),
-        format!("--attach-socket={}", sock.display()),
-        format!("--certs={}", certs.display()),
-        "--node=primary".into(),
         "--epoch-ms=100".into(),
         "--quorum=2".into(),
         "--paths=4".into(),
@@ -38,8 +35,8 @@ fn many_epochs_to_two_backups_over_four_paths_each_match_guest_ram() {
         format!("--backup=name=b1,addr={a1},via={relay_addr}"),
         format!("--backup=name=b2,addr={a2}"),
         "--duration=6s".into(),
-        format!("--ram-hashes={}", hashes.display()),
     ]);
+    let report = sidecar(&args);
     let last = report["last_epoch"].as_u64().unwrap();
     let epochs = report["epochs"].as_u64().unwrap();
     assert!(epochs >= 10, "only {epochs} epochs in 6 s: {report}");
@@ -136,19 +133,15 @@ fn killed_path_and_crashed_backup_lose_nothing() {
     let sock = tmp.path().join("vm.sock");
     let _vm = vmm(&sock, "64MiB", "hotset:size=16M,rate=5000");
     let hashes = tmp.path().join("hashes.jsonl");
-    let args: Vec<String> = vec![
-        "--vm-id=vm1".into(),
-        format!("--attach-socket={}", sock.display()),
-        format!("--certs={}", certs.display()),
-        "--node=primary".into(),
+    let mut args = base_args(&sock, &certs, &hashes);
+    args.extend([
         "--epoch-ms=100".into(),
         "--quorum=1".into(),
         "--paths=4".into(),
         format!("--backup=name=b1,addr={a1},via={relay_addr}"),
         format!("--backup=name=b2,addr={a2}"),
         "--duration=20s".into(),
-        format!("--ram-hashes={}", hashes.display()),
-    ];
+    ]);
     let sidecar = std::thread::spawn(move || common::sidecar(&args));
 
     // The crash.

@@ -32,18 +32,14 @@ fn a_capped_path_slows_the_guest_along_the_curve_and_the_replica_stays_exact() {
     let free_rate = (guest_pages(&probe) - p0) as f64 / 2.0;
 
     let hashes = tmp.path().join("hashes.jsonl");
-    let args: Vec<String> = vec![
-        "--vm-id=vm1".into(),
-        format!("--attach-socket={}", sock.display()),
-        format!("--certs={}", certs.display()),
-        "--node=primary".into(),
+    let mut args = base_args(&sock, &certs, &hashes);
+    args.extend([
         format!("--backup=name=b1,addr={a1}"),
         "--max-bandwidth=8MB/s".into(),
         "--curve=linear:start=0,max=0.9".into(),
         "--emergency=pause".into(),
         "--duration=16s".into(),
-        format!("--ram-hashes={}", hashes.display()),
-    ];
+    ]);
     let sidecar = std::thread::spawn(move || common::sidecar(&args));
     // Let the initial copy finish and the controller settle, then measure the guest's own rate.
     std::thread::sleep(Duration::from_secs(10));

@@ -167,6 +167,18 @@ pub fn checkpoint_reaching(vm_dir: &Path, epoch: u64) -> u64 {
     endophyte::demo::wait_checkpoint(vm_dir, epoch, Duration::from_secs(15)).unwrap()
 }
 
+/// The sidecar flags every test uses: VM `vm1` behind `sock`, node `primary` of the `certs` network, and
+/// the VMM's RAM hash at every pause appended to `hashes`.
+pub fn base_args(sock: &Path, certs: &Path, hashes: &Path) -> Vec<String> {
+    vec![
+        "--vm-id=vm1".into(),
+        format!("--attach-socket={}", sock.display()),
+        format!("--certs={}", certs.display()),
+        "--node=primary".into(),
+        format!("--ram-hashes={}", hashes.display()),
+    ]
+}
+
 /// Runs `endophyte sidecar` to completion and returns its JSON report.
 pub fn sidecar(args: &[String]) -> serde_json::Value {
     let out = Command::new(EXE)
