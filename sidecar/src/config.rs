@@ -15,6 +15,7 @@
 //! curve = "linear:start=0.5,max=0.9" # pressure -> vCPU throttle (crate throttle-curves)
 //! emergency = "pause"                # or "discard", when an epoch overflows staging
 //! max_bandwidth = "20MB/s"           # optional cap on what the sidecar sends
+//! control_socket = "/run/endophyte/vm-a.ctl"  # optional control API (`endophyte status`, `endophyte set`)
 //!
 //! [[backup]]
 //! name = "backup-1"                  # its certificate's name
@@ -274,6 +275,10 @@ pub struct SidecarConfig {
     /// Throttle curve, in `throttle_curves` string form (e.g. `exponential:start=0.3,max=0.95,steepness=4`).
     #[serde(default = "d_curve")]
     pub curve: String,
+    /// Control API socket ([`crate::control`]): `endophyte status` and `endophyte set` talk to it. None by
+    /// default.
+    #[serde(default)]
+    pub control_socket: Option<PathBuf>,
     /// The backups.
     #[serde(default, rename = "backup")]
     pub backups: Vec<BackupSpec>,

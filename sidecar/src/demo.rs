@@ -47,9 +47,14 @@ pub struct ReplicateArgs {
     /// What to do when an epoch overflows staging.
     #[arg(long, value_enum, default_value = "pause")]
     pub emergency: crate::config::Emergency,
-    /// Cap on what the sidecar sends, both backups together (e.g. 20MB/s).
+    /// Cap on what the sidecar sends, both backups together (e.g. 20MB/s). It is applied through the
+    /// sidecar's control API once the initial full copy is durable, so that a capped run does not spend
+    /// minutes on the copy; `--cap-initial-copy` caps that too.
     #[arg(long, value_parser = crate::config::parse_rate)]
     pub max_bandwidth: Option<u64>,
+    /// Apply `--max-bandwidth` from the start, to the initial full copy as well.
+    #[arg(long)]
+    pub cap_initial_copy: bool,
     /// Output format.
     #[arg(long, value_enum, default_value = "text")]
     pub output: Output,
@@ -113,8 +118,13 @@ pub struct ReplicateSummary {
     pub emergency_events: u64,
     /// Bytes the slowest backup acknowledged per second.
     pub drain_bytes_per_s: f64,
-    /// The guest's own write rate over the whole run (initial copy included), pages/s.
+    /// The guest's own write rate in steady state (from the initial copy being durable to the end), from
+    /// its own page counter, pages/s.
     pub guest_rate_pages_per_s: f64,
+    /// The guest's own write rate over 2 s before replication started (no throttle), pages/s.
+    pub guest_free_rate_pages_per_s: f64,
+    /// Bandwidth cap in force in steady state, bytes/s (`null`: none).
+    pub max_bandwidth: Option<u64>,
 }
 
 struct Kids(Vec<Child>);
@@ -255,6 +265,21 @@ pub fn replicate(args: ReplicateArgs) -> anyhow::Result<()> {
                 summary.rpo_ms_p50, summary.rpo_ms_p99
             );
             println!(
+                "  guest write rate    {:.0} pages/s (free: {:.0}); throttle p50 {:.0} %, max {:.0} %{}",
+                summary.guest_rate_pages_per_s,
+                summary.guest_free_rate_pages_per_s,
+                summary.throttle_pct_p50,
+                summary.throttle_pct_max,
+                summary
+                    .max_bandwidth
+                    .map_or(String::new(), |c| format!(" (cap {:.1} MB/s)", c as f64 / 1e6))
+            );
+            println!(
+                "  emergencies         {}, drain {:.1} MB/s",
+                summary.emergency_events,
+                summary.drain_bytes_per_s / 1e6
+            );
+            println!(
                 "  console output      {} bytes released once their epoch was durable",
                 summary.console_bytes_released
             );
@@ -325,10 +350,44 @@ fn replicate_in(args: &ReplicateArgs, dir: &Path) -> anyhow::Result<ReplicateSum
             .context("starting testvm")?,
     );
     wait_for(&socket, Duration::from_secs(60))?;
-    // The guest's own counter, read before and after: its write rate as it experienced the run.
-    let (pages_before, run_start) = {
+    // The guest's own counter: its free write rate first, then (below) its rate in steady state.
+    let guest_free_rate_pages_per_s = {
         let probe = AttachClient::connect(&socket, "demo-check")?;
-        (guest_pages_written(&probe)?, Instant::now())
+        let (p0, t0) = (guest_pages_written(&probe)?, Instant::now());
+        std::thread::sleep(Duration::from_secs(2));
+        (guest_pages_written(&probe)? - p0) as f64 / t0.elapsed().as_secs_f64()
+    };
+    let control = dir.join("sidecar.ctl");
+    // Once the initial copy is durable: cap the bandwidth (unless capped from the start) and read the
+    // guest's counter, through the sidecar's control API and the attach socket like any operator tool.
+    let steady = {
+        let (control, socket) = (control.clone(), socket.clone());
+        let cap = args.max_bandwidth.filter(|_| !args.cap_initial_copy);
+        std::thread::spawn(move || -> anyhow::Result<(u64, Instant)> {
+            let t = Instant::now();
+            loop {
+                if control.exists() {
+                    let s = crate::control::request(&control, "GET", "/v1/status", None)?;
+                    if s["rpo_ms"].is_number() {
+                        break;
+                    }
+                }
+                if t.elapsed() > Duration::from_secs(1800) {
+                    bail!("the initial copy was not durable after 30 min");
+                }
+                std::thread::sleep(Duration::from_millis(50));
+            }
+            if let Some(cap) = cap {
+                crate::control::request(
+                    &control,
+                    "PUT",
+                    "/v1/max-bandwidth",
+                    Some(&serde_json::json!({ "bytes_per_s": cap })),
+                )?;
+            }
+            let probe = AttachClient::connect(&socket, "demo-check")?;
+            Ok((guest_pages_written(&probe)?, Instant::now()))
+        })
     };
     let hashes = dir.join("ram-hashes.jsonl");
     let cfg = SidecarConfig {
@@ -348,7 +407,8 @@ fn replicate_in(args: &ReplicateArgs, dir: &Path) -> anyhow::Result<ReplicateSum
         compress: !args.no_compress,
         curve: args.curve.clone(),
         emergency: args.emergency,
-        max_bandwidth: args.max_bandwidth,
+        max_bandwidth: args.max_bandwidth.filter(|_| args.cap_initial_copy),
+        control_socket: Some(control),
         backups,
         ..SidecarConfig::default()
     };
@@ -365,8 +425,12 @@ fn replicate_in(args: &ReplicateArgs, dir: &Path) -> anyhow::Result<ReplicateSum
     )?;
     let probe = AttachClient::connect(&socket, "demo-check")?;
     let guest_pages_written = guest_pages_written(&probe)?;
+    let (pages_steady, steady_from) = steady
+        .join()
+        .map_err(|_| anyhow::anyhow!("the demo's monitor thread panicked"))?
+        .context("watching the sidecar's status")?;
     let guest_rate_pages_per_s =
-        (guest_pages_written - pages_before) as f64 / run_start.elapsed().as_secs_f64();
+        (guest_pages_written - pages_steady) as f64 / steady_from.elapsed().as_secs_f64();
     // The final epoch's RAM hash, taken by the VMM during its pause.
     let text = std::fs::read_to_string(&hashes)?;
     let last: serde_json::Value =
@@ -412,5 +476,7 @@ fn replicate_in(args: &ReplicateArgs, dir: &Path) -> anyhow::Result<ReplicateSum
         emergency_events: report.emergency_events,
         drain_bytes_per_s: report.drain_bytes_per_s,
         guest_rate_pages_per_s,
+        guest_free_rate_pages_per_s,
+        max_bandwidth: args.max_bandwidth,
     })
 }

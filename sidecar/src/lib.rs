@@ -12,6 +12,7 @@
 
 pub mod backup;
 pub mod config;
+pub mod control;
 pub mod demo;
 pub mod inspect;
 pub mod relay;

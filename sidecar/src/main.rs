@@ -83,11 +83,39 @@ enum Cmd {
         #[arg(long)]
         fill: bool,
     },
+    /// Show a sidecar's replication: epochs, backups and their paths, RPO, throttle (through its control
+    /// socket).
+    Status {
+        /// The sidecar's control socket (`--control-socket`).
+        #[arg(long)]
+        control: PathBuf,
+        /// `table` for people, `json` for scripts.
+        #[arg(long, value_enum, default_value = "table")]
+        output: Output,
+    },
+    /// Change a running sidecar's settings (through its control socket); prints what is now in force.
+    Set {
+        /// The sidecar's control socket (`--control-socket`).
+        #[arg(long)]
+        control: PathBuf,
+        /// New cap on what the sidecar sends (e.g. 20MB/s), or `none` to lift it.
+        #[arg(long)]
+        max_bandwidth: String,
+    },
     /// Self-contained demonstrations on loopback.
     Demo {
         #[command(subcommand)]
         cmd: DemoCmd,
     },
+}
+
+/// How a command prints its result.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+enum Output {
+    /// Aligned text for a terminal.
+    Table,
+    /// One JSON object.
+    Json,
 }
 
 #[derive(Subcommand)]
@@ -174,6 +202,9 @@ struct SidecarArgs {
     /// Append released guest console output to this file (default: stderr).
     #[arg(long)]
     console_out: Option<PathBuf>,
+    /// Serve the control API on this Unix socket (for `endophyte status` and `endophyte set`).
+    #[arg(long)]
+    control_socket: Option<PathBuf>,
     /// Release guest console output at once instead of when its epoch is durable.
     #[arg(long)]
     no_output_commit: bool,
@@ -224,6 +255,9 @@ fn sidecar_config(a: &SidecarArgs) -> anyhow::Result<SidecarConfig> {
     }
     if let Some(v) = a.max_bandwidth {
         c.max_bandwidth = Some(v);
+    }
+    if let Some(v) = &a.control_socket {
+        c.control_socket = Some(v.clone());
     }
     if a.no_output_commit {
         c.output_commit = false;
@@ -378,6 +412,36 @@ fn main() -> anyhow::Result<()> {
                 .with_console_gate(gate),
             );
             testvm::agent::serve_on_socket(host, &attach_socket, None)?;
+        }
+        Cmd::Status { control, output } => {
+            let v = endophyte::control::request(&control, "GET", "/v1/status", None)?;
+            match output {
+                Output::Json => println!("{}", serde_json::to_string_pretty(&v)?),
+                Output::Table => {
+                    let s: endophyte::control::SidecarStatus = serde_json::from_value(v)
+                        .context("the sidecar's status has an unexpected shape")?;
+                    print!("{}", endophyte::control::status_table(&s));
+                }
+            }
+        }
+        Cmd::Set {
+            control,
+            max_bandwidth,
+        } => {
+            let bytes_per_s = match max_bandwidth.trim() {
+                "none" | "unlimited" | "off" => None,
+                r => Some(
+                    endophyte::config::parse_rate(r)
+                        .map_err(|e| anyhow::anyhow!("--max-bandwidth: {e}"))?,
+                ),
+            };
+            let v = endophyte::control::request(
+                &control,
+                "PUT",
+                "/v1/max-bandwidth",
+                Some(&serde_json::json!({ "bytes_per_s": bytes_per_s })),
+            )?;
+            println!("{v}");
         }
         Cmd::Demo { cmd } => match cmd {
             DemoCmd::Replicate(args) => endophyte::demo::replicate(args)?,

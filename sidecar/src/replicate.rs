@@ -165,6 +165,22 @@ struct Inner {
     /// RPO is sampled once epochs cut after the initial full copy became durable start to become durable.
     steady_from: Option<u64>,
     initial_sync: Option<Duration>,
+    /// Bandwidth cap in force (`--max-bandwidth`, changed at run time through the control API).
+    max_bandwidth: Option<u64>,
+    /// What the epoch loop last measured and decided, for `GET /v1/status`.
+    live: Live,
+}
+
+/// The epoch loop's latest figures, published for the control API.
+#[derive(Clone, Copy, Debug, Default)]
+struct Live {
+    epoch: u64,
+    epoch_ms: u64,
+    throttle: f64,
+    pressure: f64,
+    dirty_rate: f64,
+    drain_rate: f64,
+    emergencies: u64,
 }
 
 impl Inner {
@@ -184,6 +200,8 @@ impl Inner {
 
 struct Shared {
     inner: Mutex<Inner>,
+    /// VM name, node name, guest RAM bytes, backup names: fixed for the run.
+    meta: (String, String, u64, Vec<String>),
     cv: Condvar,
     wake: tokio::sync::Notify,
     stop: AtomicBool,
@@ -373,7 +391,18 @@ pub fn run_sidecar(cfg: SidecarConfig, opts: RunOptions) -> anyhow::Result<Sidec
             started: Instant::now(),
             steady_from: None,
             initial_sync: None,
+            max_bandwidth: cfg.max_bandwidth,
+            live: Live {
+                epoch_ms: cfg.epoch_ms,
+                ..Live::default()
+            },
         }),
+        meta: (
+            cfg.vm_id.clone(),
+            cfg.node.clone(),
+            mem_bytes,
+            cfg.backups.iter().map(|b| b.name.clone()).collect(),
+        ),
         cv: Condvar::new(),
         wake: tokio::sync::Notify::new(),
         stop: AtomicBool::new(false),
@@ -407,7 +436,19 @@ pub fn run_sidecar(cfg: SidecarConfig, opts: RunOptions) -> anyhow::Result<Sidec
         }
     }
     drop(ev_tx);
-    rt.spawn(drive(shared.clone(), ev_rx, cfg.max_bandwidth));
+    rt.spawn(drive(shared.clone(), ev_rx));
+    if let Some(path) = &cfg.control_socket {
+        let listener = {
+            let _rt = rt.enter();
+            crate::control::bind_unix(path)?
+        };
+        rt.spawn(crate::control::serve_unix(
+            listener,
+            path.clone(),
+            control_router(shared.clone()),
+            std::future::pending(),
+        ));
+    }
     {
         let shared = shared.clone();
         rt.spawn(async move {
@@ -457,7 +498,8 @@ pub fn run_sidecar(cfg: SidecarConfig, opts: RunOptions) -> anyhow::Result<Sidec
         last_pause_at: None,
         controller: crate::throttle::Controller::new(throttle_curves::Curve::parse(&cfg.curve)?),
         throttle_now: 0.0,
-        last_sample: (Instant::now(), 0, vec![0; paths.len()]),
+        last_sample: (Instant::now(), 0),
+        last_drain: (Instant::now(), vec![0; paths.len()]),
         throttles: Vec::new(),
         pressures: Vec::new(),
         run_started: Instant::now(),
@@ -469,6 +511,9 @@ pub fn run_sidecar(cfg: SidecarConfig, opts: RunOptions) -> anyhow::Result<Sidec
     path_stop.notify_waiters();
     let report = ep.report(&cfg, &paths);
     rt.shutdown_timeout(Duration::from_secs(1));
+    if let Some(path) = &cfg.control_socket {
+        let _ = std::fs::remove_file(path);
+    }
     result?;
     if let Some(p) = &opts.report {
         std::fs::write(p, serde_json::to_vec_pretty(&report)?)
@@ -480,6 +525,7 @@ pub fn run_sidecar(cfg: SidecarConfig, opts: RunOptions) -> anyhow::Result<Sidec
 /// A token bucket for `--max-bandwidth`: `rate` bytes/s, bursts up to 50 ms worth (at least 1 MiB).
 /// Sending may overdraw it; nothing more goes out until it is back above zero.
 struct Bucket {
+    limit: u64,
     rate: f64,
     tokens: f64,
     at: Instant,
@@ -488,6 +534,7 @@ struct Bucket {
 impl Bucket {
     fn new(rate_bytes_per_s: u64) -> Self {
         Self {
+            limit: rate_bytes_per_s,
             rate: rate_bytes_per_s as f64,
             tokens: 0.0,
             at: Instant::now(),
@@ -513,15 +560,18 @@ impl Bucket {
 async fn drive(
     shared: Arc<Shared>,
     mut events: mpsc::UnboundedReceiver<((usize, usize), PathEvent)>,
-    max_bandwidth: Option<u64>,
 ) {
     let mut rpo_tick = tokio::time::interval(Duration::from_millis(10));
-    let mut bucket = max_bandwidth.map(Bucket::new);
+    let mut bucket: Option<Bucket> = None;
     loop {
         let timeout = {
             let mut g = shared.lock();
             let g = &mut *g;
             let now = Instant::now();
+            // The cap may change at run time (`PUT /v1/max-bandwidth`).
+            if bucket.as_ref().map(|b| b.limit) != g.max_bandwidth {
+                bucket = g.max_bandwidth.map(Bucket::new);
+            }
             if g.sender.poll_timeout().is_some_and(|t| t <= now) {
                 g.sender.handle_timeout(now);
             }
@@ -673,7 +723,10 @@ struct EpochLoop {
     last_pause_at: Option<Instant>,
     controller: crate::throttle::Controller,
     throttle_now: f64,
-    last_sample: (Instant, u64, Vec<u64>),
+    /// When the controller last saw a harvest, and the dirty byte count then.
+    last_sample: (Instant, u64),
+    /// When the controller last saw the drain, and each backup's acknowledged bytes then.
+    last_drain: (Instant, Vec<u64>),
     throttles: Vec<f64>,
     pressures: Vec<f64>,
     run_started: Instant,
@@ -857,16 +910,26 @@ impl EpochLoop {
                 .last_pause_at
                 .is_none_or(|t| t.elapsed() > 2 * Duration::from_millis(self.cfg.epoch_ms));
             if discarded || resynced || long_epoch || self.last_dirty_bytes > self.cfg.staging / 2 {
+                let mut previous_round = u64::MAX;
                 for _ in 0..MAX_PRECOPY_ROUNDS {
                     let h = self.client.harvest().context("harvesting dirty pages")?;
                     // Console output handed over with any harvest belongs to this epoch.
                     self.epoch_console.extend_from_slice(&h.console);
                     let bytes =
                         h.bitmaps.iter().map(|b| b.count()).sum::<u64>() * self.page_size as u64;
-                    if bytes <= self.cfg.staging / 2 {
+                    // Small enough for the pause: leave it to the pause. Not converging (the guest
+                    // dirtied nearly as much as the last round sent) with the throttle already at the
+                    // curve's top: more rounds only delay the pause and the emergency policy, which is
+                    // what decides how this ends. Below the top, rounds go on while the throttle rises.
+                    let throttle_spent =
+                        self.throttle_now >= self.controller.curve().max_throttle() - 0.005;
+                    if bytes <= self.cfg.staging / 2
+                        || (throttle_spent && bytes > previous_round / 10 * 9)
+                    {
                         self.client.release(h.seq, false)?;
                         break;
                     }
+                    previous_round = bytes;
                     self.dirty_bytes += bytes;
                     let r = self.send_pages(e, &targets, &PageSet::Union(h.bitmaps.clone()));
                     self.client.release(h.seq, r.is_ok())?;
@@ -1009,33 +1072,74 @@ impl EpochLoop {
         from_session == self.session && self.history.contains_key(&from)
     }
 
-    /// Feeds this epoch's measurements to the throttle controller and sets the throttle it decides.
+    /// Bytes the slowest streaming backup acknowledged since the last drain measurement, and the time
+    /// that took; starts the next measurement.
+    fn drained(&mut self) -> (Duration, u64) {
+        let now = Instant::now();
+        let g = self.shared.lock();
+        let acked: Vec<u64> = (0..g.sender.backups())
+            .map(|b| g.sender.acked_bytes(b))
+            .collect();
+        let (then, acked_then) = &self.last_drain;
+        let drained = (0..acked.len())
+            .filter(|&b| g.sender.is_streaming(b))
+            .map(|b| acked[b] - acked_then[b])
+            .min()
+            .unwrap_or(0);
+        let elapsed = now - *then;
+        drop(g);
+        self.last_drain = (now, acked);
+        (elapsed, drained)
+    }
+
+    /// Feeds this epoch's (or pre-copy round's) measurements to the throttle controller and sets the
+    /// throttle it decides.
     fn control(&mut self) -> anyhow::Result<()> {
         let now = Instant::now();
-        let (then, dirty_then, acked_then) = &self.last_sample;
-        // The slowest streaming backup sets the drain rate.
-        let (acked, drained) = {
-            let g = self.shared.lock();
-            let acked: Vec<u64> = (0..g.sender.backups())
-                .map(|b| g.sender.acked_bytes(b))
-                .collect();
-            let drained = (0..acked.len())
-                .filter(|&b| g.sender.is_streaming(b))
-                .map(|b| acked[b] - acked_then[b])
-                .min()
-                .unwrap_or(0);
-            (acked, drained)
-        };
+        let (then, dirty_then) = self.last_sample;
+        let (drain_elapsed, drained_bytes) = self.drained();
         let d = self.controller.sample(crate::throttle::EpochSample {
-            elapsed: now - *then,
+            elapsed: now - then,
             dirty_bytes: self.dirty_bytes - dirty_then,
-            drained_bytes: drained,
+            drain_elapsed,
+            drained_bytes,
             staged_bytes: self.last_dirty_bytes,
             staging_capacity_bytes: self.cfg.staging,
         });
-        self.last_sample = (now, self.dirty_bytes, acked);
+        self.last_sample = (now, self.dirty_bytes);
         self.pressures.push(d.pressure);
         self.tune(d.drain_rate);
+        self.apply(d)?;
+        self.throttles.push(self.throttle_now);
+        Ok(())
+    }
+
+    /// During a long send (pre-copy round, resync prefix, overflow): at most once per epoch length, a
+    /// drain-only sample, so that a path slowing down raises the throttle now rather than when the send
+    /// ends ([`crate::throttle::Controller::sample_drain`]).
+    fn control_mid_send(&mut self) -> anyhow::Result<()> {
+        if self.last_drain.0.elapsed() < Duration::from_millis(self.cfg.epoch_ms) {
+            return Ok(());
+        }
+        let (elapsed, drained) = self.drained();
+        let d = self.controller.sample_drain(elapsed, drained);
+        self.apply(d)
+    }
+
+    /// Publishes a decision for the control API and sets its throttle when it moved by a point or more.
+    fn apply(&mut self, d: crate::throttle::Decision) -> anyhow::Result<()> {
+        {
+            let mut g = self.shared.lock();
+            g.live = Live {
+                epoch: self.next_epoch.saturating_sub(1),
+                epoch_ms: self.cfg.epoch_ms,
+                throttle: d.throttle,
+                pressure: d.pressure,
+                dirty_rate: d.dirty_rate,
+                drain_rate: d.drain_rate,
+                emergencies: self.overflow_epochs + self.discards,
+            };
+        }
         if (d.throttle - self.throttle_now).abs() >= 0.01 {
             self.client
                 .set_throttle(d.throttle)
@@ -1049,7 +1153,6 @@ impl EpochLoop {
             );
             self.throttle_now = d.throttle;
         }
-        self.throttles.push(self.throttle_now);
         Ok(())
     }
 
@@ -1111,7 +1214,7 @@ impl EpochLoop {
         }
     }
 
-    fn push(&mut self, targets: &[usize], chunk: PageChunk) {
+    fn push(&mut self, targets: &[usize], chunk: PageChunk) -> anyhow::Result<()> {
         self.raw_bytes += u64::from(chunk.n_pages) * self.page_size as u64;
         self.body_bytes += chunk.body.len() as u64;
         {
@@ -1131,6 +1234,7 @@ impl EpochLoop {
                 .all(|&b| g.sender.unacked_bytes(b) < budget || !g.sender.is_streaming(b))
                 || shared.stop.load(Ordering::SeqCst)
         });
+        self.control_mid_send()
     }
 
     fn send_staged(
@@ -1142,21 +1246,25 @@ impl EpochLoop {
         let ps = self.page_size;
         let mut builder = ChunkBuilder::new(e, ps, self.cfg.chunk_pages);
         let staging = std::mem::take(&mut self.staging);
-        for &(gpa, off, len) in index {
-            for i in (0..len).step_by(ps) {
-                builder.push(gpa + i as u64, &staging[off + i..off + i + ps]);
-                if builder.is_full() {
-                    let c = builder.finish(self.cfg.compress);
-                    self.push(targets, c);
+        let mut send = || -> anyhow::Result<()> {
+            for &(gpa, off, len) in index {
+                for i in (0..len).step_by(ps) {
+                    builder.push(gpa + i as u64, &staging[off + i..off + i + ps]);
+                    if builder.is_full() {
+                        let c = builder.finish(self.cfg.compress);
+                        self.push(targets, c)?;
+                    }
                 }
             }
-        }
-        if !builder.is_empty() {
-            let c = builder.finish(self.cfg.compress);
-            self.push(targets, c);
-        }
+            if !builder.is_empty() {
+                let c = builder.finish(self.cfg.compress);
+                self.push(targets, c)?;
+            }
+            Ok(())
+        };
+        let r = send();
         self.staging = staging;
-        Ok(())
+        r
     }
 
     /// Encodes pages straight from guest RAM; returns how many.
@@ -1174,7 +1282,7 @@ impl EpochLoop {
             builder.push(gpa, page);
             if builder.is_full() {
                 let c = builder.finish(me.cfg.compress);
-                me.push(targets, c);
+                me.push(targets, c)?;
             }
             Ok(())
         };
@@ -1210,7 +1318,7 @@ impl EpochLoop {
         }
         if !builder.is_empty() {
             let c = builder.finish(self.cfg.compress);
-            self.push(targets, c);
+            self.push(targets, c)?;
         }
         Ok(n)
     }
@@ -1283,5 +1391,72 @@ impl EpochLoop {
             console_bytes_released: g.console_released,
             console_bytes_released_at_exit: self.console_at_exit,
         }
+    }
+}
+
+/// The sidecar's control API ([`crate::control`]): `GET /v1/status`, `PUT /v1/max-bandwidth`.
+fn control_router(shared: Arc<Shared>) -> axum::Router {
+    use crate::control::{ApiError, MaxBandwidth};
+    use axum::extract::State;
+    use axum::Json;
+    axum::Router::new()
+        .route(
+            "/v1/status",
+            axum::routing::get(|State(s): State<Arc<Shared>>| async move { Json(status(&s)) }),
+        )
+        .route(
+            "/v1/max-bandwidth",
+            axum::routing::put(
+                |State(s): State<Arc<Shared>>, Json(m): Json<MaxBandwidth>| async move {
+                    if m.bytes_per_s == Some(0) {
+                        return Err(ApiError::bad_request(
+                            "bytes_per_s must be above 0 (null lifts the cap)",
+                        ));
+                    }
+                    s.lock().max_bandwidth = m.bytes_per_s;
+                    s.wake.notify_one();
+                    tracing::info!(bytes_per_s = ?m.bytes_per_s, "bandwidth cap changed");
+                    Ok(Json(m))
+                },
+            ),
+        )
+        .with_state(shared)
+}
+
+fn status(s: &Shared) -> crate::control::SidecarStatus {
+    let g = s.lock();
+    let (vm_id, node, mem_bytes, names) = &s.meta;
+    let durable = g.sender.durable_epoch();
+    crate::control::SidecarStatus {
+        vm_id: vm_id.clone(),
+        node: node.clone(),
+        mem_bytes: *mem_bytes,
+        epoch: g.live.epoch,
+        durable_epoch: durable,
+        rpo_ms: g
+            .pause_at
+            .get(&durable)
+            .filter(|_| g.first_epoch.is_some_and(|f| durable >= f))
+            .map(|at| at.elapsed().as_secs_f64() * 1e3),
+        epoch_ms: g.live.epoch_ms,
+        throttle: g.live.throttle,
+        pressure: g.live.pressure,
+        dirty_bytes_per_s: g.live.dirty_rate,
+        drain_bytes_per_s: g.live.drain_rate,
+        emergency_events: g.live.emergencies,
+        max_bandwidth: g.max_bandwidth,
+        backups: names
+            .iter()
+            .enumerate()
+            .map(|(b, name)| crate::control::BackupStatus {
+                name: name.clone(),
+                paths_up: g.path_tx[b].iter().filter(|t| t.is_some()).count(),
+                paths: g.path_tx[b].len(),
+                streaming: g.sender.is_streaming(b),
+                committed_epoch: g.sender.committed(b),
+                rtt_ms: g.sender.rtt(b).map(|d| d.as_secs_f64() * 1e3),
+                unacked_bytes: g.sender.unacked_bytes(b) as u64,
+            })
+            .collect(),
     }
 }

@@ -14,13 +14,16 @@ use std::time::Duration;
 
 use throttle_curves::Curve;
 
-/// What one epoch measured.
+/// What one epoch (or one pre-copy round) measured.
 #[derive(Clone, Copy, Debug, Default)]
 pub struct EpochSample {
-    /// Time since the previous sample.
+    /// Time since the previous epoch sample: the span of `dirty_bytes`.
     pub elapsed: Duration,
     /// Bytes of pages the guest dirtied in that time (harvested).
     pub dirty_bytes: u64,
+    /// Time since the previous drain measurement (this kind of sample or
+    /// [`Controller::sample_drain`]): the span of `drained_bytes`.
+    pub drain_elapsed: Duration,
     /// Chunk bytes the slowest streaming backup acknowledged in that time.
     pub drained_bytes: u64,
     /// Bytes of dirty pages the epoch's pause had to stage.
@@ -86,13 +89,33 @@ impl Controller {
         let secs = s.elapsed.as_secs_f64();
         if secs > 0.0 {
             self.dirty_rate = Some(ewma(self.dirty_rate, s.dirty_bytes as f64 / secs));
-            self.drain_rate = Some(ewma(self.drain_rate, s.drained_bytes as f64 / secs));
         }
+        self.drain(s.drain_elapsed, s.drained_bytes);
         let fill = if s.staging_capacity_bytes == 0 {
             0.0
         } else {
             (s.staged_bytes as f64 / s.staging_capacity_bytes as f64).clamp(0.0, 1.0)
         };
+        self.decide(fill)
+    }
+
+    /// Takes a drain measurement alone, made while a long send (a pre-copy round or a resync prefix) is in
+    /// progress and no harvest says what the guest dirtied: the drain rate moves, the dirty rate and the
+    /// staging fill keep their last values. A path that slows down mid-send thus raises the throttle
+    /// before the send ends, not after.
+    pub fn sample_drain(&mut self, elapsed: Duration, drained_bytes: u64) -> Decision {
+        self.drain(elapsed, drained_bytes);
+        self.decide(self.last.fill)
+    }
+
+    fn drain(&mut self, elapsed: Duration, drained_bytes: u64) {
+        let secs = elapsed.as_secs_f64();
+        if secs > 0.0 {
+            self.drain_rate = Some(ewma(self.drain_rate, drained_bytes as f64 / secs));
+        }
+    }
+
+    fn decide(&mut self, fill: f64) -> Decision {
         let (dirty, drain) = (
             self.dirty_rate.unwrap_or(0.0),
             self.drain_rate.unwrap_or(0.0),
@@ -152,11 +175,35 @@ mod tests {
     fn sample(dirty_mb: u64, drained_mb: u64, staged_mb: u64) -> EpochSample {
         EpochSample {
             elapsed: Duration::from_millis(100),
+            drain_elapsed: Duration::from_millis(100),
             dirty_bytes: dirty_mb << 20,
             drained_bytes: drained_mb << 20,
             staged_bytes: staged_mb << 20,
             staging_capacity_bytes: 48 << 20,
         }
+    }
+
+    #[test]
+    fn a_drain_collapse_mid_send_raises_the_throttle_before_the_next_harvest() {
+        let mut c = Controller::new(Curve::parse("linear:start=0.5,max=0.9").unwrap());
+        // Balanced: the guest dirties 20 MB per 100 ms, the paths drain 40.
+        for _ in 0..10 {
+            c.sample(sample(20, 40, 4));
+        }
+        assert_eq!(c.last().throttle, 0.0);
+        // A long pre-copy round: no harvest, but the paths now drain 2 MB per 100 ms.
+        let mut d = c.last();
+        for _ in 0..10 {
+            d = c.sample_drain(Duration::from_millis(100), 2 << 20);
+        }
+        // 400 MB/s before, 21 MB/s now: the EWMA has come most of the way down.
+        assert!(d.drain_rate < 60e6, "{d:?}");
+        assert!(
+            d.pressure > 0.99 && d.throttle > 0.89,
+            "the drain collapse did not raise the throttle: {d:?}"
+        );
+        // No harvest happened: the dirty rate is the last one measured.
+        assert!((d.dirty_rate - 20.0 * 1048576.0 / 0.1).abs() < 1.0, "{d:?}");
     }
 
     #[test]

@@ -191,3 +191,54 @@ pub fn sidecar(args: &[String]) -> serde_json::Value {
     assert!(out.status.success(), "sidecar failed: {:?}", out.status);
     serde_json::from_slice(&out.stdout).unwrap()
 }
+
+/// Starts `endophyte sidecar` in the background; finish it with [`sidecar_stop`].
+pub fn sidecar_start(args: &[String]) -> Child {
+    Command::new(EXE)
+        .arg("sidecar")
+        .args(args)
+        .env("RUST_LOG", log_level())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .unwrap()
+}
+
+/// Asks a sidecar started by [`sidecar_start`] to stop (SIGTERM: final epoch, then exit) and returns its
+/// JSON report.
+pub fn sidecar_stop(child: Child) -> serde_json::Value {
+    // SAFETY: kill(2) on the pid of a child we own and have not yet waited for, so the pid is not reused.
+    let rc = unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+    assert_eq!(rc, 0, "SIGTERM to the sidecar");
+    let out = child.wait_with_output().unwrap();
+    assert!(out.status.success(), "sidecar failed: {:?}", out.status);
+    serde_json::from_slice(&out.stdout).unwrap()
+}
+
+/// `GET /v1/status` on a sidecar's control socket, waiting up to 30 s for the socket to appear.
+pub fn status(ctl: &Path) -> serde_json::Value {
+    let t = Instant::now();
+    while !ctl.exists() {
+        assert!(t.elapsed() < Duration::from_secs(30), "no control socket");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    endophyte::control::request(ctl, "GET", "/v1/status", None).unwrap()
+}
+
+/// Polls the sidecar's status every 100 ms until `ok` holds (up to `limit`); returns the status then.
+pub fn status_until(
+    ctl: &Path,
+    limit: Duration,
+    what: &str,
+    ok: impl Fn(&serde_json::Value) -> bool,
+) -> serde_json::Value {
+    let t = Instant::now();
+    loop {
+        let s = status(ctl);
+        if ok(&s) {
+            return s;
+        }
+        assert!(t.elapsed() < limit, "{what}: not after {limit:?}: {s}");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}

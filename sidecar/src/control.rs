@@ -1,0 +1,325 @@
+//! The control API: HTTP/1.1 with JSON bodies on a Unix socket, served by the daemons and used by the CLI.
+//!
+//! The socket is created with mode 0600: whoever can open it controls the VM's replication. Errors come
+//! back as a non-2xx status with `{"error": "<what was wrong>"}`; [`request`] turns them into an error
+//! carrying that message.
+//!
+//! The sidecar serves (see [`crate::replicate`]):
+//!
+//! | method and path | body | answer |
+//! |---|---|---|
+//! | `GET /v1/status` | | [`SidecarStatus`] |
+//! | `PUT /v1/max-bandwidth` | [`MaxBandwidth`] | the [`MaxBandwidth`] now in force |
+
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+
+use anyhow::Context;
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
+use http_body_util::BodyExt;
+use serde::{Deserialize, Serialize};
+
+/// A control request's failure, answered as `{"error": message}` with its status code.
+#[derive(Debug)]
+pub struct ApiError {
+    /// HTTP status.
+    pub status: StatusCode,
+    /// What was wrong, for a person.
+    pub message: String,
+}
+
+impl ApiError {
+    /// A 400: the request itself was wrong.
+    pub fn bad_request(message: impl Into<String>) -> Self {
+        Self {
+            status: StatusCode::BAD_REQUEST,
+            message: message.into(),
+        }
+    }
+
+    /// A 409: the request is valid but the daemon's state does not allow it now.
+    pub fn conflict(message: impl Into<String>) -> Self {
+        Self {
+            status: StatusCode::CONFLICT,
+            message: message.into(),
+        }
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        (
+            self.status,
+            axum::Json(serde_json::json!({ "error": self.message })),
+        )
+            .into_response()
+    }
+}
+
+/// Body of `PUT /v1/max-bandwidth`, and its answer.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MaxBandwidth {
+    /// Cap on what the sidecar sends, all paths and backups together, bytes/s; `null` lifts the cap.
+    pub bytes_per_s: Option<u64>,
+}
+
+/// One backup as the sidecar sees it, in [`SidecarStatus::backups`].
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct BackupStatus {
+    /// Node name.
+    pub name: String,
+    /// Paths with a live connection.
+    pub paths_up: usize,
+    /// Paths configured.
+    pub paths: usize,
+    /// Whether epochs stream to it (it has a path and is not waiting for a resync to start).
+    pub streaming: bool,
+    /// Newest epoch it committed.
+    pub committed_epoch: u64,
+    /// Smoothed round-trip time of its fastest path, ms; `null` before the first Pong.
+    pub rtt_ms: Option<f64>,
+    /// Encoded bytes sent to it and not yet acknowledged.
+    pub unacked_bytes: u64,
+}
+
+/// `GET /v1/status` on a sidecar: where replication of its VM stands now.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct SidecarStatus {
+    /// VM name.
+    pub vm_id: String,
+    /// This node's name.
+    pub node: String,
+    /// Guest RAM bytes.
+    pub mem_bytes: u64,
+    /// Newest epoch cut (its pause happened).
+    pub epoch: u64,
+    /// Newest epoch the quorum of backups committed.
+    pub durable_epoch: u64,
+    /// Age of the durable epoch's pause, ms (the recovery point a failover would give now); `null` before
+    /// the first epoch is durable.
+    pub rpo_ms: Option<f64>,
+    /// Epoch length in force, ms.
+    pub epoch_ms: u64,
+    /// vCPU throttle in force, `0..=1`.
+    pub throttle: f64,
+    /// Pressure the controller last computed, `0..=1`.
+    pub pressure: f64,
+    /// Guest dirty rate the controller last measured (EWMA), bytes/s.
+    pub dirty_bytes_per_s: f64,
+    /// Drain rate the controller last measured (slowest backup, EWMA), bytes/s.
+    pub drain_bytes_per_s: f64,
+    /// Emergencies so far (overflowing pauses under either policy).
+    pub emergency_events: u64,
+    /// Bandwidth cap in force, bytes/s; `null` when uncapped.
+    pub max_bandwidth: Option<u64>,
+    /// Backups in configuration order.
+    pub backups: Vec<BackupStatus>,
+}
+
+/// Renders a status for a terminal: one header line for the VM, one line per backup.
+pub fn status_table(s: &SidecarStatus) -> String {
+    use std::fmt::Write;
+    let mb = |b: f64| b / 1e6;
+    let mut t = String::new();
+    let _ = writeln!(
+        t,
+        "VM {} on {} ({} MiB): epoch {}, durable {}, RPO {}, epoch {} ms",
+        s.vm_id,
+        s.node,
+        s.mem_bytes >> 20,
+        s.epoch,
+        s.durable_epoch,
+        s.rpo_ms
+            .map_or_else(|| "-".to_string(), |r| format!("{r:.0} ms")),
+        s.epoch_ms
+    );
+    let _ = writeln!(
+        t,
+        "throttle {:.0} %, pressure {:.2}, dirty {:.1} MB/s, drain {:.1} MB/s, cap {}, emergencies {}",
+        s.throttle * 100.0,
+        s.pressure,
+        mb(s.dirty_bytes_per_s),
+        mb(s.drain_bytes_per_s),
+        s.max_bandwidth
+            .map_or_else(|| "none".to_string(), |c| format!("{:.1} MB/s", mb(c as f64))),
+        s.emergency_events
+    );
+    let _ = writeln!(
+        t,
+        "{:<20} {:>7} {:>10} {:>10} {:>9} {:>12}",
+        "BACKUP", "PATHS", "STREAMING", "COMMITTED", "RTT ms", "UNACKED MB"
+    );
+    for b in &s.backups {
+        let _ = writeln!(
+            t,
+            "{:<20} {:>7} {:>10} {:>10} {:>9} {:>12.1}",
+            b.name,
+            format!("{}/{}", b.paths_up, b.paths),
+            if b.streaming { "yes" } else { "no" },
+            b.committed_epoch,
+            b.rtt_ms
+                .map_or_else(|| "-".to_string(), |r| format!("{r:.2}")),
+            mb(b.unacked_bytes as f64)
+        );
+    }
+    t
+}
+
+/// Binds the control socket at `path` with mode 0600. A stale socket file (nobody listening) is replaced;
+/// a live one is an error, so two daemons never share a socket. Call inside a tokio runtime.
+///
+/// # Errors
+/// The socket is in use or cannot be created.
+pub fn bind_unix(path: &Path) -> anyhow::Result<tokio::net::UnixListener> {
+    if path.exists() {
+        if std::os::unix::net::UnixStream::connect(path).is_ok() {
+            anyhow::bail!(
+                "control socket {} is in use by another process",
+                path.display()
+            );
+        }
+        std::fs::remove_file(path)
+            .with_context(|| format!("removing stale control socket {}", path.display()))?;
+    }
+    let listener = tokio::net::UnixListener::bind(path)
+        .with_context(|| format!("binding control socket {}", path.display()))?;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))
+        .with_context(|| format!("restricting control socket {}", path.display()))?;
+    Ok(listener)
+}
+
+/// Serves `router` on `listener` (bound at `path` by [`bind_unix`]) until `shutdown` resolves, then
+/// removes the socket file.
+///
+/// # Errors
+/// Accepting failed for good.
+pub async fn serve_unix(
+    listener: tokio::net::UnixListener,
+    path: PathBuf,
+    router: axum::Router,
+    shutdown: impl std::future::Future<Output = ()> + Send + 'static,
+) -> anyhow::Result<()> {
+    let r = axum::serve(listener, router)
+        .with_graceful_shutdown(shutdown)
+        .await;
+    let _ = std::fs::remove_file(&path);
+    r.with_context(|| format!("serving control socket {}", path.display()))
+}
+
+/// Sends one request to the control socket at `socket` and returns the JSON answer. Blocking (it runs its
+/// own small runtime), for the CLI and tests.
+///
+/// # Errors
+/// The socket cannot be reached (the message says whether the daemon runs), the answer is not JSON, or the
+/// daemon refused: then the error is the daemon's own message with the status code.
+pub fn request(
+    socket: &Path,
+    method: &str,
+    path: &str,
+    body: Option<&serde_json::Value>,
+) -> anyhow::Result<serde_json::Value> {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    rt.block_on(request_async(socket, method, path, body))
+}
+
+async fn request_async(
+    socket: &Path,
+    method: &str,
+    path: &str,
+    body: Option<&serde_json::Value>,
+) -> anyhow::Result<serde_json::Value> {
+    let stream = tokio::net::UnixStream::connect(socket)
+        .await
+        .with_context(|| {
+            format!(
+                "connecting to control socket {} (is the daemon running?)",
+                socket.display()
+            )
+        })?;
+    let (mut send, conn) =
+        hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream)).await?;
+    tokio::spawn(conn);
+    let bytes = body.map(|b| b.to_string()).unwrap_or_default();
+    let req = hyper::Request::builder()
+        .method(method)
+        .uri(path)
+        .header("host", "endophyte")
+        .header("content-type", "application/json")
+        .body(http_body_util::Full::new(bytes::Bytes::from(bytes)))?;
+    let resp = send
+        .send_request(req)
+        .await
+        .with_context(|| format!("{method} {path} on {}", socket.display()))?;
+    let status = resp.status();
+    let raw = resp.into_body().collect().await?.to_bytes();
+    let v: serde_json::Value = serde_json::from_slice(&raw).with_context(|| {
+        format!(
+            "{method} {path}: the answer ({status}) is not JSON: {:?}",
+            String::from_utf8_lossy(&raw)
+        )
+    })?;
+    if !status.is_success() {
+        let msg = v["error"].as_str().unwrap_or("no message");
+        anyhow::bail!("{method} {path}: {status}: {msg}");
+    }
+    Ok(v)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use axum::routing::get;
+
+    #[test]
+    fn a_request_round_trips_and_refusals_carry_their_message() {
+        let dir = tempfile::tempdir().unwrap();
+        let sock = dir.path().join("c.sock");
+        let rt = tokio::runtime::Runtime::new().unwrap();
+        let router = axum::Router::new()
+            .route(
+                "/v1/echo",
+                axum::routing::put(|axum::Json(v): axum::Json<serde_json::Value>| async move {
+                    axum::Json(v)
+                }),
+            )
+            .route(
+                "/v1/no",
+                get(|| async { Err::<(), _>(ApiError::conflict("not now: migrating")) }),
+            );
+        let (tx, rx) = tokio::sync::oneshot::channel::<()>();
+        let listener = {
+            let _rt = rt.enter();
+            bind_unix(&sock).unwrap()
+        };
+        let server = rt.spawn(serve_unix(listener, sock.clone(), router, async {
+            let _ = rx.await;
+        }));
+        while !sock.exists() {
+            std::thread::sleep(std::time::Duration::from_millis(10));
+        }
+        let mode = std::fs::metadata(&sock).unwrap().permissions().mode();
+        assert_eq!(mode & 0o777, 0o600);
+        let v = request(&sock, "PUT", "/v1/echo", Some(&serde_json::json!({"a": 1}))).unwrap();
+        assert_eq!(v["a"], 1);
+        let e = request(&sock, "GET", "/v1/no", None)
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("409") && e.contains("not now: migrating"), "{e}");
+        // A second server on a live socket is refused.
+        let again = {
+            let _rt = rt.enter();
+            bind_unix(&sock)
+        };
+        assert!(again.unwrap_err().to_string().contains("in use"));
+        let _ = tx.send(());
+        rt.block_on(server).unwrap().unwrap();
+        assert!(!sock.exists());
+        let e = request(&sock, "GET", "/v1/status", None)
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("is the daemon running"), "{e}");
+    }
+}
