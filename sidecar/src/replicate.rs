@@ -777,12 +777,7 @@ impl EpochLoop {
         loop {
             // Read each time: the epoch length may follow the measured bandwidth-delay product.
             let epoch_len = Duration::from_millis(self.cfg.epoch_ms);
-            let steady_done = self.opts.duration_after_initial_copy
-                && self.opts.duration.is_some_and(|d| {
-                    let g = self.shared.lock();
-                    g.initial_sync.is_some_and(|t| g.started.elapsed() >= t + d)
-                });
-            let stopping = self.shared.stop.load(Ordering::SeqCst) || steady_done;
+            let stopping = self.stopping();
             // Pace epochs; also wait while the backups cannot take another one.
             let due = last_pause + epoch_len;
             if !stopping {
@@ -843,6 +838,20 @@ impl EpochLoop {
                 .context("clearing the vCPU throttle")?;
         }
         Ok(())
+    }
+
+    /// Whether the run should end: a signal, `--duration`, or the demo's duration after the initial copy.
+    /// Sets the stop flag, so that back-pressure waits end too.
+    fn stopping(&self) -> bool {
+        let steady_done = self.opts.duration_after_initial_copy
+            && self.opts.duration.is_some_and(|d| {
+                let g = self.shared.lock();
+                g.initial_sync.is_some_and(|t| g.started.elapsed() >= t + d)
+            });
+        if steady_done {
+            self.shared.stop.store(true, Ordering::SeqCst);
+        }
+        self.shared.stop.load(Ordering::SeqCst)
     }
 
     fn epoch(&mut self, last: bool) -> anyhow::Result<()> {
@@ -909,7 +918,10 @@ impl EpochLoop {
             let long_epoch = self
                 .last_pause_at
                 .is_none_or(|t| t.elapsed() > 2 * Duration::from_millis(self.cfg.epoch_ms));
-            if discarded || resynced || long_epoch || self.last_dirty_bytes > self.cfg.staging / 2 {
+            let precopy =
+                discarded || resynced || long_epoch || self.last_dirty_bytes > self.cfg.staging / 2;
+            // Stopping: no more rounds; the final epoch is cut at the next pause.
+            if precopy && !self.stopping() {
                 let mut previous_round = u64::MAX;
                 for _ in 0..MAX_PRECOPY_ROUNDS {
                     let h = self.client.harvest().context("harvesting dirty pages")?;
@@ -979,7 +991,10 @@ impl EpochLoop {
             self.dirty_bytes += bytes;
             self.last_dirty_bytes = bytes;
             let fits = bytes <= self.cfg.staging;
-            if !fits && self.cfg.emergency == crate::config::Emergency::Discard {
+            // Stopping: the final epoch is cut even when it overflows (as under `pause`), so that the
+            // sidecar can exit with the replica consistent rather than discard forever.
+            if !fits && self.cfg.emergency == crate::config::Emergency::Discard && !self.stopping()
+            {
                 self.client.release(harvest.seq, false)?;
                 self.client.resume().context("resuming the guest")?;
                 // Not consumed: these pages are harvested again.
