@@ -1112,7 +1112,14 @@ impl EpochLoop {
     fn control(&mut self) -> anyhow::Result<()> {
         let now = Instant::now();
         let (then, dirty_then) = self.last_sample;
-        let (drain_elapsed, drained_bytes) = self.drained();
+        // Acknowledgements come in bursts: a drain window much shorter than an epoch (right after a
+        // mid-send sample) says more about the burst than the path, and is left to the next sample.
+        let (drain_elapsed, drained_bytes) =
+            if self.last_drain.0.elapsed() >= Duration::from_millis(self.cfg.epoch_ms / 2) {
+                self.drained()
+            } else {
+                (Duration::ZERO, 0)
+            };
         let d = self.controller.sample(crate::throttle::EpochSample {
             elapsed: now - then,
             dirty_bytes: self.dirty_bytes - dirty_then,
