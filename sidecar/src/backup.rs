@@ -106,6 +106,12 @@ impl BackupNode {
         };
         for entry in entries {
             let dir = entry?.path();
+            if let Some(f) = crate::switchover::Fence::load(&dir)?.filter(|f| f.running()) {
+                // Its replica file is a running VM's RAM now: no journal may be redone over it.
+                tracing::info!(dir = %dir.display(), generation = f.generation, epoch = f.epoch,
+                    "the VM runs on this node; not a replica any more");
+                continue;
+            }
             let state = dir.join("state.json");
             let Ok(bytes) = std::fs::read(&state) else {
                 continue;
@@ -135,7 +141,7 @@ impl BackupNode {
     }
 
     fn open_vm(&self, h: &Hello) -> Result<u64, String> {
-        let vm = self.vm_for(h)?;
+        let vm = self.vm_for(h).map_err(|(_, m)| m)?;
         Ok(vm.committed_at_open)
     }
 
@@ -165,12 +171,13 @@ impl BackupNode {
         Ok(())
     }
 
-    fn vm_for(&self, h: &Hello) -> Result<Arc<VmHandle>, String> {
+    fn vm_for(&self, h: &Hello) -> Result<Arc<VmHandle>, (ErrorCode, String)> {
+        let bad = |m: String| (ErrorCode::BadHello, m);
         if !valid_vm_id(&h.vm_id) {
-            return Err(format!(
+            return Err(bad(format!(
                 "VM id {:?} must be 1-128 letters, digits, '-', '_' or '.'",
                 h.vm_id
-            ));
+            )));
         }
         let mut vms = self.vms.lock().expect("vm table");
         if let Some(v) = vms.get(&h.vm_id) {
@@ -182,14 +189,19 @@ impl BackupNode {
             || h.mem_bytes == 0
             || h.mem_bytes % page_size != 0
         {
-            return Err(format!(
+            return Err(bad(format!(
                 "geometry {} bytes in {}-byte pages is not whole pages",
                 h.mem_bytes, h.page_size
-            ));
+            )));
         }
         let dir = self.cfg.data_dir.join(&h.vm_id);
+        let fence = crate::switchover::Fence::load(&dir)
+            .map_err(|e| (ErrorCode::Internal, e.to_string()))?;
+        if let Some(f) = fence.as_ref().filter(|f| f.running()) {
+            return Err((ErrorCode::Fenced, fenced_message(&h.vm_id, f)));
+        }
         let store = ReplicaStore::open(&dir, &h.vm_id, h.mem_bytes, page_size, self.cfg.crash)
-            .map_err(|e| e.to_string())?;
+            .map_err(|e| (ErrorCode::Internal, e.to_string()))?;
         tracing::info!(vm = %h.vm_id, committed = store.committed_epoch(), io_uring = store.uses_io_uring(), "replica opened");
         let committed_at_open = store.committed_epoch();
         let rx = Receiver::new(
@@ -204,10 +216,19 @@ impl BackupNode {
         );
         let (tx, inbox) = std::sync::mpsc::channel();
         let vm_id = h.vm_id.clone();
+        let fence = fence.unwrap_or_default();
         std::thread::Builder::new()
             .name(format!("replica-{vm_id}"))
-            .spawn(move || vm_thread(vm_id, rx, store, inbox))
-            .map_err(|e| e.to_string())?;
+            .spawn(move || {
+                VmThread {
+                    vm_id,
+                    dir,
+                    fence,
+                    running: None,
+                }
+                .run(rx, store, inbox)
+            })
+            .map_err(|e| (ErrorCode::Internal, e.to_string()))?;
         let handle = Arc::new(VmHandle {
             tx,
             committed_at_open,
@@ -238,7 +259,7 @@ impl BackupNode {
                 );
                 return refuse(&conn, &mut send, ErrorCode::BadHello, m).await;
             }
-            Err(m) => return refuse(&conn, &mut send, ErrorCode::BadHello, m).await,
+            Err((code, m)) => return refuse(&conn, &mut send, code, m).await,
         };
         let key = self.next_key.fetch_add(1, Ordering::Relaxed);
         let (tx, mut out) = mpsc::unbounded_channel::<EncodedFrame>();
@@ -320,77 +341,240 @@ async fn refuse(
     Err(PathError::Refused(message))
 }
 
-fn vm_thread(
+fn fenced_message(vm_id: &str, f: &crate::switchover::Fence) -> String {
+    format!(
+        "VM {vm_id:?} runs on this node since epoch {} (generation {}): refusing replication into its RAM",
+        f.epoch, f.generation
+    )
+}
+
+/// One VM's thread: its replica, and once a switchover started it here, the running VM's fence.
+struct VmThread {
     vm_id: String,
-    mut rx: Receiver,
-    mut store: ReplicaStore,
-    inbox: std::sync::mpsc::Receiver<VmIn>,
-) {
-    let mut paths: HashMap<u64, mpsc::UnboundedSender<EncodedFrame>> = HashMap::new();
-    loop {
-        let input = match inbox.recv_timeout(std::time::Duration::from_millis(300)) {
-            Ok(i) => i,
-            Err(std::sync::mpsc::RecvTimeoutError::Timeout) => {
-                store.maybe_checkpoint(true);
-                continue;
-            }
-            Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => break,
-        };
-        match input {
-            VmIn::PathUp { key, tx } => {
-                paths.insert(key, tx);
-            }
-            VmIn::PathDown { key } => {
-                paths.remove(&key);
-            }
-            VmIn::Msg { key, msg } => {
-                if let Err(e) = rx.handle_message(key, msg) {
-                    tracing::warn!(vm = %vm_id, "refused: {e}");
-                    flush(&mut rx, &mut paths);
+    dir: PathBuf,
+    fence: crate::switchover::Fence,
+    /// The VM started here by a switchover: its answer (repeated to a retried or aborted switchover) and
+    /// its VMM.
+    running: Option<(endophyte_wire::SwitchedOver, std::process::Child)>,
+}
+
+impl VmThread {
+    fn run(
+        mut self,
+        mut rx: Receiver,
+        mut store: ReplicaStore,
+        inbox: std::sync::mpsc::Receiver<VmIn>,
+    ) {
+        let vm_id = self.vm_id.clone();
+        let mut paths: HashMap<u64, mpsc::UnboundedSender<EncodedFrame>> = HashMap::new();
+        loop {
+            let input = match inbox.recv_timeout(std::time::Duration::from_millis(300)) {
+                Ok(i) => i,
+                Err(std::sync::mpsc::RecvTimeoutError::Timeout) => {
+                    if self.running.is_none() {
+                        store.maybe_checkpoint(true);
+                    }
+                    continue;
+                }
+                Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => break,
+            };
+            match input {
+                VmIn::PathUp { key, tx } => {
+                    paths.insert(key, tx);
+                }
+                VmIn::PathDown { key } => {
                     paths.remove(&key);
                 }
-            }
-        }
-        // Do what the state machine asks until it is quiet.
-        loop {
-            let Some(action) = rx.poll_action() else {
-                break;
-            };
-            match action {
-                Action::Store { epoch, seq, chunk } => {
-                    match store.store_chunk(seq, &chunk, rx.session().unwrap_or(0)) {
-                        Ok(()) => {
-                            if let Err(e) = rx.chunk_stored(epoch, seq) {
-                                tracing::warn!(vm = %vm_id, "refused: {e}");
-                            }
-                        }
-                        Err(e) => {
-                            // The epoch is dropped and the sender told; it starts over from our committed epoch.
-                            tracing::error!(vm = %vm_id, epoch, "journal write failed: {e}");
-                            rx.store_failed(epoch, seq, &e.to_string());
+                VmIn::Msg {
+                    key,
+                    msg: Message::Switchover(sw),
+                } => {
+                    let reply = self.switchover(&rx, &mut store, sw);
+                    if let Some(tx) = paths.get(&key) {
+                        let _ = tx.send(reply.encode());
+                    }
+                }
+                VmIn::Msg {
+                    key,
+                    msg: Message::SwitchoverAbort { generation },
+                } => {
+                    let reply = self.abort(generation);
+                    if let Some(tx) = paths.get(&key) {
+                        let _ = tx.send(reply.encode());
+                    }
+                }
+                VmIn::Msg { key, msg } if self.running.is_some() => {
+                    // Fenced: nothing goes into the running VM's RAM.
+                    if !matches!(msg, Message::Ping { .. } | Message::Pong { .. }) {
+                        if let Some(tx) = paths.remove(&key) {
+                            let _ = tx.send(
+                                Message::Error {
+                                    code: ErrorCode::Fenced,
+                                    message: fenced_message(&vm_id, &self.fence),
+                                }
+                                .encode(),
+                            );
                         }
                     }
                 }
-                Action::Commit { end } => {
-                    let epoch = end.epoch;
-                    match store.commit(&end, rx.session().unwrap_or(0)) {
-                        Ok(()) => {
-                            tracing::debug!(vm = %vm_id, epoch, "committed");
-                            store.maybe_checkpoint(false);
-                            if let Err(e) = rx.epoch_committed(epoch) {
-                                tracing::warn!(vm = %vm_id, "refused: {e}");
-                            }
-                        }
-                        Err(e) => {
-                            tracing::error!(vm = %vm_id, epoch, "commit failed, replica keeps epoch {}: {e}", store.committed_epoch());
-                            rx.commit_failed(epoch, &e.to_string());
-                        }
+                VmIn::Msg { key, msg } => {
+                    if let Err(e) = rx.handle_message(key, msg) {
+                        tracing::warn!(vm = %vm_id, "refused: {e}");
+                        flush(&mut rx, &mut paths);
+                        paths.remove(&key);
                     }
                 }
-                Action::Discard { epoch } => store.discard(epoch),
+            }
+            if self.running.is_some() {
+                continue;
+            }
+            // Do what the state machine asks until it is quiet.
+            loop {
+                let Some(action) = rx.poll_action() else {
+                    break;
+                };
+                match action {
+                    Action::Store { epoch, seq, chunk } => {
+                        match store.store_chunk(seq, &chunk, rx.session().unwrap_or(0)) {
+                            Ok(()) => {
+                                if let Err(e) = rx.chunk_stored(epoch, seq) {
+                                    tracing::warn!(vm = %vm_id, "refused: {e}");
+                                }
+                            }
+                            Err(e) => {
+                                // The epoch is dropped and the sender told; it starts over from our committed epoch.
+                                tracing::error!(vm = %vm_id, epoch, "journal write failed: {e}");
+                                rx.store_failed(epoch, seq, &e.to_string());
+                            }
+                        }
+                    }
+                    Action::Commit { end } => {
+                        let epoch = end.epoch;
+                        match store.commit(&end, rx.session().unwrap_or(0)) {
+                            Ok(()) => {
+                                tracing::debug!(vm = %vm_id, epoch, "committed");
+                                store.maybe_checkpoint(false);
+                                if let Err(e) = rx.epoch_committed(epoch) {
+                                    tracing::warn!(vm = %vm_id, "refused: {e}");
+                                }
+                            }
+                            Err(e) => {
+                                tracing::error!(vm = %vm_id, epoch, "commit failed, replica keeps epoch {}: {e}", store.committed_epoch());
+                                rx.commit_failed(epoch, &e.to_string());
+                            }
+                        }
+                    }
+                    Action::Discard { epoch } => store.discard(epoch),
+                }
+            }
+            flush(&mut rx, &mut paths);
+        }
+    }
+
+    /// Handles a switchover request; see [`crate::switchover`].
+    fn switchover(
+        &mut self,
+        rx: &Receiver,
+        store: &mut ReplicaStore,
+        sw: endophyte_wire::Switchover,
+    ) -> Message {
+        let vm_id = self.vm_id.clone();
+        let refuse = |code, message: String| {
+            tracing::warn!(vm = %vm_id, generation = sw.generation, "switchover refused: {message}");
+            Message::Error { code, message }
+        };
+        if let Some((done, _)) = &self.running {
+            if done.generation == sw.generation {
+                return Message::SwitchedOver(done.clone());
             }
         }
-        flush(&mut rx, &mut paths);
+        if sw.generation <= self.fence.generation {
+            return refuse(
+                ErrorCode::Fenced,
+                format!(
+                    "generation {} is stale: this node has seen generation {} ({}) of VM {:?}",
+                    sw.generation, self.fence.generation, self.fence.state, self.vm_id
+                ),
+            );
+        }
+        if rx.committed_epoch() != sw.epoch || rx.committed_session() != sw.session {
+            return refuse(
+                ErrorCode::SwitchoverFailed,
+                format!(
+                    "the replica holds epoch {} of session {:x}, not the final epoch {} of session {:x}",
+                    rx.committed_epoch(),
+                    rx.committed_session(),
+                    sw.epoch,
+                    sw.session
+                ),
+            );
+        }
+        let t0 = std::time::Instant::now();
+        let socket = self.dir.join("vmm.sock");
+        let fence = crate::switchover::Fence {
+            generation: sw.generation,
+            state: "running".into(),
+            epoch: sw.epoch,
+            session: sw.session,
+            vmm_socket: socket,
+        };
+        // The fence goes to disk before the VM can run: after a crash this node knows the file is RAM.
+        if let Err(e) = fence.store(&self.dir) {
+            return refuse(
+                ErrorCode::SwitchoverFailed,
+                format!("recording the fence: {e}"),
+            );
+        }
+        self.fence = fence;
+        match crate::switchover::start_from_replica(
+            &self.dir,
+            &store.image_path(),
+            &sw,
+            t0.elapsed(),
+        ) {
+            Ok(started) => {
+                tracing::info!(vm = %self.vm_id, generation = sw.generation, epoch = sw.epoch,
+                    settle_us = started.done.settle_us, spawn_us = started.done.spawn_us,
+                    restore_us = started.done.restore_us, resume_us = started.done.resume_us,
+                    "switchover: the VM runs on this node");
+                let done = started.done.clone();
+                self.running = Some((started.done, started.vmm));
+                Message::SwitchedOver(done)
+            }
+            Err(e) => {
+                self.fence.state = "aborted".into();
+                if let Err(e2) = self.fence.store(&self.dir) {
+                    tracing::error!(vm = %self.vm_id, "rewriting the fence after a failed switchover: {e2}");
+                }
+                refuse(
+                    ErrorCode::SwitchoverFailed,
+                    format!("starting the VM on node's replica failed: {e:#}"),
+                )
+            }
+        }
+    }
+
+    /// The source gave up on `generation`: never start it here (or say it already runs).
+    fn abort(&mut self, generation: u64) -> Message {
+        if let Some((done, _)) = self
+            .running
+            .as_ref()
+            .filter(|(d, _)| d.generation == generation)
+        {
+            return Message::SwitchedOver(done.clone());
+        }
+        if generation > self.fence.generation {
+            self.fence.generation = generation;
+            self.fence.state = "aborted".into();
+            if let Err(e) = self.fence.store(&self.dir) {
+                return Message::Error {
+                    code: ErrorCode::Internal,
+                    message: format!("recording the aborted generation: {e}"),
+                };
+            }
+        }
+        tracing::info!(vm = %self.vm_id, generation, "switchover aborted by the source");
+        Message::SwitchoverAborted { generation }
     }
 }
 

@@ -279,6 +279,11 @@ pub struct SidecarConfig {
     /// default.
     #[serde(default)]
     pub control_socket: Option<PathBuf>,
+    /// The VM's current generation (its fencing token): 0 for a VM that never migrated; a VM started on a
+    /// node by a switchover or promote runs under the generation in that node's `fence.json`. A
+    /// migration switches over with the next one.
+    #[serde(default)]
+    pub generation: u64,
     /// The backups.
     #[serde(default, rename = "backup")]
     pub backups: Vec<BackupSpec>,

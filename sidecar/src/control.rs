@@ -38,6 +38,14 @@ impl ApiError {
         }
     }
 
+    /// A 404: nothing there.
+    pub fn not_found(message: impl Into<String>) -> Self {
+        Self {
+            status: StatusCode::NOT_FOUND,
+            message: message.into(),
+        }
+    }
+
     /// A 409: the request is valid but the daemon's state does not allow it now.
     pub fn conflict(message: impl Into<String>) -> Self {
         Self {

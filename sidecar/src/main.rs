@@ -82,22 +82,54 @@ enum Cmd {
         /// Fill RAM with PRNG data first.
         #[arg(long)]
         fill: bool,
+        /// Start with no VM and wait for a client to restore one (a migration target).
+        #[arg(long)]
+        standby: bool,
+    },
+    /// Live-migrate a VM to one of its backups: converge, then switch over (through its sidecar's control
+    /// socket). Exits non-zero when the migration fails; the VM then still runs on the source.
+    Migrate {
+        /// The VM (its sidecar's socket is CONTROL_DIR/VM.sock unless --control says otherwise).
+        vm: String,
+        /// Target backup node (one of the sidecar's backups).
+        #[arg(long)]
+        to: String,
+        /// Downtime budget.
+        #[arg(long, default_value = "50ms", value_parser = humantime::parse_duration)]
+        downtime: Duration,
+        /// Give up converging after this long.
+        #[arg(long, default_value = "60s", value_parser = humantime::parse_duration)]
+        deadline: Duration,
+        /// At the deadline, switch over anyway, above budget.
+        #[arg(long)]
+        force: bool,
+        /// Have the target hash guest RAM before resuming it, and compare with the source (adds the hash to
+        /// the downtime; reported apart).
+        #[arg(long)]
+        verify: bool,
+        #[command(flatten)]
+        control: ControlArgs,
+        /// `table` for people (with a progress line), `json` for scripts.
+        #[arg(long, value_enum, default_value = "table")]
+        output: Output,
     },
     /// Show a sidecar's replication: epochs, backups and their paths, RPO, throttle (through its control
     /// socket).
     Status {
-        /// The sidecar's control socket (`--control-socket`).
-        #[arg(long)]
-        control: PathBuf,
+        /// The VM (its sidecar's socket is CONTROL_DIR/VM.sock unless --control says otherwise).
+        vm: Option<String>,
+        #[command(flatten)]
+        control: ControlArgs,
         /// `table` for people, `json` for scripts.
         #[arg(long, value_enum, default_value = "table")]
         output: Output,
     },
     /// Change a running sidecar's settings (through its control socket); prints what is now in force.
     Set {
-        /// The sidecar's control socket (`--control-socket`).
-        #[arg(long)]
-        control: PathBuf,
+        /// The VM (its sidecar's socket is CONTROL_DIR/VM.sock unless --control says otherwise).
+        vm: Option<String>,
+        #[command(flatten)]
+        control: ControlArgs,
         /// New cap on what the sidecar sends (e.g. 20MB/s), or `none` to lift it.
         #[arg(long)]
         max_bandwidth: String,
@@ -107,6 +139,27 @@ enum Cmd {
         #[command(subcommand)]
         cmd: DemoCmd,
     },
+}
+
+/// Where a sidecar's control socket is.
+#[derive(Args)]
+struct ControlArgs {
+    /// The sidecar's control socket (its `--control-socket`).
+    #[arg(long)]
+    control: Option<PathBuf>,
+    /// Directory of sidecars' control sockets, named VM.sock.
+    #[arg(long, default_value = "/run/endophyte")]
+    control_dir: PathBuf,
+}
+
+impl ControlArgs {
+    fn socket(&self, vm: Option<&str>) -> anyhow::Result<PathBuf> {
+        match (&self.control, vm) {
+            (Some(p), _) => Ok(p.clone()),
+            (None, Some(vm)) => Ok(self.control_dir.join(format!("{vm}.sock"))),
+            (None, None) => bail!("name the VM or give --control SOCKET"),
+        }
+    }
 }
 
 /// How a command prints its result.
@@ -202,9 +255,13 @@ struct SidecarArgs {
     /// Append released guest console output to this file (default: stderr).
     #[arg(long)]
     console_out: Option<PathBuf>,
-    /// Serve the control API on this Unix socket (for `endophyte status` and `endophyte set`).
+    /// Serve the control API on this Unix socket (for `endophyte status`, `set` and `migrate`; they look for
+    /// /run/endophyte/VM.sock by default).
     #[arg(long)]
     control_socket: Option<PathBuf>,
+    /// The VM's current generation (fencing token; see `fence.json` on the node it was started on).
+    #[arg(long)]
+    generation: Option<u64>,
     /// Release guest console output at once instead of when its epoch is durable.
     #[arg(long)]
     no_output_commit: bool,
@@ -258,6 +315,9 @@ fn sidecar_config(a: &SidecarArgs) -> anyhow::Result<SidecarConfig> {
     }
     if let Some(v) = &a.control_socket {
         c.control_socket = Some(v.clone());
+    }
+    if let Some(v) = a.generation {
+        c.generation = v;
     }
     if a.no_output_commit {
         c.output_commit = false;
@@ -386,7 +446,17 @@ fn main() -> anyhow::Result<()> {
             vcpus,
             workload,
             fill,
+            standby,
         } => {
+            if standby {
+                let host = std::sync::Arc::new(testvm::agent::VmHost::new(
+                    None,
+                    testvm::DirtySource::Bitmap,
+                    Box::new(|| Box::new(testvm::agent::ConsoleToStderr::default())),
+                ));
+                testvm::agent::serve_on_socket(host, &attach_socket, None)?;
+                return Ok(());
+            }
             let mut w = testvm::WorkloadConfig::parse(&workload)
                 .map_err(|e| anyhow::anyhow!("workload {workload:?}: {e}"))?;
             w.fill = fill;
@@ -413,7 +483,42 @@ fn main() -> anyhow::Result<()> {
             );
             testvm::agent::serve_on_socket(host, &attach_socket, None)?;
         }
-        Cmd::Status { control, output } => {
+        Cmd::Migrate {
+            vm,
+            to,
+            downtime,
+            deadline,
+            force,
+            verify,
+            control,
+            output,
+        } => {
+            let socket = control.socket(Some(&vm))?;
+            let req = endophyte::migrate::MigrateRequest {
+                to,
+                downtime_ms: downtime.as_millis().max(1) as u64,
+                deadline_ms: deadline.as_millis().max(1) as u64,
+                force,
+                verify,
+            };
+            let st = endophyte::migrate::run_cli(&socket, &req, output == Output::Table)?;
+            match output {
+                Output::Json => println!("{}", serde_json::to_string_pretty(&st)?),
+                Output::Table => print!("{}", endophyte::migrate::summary(&st)),
+            }
+            if st.phase != endophyte::migrate::Phase::Done {
+                bail!(
+                    "migration of {vm} failed: {}",
+                    st.error.as_deref().unwrap_or("no reason given")
+                );
+            }
+        }
+        Cmd::Status {
+            vm,
+            control,
+            output,
+        } => {
+            let control = control.socket(vm.as_deref())?;
             let v = endophyte::control::request(&control, "GET", "/v1/status", None)?;
             match output {
                 Output::Json => println!("{}", serde_json::to_string_pretty(&v)?),
@@ -425,9 +530,11 @@ fn main() -> anyhow::Result<()> {
             }
         }
         Cmd::Set {
+            vm,
             control,
             max_bandwidth,
         } => {
+            let control = control.socket(vm.as_deref())?;
             let bytes_per_s = match max_bandwidth.trim() {
                 "none" | "unlimited" | "off" => None,
                 r => Some(

@@ -145,6 +145,8 @@ pub struct SidecarReport {
     pub console_bytes_released: u64,
     /// Console bytes released at exit without a durable epoch (replication stopped, the VM went on).
     pub console_bytes_released_at_exit: u64,
+    /// The migration this run ended with, if it did.
+    pub migration: Option<crate::migrate::MigrationReport>,
 }
 
 struct Inner {
@@ -169,6 +171,26 @@ struct Inner {
     max_bandwidth: Option<u64>,
     /// What the epoch loop last measured and decided, for `GET /v1/status`.
     live: Live,
+    /// The migration requested through the control API, if any (the last one, once finished).
+    migration: Option<MigrationCtl>,
+    /// Generation of the switchover waiting for the target's answer.
+    switch_pending: Option<u64>,
+    /// The target's answer to it (SwitchedOver, SwitchoverAborted or an Error).
+    switch_reply: Option<endophyte_wire::Message>,
+    /// A client read the finished migration's status (the sidecar waits for that before exiting).
+    final_fetched: bool,
+}
+
+/// A migration's state, shared by the epoch loop (which runs it) and the control API (which reports it).
+struct MigrationCtl {
+    request: crate::migrate::MigrateRequest,
+    target: usize,
+    started: Instant,
+    phase: crate::migrate::Phase,
+    predicted_ms: Option<f64>,
+    wire_at_start: u64,
+    error: Option<String>,
+    report: Option<crate::migrate::MigrationReport>,
 }
 
 /// The epoch loop's latest figures, published for the control API.
@@ -396,6 +418,10 @@ pub fn run_sidecar(cfg: SidecarConfig, opts: RunOptions) -> anyhow::Result<Sidec
                 epoch_ms: cfg.epoch_ms,
                 ..Live::default()
             },
+            migration: None,
+            switch_pending: None,
+            switch_reply: None,
+            final_fetched: false,
         }),
         meta: (
             cfg.vm_id.clone(),
@@ -506,8 +532,15 @@ pub fn run_sidecar(cfg: SidecarConfig, opts: RunOptions) -> anyhow::Result<Sidec
         output_commit: false,
         epoch_console: Vec::new(),
         console_at_exit: 0,
+        throttle_floor: 0.0,
+        peak_drain: 0.0,
+        migrated: false,
     };
     let result = ep.run();
+    if ep.migrated {
+        // Whoever asked for the migration learns how it ended before the control socket goes away.
+        shared.wait_until(Duration::from_secs(5), |g| g.final_fetched);
+    }
     path_stop.notify_waiters();
     let report = ep.report(&cfg, &paths);
     rt.shutdown_timeout(Duration::from_secs(1));
@@ -661,6 +694,10 @@ async fn drive(
                         g.path_tx[b][p] = Some(tx);
                         g.sender.handle_path_up(b, p, &welcome, now);
                     }
+                    PathEvent::Message(m) if is_switch_reply(&g, b, &m) => {
+                        g.switch_reply = Some(m);
+                        shared.cv.notify_all();
+                    }
                     PathEvent::Message(m) => {
                         if let Err(e) = g.sender.handle_message(b, p, m, now) {
                             tracing::warn!("{e}");
@@ -695,6 +732,25 @@ async fn drive(
             }
         }
     }
+}
+
+/// Whether `m`, from backup `b`, answers the switchover in progress (and so bypasses the sender).
+fn is_switch_reply(g: &Inner, b: usize, m: &endophyte_wire::Message) -> bool {
+    use endophyte_wire::{ErrorCode, Message};
+    let (Some(generation), Some(target)) =
+        (g.switch_pending, g.migration.as_ref().map(|m| m.target))
+    else {
+        return false;
+    };
+    b == target
+        && match m {
+            Message::SwitchedOver(d) => d.generation == generation,
+            Message::SwitchoverAborted { generation: gn } => *gn == generation,
+            Message::Error { code, .. } => {
+                matches!(code, ErrorCode::SwitchoverFailed | ErrorCode::Fenced)
+            }
+            _ => false,
+        }
 }
 
 struct EpochLoop {
@@ -733,6 +789,21 @@ struct EpochLoop {
     output_commit: bool,
     epoch_console: Vec<u8>,
     console_at_exit: u64,
+    /// Converging: the throttle does not go below this.
+    throttle_floor: f64,
+    /// Highest drain rate the controller measured: the paths' capacity, for predicting a switchover.
+    peak_drain: f64,
+    /// The VM runs on the migration target now; this sidecar is done.
+    migrated: bool,
+}
+
+/// Timings of a switchover's pause at the source, from its start.
+struct SwitchTimes {
+    t0: Instant,
+    paused: Duration,
+    harvested: Duration,
+    staged: Duration,
+    guest_pages: u64,
 }
 
 /// Where a resync's pages come from.
@@ -775,8 +846,10 @@ impl EpochLoop {
         });
         let mut last_pause = Instant::now();
         loop {
-            // Read each time: the epoch length may follow the measured bandwidth-delay product.
-            let epoch_len = Duration::from_millis(self.cfg.epoch_ms);
+            // Read each time: the epoch length may follow the measured bandwidth-delay product, and a
+            // migration converging shortens it.
+            let switch_to = self.converge()?;
+            let epoch_len = Duration::from_millis(self.epoch_ms_now());
             let stopping = self.stopping();
             // Pace epochs; also wait while the backups cannot take another one.
             let due = last_pause + epoch_len;
@@ -794,8 +867,20 @@ impl EpochLoop {
                     || shared.stop.load(Ordering::SeqCst)
             });
             last_pause = Instant::now();
-            self.epoch(stopping)?;
-            if stopping {
+            self.epoch(stopping && switch_to.is_none(), switch_to)?;
+            if self.migrated {
+                // The VM runs on the target; its VMM here is gone, and everything it held is durable.
+                let mut g = self.shared.lock();
+                let rest: Vec<u8> = std::mem::take(&mut g.held_console)
+                    .into_values()
+                    .flatten()
+                    .collect();
+                g.console_released += rest.len() as u64;
+                let _ = g.console_out.write_all(&rest);
+                let _ = g.console_out.flush();
+                return Ok(());
+            }
+            if stopping && switch_to.is_none() {
                 break;
             }
         }
@@ -840,6 +925,287 @@ impl EpochLoop {
         Ok(())
     }
 
+    /// Epoch length now: the configured (or tuned) one, or, while a migration converges, half its downtime
+    /// budget (at least 10 ms) when that is shorter.
+    fn epoch_ms_now(&self) -> u64 {
+        let g = self.shared.lock();
+        match g
+            .migration
+            .as_ref()
+            .filter(|m| m.phase == crate::migrate::Phase::Converging)
+        {
+            Some(m) => self.cfg.epoch_ms.min((m.request.downtime_ms / 2).max(10)),
+            None => self.cfg.epoch_ms,
+        }
+    }
+
+    /// Before each epoch, while a migration converges: switch over now (returns the target), go on
+    /// converging (raising the throttle floor), or give up at the deadline. See [`crate::migrate`].
+    fn converge(&mut self) -> anyhow::Result<Option<usize>> {
+        use crate::migrate::Phase;
+        let mut g = self.shared.lock();
+        let Some(m) = g
+            .migration
+            .as_ref()
+            .filter(|m| m.phase == Phase::Converging)
+        else {
+            return Ok(None);
+        };
+        let (req, target, started) = (m.request.clone(), m.target, m.started);
+        let committed = g.sender.committed(target);
+        let current =
+            g.sender.is_streaming(target) && committed + 2 >= self.next_epoch && committed > 0;
+        let rtt_ms = g.sender.rtt(target).map_or(0.0, |d| d.as_secs_f64() * 1e3);
+        let capacity = match g.max_bandwidth {
+            Some(cap) => self.peak_drain.min(cap as f64),
+            None => self.peak_drain,
+        }
+        .max(1.0);
+        let predicted = self.last_dirty_bytes as f64 / capacity * 1e3 + rtt_ms;
+        let m = g.migration.as_mut().expect("checked above");
+        m.predicted_ms = Some(predicted);
+        let budget = req.downtime_ms as f64;
+        if current && predicted <= budget {
+            m.phase = Phase::Switching;
+            return Ok(Some(target));
+        }
+        if started.elapsed() < Duration::from_millis(req.deadline_ms) {
+            if current {
+                // As QEMU's auto-converge: slow the guest a step more each epoch it does not fit.
+                self.throttle_floor = (self.throttle_floor + 0.05).min(0.99);
+            }
+            return Ok(None);
+        }
+        if req.force && g.sender.is_streaming(target) && committed > 0 {
+            tracing::warn!(
+                predicted_ms = predicted,
+                budget_ms = budget,
+                "migration deadline: switching over anyway (--force)"
+            );
+            g.migration.as_mut().expect("checked above").phase = Phase::Switching;
+            return Ok(Some(target));
+        }
+        let why = if current {
+            format!(
+                "did not converge within {} ms: the predicted downtime is {predicted:.1} ms against a budget of {budget} ms (the throttle reached {:.0} %); --force switches over anyway",
+                req.deadline_ms,
+                self.throttle_now * 100.0
+            )
+        } else {
+            format!(
+                "did not converge within {} ms: the target's replica is not current (it committed epoch {committed}; this sidecar is at {})",
+                req.deadline_ms,
+                self.next_epoch.saturating_sub(1)
+            )
+        };
+        drop(g);
+        self.migration_failed(why);
+        Ok(None)
+    }
+
+    fn migration_failed(&mut self, why: String) {
+        tracing::warn!("migration failed: {why}");
+        self.throttle_floor = 0.0;
+        let mut g = self.shared.lock();
+        g.switch_pending = None;
+        if let Some(m) = g.migration.as_mut() {
+            m.phase = crate::migrate::Phase::Failed;
+            m.error = Some(why);
+        }
+    }
+
+    /// During a switchover's pause: saves vCPU and device state. On failure the guest resumes, the
+    /// migration is marked failed and the epoch goes on as an ordinary one (returns `None`).
+    fn save_for_switch(
+        &mut self,
+        t0: Instant,
+        paused: Duration,
+        harvested: Duration,
+    ) -> Option<(SwitchTimes, Vec<u8>)> {
+        match self.client.save_state() {
+            Ok(state) => Some((
+                SwitchTimes {
+                    t0,
+                    paused,
+                    harvested,
+                    staged: t0.elapsed(),
+                    guest_pages: 0,
+                },
+                serde_json::to_vec(&state).expect("JSON values serialize"),
+            )),
+            Err(e) => {
+                let _ = self.client.resume();
+                self.migration_failed(format!(
+                    "saving vCPU and device state at the source failed: {e}"
+                ));
+                None
+            }
+        }
+    }
+
+    /// After the final epoch went out with the guest paused: waits for the target to commit it, sends
+    /// `Switchover`, and either ends this sidecar (the VM runs on the target) or resumes the guest here.
+    fn finish_switchover(
+        &mut self,
+        e: u64,
+        target: usize,
+        (mut times, state): (SwitchTimes, Vec<u8>),
+    ) -> anyhow::Result<()> {
+        use endophyte_wire::Message;
+        let name = self.shared.meta.3[target].clone();
+        let committed = self.shared.wait_until(Duration::from_secs(10), |g| {
+            g.sender.committed(target) >= e || !g.sender.is_streaming(target)
+        }) && self.shared.lock().sender.committed(target) >= e;
+        if !committed {
+            return self.abandon_switch(format!(
+                "target {name} did not commit the final epoch {e} within 10 s"
+            ));
+        }
+        let t_committed = times.t0.elapsed();
+        let generation = self.cfg.generation + 1;
+        let verify = {
+            let g = self.shared.lock();
+            g.migration.as_ref().is_some_and(|m| m.request.verify)
+        };
+        let msg = Message::Switchover(endophyte_wire::Switchover {
+            generation,
+            session: self.session,
+            epoch: e,
+            verify,
+            state: state.into(),
+        });
+        let send = |me: &Self, msg: &Message| -> bool {
+            let mut g = me.shared.lock();
+            g.switch_pending = Some(generation);
+            match g.path_tx[target].iter().flatten().next() {
+                Some(tx) => tx.send(msg.encode()).is_ok(),
+                None => false,
+            }
+        };
+        self.shared.lock().switch_reply = None;
+        if !send(self, &msg) {
+            return self.abandon_switch(format!("no path to target {name} is up"));
+        }
+        let wait = |me: &Self, limit: Duration| -> Option<Message> {
+            me.shared.wait_until(limit, |g| g.switch_reply.is_some());
+            me.shared.lock().switch_reply.take()
+        };
+        let reply = match wait(self, Duration::from_secs(10)) {
+            Some(r) => r,
+            None => {
+                tracing::warn!(target = %name, generation, "no answer to the switchover in 10 s: aborting it");
+                send(self, &Message::SwitchoverAbort { generation });
+                match wait(self, Duration::from_secs(5)) {
+                    Some(r) => r,
+                    None => {
+                        let why = format!(
+                            "target {name} answered neither the switchover nor its abort: whether it started generation {generation} is unknown, so the guest stays paused here; check the target (endophyte status) before resuming anything"
+                        );
+                        {
+                            let mut g = self.shared.lock();
+                            g.switch_pending = None;
+                            if let Some(m) = g.migration.as_mut() {
+                                m.phase = crate::migrate::Phase::Failed;
+                                m.error = Some(why.clone());
+                            }
+                        }
+                        anyhow::bail!(why);
+                    }
+                }
+            }
+        };
+        let done = match reply {
+            Message::SwitchedOver(d) => d,
+            Message::SwitchoverAborted { .. } => {
+                return self.abandon_switch(format!(
+                    "target {name} did not answer the switchover within 10 s; it confirmed it will never start generation {generation}"
+                ))
+            }
+            Message::Error { message, .. } => {
+                return self.abandon_switch(format!(
+                    "target {name} refused the switchover: {message}"
+                ))
+            }
+            other => {
+                return self.abandon_switch(format!(
+                    "target {name} answered the switchover with {}",
+                    other.name()
+                ))
+            }
+        };
+        let t_ack = times.t0.elapsed();
+        // The source stays paused for good: what it holds can be checked now at no cost to downtime.
+        let source_ram_hash = if verify {
+            self.client.vmm_hash().unwrap_or_default()
+        } else {
+            String::new()
+        };
+        times.guest_pages = crate::demo::guest_pages_written(&self.client).unwrap_or(0);
+        if let Err(e) = self.client.shutdown() {
+            tracing::warn!("shutting the source VMM down: {e}");
+        }
+        let ms = |d: Duration| d.as_secs_f64() * 1e3;
+        let us = |u: u64| u as f64 / 1e3;
+        let mut b = crate::migrate::DowntimeBreakdown {
+            pause_ms: ms(times.paused),
+            harvest_ms: ms(times.harvested - times.paused),
+            stage_ms: ms(times.staged - times.harvested),
+            final_transfer_ms: ms(t_committed - times.staged),
+            target_start_ms: us(done.settle_us + done.spawn_us),
+            restore_ms: us(done.restore_us),
+            verify_ms: us(done.verify_us),
+            resume_ms: us(done.resume_us),
+            network_ms: 0.0,
+        };
+        let accounted = b.pause_ms
+            + b.harvest_ms
+            + b.stage_ms
+            + b.final_transfer_ms
+            + b.target_start_ms
+            + b.restore_ms
+            + b.verify_ms
+            + b.resume_ms;
+        b.network_ms = (ms(t_ack) - accounted).max(0.0);
+        let mut g = self.shared.lock();
+        g.switch_pending = None;
+        let wire = g.wire_bytes;
+        let m = g.migration.as_mut().expect("a migration is running");
+        let report = crate::migrate::MigrationReport {
+            to: name.clone(),
+            generation,
+            epoch: e,
+            downtime_ms: ms(t_ack) - b.verify_ms,
+            downtime_with_verify_ms: ms(t_ack),
+            breakdown: b,
+            converge_ms: ms(times.t0 - m.started),
+            total_ms: ms(m.started.elapsed()),
+            bytes_sent: wire - m.wire_at_start,
+            predicted_downtime_ms: m.predicted_ms.unwrap_or(0.0),
+            converged: m
+                .predicted_ms
+                .is_some_and(|p| p <= m.request.downtime_ms as f64),
+            target_ram_hash: done.ram_hash,
+            source_ram_hash,
+            source_guest_pages: times.guest_pages,
+        };
+        tracing::info!(target = %name, generation, epoch = e, downtime_ms = report.downtime_ms, "migrated: the VM runs on the target");
+        m.phase = crate::migrate::Phase::Done;
+        m.report = Some(report);
+        drop(g);
+        self.cfg.generation = generation;
+        self.migrated = true;
+        Ok(())
+    }
+
+    /// A switchover that failed before the target's answer: the guest resumes here.
+    fn abandon_switch(&mut self, why: String) -> anyhow::Result<()> {
+        self.client
+            .resume()
+            .context("resuming the guest after a failed switchover")?;
+        self.migration_failed(why);
+        Ok(())
+    }
+
     /// Whether the run should end: a signal, `--duration`, or the demo's duration after the initial copy.
     /// Sets the stop flag, so that back-pressure waits end too.
     fn stopping(&self) -> bool {
@@ -854,7 +1220,7 @@ impl EpochLoop {
         self.shared.stop.load(Ordering::SeqCst)
     }
 
-    fn epoch(&mut self, last: bool) -> anyhow::Result<()> {
+    fn epoch(&mut self, last: bool, switch_to: Option<usize>) -> anyhow::Result<()> {
         let e = {
             let g = self.shared.lock();
             let floor = (0..g.sender.backups())
@@ -920,8 +1286,9 @@ impl EpochLoop {
                 .is_none_or(|t| t.elapsed() > 2 * Duration::from_millis(self.cfg.epoch_ms));
             let precopy =
                 discarded || resynced || long_epoch || self.last_dirty_bytes > self.cfg.staging / 2;
-            // Stopping: no more rounds; the final epoch is cut at the next pause.
-            if precopy && !self.stopping() {
+            // Stopping: no more rounds; the final epoch is cut at the next pause. Switching over: the
+            // migration converged, so the pause takes what is left.
+            if precopy && !self.stopping() && switch_to.is_none() {
                 let mut previous_round = u64::MAX;
                 for _ in 0..MAX_PRECOPY_ROUNDS {
                     let h = self.client.harvest().context("harvesting dirty pages")?;
@@ -993,7 +1360,10 @@ impl EpochLoop {
             let fits = bytes <= self.cfg.staging;
             // Stopping: the final epoch is cut even when it overflows (as under `pause`), so that the
             // sidecar can exit with the replica consistent rather than discard forever.
-            if !fits && self.cfg.emergency == crate::config::Emergency::Discard && !self.stopping()
+            if !fits
+                && self.cfg.emergency == crate::config::Emergency::Discard
+                && !self.stopping()
+                && switch_to.is_none()
             {
                 self.client.release(harvest.seq, false)?;
                 self.client.resume().context("resuming the guest")?;
@@ -1020,12 +1390,23 @@ impl EpochLoop {
                 fits,
             );
         };
+        // A switchover keeps the guest paused from here until the target answers: its state is saved now.
+        let mut switch = None;
         let staged = if fits {
             // Copy the dirty ranges into staging while the guest stands still.
-            let index = stage_dirty(&self.client, &harvest.bitmaps, &mut self.staging, 2)
-                .context("copying dirty pages")?;
+            let index = match stage_dirty(&self.client, &harvest.bitmaps, &mut self.staging, 2) {
+                Ok(i) => i,
+                Err(err) => {
+                    let _ = self.client.resume();
+                    return Err(err).context("copying dirty pages");
+                }
+            };
             let t_copied = t0.elapsed();
-            self.client.resume().context("resuming the guest")?;
+            if switch_to.is_some() {
+                switch = self.save_for_switch(t0, t_paused, t_harvested);
+            } else {
+                self.client.resume().context("resuming the guest")?;
+            }
             tracing::debug!(epoch = e, pages, ?vmm_pause, ?t_paused, ?t_harvested, ?t_copied, resumed = ?t0.elapsed(), "epoch pause");
             Some(index)
         } else {
@@ -1044,14 +1425,22 @@ impl EpochLoop {
                 staging = self.cfg.staging,
                 "epoch overflows staging; guest stays paused while it is sent"
             );
+            if switch_to.is_some() {
+                switch = self.save_for_switch(t0, t_paused, t_harvested);
+            }
             let r = self.send_pages(e, &targets, &PageSet::Union(harvest.bitmaps.clone()));
-            self.client.resume().context("resuming the guest")?;
+            if switch.is_none() || r.is_err() {
+                self.client.resume().context("resuming the guest")?;
+            }
             self.pauses_ms.push(t0.elapsed().as_secs_f64() * 1e3);
             r.map(|_| ())
         };
         match &result {
             Ok(()) => self.client.release(harvest.seq, true)?,
             Err(_) => self.client.release(harvest.seq, false)?,
+        }
+        if result.is_err() && switch.is_some() {
+            let _ = self.client.resume();
         }
         result?;
         {
@@ -1073,6 +1462,12 @@ impl EpochLoop {
                 .for_each(|(a, b)| a.or_assign(b));
         }
         self.history.insert(e, changed);
+        if let (Some(target), Some(times)) = (switch_to, switch) {
+            self.finish_switchover(e, target, times)?;
+            if self.migrated {
+                return Ok(());
+            }
+        }
         self.control()?;
         while self.history.len() > HISTORY_EPOCHS {
             self.history.pop_first();
@@ -1149,7 +1544,9 @@ impl EpochLoop {
     }
 
     /// Publishes a decision for the control API and sets its throttle when it moved by a point or more.
-    fn apply(&mut self, d: crate::throttle::Decision) -> anyhow::Result<()> {
+    fn apply(&mut self, mut d: crate::throttle::Decision) -> anyhow::Result<()> {
+        d.throttle = d.throttle.max(self.throttle_floor);
+        self.peak_drain = self.peak_drain.max(d.drain_rate);
         {
             let mut g = self.shared.lock();
             g.live = Live {
@@ -1412,6 +1809,7 @@ impl EpochLoop {
             output_commit: self.output_commit,
             console_bytes_released: g.console_released,
             console_bytes_released_at_exit: self.console_at_exit,
+            migration: g.migration.as_ref().and_then(|m| m.report.clone()),
         }
     }
 }
@@ -1442,7 +1840,107 @@ fn control_router(shared: Arc<Shared>) -> axum::Router {
                 },
             ),
         )
+        .route(
+            "/v1/migrate",
+            axum::routing::post(
+                |State(s): State<Arc<Shared>>,
+                 Json(req): Json<crate::migrate::MigrateRequest>| async move {
+                    start_migration(&s, req).map(|st| (axum::http::StatusCode::ACCEPTED, Json(st)))
+                },
+            ),
+        )
+        .route(
+            "/v1/migration",
+            axum::routing::get(|State(s): State<Arc<Shared>>| async move {
+                let mut g = s.lock();
+                let st = migration_status(&g)
+                    .ok_or_else(|| ApiError::not_found("no migration was requested"))?;
+                if matches!(
+                    st.phase,
+                    crate::migrate::Phase::Done | crate::migrate::Phase::Failed
+                ) {
+                    g.final_fetched = true;
+                    s.cv.notify_all();
+                }
+                Ok::<_, ApiError>(Json(st))
+            }),
+        )
         .with_state(shared)
+}
+
+fn start_migration(
+    s: &Shared,
+    req: crate::migrate::MigrateRequest,
+) -> Result<crate::migrate::MigrationStatus, crate::control::ApiError> {
+    use crate::control::ApiError;
+    use crate::migrate::Phase;
+    let names = &s.meta.3;
+    let target = names.iter().position(|n| *n == req.to).ok_or_else(|| {
+        ApiError::bad_request(format!(
+            "{:?} is not one of this sidecar's backups ({})",
+            req.to,
+            names.join(", ")
+        ))
+    })?;
+    if req.downtime_ms == 0 || req.deadline_ms == 0 {
+        return Err(ApiError::bad_request(
+            "downtime_ms and deadline_ms must be above 0",
+        ));
+    }
+    let mut g = s.lock();
+    if let Some(m) = &g.migration {
+        match m.phase {
+            Phase::Converging | Phase::Switching => {
+                return Err(ApiError::conflict(format!(
+                    "a migration to {} is already running ({:?})",
+                    m.request.to, m.phase
+                )))
+            }
+            Phase::Done => {
+                return Err(ApiError::conflict(format!(
+                    "this VM already migrated to {}; this sidecar is exiting",
+                    m.request.to
+                )))
+            }
+            Phase::Failed => {}
+        }
+    }
+    tracing::info!(to = %req.to, downtime_ms = req.downtime_ms, deadline_ms = req.deadline_ms, force = req.force, "migration requested");
+    g.final_fetched = false;
+    g.migration = Some(MigrationCtl {
+        request: req,
+        target,
+        started: Instant::now(),
+        phase: Phase::Converging,
+        predicted_ms: None,
+        wire_at_start: g.wire_bytes,
+        error: None,
+        report: None,
+    });
+    drop(g);
+    s.cv.notify_all();
+    Ok(migration_status(&s.lock()).expect("just set"))
+}
+
+fn migration_status(g: &Inner) -> Option<crate::migrate::MigrationStatus> {
+    let m = g.migration.as_ref()?;
+    let elapsed = m.started.elapsed().as_secs_f64();
+    let sent = g.wire_bytes - m.wire_at_start;
+    Some(crate::migrate::MigrationStatus {
+        request: m.request.clone(),
+        phase: m.phase,
+        elapsed_ms: elapsed * 1e3,
+        predicted_downtime_ms: m.predicted_ms,
+        bytes_sent: sent,
+        rate_bytes_per_s: if elapsed > 0.0 {
+            sent as f64 / elapsed
+        } else {
+            0.0
+        },
+        throttle: g.live.throttle,
+        error: m.error.clone(),
+        report: m.report.clone(),
+    })
 }
 
 fn status(s: &Shared) -> crate::control::SidecarStatus {

@@ -20,6 +20,9 @@ pub mod sender;
 
 pub use chunk::{ChunkBuilder, ChunkError, DecodedChunk, PageChunk};
 pub use frame::{FrameDecoder, FrameError, FrameHeader};
-pub use msg::{EncodedFrame, EpochEnd, ErrorCode, Hello, Message, MessageError, Welcome};
+pub use msg::{
+    EncodedFrame, EpochEnd, ErrorCode, Hello, Message, MessageError, SwitchedOver, Switchover,
+    Welcome,
+};
 pub use receiver::{Action, Receiver, ReceiverError};
 pub use sender::{BackupId, EpochStart, Event, PathId, Sender, SenderConfig, Transmit};

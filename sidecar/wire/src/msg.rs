@@ -11,6 +11,10 @@
 //! | 7 | Error | either | code u16, message (u16 len + UTF-8) |
 //! | 8 | Ping | either | token u64 |
 //! | 9 | Pong | either | token u64 |
+//! | 10 | Switchover | sidecar -> migration target | generation u64, session u64, epoch u64, flags u8 (bit 0: verify), 7 zero bytes, vCPU and device state (u32 len + bytes) |
+//! | 11 | SwitchedOver | target -> sidecar | generation u64, epoch u64, settle_us u64, spawn_us u64, restore_us u64, verify_us u64, resume_us u64, ram_hash (u16 len + UTF-8; empty unless verify) |
+//! | 12 | SwitchoverAbort | sidecar -> target | generation u64 |
+//! | 13 | SwitchoverAborted | target -> sidecar | generation u64 |
 //!
 //! Type 0 is reserved as invalid.
 
@@ -58,6 +62,11 @@ pub enum ErrorCode {
     Protocol = 7,
     /// More epochs in flight than the receiver stages.
     TooManyEpochs = 8,
+    /// The VM runs on this node now (after a switchover or a promote), or the generation is stale:
+    /// replication into its RAM, or starting it again, is refused.
+    Fenced = 9,
+    /// A switchover was refused (the replica does not hold the final epoch, the VMM failed to start).
+    SwitchoverFailed = 10,
     /// Any code this version does not know.
     Unknown = 0xffff,
 }
@@ -73,6 +82,8 @@ impl ErrorCode {
             6 => Self::Internal,
             7 => Self::Protocol,
             8 => Self::TooManyEpochs,
+            9 => Self::Fenced,
+            10 => Self::SwitchoverFailed,
             _ => Self::Unknown,
         }
     }
@@ -167,6 +178,62 @@ pub enum Message {
         /// The Ping's token.
         token: u64,
     },
+    /// See [`Switchover`].
+    Switchover(Switchover),
+    /// See [`SwitchedOver`].
+    SwitchedOver(SwitchedOver),
+    /// The source gave up waiting for [`SwitchedOver`] (a timeout): the target must never start
+    /// `generation` from now on. Answered with [`Message::SwitchoverAborted`], or with
+    /// [`Message::SwitchedOver`] when the VM already runs there (then the source must not resume).
+    SwitchoverAbort {
+        /// The switchover's generation.
+        generation: u64,
+    },
+    /// The target will never start `generation`; the source may resume.
+    SwitchoverAborted {
+        /// The switchover's generation.
+        generation: u64,
+    },
+}
+
+/// Migration switchover, sent by the sidecar to the target after the target committed the final epoch
+/// (the source VM is paused): start the VM from the replica at `epoch` with this vCPU and device state,
+/// resume it, and answer [`SwitchedOver`]; or refuse with [`Message::Error`] (the source then resumes).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Switchover {
+    /// Fencing token: higher than any generation this VM ran under before. The target records it before
+    /// starting the VM and never starts the same or a lower generation again.
+    pub generation: u64,
+    /// Sidecar session whose epoch the replica must hold.
+    pub session: u64,
+    /// The final epoch: the replica must have committed exactly this one.
+    pub epoch: u64,
+    /// Hash guest RAM after the restore and before the resume, and report it (tests and the demo; the
+    /// hash is inside the downtime).
+    pub verify: bool,
+    /// vCPU and device state from the source VMM (opaque here; testvm's is JSON).
+    pub state: Bytes,
+}
+
+/// The VM runs on the target; step durations in microseconds, measured there.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct SwitchedOver {
+    /// The switchover's generation.
+    pub generation: u64,
+    /// The epoch the VM started from.
+    pub epoch: u64,
+    /// Waiting for the final epoch to be in the replica file and recording the generation.
+    pub settle_us: u64,
+    /// Starting the VMM on standby.
+    pub spawn_us: u64,
+    /// Restoring vCPU and device state onto the replica file mapped as guest RAM.
+    pub restore_us: u64,
+    /// Hashing guest RAM (0 unless asked).
+    pub verify_us: u64,
+    /// Resuming the vCPUs.
+    pub resume_us: u64,
+    /// BLAKE3 of guest RAM before the resume, hex; empty unless asked.
+    pub ram_hash: String,
 }
 
 const CHUNK_FIXED: usize = 8 + 4 + 4 + 4 + 1 + 3 + 32;
@@ -235,6 +302,10 @@ impl Message {
             Message::Error { .. } => 7,
             Message::Ping { .. } => 8,
             Message::Pong { .. } => 9,
+            Message::Switchover(_) => 10,
+            Message::SwitchedOver(_) => 11,
+            Message::SwitchoverAbort { .. } => 12,
+            Message::SwitchoverAborted { .. } => 13,
         }
     }
 
@@ -250,6 +321,10 @@ impl Message {
             Message::Error { .. } => "Error",
             Message::Ping { .. } => "Ping",
             Message::Pong { .. } => "Pong",
+            Message::Switchover(_) => "Switchover",
+            Message::SwitchedOver(_) => "SwitchedOver",
+            Message::SwitchoverAbort { .. } => "SwitchoverAbort",
+            Message::SwitchoverAborted { .. } => "SwitchoverAborted",
         }
     }
 
@@ -299,6 +374,32 @@ impl Message {
                 put_str(&mut b, message);
             }
             Message::Ping { token } | Message::Pong { token } => b.put_u64_le(*token),
+            Message::Switchover(w) => {
+                b.put_u64_le(w.generation);
+                b.put_u64_le(w.session);
+                b.put_u64_le(w.epoch);
+                b.put_u8(u8::from(w.verify));
+                b.put_slice(&[0u8; 7]);
+                b.put_u32_le(w.state.len() as u32);
+                body = w.state.clone();
+            }
+            Message::SwitchedOver(d) => {
+                for v in [
+                    d.generation,
+                    d.epoch,
+                    d.settle_us,
+                    d.spawn_us,
+                    d.restore_us,
+                    d.verify_us,
+                    d.resume_us,
+                ] {
+                    b.put_u64_le(v);
+                }
+                put_str(&mut b, &d.ram_hash);
+            }
+            Message::SwitchoverAbort { generation } | Message::SwitchoverAborted { generation } => {
+                b.put_u64_le(*generation)
+            }
         }
         let header = encode_header(self.msg_type(), &[&b[HEADER_BYTES..], &body]);
         b[..HEADER_BYTES].copy_from_slice(&header);
@@ -429,6 +530,65 @@ impl Message {
                     token: p.get_u64_le(),
                 }
             }
+            10 => {
+                need!("Switchover", 36);
+                let generation = p.get_u64_le();
+                let session = p.get_u64_le();
+                let epoch = p.get_u64_le();
+                let flags = p.get_u8();
+                let mut pad = [0u8; 7];
+                p.copy_to_slice(&mut pad);
+                if flags & !1 != 0 || pad != [0; 7] {
+                    return Err(MessageError::Malformed {
+                        msg: "Switchover",
+                        why: "reserved flag bits set",
+                    });
+                }
+                let n = p.get_u32_le() as usize;
+                if p.remaining() != n {
+                    return Err(MessageError::Malformed {
+                        msg: "Switchover",
+                        why: "state length does not match the payload",
+                    });
+                }
+                Message::Switchover(Switchover {
+                    generation,
+                    session,
+                    epoch,
+                    verify: flags & 1 != 0,
+                    state: p.split_to(n),
+                })
+            }
+            11 => {
+                need!("SwitchedOver", 56);
+                let mut v = [0u64; 7];
+                for x in &mut v {
+                    *x = p.get_u64_le();
+                }
+                let ram_hash = get_str(&mut p, "SwitchedOver")?;
+                Message::SwitchedOver(SwitchedOver {
+                    generation: v[0],
+                    epoch: v[1],
+                    settle_us: v[2],
+                    spawn_us: v[3],
+                    restore_us: v[4],
+                    verify_us: v[5],
+                    resume_us: v[6],
+                    ram_hash,
+                })
+            }
+            12 => {
+                need!("SwitchoverAbort", 8);
+                Message::SwitchoverAbort {
+                    generation: p.get_u64_le(),
+                }
+            }
+            13 => {
+                need!("SwitchoverAborted", 8);
+                Message::SwitchoverAborted {
+                    generation: p.get_u64_le(),
+                }
+            }
             other => return Err(MessageError::UnknownType(other)),
         };
         if !matches!(msg, Message::Chunk { .. }) && p.has_remaining() {
@@ -514,6 +674,25 @@ mod tests {
             },
             Message::Ping { token: 77 },
             Message::Pong { token: 77 },
+            Message::Switchover(Switchover {
+                generation: 3,
+                session: 11,
+                epoch: 42,
+                verify: true,
+                state: Bytes::from_static(b"{\"vcpus\":[]}"),
+            }),
+            Message::SwitchedOver(SwitchedOver {
+                generation: 3,
+                epoch: 42,
+                settle_us: 1,
+                spawn_us: 2,
+                restore_us: 3,
+                verify_us: 4,
+                resume_us: 5,
+                ram_hash: "ab12".into(),
+            }),
+            Message::SwitchoverAbort { generation: 3 },
+            Message::SwitchoverAborted { generation: 3 },
         ]
     }
 

@@ -1,0 +1,112 @@
+//! Live migration end to end: a running hotset guest moves to a backup that holds its replica. Checked on
+//! independent evidence: the RAM hashes the source and target VMMs compute themselves, the replica file on
+//! the other backup, and the guest's own page counter before and after.
+
+mod common;
+
+use std::path::Path;
+use std::process::Command;
+use std::time::Duration;
+
+use common::*;
+use endophyte_attach::client::AttachClient;
+
+fn migrate(ctl: &Path, to: &str, extra: &[&str]) -> (bool, serde_json::Value) {
+    let out = Command::new(EXE)
+        .args(["migrate", "vm1", "--to", to, "--verify", "--output", "json"])
+        .arg("--control")
+        .arg(ctl)
+        .args(extra)
+        .env("RUST_LOG", log_level())
+        .output()
+        .unwrap();
+    eprintln!("{}", String::from_utf8_lossy(&out.stderr));
+    (
+        out.status.success(),
+        serde_json::from_slice(&out.stdout).unwrap_or(serde_json::Value::Null),
+    )
+}
+
+fn pages(c: &AttachClient) -> u64 {
+    endophyte::demo::guest_pages_written(c).unwrap()
+}
+
+#[test]
+fn a_running_guest_moves_to_its_backup_and_carries_on_there() {
+    if !kvm_available() {
+        return;
+    }
+    let tmp = tempfile::tempdir().unwrap();
+    let certs = certs(tmp.path(), "test", &["primary", "b1", "b2"]);
+    let (a1, a2) = (free_udp(), free_udp());
+    let (d1, d2) = (tmp.path().join("d1"), tmp.path().join("d2"));
+    let _b1 = backup(&certs, "b1", a1, &d1, &[]);
+    let _b2 = backup(&certs, "b2", a2, &d2, &[]);
+    let sock = tmp.path().join("vm.sock");
+    let mut source_vmm = vmm(&sock, "64MiB", "hotset:size=16M,rate=5000");
+    let ctl = tmp.path().join("sidecar.ctl");
+    let hashes = tmp.path().join("hashes.jsonl");
+    let mut args = base_args(&sock, &certs, &hashes);
+    args.extend([
+        format!("--backup=name=b1,addr={a1}"),
+        format!("--backup=name=b2,addr={a2}"),
+        format!("--control-socket={}", ctl.display()),
+    ]);
+    let sidecar = sidecar_start(&args);
+    status_until(&ctl, Duration::from_secs(60), "replication", |s| {
+        s["backups"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .all(|b| b["committed_epoch"].as_u64() > Some(3))
+    });
+
+    let (ok, st) = migrate(&ctl, "b2", &[]);
+    assert!(ok, "{st}");
+    let r = &st["report"];
+    eprintln!("{st}");
+    assert_eq!(st["phase"], "done");
+    // The source VMM hashed its RAM at the final pause, the target VMM its RAM before resuming.
+    let source_hash = r["source_ram_hash"].as_str().unwrap();
+    assert_eq!(source_hash.len(), 64, "{r}");
+    assert_eq!(r["target_ram_hash"].as_str().unwrap(), source_hash);
+
+    // The source is gone: its VMM and the sidecar exit on their own.
+    assert!(
+        source_vmm.wait_exit(Duration::from_secs(10)).is_some(),
+        "the source VMM still runs"
+    );
+    let out = sidecar.wait_with_output().unwrap();
+    assert!(out.status.success());
+    let report: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let epoch = r["epoch"].as_u64().unwrap();
+    assert_eq!(report["migration"]["epoch"].as_u64(), Some(epoch));
+
+    // The guest continues on the target from the source's last counter.
+    let target = AttachClient::connect(d2.join("vm1").join("vmm.sock"), "test").unwrap();
+    let last = r["source_guest_pages"].as_u64().unwrap();
+    let p0 = pages(&target);
+    std::thread::sleep(Duration::from_secs(1));
+    let p1 = pages(&target);
+    eprintln!("guest pages: source stopped at {last}, target {p0} then {p1}");
+    assert!(
+        p0 >= last,
+        "the target's counter {p0} is behind the source's {last}"
+    );
+    assert!(p1 > p0, "the guest does not run on the target");
+    assert!(
+        p0 < last + 5000 * 5,
+        "the target's counter {p0} did not continue from {last}"
+    );
+
+    // The other backup committed the same final epoch: its replica is the guest at the switchover.
+    let other = d1.join("vm1");
+    assert_eq!(checkpoint_reaching(&other, epoch), epoch);
+    assert_eq!(hash_file(&other.join("replica.img")), source_hash);
+    // The target's fence says the VM runs there, under the new generation.
+    let fence: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(d2.join("vm1").join("fence.json")).unwrap()).unwrap();
+    assert_eq!(fence["state"], "running");
+    assert_eq!(fence["generation"], r["generation"]);
+    target.shutdown().unwrap();
+}
