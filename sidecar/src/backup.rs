@@ -106,11 +106,15 @@ impl BackupNode {
         };
         for entry in entries {
             let dir = entry?.path();
-            if let Some(f) = crate::switchover::Fence::load(&dir)?.filter(|f| f.running()) {
-                // Its replica file is a running VM's RAM now: no journal may be redone over it.
-                tracing::info!(dir = %dir.display(), generation = f.generation, epoch = f.epoch,
-                    "the VM runs on this node; not a replica any more");
-                continue;
+            match crate::switchover::Fence::load(&dir)? {
+                Some(f) if f.running() => {
+                    // Its replica file is a running VM's RAM now: no journal may be redone over it.
+                    tracing::info!(dir = %dir.display(), generation = f.generation, epoch = f.epoch,
+                        "the VM runs on this node; not a replica any more");
+                    continue;
+                }
+                Some(mut f) if f.prepared() => f.abort_leftover(&dir)?,
+                _ => {}
             }
             let state = dir.join("state.json");
             let Ok(bytes) = std::fs::read(&state) else {
@@ -195,10 +199,14 @@ impl BackupNode {
             )));
         }
         let dir = self.cfg.data_dir.join(&h.vm_id);
-        let fence = crate::switchover::Fence::load(&dir)
+        let mut fence = crate::switchover::Fence::load(&dir)
             .map_err(|e| (ErrorCode::Internal, e.to_string()))?;
         if let Some(f) = fence.as_ref().filter(|f| f.running()) {
             return Err((ErrorCode::Fenced, fenced_message(&h.vm_id, f)));
+        }
+        if let Some(f) = fence.as_mut().filter(|f| f.prepared()) {
+            f.abort_leftover(&dir)
+                .map_err(|e| (ErrorCode::Internal, e.to_string()))?;
         }
         let store = ReplicaStore::open(&dir, &h.vm_id, h.mem_bytes, page_size, self.cfg.crash)
             .map_err(|e| (ErrorCode::Internal, e.to_string()))?;
@@ -217,6 +225,7 @@ impl BackupNode {
         let (tx, inbox) = std::sync::mpsc::channel();
         let vm_id = h.vm_id.clone();
         let fence = fence.unwrap_or_default();
+        let crash = self.cfg.crash;
         std::thread::Builder::new()
             .name(format!("replica-{vm_id}"))
             .spawn(move || {
@@ -224,6 +233,8 @@ impl BackupNode {
                     vm_id,
                     dir,
                     fence,
+                    crash_during_switchover: crash.during_switchover,
+                    prepared: None,
                     running: None,
                 }
                 .run(rx, store, inbox)
@@ -353,10 +364,15 @@ struct VmThread {
     vm_id: String,
     dir: PathBuf,
     fence: crate::switchover::Fence,
-    /// The VM started here by a switchover: its answer (repeated to a retried or aborted switchover) and
-    /// its VMM.
-    running: Option<(endophyte_wire::SwitchedOver, std::process::Child)>,
+    crash_during_switchover: bool,
+    /// A switchover prepared here, waiting for the source's commit (since when).
+    prepared: Option<(crate::switchover::Prepared, std::time::Instant)>,
+    /// The VM running here after a committed switchover: its generation, resume time and VMM.
+    running: Option<(u64, u64, std::process::Child)>,
 }
+
+/// How long a prepared switchover waits for the source's commit before it is abandoned.
+const PREPARED_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(60);
 
 impl VmThread {
     fn run(
@@ -371,7 +387,16 @@ impl VmThread {
             let input = match inbox.recv_timeout(std::time::Duration::from_millis(300)) {
                 Ok(i) => i,
                 Err(std::sync::mpsc::RecvTimeoutError::Timeout) => {
-                    if self.running.is_none() {
+                    if self
+                        .prepared
+                        .as_ref()
+                        .is_some_and(|(_, at)| at.elapsed() > PREPARED_TIMEOUT)
+                    {
+                        let g = self.fence.generation;
+                        tracing::warn!(vm = %vm_id, generation = g, "no commit for the prepared switchover in {PREPARED_TIMEOUT:?}: abandoning it");
+                        self.abort(g);
+                    }
+                    if self.running.is_none() && self.prepared.is_none() {
                         store.maybe_checkpoint(true);
                     }
                     continue;
@@ -396,14 +421,18 @@ impl VmThread {
                 }
                 VmIn::Msg {
                     key,
-                    msg: Message::SwitchoverAbort { generation },
+                    msg: Message::SwitchoverCommit { generation },
                 } => {
-                    let reply = self.abort(generation);
+                    let reply = self.commit(generation);
                     if let Some(tx) = paths.get(&key) {
                         let _ = tx.send(reply.encode());
                     }
                 }
-                VmIn::Msg { key, msg } if self.running.is_some() => {
+                VmIn::Msg {
+                    msg: Message::SwitchoverAbort { generation },
+                    ..
+                } => self.abort(generation),
+                VmIn::Msg { key, msg } if self.running.is_some() || self.prepared.is_some() => {
                     // Fenced: nothing goes into the running VM's RAM.
                     if !matches!(msg, Message::Ping { .. } | Message::Pong { .. }) {
                         if let Some(tx) = paths.remove(&key) {
@@ -425,7 +454,7 @@ impl VmThread {
                     }
                 }
             }
-            if self.running.is_some() {
+            if self.running.is_some() || self.prepared.is_some() {
                 continue;
             }
             // Do what the state machine asks until it is quiet.
@@ -483,9 +512,9 @@ impl VmThread {
             tracing::warn!(vm = %vm_id, generation = sw.generation, "switchover refused: {message}");
             Message::Error { code, message }
         };
-        if let Some((done, _)) = &self.running {
-            if done.generation == sw.generation {
-                return Message::SwitchedOver(done.clone());
+        if let Some((p, _)) = &self.prepared {
+            if p.ready.generation == sw.generation {
+                return Message::SwitchoverReady(p.ready.clone());
             }
         }
         if sw.generation <= self.fence.generation {
@@ -509,72 +538,129 @@ impl VmThread {
                 ),
             );
         }
-        let t0 = std::time::Instant::now();
-        let socket = self.dir.join("vmm.sock");
-        let fence = crate::switchover::Fence {
+        let mut fence = crate::switchover::Fence {
             generation: sw.generation,
-            state: "running".into(),
+            state: "prepared".into(),
             epoch: sw.epoch,
             session: sw.session,
-            vmm_socket: socket,
+            vmm_socket: self.dir.join("vmm.sock"),
+            vmm_pid: 0,
         };
-        // The fence goes to disk before the VM can run: after a crash this node knows the file is RAM.
-        if let Err(e) = fence.store(&self.dir) {
-            return refuse(
-                ErrorCode::SwitchoverFailed,
-                format!("recording the fence: {e}"),
-            );
-        }
-        self.fence = fence;
-        match crate::switchover::start_from_replica(
+        let dir = self.dir.clone();
+        let r = crate::switchover::prepare_from_replica(
             &self.dir,
             &store.image_path(),
             &sw,
-            t0.elapsed(),
-        ) {
-            Ok(started) => {
+            self.crash_during_switchover,
+            |pid| {
+                // On disk before the VM exists: after a crash this node knows the file may be mapped.
+                fence.vmm_pid = pid;
+                fence.store(&dir)
+            },
+        );
+        match r {
+            Ok(prepared) => {
+                self.fence = fence;
                 tracing::info!(vm = %self.vm_id, generation = sw.generation, epoch = sw.epoch,
-                    settle_us = started.done.settle_us, spawn_us = started.done.spawn_us,
-                    restore_us = started.done.restore_us, resume_us = started.done.resume_us,
-                    "switchover: the VM runs on this node");
-                let done = started.done.clone();
-                self.running = Some((started.done, started.vmm));
-                Message::SwitchedOver(done)
+                    settle_us = prepared.ready.settle_us, spawn_us = prepared.ready.spawn_us,
+                    restore_us = prepared.ready.restore_us, "switchover prepared; waiting for the commit");
+                let ready = prepared.ready.clone();
+                self.prepared = Some((prepared, std::time::Instant::now()));
+                Message::SwitchoverReady(ready)
             }
             Err(e) => {
-                self.fence.state = "aborted".into();
-                if let Err(e2) = self.fence.store(&self.dir) {
-                    tracing::error!(vm = %self.vm_id, "rewriting the fence after a failed switchover: {e2}");
+                if fence.vmm_pid != 0 {
+                    fence.state = "aborted".into();
+                    fence.vmm_pid = 0;
+                    if let Err(e2) = fence.store(&self.dir) {
+                        tracing::error!(vm = %self.vm_id, "rewriting the fence after a failed switchover: {e2}");
+                    }
+                    self.fence = fence;
                 }
                 refuse(
                     ErrorCode::SwitchoverFailed,
-                    format!("starting the VM on node's replica failed: {e:#}"),
+                    format!("preparing the VM on this node's replica failed: {e:#}"),
                 )
             }
         }
     }
 
-    /// The source gave up on `generation`: never start it here (or say it already runs).
-    fn abort(&mut self, generation: u64) -> Message {
-        if let Some((done, _)) = self
-            .running
-            .as_ref()
-            .filter(|(d, _)| d.generation == generation)
-        {
-            return Message::SwitchedOver(done.clone());
-        }
-        if generation > self.fence.generation {
-            self.fence.generation = generation;
-            self.fence.state = "aborted".into();
-            if let Err(e) = self.fence.store(&self.dir) {
-                return Message::Error {
-                    code: ErrorCode::Internal,
-                    message: format!("recording the aborted generation: {e}"),
+    /// The source's commit: the fence says "running" on disk, then the guest resumes here.
+    fn commit(&mut self, generation: u64) -> Message {
+        if let Some((g, resume_us, _)) = &self.running {
+            if *g == generation {
+                return Message::SwitchedOver {
+                    generation,
+                    resume_us: *resume_us,
                 };
             }
         }
-        tracing::info!(vm = %self.vm_id, generation, "switchover aborted by the source");
-        Message::SwitchoverAborted { generation }
+        let Some((p, _)) = self
+            .prepared
+            .take_if(|(p, _)| p.ready.generation == generation)
+        else {
+            return Message::Error {
+                code: ErrorCode::Fenced,
+                message: format!(
+                    "no switchover of generation {generation} is prepared here (fence: generation {}, {})",
+                    self.fence.generation, self.fence.state
+                ),
+            };
+        };
+        self.fence.state = "running".into();
+        if let Err(e) = self.fence.store_in_place(&self.dir) {
+            // Not resumed: the source stays paused without an answer and the operator decides.
+            tracing::error!(vm = %self.vm_id, generation, "recording the commit failed, the guest stays paused: {e}");
+            self.fence.state = "prepared".into();
+            self.prepared = Some((p, std::time::Instant::now()));
+            return Message::Error {
+                code: ErrorCode::Internal,
+                message: format!("recording the commit failed, the guest stays paused: {e}"),
+            };
+        }
+        let t = std::time::Instant::now();
+        if let Err(e) = p.client.resume() {
+            tracing::error!(vm = %self.vm_id, generation, "resuming the committed guest failed: {e}");
+            return Message::Error {
+                code: ErrorCode::Internal,
+                message: format!("resuming the committed guest failed: {e}"),
+            };
+        }
+        let resume_us = t.elapsed().as_micros() as u64;
+        tracing::info!(vm = %self.vm_id, generation, resume_us, "switchover committed: the VM runs on this node");
+        self.running = Some((generation, resume_us, p.vmm));
+        Message::SwitchedOver {
+            generation,
+            resume_us,
+        }
+    }
+
+    /// The source abandoned `generation` (or it timed out here): its prepared VM goes, never to run.
+    fn abort(&mut self, generation: u64) {
+        if self
+            .running
+            .as_ref()
+            .is_some_and(|(g, _, _)| *g == generation)
+        {
+            tracing::error!(vm = %self.vm_id, generation, "abort for a switchover already committed: ignored, the VM runs here");
+            return;
+        }
+        if let Some((mut p, _)) = self
+            .prepared
+            .take_if(|(p, _)| p.ready.generation == generation)
+        {
+            let _ = p.vmm.kill();
+            let _ = p.vmm.wait();
+        }
+        if generation >= self.fence.generation {
+            self.fence.generation = generation;
+            self.fence.state = "aborted".into();
+            self.fence.vmm_pid = 0;
+            if let Err(e) = self.fence.store(&self.dir) {
+                tracing::error!(vm = %self.vm_id, "recording the aborted generation: {e}");
+            }
+        }
+        tracing::info!(vm = %self.vm_id, generation, "switchover aborted; the replica is unchanged");
     }
 }
 

@@ -43,6 +43,9 @@ enum Cmd {
         /// Test hook: abort halfway through applying this epoch.
         #[arg(long, hide = true)]
         crash_during_apply: Option<u64>,
+        /// Test hook: abort with a switchover prepared (VMM started, VM restored, not yet answered).
+        #[arg(long, hide = true)]
+        crash_during_switchover: bool,
         /// Recover every replica (redo interrupted commits), print each VM's committed epoch as JSON, exit.
         #[arg(long)]
         recover_only: bool,
@@ -362,6 +365,7 @@ fn main() -> anyhow::Result<()> {
             node,
             max_staged_epochs,
             crash_during_apply,
+            crash_during_switchover,
             recover_only,
         } => {
             let identity = endophyte::tls::Identity::load(&certs, &node)
@@ -374,6 +378,7 @@ fn main() -> anyhow::Result<()> {
                 max_staged_epochs,
                 crash: endophyte::store::CrashPoint {
                     during_apply: crash_during_apply,
+                    during_switchover: crash_during_switchover,
                 },
             };
             let node = endophyte::backup::BackupNode::new(identity, cfg);

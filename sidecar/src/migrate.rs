@@ -10,14 +10,18 @@
 //!    first, over the same paths, as any backup that joins does.
 //! 2. **Switch over.** The guest is paused. Its last dirty pages are staged and its vCPU and device state is
 //!    saved. The final epoch goes to every backup, and the sidecar waits until the target commits it. Then
-//!    it sends `Switchover` with a generation one above the VM's current one. The target records its fence,
-//!    starts a VMM on the replica file and resumes the guest ([`crate::switchover`]). On the target's
-//!    `SwitchedOver`, the source VMM is shut down and the sidecar exits.
+//!    it sends `Switchover` with a generation one above the VM's current one. The target records a
+//!    `"prepared"` fence, starts a VMM on the replica file and restores the VM there, paused, and answers
+//!    `SwitchoverReady` ([`crate::switchover`]). The source then commits (`SwitchoverCommit`). The target
+//!    records `"running"`, resumes the guest and answers `SwitchedOver`. The source VMM is then shut down
+//!    and the sidecar exits.
 //!
-//! Any failure before that answer resumes the source, and the target discards the attempt. A target that
-//! does not answer within 10 s gets `SwitchoverAbort`; the source resumes only when the target confirms
-//! that it will never start that generation. With no answer at all, the source stays paused and the
-//! error says so. The guest then runs nowhere, which is safe; two copies of it running would not be.
+//! The target resumes a guest only on the commit. So any failure before the commit (a refusal, no
+//! `SwitchoverReady` within 10 s, every path to the target down, the target killed) is safe to undo:
+//! the source sends `SwitchoverAbort` if it can and resumes. The target drops what it prepared; it would
+//! also drop it after a minute without a commit, or on restart. After the commit the source never
+//! resumes. If `SwitchedOver` does not come, the guest stays paused and the error says so. The guest
+//! then runs nowhere, which is safe; two copies of it running would not be.
 
 use serde::{Deserialize, Serialize};
 
@@ -68,6 +72,8 @@ pub struct DowntimeBreakdown {
     pub restore_ms: f64,
     /// Target: hashing guest RAM (only with `verify`).
     pub verify_ms: f64,
+    /// The commit: its round trip, and the target recording its fence as running (fdatasync).
+    pub commit_ms: f64,
     /// Target: resuming the vCPUs.
     pub resume_ms: f64,
     /// What is left: messages between source and target.
@@ -199,13 +205,14 @@ pub fn summary(st: &MigrationStatus) -> String {
             );
             let _ = writeln!(
                 t,
-                "  pause {:.2} | harvest {:.2} | stage {:.2} | final transfer {:.2} | target start {:.2} | restore {:.2} | resume {:.2} | network {:.2} ms",
+                "  pause {:.2} | harvest {:.2} | stage {:.2} | final transfer {:.2} | target start {:.2} | restore {:.2} | commit {:.2} | resume {:.2} | network {:.2} ms",
                 b.pause_ms,
                 b.harvest_ms,
                 b.stage_ms,
                 b.final_transfer_ms,
                 b.target_start_ms,
                 b.restore_ms,
+                b.commit_ms,
                 b.resume_ms,
                 b.network_ms
             );

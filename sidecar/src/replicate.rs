@@ -744,8 +744,8 @@ fn is_switch_reply(g: &Inner, b: usize, m: &endophyte_wire::Message) -> bool {
     };
     b == target
         && match m {
-            Message::SwitchedOver(d) => d.generation == generation,
-            Message::SwitchoverAborted { generation: gn } => *gn == generation,
+            Message::SwitchoverReady(r) => r.generation == generation,
+            Message::SwitchedOver { generation: gn, .. } => *gn == generation,
             Message::Error { code, .. } => {
                 matches!(code, ErrorCode::SwitchoverFailed | ErrorCode::Fenced)
             }
@@ -1043,8 +1043,10 @@ impl EpochLoop {
         }
     }
 
-    /// After the final epoch went out with the guest paused: waits for the target to commit it, sends
-    /// `Switchover`, and either ends this sidecar (the VM runs on the target) or resumes the guest here.
+    /// After the final epoch went out with the guest paused: waits for the target to commit it, has it
+    /// prepare the VM (`Switchover` / `SwitchoverReady`), commits (`SwitchoverCommit` / `SwitchedOver`),
+    /// and either ends this sidecar (the VM runs on the target) or resumes the guest here. See
+    /// [`crate::migrate`] for why the source may resume before the commit and never after.
     fn finish_switchover(
         &mut self,
         e: u64,
@@ -1057,9 +1059,10 @@ impl EpochLoop {
             g.sender.committed(target) >= e || !g.sender.is_streaming(target)
         }) && self.shared.lock().sender.committed(target) >= e;
         if !committed {
-            return self.abandon_switch(format!(
-                "target {name} did not commit the final epoch {e} within 10 s"
-            ));
+            return self.abandon_switch(
+                None,
+                format!("target {name} did not commit the final epoch {e} within 10 s"),
+            );
         }
         let t_committed = times.t0.elapsed();
         let generation = self.cfg.generation + 1;
@@ -1067,70 +1070,79 @@ impl EpochLoop {
             let g = self.shared.lock();
             g.migration.as_ref().is_some_and(|m| m.request.verify)
         };
-        let msg = Message::Switchover(endophyte_wire::Switchover {
+        let send = |me: &Self, msg: &Message| -> bool {
+            let mut g = me.shared.lock();
+            g.switch_pending = Some(generation);
+            g.switch_reply = None;
+            match g.path_tx[target].iter().flatten().next() {
+                Some(tx) => tx.send(msg.encode()).is_ok(),
+                None => false,
+            }
+        };
+        // An answer, or `None` after `limit` or once every path to the target is down.
+        let wait = |me: &Self, limit: Duration| -> Option<Message> {
+            me.shared.wait_until(limit, |g| {
+                g.switch_reply.is_some() || g.path_tx[target].iter().all(Option::is_none)
+            });
+            me.shared.lock().switch_reply.take()
+        };
+        let prepare = Message::Switchover(endophyte_wire::Switchover {
             generation,
             session: self.session,
             epoch: e,
             verify,
             state: state.into(),
         });
-        let send = |me: &Self, msg: &Message| -> bool {
-            let mut g = me.shared.lock();
-            g.switch_pending = Some(generation);
-            match g.path_tx[target].iter().flatten().next() {
-                Some(tx) => tx.send(msg.encode()).is_ok(),
-                None => false,
+        if !send(self, &prepare) {
+            return self.abandon_switch(None, format!("no path to target {name} is up"));
+        }
+        let ready = match wait(self, Duration::from_secs(10)) {
+            Some(Message::SwitchoverReady(r)) => r,
+            Some(Message::Error { message, .. }) => {
+                return self.abandon_switch(
+                    Some(generation),
+                    format!("target {name} refused the switchover: {message}"),
+                )
+            }
+            Some(other) => {
+                return self.abandon_switch(
+                    Some(generation),
+                    format!("target {name} answered the switchover with {}", other.name()),
+                )
+            }
+            None => {
+                return self.abandon_switch(
+                    Some(generation),
+                    format!(
+                        "target {name} did not get the VM ready within 10 s, or its paths went down; it was never told to resume it"
+                    ),
+                )
             }
         };
-        self.shared.lock().switch_reply = None;
-        if !send(self, &msg) {
-            return self.abandon_switch(format!("no path to target {name} is up"));
+        let t_ready = times.t0.elapsed();
+        // The decision: from here the source never resumes.
+        if !send(self, &Message::SwitchoverCommit { generation }) {
+            tracing::error!(target = %name, "no path up to send the commit");
         }
-        let wait = |me: &Self, limit: Duration| -> Option<Message> {
-            me.shared.wait_until(limit, |g| g.switch_reply.is_some());
-            me.shared.lock().switch_reply.take()
-        };
-        let reply = match wait(self, Duration::from_secs(10)) {
-            Some(r) => r,
-            None => {
-                tracing::warn!(target = %name, generation, "no answer to the switchover in 10 s: aborting it");
-                send(self, &Message::SwitchoverAbort { generation });
-                match wait(self, Duration::from_secs(5)) {
-                    Some(r) => r,
-                    None => {
-                        let why = format!(
-                            "target {name} answered neither the switchover nor its abort: whether it started generation {generation} is unknown, so the guest stays paused here; check the target (endophyte status) before resuming anything"
-                        );
-                        {
-                            let mut g = self.shared.lock();
-                            g.switch_pending = None;
-                            if let Some(m) = g.migration.as_mut() {
-                                m.phase = crate::migrate::Phase::Failed;
-                                m.error = Some(why.clone());
-                            }
-                        }
-                        anyhow::bail!(why);
+        let resume_us = match wait(self, Duration::from_secs(10)) {
+            Some(Message::SwitchedOver {
+                generation: g,
+                resume_us,
+            }) if g == generation => resume_us,
+            other => {
+                let why = format!(
+                    "target {name} did not confirm resuming generation {generation} after the commit ({}): the guest stays paused here, since it may run there; check the target (its fence.json and VMM) before doing anything",
+                    other.map_or("no answer".to_string(), |m| m.name().to_string())
+                );
+                {
+                    let mut g = self.shared.lock();
+                    g.switch_pending = None;
+                    if let Some(m) = g.migration.as_mut() {
+                        m.phase = crate::migrate::Phase::Failed;
+                        m.error = Some(why.clone());
                     }
                 }
-            }
-        };
-        let done = match reply {
-            Message::SwitchedOver(d) => d,
-            Message::SwitchoverAborted { .. } => {
-                return self.abandon_switch(format!(
-                    "target {name} did not answer the switchover within 10 s; it confirmed it will never start generation {generation}"
-                ))
-            }
-            Message::Error { message, .. } => {
-                return self.abandon_switch(format!(
-                    "target {name} refused the switchover: {message}"
-                ))
-            }
-            other => {
-                return self.abandon_switch(format!(
-                    "target {name} answered the switchover with {}",
-                    other.name()
-                ))
+                anyhow::bail!(why);
             }
         };
         let t_ack = times.t0.elapsed();
@@ -1151,10 +1163,11 @@ impl EpochLoop {
             harvest_ms: ms(times.harvested - times.paused),
             stage_ms: ms(times.staged - times.harvested),
             final_transfer_ms: ms(t_committed - times.staged),
-            target_start_ms: us(done.settle_us + done.spawn_us),
-            restore_ms: us(done.restore_us),
-            verify_ms: us(done.verify_us),
-            resume_ms: us(done.resume_us),
+            target_start_ms: us(ready.settle_us + ready.spawn_us),
+            restore_ms: us(ready.restore_us),
+            verify_ms: us(ready.verify_us),
+            commit_ms: ms(t_ack - t_ready) - us(resume_us),
+            resume_ms: us(resume_us),
             network_ms: 0.0,
         };
         let accounted = b.pause_ms
@@ -1164,6 +1177,7 @@ impl EpochLoop {
             + b.target_start_ms
             + b.restore_ms
             + b.verify_ms
+            + b.commit_ms
             + b.resume_ms;
         b.network_ms = (ms(t_ack) - accounted).max(0.0);
         let mut g = self.shared.lock();
@@ -1184,7 +1198,7 @@ impl EpochLoop {
             converged: m
                 .predicted_ms
                 .is_some_and(|p| p <= m.request.downtime_ms as f64),
-            target_ram_hash: done.ram_hash,
+            target_ram_hash: ready.ram_hash,
             source_ram_hash,
             source_guest_pages: times.guest_pages,
         };
@@ -1197,8 +1211,16 @@ impl EpochLoop {
         Ok(())
     }
 
-    /// A switchover that failed before the target's answer: the guest resumes here.
-    fn abandon_switch(&mut self, why: String) -> anyhow::Result<()> {
+    /// A switchover that failed before the commit: the target is told to drop what it prepared (when it
+    /// got that far), and the guest resumes here.
+    fn abandon_switch(&mut self, generation: Option<u64>, why: String) -> anyhow::Result<()> {
+        if let Some(generation) = generation {
+            let g = self.shared.lock();
+            let target = g.migration.as_ref().map(|m| m.target);
+            if let Some(tx) = target.and_then(|t| g.path_tx[t].iter().flatten().next()) {
+                let _ = tx.send(endophyte_wire::Message::SwitchoverAbort { generation }.encode());
+            }
+        }
         self.client
             .resume()
             .context("resuming the guest after a failed switchover")?;

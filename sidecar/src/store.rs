@@ -254,6 +254,8 @@ type JournaledEpoch = (EpochEnd, BTreeMap<u32, (u64, usize)>, u64);
 pub struct CrashPoint {
     /// Epoch during whose apply to abort.
     pub during_apply: Option<u64>,
+    /// Abort with a switchover prepared (VMM started, VM restored, not yet answered).
+    pub during_switchover: bool,
 }
 
 /// One VM's replica on a backup. See the module docs.

@@ -2,25 +2,30 @@
 //!
 //! A backup that receives [`Switchover`] for a VM whose replica holds the final epoch:
 //!
-//! 1. records the fence, `fence.json` = `{generation, state: "running", epoch, session, vmm_socket}`,
-//!    written atomically and fsynced before anything starts. From then on the backup refuses replication
-//!    into this VM (its replica file is now guest RAM) and any switchover of the same or a lower generation.
-//!    A backup restarted later sees the fence and does not redo journals over the running VM's RAM;
+//! 1. records the fence, `fence.json` = `{generation, state: "prepared", epoch, session, vmm_socket,
+//!    vmm_pid}`, written atomically and fsynced before anything starts. While the fence is not
+//!    `"aborted"`, the backup refuses replication into this VM and any switchover of the same or a lower
+//!    generation;
 //! 2. starts a VMM on standby (`endophyte testvm-serve --standby`) with its attach socket in the VM's
 //!    directory;
-//! 3. asks it to restore the vCPU and device state onto `replica.img`, mapped shared as guest RAM: no copy;
-//! 4. optionally hashes guest RAM (tests, the demo), then resumes the guest and answers [`SwitchedOver`].
+//! 3. asks it to restore the vCPU and device state onto `replica.img`, mapped shared as guest RAM (no
+//!    copy), paused;
+//! 4. optionally hashes guest RAM (tests, the demo), and answers `SwitchoverReady`;
+//! 5. on the source's `SwitchoverCommit` only: rewrites the fence as `"running"` (fdatasync), resumes the
+//!    guest, and answers `SwitchedOver`. From then on the replica file is the running VM's RAM.
 //!
-//! A failure before the resume stops that VMM, rewrites the fence as `"aborted"` (this generation never
-//! starts here) and answers an error; the replica is still the replica of the final epoch. A
-//! `SwitchoverAbort` for a generation that is not running records the same `"aborted"` fence.
+//! A failure before the commit, the source's `SwitchoverAbort`, or no commit within a minute stops the
+//! prepared VMM and rewrites the fence as `"aborted"`: this generation never starts here, and the replica
+//! (which the paused VM never changed) is still the replica of the final epoch. A backup restarted with a
+//! `"prepared"` fence does the same; with a `"running"` one it leaves the VM alone and never redoes a
+//! journal over its RAM.
 
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use endophyte_attach::client::AttachClient;
-use endophyte_wire::{SwitchedOver, Switchover};
+use endophyte_wire::{Switchover, SwitchoverReady};
 use serde::{Deserialize, Serialize};
 
 /// The fence record of a VM on this node (`<vm dir>/fence.json`).
@@ -35,8 +40,11 @@ pub struct Fence {
     pub epoch: u64,
     /// Session of that epoch.
     pub session: u64,
-    /// The running VMM's attach socket.
+    /// The VMM's attach socket.
     pub vmm_socket: PathBuf,
+    /// The VMM's process id (0 before it started).
+    #[serde(default)]
+    pub vmm_pid: u32,
 }
 
 impl Fence {
@@ -60,6 +68,49 @@ impl Fence {
         self.state == "running"
     }
 
+    /// Whether a switchover was prepared here and neither committed nor aborted.
+    pub fn prepared(&self) -> bool {
+        self.state == "prepared"
+    }
+
+    /// After a restart: a switchover left prepared never committed (the commit records `"running"` before
+    /// the resume), so its VM never ran. Stops its VMM if it is still there and records `"aborted"`.
+    ///
+    /// # Errors
+    /// Recording the fence failed.
+    pub fn abort_leftover(&mut self, dir: &Path) -> anyhow::Result<()> {
+        if self.vmm_pid != 0 {
+            // SAFETY: kill(2) with a pid we recorded for the VMM we started; at worst the process is gone
+            // (ESRCH) and nothing happens. The VM in it was never resumed.
+            let _ = unsafe { libc::kill(self.vmm_pid as i32, libc::SIGKILL) };
+        }
+        tracing::warn!(dir = %dir.display(), generation = self.generation,
+            "a switchover was left prepared by a crash: its VM never ran; aborted");
+        self.state = "aborted".into();
+        self.vmm_pid = 0;
+        self.store(dir)
+    }
+
+    /// Rewrites `dir/fence.json` in place with one write and an fdatasync: the commit step, which is
+    /// inside the guest's downtime (the file exists, and the record fits one sector).
+    ///
+    /// # Errors
+    /// I/O, with the path.
+    pub fn store_in_place(&self, dir: &Path) -> anyhow::Result<()> {
+        use std::io::Write;
+        let p = dir.join("fence.json");
+        let mut bytes = serde_json::to_vec(self)?;
+        // Pad over any longer previous record: JSON allows trailing whitespace.
+        bytes.resize(bytes.len().max(512), b' ');
+        let mut f = std::fs::OpenOptions::new()
+            .write(true)
+            .open(&p)
+            .map_err(|e| anyhow::anyhow!("opening {}: {e}", p.display()))?;
+        f.write_all(&bytes)
+            .and_then(|()| f.sync_data())
+            .map_err(|e| anyhow::anyhow!("writing {}: {e}", p.display()))
+    }
+
     /// Writes `dir/fence.json` atomically (temporary file, fsync, rename, fsync of the directory).
     ///
     /// # Errors
@@ -70,8 +121,9 @@ impl Fence {
         let tmp = dir.join("fence.json.tmp");
         let io = |what: &str, e: std::io::Error| anyhow::anyhow!("{what} {}: {e}", p.display());
         let mut f = std::fs::File::create(&tmp).map_err(|e| io("creating", e))?;
-        f.write_all(&serde_json::to_vec(self)?)
-            .map_err(|e| io("writing", e))?;
+        let mut bytes = serde_json::to_vec(self)?;
+        bytes.resize(bytes.len().max(512), b' ');
+        f.write_all(&bytes).map_err(|e| io("writing", e))?;
         f.sync_all().map_err(|e| io("syncing", e))?;
         std::fs::rename(&tmp, &p).map_err(|e| io("renaming", e))?;
         std::fs::File::open(dir)
@@ -81,29 +133,33 @@ impl Fence {
     }
 }
 
-/// A VM started on this node from its replica.
-pub struct Started {
+/// A VM prepared on this node from its replica, paused, waiting for the source's commit.
+pub struct Prepared {
     /// The answer for the source.
-    pub done: SwitchedOver,
+    pub ready: SwitchoverReady,
     /// The VMM process (it keeps running when the backup exits).
     pub vmm: Child,
+    /// Its attach connection, to resume the guest on commit.
+    pub client: AttachClient,
 }
 
 fn us(d: Duration) -> u64 {
     d.as_micros() as u64
 }
 
-/// Steps 2-4 of the module docs, after the fence is recorded: starts the VM from `replica` with the
-/// state in `sw`, resumes it and returns the timings. `settle` is what steps before took.
+/// Steps 1-4 of the module docs: starts a VMM on standby, has `record_fence` record the `"prepared"` fence
+/// with its pid (before any VM exists in it, so a crash before that leaves only an empty standby VMM), and
+/// prepares the VM from `replica` with the state in `sw`, paused.
 ///
 /// # Errors
 /// Which step failed and why; the VMM started for it is stopped.
-pub fn start_from_replica(
+pub fn prepare_from_replica(
     dir: &Path,
     replica: &Path,
     sw: &Switchover,
-    settle: Duration,
-) -> anyhow::Result<Started> {
+    crash_after_restore: bool,
+    record_fence: impl FnOnce(u32) -> anyhow::Result<()>,
+) -> anyhow::Result<Prepared> {
     let socket = dir.join("vmm.sock");
     let _ = std::fs::remove_file(&socket);
     let t = Instant::now();
@@ -114,7 +170,11 @@ pub fn start_from_replica(
         .stdin(Stdio::null())
         .spawn()
         .map_err(|e| anyhow::anyhow!("starting the VMM: {e}"))?;
-    let r = (|| -> anyhow::Result<SwitchedOver> {
+    let pid = vmm.id();
+    let r = (|| -> anyhow::Result<(SwitchoverReady, AttachClient)> {
+        let t0 = Instant::now();
+        record_fence(pid)?;
+        let settle = t0.elapsed();
         let client = loop {
             match AttachClient::connect(&socket, "endophyte-backup") {
                 Ok(c) => break c,
@@ -144,6 +204,10 @@ pub fn start_from_replica(
         let client = AttachClient::connect(&socket, "endophyte-backup")
             .map_err(|e| anyhow::anyhow!("reconnecting to the restored VM: {e}"))?;
         let restore = t1.elapsed();
+        if crash_after_restore {
+            tracing::error!("test hook: crashing with a switchover prepared");
+            std::process::abort();
+        }
         let t2 = Instant::now();
         let ram_hash = if sw.verify {
             client
@@ -157,23 +221,21 @@ pub fn start_from_replica(
         } else {
             Duration::ZERO
         };
-        let t3 = Instant::now();
-        client
-            .resume()
-            .map_err(|e| anyhow::anyhow!("resuming the guest: {e}"))?;
-        Ok(SwitchedOver {
-            generation: sw.generation,
-            epoch: sw.epoch,
-            settle_us: us(settle),
-            spawn_us: us(spawn),
-            restore_us: us(restore),
-            verify_us: us(verify),
-            resume_us: us(t3.elapsed()),
-            ram_hash,
-        })
+        Ok((
+            SwitchoverReady {
+                generation: sw.generation,
+                epoch: sw.epoch,
+                settle_us: us(settle),
+                spawn_us: us(spawn.saturating_sub(settle)),
+                restore_us: us(restore),
+                verify_us: us(verify),
+                ram_hash,
+            },
+            client,
+        ))
     })();
     match r {
-        Ok(done) => Ok(Started { done, vmm }),
+        Ok((ready, client)) => Ok(Prepared { ready, vmm, client }),
         Err(e) => {
             let _ = vmm.kill();
             let _ = vmm.wait();

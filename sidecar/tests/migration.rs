@@ -110,3 +110,102 @@ fn a_running_guest_moves_to_its_backup_and_carries_on_there() {
     assert_eq!(fence["generation"], r["generation"]);
     target.shutdown().unwrap();
 }
+
+fn pid_alive(pid: i32) -> bool {
+    // SAFETY: kill(2) with signal 0 only checks that the process exists.
+    unsafe { libc::kill(pid, 0) == 0 }
+}
+
+#[test]
+fn a_target_killed_during_switchover_never_runs_the_guest_and_the_source_carries_on() {
+    if !kvm_available() {
+        return;
+    }
+    let tmp = tempfile::tempdir().unwrap();
+    let certs = certs(tmp.path(), "test", &["primary", "b1", "b2"]);
+    let (a1, a2) = (free_udp(), free_udp());
+    let (d1, d2) = (tmp.path().join("d1"), tmp.path().join("d2"));
+    let _b1 = backup(&certs, "b1", a1, &d1, &[]);
+    let mut b2 = backup(&certs, "b2", a2, &d2, &["--crash-during-switchover"]);
+    let sock = tmp.path().join("vm.sock");
+    let _vmm = vmm(&sock, "64MiB", "hotset:size=16M,rate=5000");
+    let probe = AttachClient::connect(&sock, "probe").unwrap();
+    let ctl = tmp.path().join("sidecar.ctl");
+    let hashes = tmp.path().join("hashes.jsonl");
+    let mut args = base_args(&sock, &certs, &hashes);
+    args.extend([
+        format!("--backup=name=b1,addr={a1}"),
+        format!("--backup=name=b2,addr={a2}"),
+        format!("--control-socket={}", ctl.display()),
+    ]);
+    let sidecar = sidecar_start(&args);
+    status_until(&ctl, Duration::from_secs(60), "replication", |s| {
+        s["backups"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .all(|b| b["committed_epoch"].as_u64() > Some(3))
+    });
+
+    // b2 aborts with the VM restored (paused) in its new VMM, before answering.
+    let (ok, st) = migrate(&ctl, "b2", &[]);
+    assert!(!ok, "the migration succeeded: {st}");
+    assert!(
+        b2.wait_exit(Duration::from_secs(5)).is_some(),
+        "b2 did not crash"
+    );
+    let mig = endophyte::control::request(&ctl, "GET", "/v1/migration", None).unwrap();
+    assert_eq!(mig["phase"], "failed", "{mig}");
+    let why = mig["error"].as_str().unwrap();
+    assert!(why.contains("b2"), "{why}");
+
+    // The source resumed: the guest's own counter advances, and replication to b1 goes on.
+    let p0 = pages(&probe);
+    std::thread::sleep(Duration::from_millis(500));
+    assert!(pages(&probe) > p0, "the source guest does not run");
+    let s = status(&ctl);
+    let e = s["epoch"].as_u64().unwrap();
+    status_until(
+        &ctl,
+        Duration::from_secs(20),
+        "replication after the failure",
+        |s| s["backups"][0]["committed_epoch"].as_u64() > Some(e),
+    );
+
+    // The VM b2 prepared never ran: its VMM (left behind by the crash) holds it paused.
+    let fence: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(d2.join("vm1").join("fence.json")).unwrap()).unwrap();
+    assert_eq!(fence["state"], "prepared", "{fence}");
+    let leftover = fence["vmm_pid"].as_i64().unwrap() as i32;
+    let target = AttachClient::connect(d2.join("vm1").join("vmm.sock"), "test").unwrap();
+    let t0 = pages(&target);
+    std::thread::sleep(Duration::from_millis(500));
+    assert_eq!(
+        pages(&target),
+        t0,
+        "the guest runs on the target that never got the commit"
+    );
+    drop(target);
+
+    // Restarted, b2 stops that VMM, records the generation as aborted, and is a backup again.
+    let _b2 = backup(&certs, "b2", a2, &d2, &[]);
+    status_until(&ctl, Duration::from_secs(30), "b2 catching up", |s| {
+        s["backups"][1]["committed_epoch"].as_u64() > Some(e)
+    });
+    let fence: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(d2.join("vm1").join("fence.json")).unwrap()).unwrap();
+    assert_eq!(fence["state"], "aborted", "{fence}");
+    assert!(
+        !pid_alive(leftover),
+        "the prepared VMM outlived b2's recovery"
+    );
+
+    let report = sidecar_stop(sidecar);
+    let last = report["last_epoch"].as_u64().unwrap();
+    let h = ram_hashes(&hashes);
+    for d in [&d1, &d2] {
+        let vm_dir = d.join("vm1");
+        assert_eq!(checkpoint_reaching(&vm_dir, last), last, "{report}");
+        assert_eq!(hash_file(&vm_dir.join("replica.img")), h[&last]);
+    }
+}

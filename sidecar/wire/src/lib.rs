@@ -21,7 +21,7 @@ pub mod sender;
 pub use chunk::{ChunkBuilder, ChunkError, DecodedChunk, PageChunk};
 pub use frame::{FrameDecoder, FrameError, FrameHeader};
 pub use msg::{
-    EncodedFrame, EpochEnd, ErrorCode, Hello, Message, MessageError, SwitchedOver, Switchover,
+    EncodedFrame, EpochEnd, ErrorCode, Hello, Message, MessageError, Switchover, SwitchoverReady,
     Welcome,
 };
 pub use receiver::{Action, Receiver, ReceiverError};

@@ -12,9 +12,10 @@
 //! | 8 | Ping | either | token u64 |
 //! | 9 | Pong | either | token u64 |
 //! | 10 | Switchover | sidecar -> migration target | generation u64, session u64, epoch u64, flags u8 (bit 0: verify), 7 zero bytes, vCPU and device state (u32 len + bytes) |
-//! | 11 | SwitchedOver | target -> sidecar | generation u64, epoch u64, settle_us u64, spawn_us u64, restore_us u64, verify_us u64, resume_us u64, ram_hash (u16 len + UTF-8; empty unless verify) |
-//! | 12 | SwitchoverAbort | sidecar -> target | generation u64 |
-//! | 13 | SwitchoverAborted | target -> sidecar | generation u64 |
+//! | 11 | SwitchoverReady | target -> sidecar | generation u64, epoch u64, settle_us u64, spawn_us u64, restore_us u64, verify_us u64, ram_hash (u16 len + UTF-8; empty unless verify) |
+//! | 12 | SwitchoverCommit | sidecar -> target | generation u64 |
+//! | 13 | SwitchedOver | target -> sidecar | generation u64, resume_us u64 |
+//! | 14 | SwitchoverAbort | sidecar -> target | generation u64 |
 //!
 //! Type 0 is reserved as invalid.
 
@@ -180,25 +181,35 @@ pub enum Message {
     },
     /// See [`Switchover`].
     Switchover(Switchover),
-    /// See [`SwitchedOver`].
-    SwitchedOver(SwitchedOver),
-    /// The source gave up waiting for [`SwitchedOver`] (a timeout): the target must never start
-    /// `generation` from now on. Answered with [`Message::SwitchoverAborted`], or with
-    /// [`Message::SwitchedOver`] when the VM already runs there (then the source must not resume).
-    SwitchoverAbort {
+    /// See [`SwitchoverReady`].
+    SwitchoverReady(SwitchoverReady),
+    /// The source's decision: the VM is the target's now; resume it. Sent only after
+    /// [`Message::SwitchoverReady`]; the source never resumes after sending it.
+    SwitchoverCommit {
         /// The switchover's generation.
         generation: u64,
     },
-    /// The target will never start `generation`; the source may resume.
-    SwitchoverAborted {
+    /// The guest runs on the target.
+    SwitchedOver {
+        /// The switchover's generation.
+        generation: u64,
+        /// Resuming the vCPUs, microseconds.
+        resume_us: u64,
+    },
+    /// The source abandons the switchover (and resumes): the target stops the VM it prepared and never
+    /// starts `generation`. Not answered. A target that hears nothing also gives up after a while: it
+    /// resumes a prepared VM only on [`Message::SwitchoverCommit`].
+    SwitchoverAbort {
         /// The switchover's generation.
         generation: u64,
     },
 }
 
 /// Migration switchover, sent by the sidecar to the target after the target committed the final epoch
-/// (the source VM is paused): start the VM from the replica at `epoch` with this vCPU and device state,
-/// resume it, and answer [`SwitchedOver`]; or refuse with [`Message::Error`] (the source then resumes).
+/// (the source VM is paused): prepare the VM from the replica at `epoch` with this vCPU and device state,
+/// paused, and answer [`SwitchoverReady`]; or refuse with [`Message::Error`] (the source then resumes).
+/// The guest resumes on the target only on [`Message::SwitchoverCommit`]: a target that dies before it
+/// never runs the guest, so the source can resume safely.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Switchover {
     /// Fencing token: higher than any generation this VM ran under before. The target records it before
@@ -215,9 +226,9 @@ pub struct Switchover {
     pub state: Bytes,
 }
 
-/// The VM runs on the target; step durations in microseconds, measured there.
+/// The VM is prepared on the target, paused; step durations in microseconds, measured there.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
-pub struct SwitchedOver {
+pub struct SwitchoverReady {
     /// The switchover's generation.
     pub generation: u64,
     /// The epoch the VM started from.
@@ -230,8 +241,6 @@ pub struct SwitchedOver {
     pub restore_us: u64,
     /// Hashing guest RAM (0 unless asked).
     pub verify_us: u64,
-    /// Resuming the vCPUs.
-    pub resume_us: u64,
     /// BLAKE3 of guest RAM before the resume, hex; empty unless asked.
     pub ram_hash: String,
 }
@@ -303,9 +312,10 @@ impl Message {
             Message::Ping { .. } => 8,
             Message::Pong { .. } => 9,
             Message::Switchover(_) => 10,
-            Message::SwitchedOver(_) => 11,
-            Message::SwitchoverAbort { .. } => 12,
-            Message::SwitchoverAborted { .. } => 13,
+            Message::SwitchoverReady(_) => 11,
+            Message::SwitchoverCommit { .. } => 12,
+            Message::SwitchedOver { .. } => 13,
+            Message::SwitchoverAbort { .. } => 14,
         }
     }
 
@@ -322,9 +332,10 @@ impl Message {
             Message::Ping { .. } => "Ping",
             Message::Pong { .. } => "Pong",
             Message::Switchover(_) => "Switchover",
-            Message::SwitchedOver(_) => "SwitchedOver",
+            Message::SwitchoverReady(_) => "SwitchoverReady",
+            Message::SwitchoverCommit { .. } => "SwitchoverCommit",
+            Message::SwitchedOver { .. } => "SwitchedOver",
             Message::SwitchoverAbort { .. } => "SwitchoverAbort",
-            Message::SwitchoverAborted { .. } => "SwitchoverAborted",
         }
     }
 
@@ -383,7 +394,7 @@ impl Message {
                 b.put_u32_le(w.state.len() as u32);
                 body = w.state.clone();
             }
-            Message::SwitchedOver(d) => {
+            Message::SwitchoverReady(d) => {
                 for v in [
                     d.generation,
                     d.epoch,
@@ -391,13 +402,19 @@ impl Message {
                     d.spawn_us,
                     d.restore_us,
                     d.verify_us,
-                    d.resume_us,
                 ] {
                     b.put_u64_le(v);
                 }
                 put_str(&mut b, &d.ram_hash);
             }
-            Message::SwitchoverAbort { generation } | Message::SwitchoverAborted { generation } => {
+            Message::SwitchedOver {
+                generation,
+                resume_us,
+            } => {
+                b.put_u64_le(*generation);
+                b.put_u64_le(*resume_us);
+            }
+            Message::SwitchoverCommit { generation } | Message::SwitchoverAbort { generation } => {
                 b.put_u64_le(*generation)
             }
         }
@@ -560,32 +577,38 @@ impl Message {
                 })
             }
             11 => {
-                need!("SwitchedOver", 56);
-                let mut v = [0u64; 7];
+                need!("SwitchoverReady", 48);
+                let mut v = [0u64; 6];
                 for x in &mut v {
                     *x = p.get_u64_le();
                 }
-                let ram_hash = get_str(&mut p, "SwitchedOver")?;
-                Message::SwitchedOver(SwitchedOver {
+                let ram_hash = get_str(&mut p, "SwitchoverReady")?;
+                Message::SwitchoverReady(SwitchoverReady {
                     generation: v[0],
                     epoch: v[1],
                     settle_us: v[2],
                     spawn_us: v[3],
                     restore_us: v[4],
                     verify_us: v[5],
-                    resume_us: v[6],
                     ram_hash,
                 })
             }
             12 => {
-                need!("SwitchoverAbort", 8);
-                Message::SwitchoverAbort {
+                need!("SwitchoverCommit", 8);
+                Message::SwitchoverCommit {
                     generation: p.get_u64_le(),
                 }
             }
             13 => {
-                need!("SwitchoverAborted", 8);
-                Message::SwitchoverAborted {
+                need!("SwitchedOver", 16);
+                Message::SwitchedOver {
+                    generation: p.get_u64_le(),
+                    resume_us: p.get_u64_le(),
+                }
+            }
+            14 => {
+                need!("SwitchoverAbort", 8);
+                Message::SwitchoverAbort {
                     generation: p.get_u64_le(),
                 }
             }
@@ -681,18 +704,21 @@ mod tests {
                 verify: true,
                 state: Bytes::from_static(b"{\"vcpus\":[]}"),
             }),
-            Message::SwitchedOver(SwitchedOver {
+            Message::SwitchoverReady(SwitchoverReady {
                 generation: 3,
                 epoch: 42,
                 settle_us: 1,
                 spawn_us: 2,
                 restore_us: 3,
                 verify_us: 4,
-                resume_us: 5,
                 ram_hash: "ab12".into(),
             }),
+            Message::SwitchoverCommit { generation: 3 },
+            Message::SwitchedOver {
+                generation: 3,
+                resume_us: 9,
+            },
             Message::SwitchoverAbort { generation: 3 },
-            Message::SwitchoverAborted { generation: 3 },
         ]
     }
 
