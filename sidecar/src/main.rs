@@ -137,10 +137,10 @@ enum Cmd {
         #[arg(long)]
         max_bandwidth: String,
     },
-    /// Self-contained demonstrations on loopback.
+    /// Self-contained demonstrations on loopback; with no subcommand, the migration demo.
     Demo {
         #[command(subcommand)]
-        cmd: DemoCmd,
+        cmd: Option<DemoCmd>,
     },
 }
 
@@ -200,6 +200,9 @@ enum CertsCmd {
 enum DemoCmd {
     /// Start testvm, a sidecar and two backups on loopback; replicate; print a JSON summary.
     Replicate(endophyte::demo::ReplicateArgs),
+    /// Start testvm, a sidecar, two backups and relays on loopback; replicate; migrate the running guest
+    /// to a backup; check it runs there; print a summary.
+    Migrate(endophyte::demo::MigrateArgs),
 }
 
 #[derive(Args)]
@@ -556,7 +559,17 @@ fn main() -> anyhow::Result<()> {
             println!("{v}");
         }
         Cmd::Demo { cmd } => match cmd {
-            DemoCmd::Replicate(args) => endophyte::demo::replicate(args)?,
+            Some(DemoCmd::Replicate(args)) => endophyte::demo::replicate(args)?,
+            Some(DemoCmd::Migrate(args)) => endophyte::demo::migrate(args)?,
+            None => {
+                // The migration demo with every default.
+                use clap::FromArgMatches;
+                let m = <endophyte::demo::MigrateArgs as clap::Args>::augment_args(
+                    clap::Command::new("demo").no_binary_name(true),
+                )
+                .try_get_matches_from(Vec::<String>::new())?;
+                endophyte::demo::migrate(endophyte::demo::MigrateArgs::from_arg_matches(&m)?)?
+            }
         },
     }
     Ok(())

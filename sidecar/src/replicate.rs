@@ -179,6 +179,9 @@ struct Inner {
     switch_reply: Option<endophyte_wire::Message>,
     /// A client read the finished migration's status (the sidecar waits for that before exiting).
     final_fetched: bool,
+    /// Per backup, from an epoch's pause until that backup committed it, ms (EWMA, weight 1/4): what a
+    /// switchover's final transfer takes.
+    commit_lag_ms: Vec<Option<f64>>,
 }
 
 /// A migration's state, shared by the epoch loop (which runs it) and the control API (which reports it).
@@ -422,6 +425,7 @@ pub fn run_sidecar(cfg: SidecarConfig, opts: RunOptions) -> anyhow::Result<Sidec
             switch_pending: None,
             switch_reply: None,
             final_fetched: false,
+            commit_lag_ms: vec![None; paths.len()],
         }),
         meta: (
             cfg.vm_id.clone(),
@@ -535,6 +539,7 @@ pub fn run_sidecar(cfg: SidecarConfig, opts: RunOptions) -> anyhow::Result<Sidec
         throttle_floor: 0.0,
         peak_drain: 0.0,
         migrated: false,
+        min_rtt: None,
     };
     let result = ep.run();
     if ep.migrated {
@@ -654,7 +659,13 @@ async fn drive(
                             "backup lost its last path; it will resync when it returns"
                         )
                     }
-                    Event::BackupCommitted { .. } => {}
+                    Event::BackupCommitted { backup, epoch } => {
+                        if let Some(at) = g.pause_at.get(&epoch) {
+                            let lag = at.elapsed().as_secs_f64() * 1e3;
+                            let l = &mut g.commit_lag_ms[backup];
+                            *l = Some(l.map_or(lag, |o| o * 0.75 + lag * 0.25));
+                        }
+                    }
                     Event::PeerError {
                         backup,
                         path,
@@ -795,6 +806,8 @@ struct EpochLoop {
     peak_drain: f64,
     /// The VM runs on the migration target now; this sidecar is done.
     migrated: bool,
+    /// Lowest RTT to the migration target seen while converging.
+    min_rtt: Option<Duration>,
 }
 
 /// Timings of a switchover's pause at the source, from its start.
@@ -862,6 +875,23 @@ impl EpochLoop {
             }
             let budget = self.cfg.max_unacked as usize;
             let shared = self.shared.clone();
+            // Converging: one epoch at a time to the target (up to 1 s), so that each epoch's lag from
+            // pause to commit is what the final epoch will see, not a queue behind earlier ones.
+            let converging_to = {
+                let g = self.shared.lock();
+                g.migration
+                    .as_ref()
+                    .filter(|m| m.phase == crate::migrate::Phase::Converging)
+                    .map(|m| m.target)
+            };
+            let last_cut = self.next_epoch - 1;
+            if let Some(t) = converging_to {
+                shared.wait_until(Duration::from_secs(1), |g| {
+                    g.sender.committed(t) >= last_cut
+                        || !g.sender.is_streaming(t)
+                        || shared.stop.load(Ordering::SeqCst)
+                });
+            }
             shared.wait_until(Duration::from_secs(3600), |g| {
                 (g.sender.can_begin_epoch() && g.sender.max_unacked_bytes() < budget)
                     || shared.stop.load(Ordering::SeqCst)
@@ -955,13 +985,25 @@ impl EpochLoop {
         let committed = g.sender.committed(target);
         let current =
             g.sender.is_streaming(target) && committed + 2 >= self.next_epoch && committed > 0;
-        let rtt_ms = g.sender.rtt(target).map_or(0.0, |d| d.as_secs_f64() * 1e3);
-        let capacity = match g.max_bandwidth {
-            Some(cap) => self.peak_drain.min(cap as f64),
-            None => self.peak_drain,
+        // The lowest RTT seen: the smoothed one includes queueing behind this sidecar's own chunks, which
+        // the switchover's few messages do not wait for.
+        if let Some(r) = g.sender.rtt(target) {
+            self.min_rtt = Some(self.min_rtt.map_or(r, |m| m.min(r)));
         }
-        .max(1.0);
-        let predicted = self.last_dirty_bytes as f64 / capacity * 1e3 + rtt_ms;
+        let rtt_ms = self.min_rtt.map_or(0.0, |d| d.as_secs_f64() * 1e3);
+        // The final transfer takes what recent epochs took from their pause to the target's commit
+        // (measured at the converged epoch length); before there is such a measure, the last epoch's dirty
+        // bytes at the best drain rate seen. Then Switchover/Ready and Commit/SwitchedOver: two round
+        // trips. Not predicted: the target's VMM start and restore (see docs/migration.md).
+        let transfer_ms = g.commit_lag_ms[target].unwrap_or_else(|| {
+            let capacity = match g.max_bandwidth {
+                Some(cap) => self.peak_drain.min(cap as f64),
+                None => self.peak_drain,
+            }
+            .max(1.0);
+            self.last_dirty_bytes as f64 / capacity * 1e3
+        });
+        let predicted = transfer_ms + 2.0 * rtt_ms;
         let m = g.migration.as_mut().expect("checked above");
         m.predicted_ms = Some(predicted);
         let budget = req.downtime_ms as f64;
@@ -970,8 +1012,12 @@ impl EpochLoop {
             return Ok(Some(target));
         }
         if started.elapsed() < Duration::from_millis(req.deadline_ms) {
-            if current {
-                // As QEMU's auto-converge: slow the guest a step more each epoch it does not fit.
+            // As QEMU's auto-converge: slow the guest a step more each epoch it does not fit, but only
+            // while the data itself is the problem (at the best drain rate seen, the last epoch's pages
+            // take over half the budget); the fixed part of the lag (journal fsync, round trips) does
+            // not shrink with the throttle.
+            let data_ms = self.last_dirty_bytes as f64 / self.peak_drain.max(1.0) * 1e3;
+            if current && data_ms > budget / 2.0 {
                 self.throttle_floor = (self.throttle_floor + 0.05).min(0.99);
             }
             return Ok(None);
@@ -1929,6 +1975,8 @@ fn start_migration(
     }
     tracing::info!(to = %req.to, downtime_ms = req.downtime_ms, deadline_ms = req.deadline_ms, force = req.force, "migration requested");
     g.final_fetched = false;
+    // Measured afresh at the converging epoch length.
+    g.commit_lag_ms[target] = None;
     g.migration = Some(MigrationCtl {
         request: req,
         target,

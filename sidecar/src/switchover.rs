@@ -176,7 +176,7 @@ pub fn prepare_from_replica(
         record_fence(pid)?;
         let settle = t0.elapsed();
         let client = loop {
-            match AttachClient::connect(&socket, "endophyte-backup") {
+            match AttachClient::connect_with(&socket, "endophyte-backup", false) {
                 Ok(c) => break c,
                 Err(_) if t.elapsed() < Duration::from_secs(10) => {
                     if let Some(st) = vmm.try_wait()? {
@@ -201,7 +201,8 @@ pub fn prepare_from_replica(
             .map_err(|e| anyhow::anyhow!("restoring the VM: {e}"))?;
         drop(client);
         // The restored VM is served on a fresh connection.
-        let client = AttachClient::connect(&socket, "endophyte-backup")
+        // Lazily mapped: this connection only hashes (in the VMM) and resumes.
+        let client = AttachClient::connect_with(&socket, "endophyte-backup", false)
             .map_err(|e| anyhow::anyhow!("reconnecting to the restored VM: {e}"))?;
         let restore = t1.elapsed();
         if crash_after_restore {

@@ -92,11 +92,26 @@ pub struct AttachClient {
 }
 
 impl AttachClient {
-    /// Connects to the agent at `path`, performs the handshake and maps guest RAM read-only.
+    /// Connects to the agent at `path`, performs the handshake and maps guest RAM read-only, populated up
+    /// front (what the sidecar needs: no page-table fault inside an epoch pause).
     ///
     /// # Errors
     /// [`ClientError`] if the socket, the handshake or a mapping fails.
     pub fn connect(path: impl AsRef<Path>, client_name: &str) -> Result<Self, ClientError> {
+        Self::connect_with(path, client_name, true)
+    }
+
+    /// Like [`AttachClient::connect`], but maps guest RAM lazily when `populate` is false: for clients
+    /// that control the VM and read little or none of its RAM (a migration target resuming it), for which
+    /// populating 1 GiB would cost about 100 ms here.
+    ///
+    /// # Errors
+    /// [`ClientError`] if the socket, the handshake or a mapping fails.
+    pub fn connect_with(
+        path: impl AsRef<Path>,
+        client_name: &str,
+        populate: bool,
+    ) -> Result<Self, ClientError> {
         let path = path.as_ref();
         let stream = UnixStream::connect(path).map_err(|source| ClientError::Connect {
             path: path.display().to_string(),
@@ -141,16 +156,13 @@ impl AttachClient {
         let mut regions = Vec::new();
         for (r, fd) in info.regions.iter().zip(fds) {
             let file = File::from(fd);
-            // Populated up front: a page-table fault per page would otherwise land inside the epoch pause.
-            // SAFETY: a read-only shared mapping of guest RAM. The guest keeps writing it, so the bytes are only ever read through raw-pointer copies (see `read`), never as long-lived references.
-            let map = unsafe {
-                MmapOptions::new()
-                    .offset(r.fd_offset)
-                    .len(r.size_bytes as usize)
-                    .populate()
-                    .map(&file)
+            let mut opts = MmapOptions::new();
+            opts.offset(r.fd_offset).len(r.size_bytes as usize);
+            if populate {
+                opts.populate();
             }
-            .map_err(|source| ClientError::Map {
+            // SAFETY: a read-only shared mapping of guest RAM. The guest keeps writing it, so the bytes are only ever read through raw-pointer copies (see `read`), never as long-lived references.
+            let map = unsafe { opts.map(&file) }.map_err(|source| ClientError::Map {
                 what: "guest RAM",
                 source,
             })?;
