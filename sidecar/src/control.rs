@@ -180,6 +180,11 @@ pub fn status_table(s: &SidecarStatus) -> String {
 /// # Errors
 /// The socket is in use or cannot be created.
 pub fn bind_unix(path: &Path) -> anyhow::Result<tokio::net::UnixListener> {
+    if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+        std::fs::create_dir_all(dir).with_context(|| {
+            format!("creating the control socket's directory {}", dir.display())
+        })?;
+    }
     if path.exists() {
         if std::os::unix::net::UnixStream::connect(path).is_ok() {
             anyhow::bail!(

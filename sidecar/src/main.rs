@@ -92,7 +92,7 @@ enum Cmd {
     /// Live-migrate a VM to one of its backups: converge, then switch over (through its sidecar's control
     /// socket). Exits non-zero when the migration fails; the VM then still runs on the source.
     Migrate {
-        /// The VM (its sidecar's socket is CONTROL_DIR/VM.sock unless --control says otherwise).
+        /// The VM (its sidecar's socket is CONTROL_DIR/VM.ctl unless --control says otherwise).
         vm: String,
         /// Target backup node (one of the sidecar's backups).
         #[arg(long)]
@@ -119,7 +119,7 @@ enum Cmd {
     /// Show a sidecar's replication: epochs, backups and their paths, RPO, throttle (through its control
     /// socket).
     Status {
-        /// The VM (its sidecar's socket is CONTROL_DIR/VM.sock unless --control says otherwise).
+        /// The VM (its sidecar's socket is CONTROL_DIR/VM.ctl unless --control says otherwise).
         vm: Option<String>,
         #[command(flatten)]
         control: ControlArgs,
@@ -129,7 +129,7 @@ enum Cmd {
     },
     /// Change a running sidecar's settings (through its control socket); prints what is now in force.
     Set {
-        /// The VM (its sidecar's socket is CONTROL_DIR/VM.sock unless --control says otherwise).
+        /// The VM (its sidecar's socket is CONTROL_DIR/VM.ctl unless --control says otherwise).
         vm: Option<String>,
         #[command(flatten)]
         control: ControlArgs,
@@ -150,7 +150,7 @@ struct ControlArgs {
     /// The sidecar's control socket (its `--control-socket`).
     #[arg(long)]
     control: Option<PathBuf>,
-    /// Directory of sidecars' control sockets, named VM.sock.
+    /// Directory of sidecars' control sockets, named VM.ctl.
     #[arg(long, default_value = "/run/endophyte")]
     control_dir: PathBuf,
 }
@@ -159,7 +159,7 @@ impl ControlArgs {
     fn socket(&self, vm: Option<&str>) -> anyhow::Result<PathBuf> {
         match (&self.control, vm) {
             (Some(p), _) => Ok(p.clone()),
-            (None, Some(vm)) => Ok(self.control_dir.join(format!("{vm}.sock"))),
+            (None, Some(vm)) => Ok(self.control_dir.join(format!("{vm}.ctl"))),
             (None, None) => bail!("name the VM or give --control SOCKET"),
         }
     }
@@ -262,7 +262,7 @@ struct SidecarArgs {
     #[arg(long)]
     console_out: Option<PathBuf>,
     /// Serve the control API on this Unix socket (for `endophyte status`, `set` and `migrate`; they look for
-    /// /run/endophyte/VM.sock by default).
+    /// /run/endophyte/VM.ctl by default).
     #[arg(long)]
     control_socket: Option<PathBuf>,
     /// The VM's current generation (fencing token; see `fence.json` on the node it was started on).
@@ -457,11 +457,20 @@ fn main() -> anyhow::Result<()> {
             standby,
         } => {
             if standby {
-                let host = std::sync::Arc::new(testvm::agent::VmHost::new(
-                    None,
-                    testvm::DirtySource::Bitmap,
-                    Box::new(|| Box::new(testvm::agent::ConsoleToStderr::default())),
+                // The restored VM's console goes through a gate too, so that a sidecar attached to it
+                // can hold output until its epoch is durable.
+                let gate = testvm::agent::ConsoleGate::new(Box::new(
+                    testvm::agent::ConsoleToStderr::default(),
                 ));
+                let for_vm = gate.clone();
+                let host = std::sync::Arc::new(
+                    testvm::agent::VmHost::new(
+                        None,
+                        testvm::DirtySource::Bitmap,
+                        Box::new(move || Box::new(for_vm.clone())),
+                    )
+                    .with_console_gate(gate),
+                );
                 testvm::agent::serve_on_socket(host, &attach_socket, None)?;
                 return Ok(());
             }

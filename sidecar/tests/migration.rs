@@ -209,3 +209,76 @@ fn a_target_killed_during_switchover_never_runs_the_guest_and_the_source_carries
         assert_eq!(hash_file(&vm_dir.join("replica.img")), h[&last]);
     }
 }
+
+#[test]
+fn a_guest_migrates_there_and_back_under_rising_generations() {
+    if !kvm_available() {
+        return;
+    }
+    let tmp = tempfile::tempdir().unwrap();
+    // Node A runs the VM first and a backup daemon; node B the same. Each node's sidecar and backup
+    // have their own certificates.
+    let certs = certs(tmp.path(), "test", &["sa", "na", "sb", "nb"]);
+    let (aa, ab) = (free_udp(), free_udp());
+    let (da, db) = (tmp.path().join("da"), tmp.path().join("db"));
+    let _na = backup(&certs, "na", aa, &da, &[]);
+    let _nb = backup(&certs, "nb", ab, &db, &[]);
+    let sock = tmp.path().join("vm.sock");
+    let mut vm_a = vmm(&sock, "64MiB", "hotset:size=16M,rate=5000");
+
+    let sidecar_on = |node: &str, attach: &Path, to: (&str, std::net::SocketAddr), gen: u64| {
+        let ctl = tmp.path().join(format!("{node}.ctl"));
+        let args = vec![
+            "--vm-id=vm1".to_string(),
+            format!("--attach-socket={}", attach.display()),
+            format!("--certs={}", certs.display()),
+            format!("--node={node}"),
+            format!("--backup=name={},addr={}", to.0, to.1),
+            format!("--control-socket={}", ctl.display()),
+            format!("--generation={gen}"),
+        ];
+        let child = sidecar_start(&args);
+        status_until(&ctl, Duration::from_secs(60), "replication", |s| {
+            s["backups"][0]["committed_epoch"].as_u64() > Some(3)
+        });
+        (child, ctl)
+    };
+
+    // A -> B.
+    let (s1, ctl1) = sidecar_on("sa", &sock, ("nb", ab), 0);
+    let (ok, st) = migrate(&ctl1, "nb", &[]);
+    assert!(ok, "{st}");
+    let r1 = st["report"].clone();
+    assert_eq!(r1["generation"], 1);
+    assert_eq!(r1["target_ram_hash"], r1["source_ram_hash"]);
+    assert!(s1.wait_with_output().unwrap().status.success());
+    assert!(vm_a.wait_exit(Duration::from_secs(10)).is_some());
+
+    // B -> A: a sidecar on B attaches to the VM running there, under generation 1.
+    let on_b = db.join("vm1").join("vmm.sock");
+    let (s2, ctl2) = sidecar_on("sb", &on_b, ("na", aa), 1);
+    let (ok, st) = migrate(&ctl2, "na", &[]);
+    assert!(ok, "{st}");
+    let r2 = st["report"].clone();
+    assert_eq!(r2["generation"], 2);
+    assert_eq!(r2["target_ram_hash"], r2["source_ram_hash"]);
+    assert!(s2.wait_with_output().unwrap().status.success());
+    // The guest's counter went on through both moves, and it runs on A again.
+    let back = AttachClient::connect(da.join("vm1").join("vmm.sock"), "test").unwrap();
+    let (g1, g2) = (
+        r1["source_guest_pages"].as_u64().unwrap(),
+        r2["source_guest_pages"].as_u64().unwrap(),
+    );
+    let p0 = pages(&back);
+    std::thread::sleep(Duration::from_millis(500));
+    let p1 = pages(&back);
+    eprintln!("guest pages: {g1} at A's pause, {g2} at B's, {p0} then {p1} on A");
+    assert!(g1 < g2 && g2 <= p0 && p0 < p1, "{g1} {g2} {p0} {p1}");
+    let fence: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(da.join("vm1").join("fence.json")).unwrap()).unwrap();
+    assert_eq!(
+        (fence["state"].as_str(), fence["generation"].as_u64()),
+        (Some("running"), Some(2))
+    );
+    back.shutdown().unwrap();
+}
