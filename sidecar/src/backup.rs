@@ -25,6 +25,23 @@ pub struct BackupConfig {
     pub max_staged_epochs: usize,
     /// Test hook, see [`CrashPoint`].
     pub crash: CrashPoint,
+    /// Control API socket (`GET /v1/status`, `POST /v1/promote`); none by default.
+    pub control_socket: Option<PathBuf>,
+}
+
+/// How long a VM's primary may stay silent (no frame on any path; sidecars ping every second) before
+/// this backup presumes it dead: until then its lease is live and promote refuses without `force`.
+pub const LEASE: std::time::Duration = std::time::Duration::from_secs(3);
+
+/// Body of `POST /v1/promote` on a backup.
+#[derive(Clone, Debug, serde::Serialize, serde::Deserialize)]
+pub struct PromoteRequest {
+    /// The VM.
+    pub vm: String,
+    /// Promote even though the primary's lease is live (it may still run: two copies would).
+    pub force: bool,
+    /// Hash guest RAM before resuming it, and report the hash.
+    pub verify: bool,
 }
 
 enum VmIn {
@@ -38,6 +55,13 @@ enum VmIn {
     },
     PathDown {
         key: u64,
+    },
+    Status {
+        reply: tokio::sync::oneshot::Sender<serde_json::Value>,
+    },
+    Promote {
+        req: PromoteRequest,
+        reply: tokio::sync::oneshot::Sender<Result<serde_json::Value, String>>,
     },
 }
 
@@ -156,6 +180,15 @@ impl BackupNode {
     pub async fn serve(self: Arc<Self>) -> anyhow::Result<()> {
         let server = self.identity.server_config()?;
         let endpoint = quinn::Endpoint::server(server, self.cfg.listen)?;
+        if let Some(path) = &self.cfg.control_socket {
+            let listener = crate::control::bind_unix(path)?;
+            tokio::spawn(crate::control::serve_unix(
+                listener,
+                path.clone(),
+                control_router(self.clone()),
+                std::future::pending(),
+            ));
+        }
         tracing::info!(listen = %endpoint.local_addr()?, node = %self.identity.node,
             network = %self.identity.network, data_dir = %self.cfg.data_dir.display(), "backup node up");
         while let Some(incoming) = endpoint.accept().await {
@@ -236,6 +269,10 @@ impl BackupNode {
                     crash_during_switchover: crash.during_switchover,
                     prepared: None,
                     running: None,
+                    // A backup that just started cannot tell whether the primary lives: it gives it a
+                    // lease's time to show up before a promote goes through unforced.
+                    last_heard: Some(std::time::Instant::now()),
+                    silence_reported: false,
                 }
                 .run(rx, store, inbox)
             })
@@ -369,6 +406,10 @@ struct VmThread {
     prepared: Option<(crate::switchover::Prepared, std::time::Instant)>,
     /// The VM running here after a committed switchover: its generation, resume time and VMM.
     running: Option<(u64, u64, std::process::Child)>,
+    /// When a frame from the VM's primary last arrived (its lease).
+    last_heard: Option<std::time::Instant>,
+    /// The primary's silence past [`LEASE`] was logged.
+    silence_reported: bool,
 }
 
 /// How long a prepared switchover waits for the source's commit before it is abandoned.
@@ -399,11 +440,25 @@ impl VmThread {
                     if self.running.is_none() && self.prepared.is_none() {
                         store.maybe_checkpoint(true);
                     }
+                    self.check_lease();
                     continue;
                 }
                 Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => break,
             };
+            if matches!(input, VmIn::Msg { .. } | VmIn::PathUp { .. }) {
+                self.last_heard = Some(std::time::Instant::now());
+                self.silence_reported = false;
+            }
+            self.check_lease();
             match input {
+                VmIn::Status { reply } => {
+                    let _ = reply.send(self.status(&store));
+                    continue;
+                }
+                VmIn::Promote { req, reply } => {
+                    let _ = reply.send(self.promote(&store, &req));
+                    continue;
+                }
                 VmIn::PathUp { key, tx } => {
                     paths.insert(key, tx);
                 }
@@ -635,6 +690,117 @@ impl VmThread {
         }
     }
 
+    fn lease_live(&self) -> bool {
+        self.last_heard.is_some_and(|t| t.elapsed() < LEASE)
+    }
+
+    /// Reports, once, a primary silent for longer than its lease.
+    fn check_lease(&mut self) {
+        if let Some(t) = self.last_heard {
+            if !self.silence_reported && t.elapsed() >= LEASE && self.running.is_none() {
+                self.silence_reported = true;
+                tracing::warn!(vm = %self.vm_id, silent_ms = t.elapsed().as_millis() as u64,
+                    "the primary is silent past its lease: presumed dead; `endophyte promote` can start the VM here");
+            }
+        }
+    }
+
+    fn status(&self, store: &ReplicaStore) -> serde_json::Value {
+        serde_json::json!({
+            "vm_id": self.vm_id,
+            "committed_epoch": store.committed_epoch(),
+            "primary_heard_ms_ago": self.last_heard.map(|t| t.elapsed().as_secs_f64() * 1e3),
+            "lease_live": self.lease_live(),
+            "fence": { "generation": self.fence.generation, "state": self.fence.state },
+            "runs_here": self.running.is_some(),
+            "promotable": self.running.is_none() && self.prepared.is_none() && store.vm_state().is_some(),
+        })
+    }
+
+    /// Failover: starts the VM here from the committed epoch (replica file as RAM, the vCPU state its
+    /// end marker carried), under the next generation. Refused while the primary's lease is live unless
+    /// forced, and when the VM already runs or a switchover is in progress here.
+    fn promote(
+        &mut self,
+        store: &ReplicaStore,
+        req: &PromoteRequest,
+    ) -> Result<serde_json::Value, String> {
+        let t = std::time::Instant::now();
+        if self.running.is_some() || self.fence.running() {
+            return Err(format!(
+                "VM {:?} already runs on this node (generation {})",
+                self.vm_id, self.fence.generation
+            ));
+        }
+        if self.prepared.is_some() {
+            return Err(format!(
+                "a switchover of VM {:?} is in progress here",
+                self.vm_id
+            ));
+        }
+        if self.lease_live() && !req.force {
+            return Err(format!(
+                "the primary of VM {:?} was heard {:.1} s ago: its lease ({} s) is live, so it may still run; promote after the lease expires, or with force",
+                self.vm_id,
+                self.last_heard.map_or(0.0, |t| t.elapsed().as_secs_f64()),
+                LEASE.as_secs()
+            ));
+        }
+        let epoch = store.committed_epoch();
+        let Some(state) = store.vm_state().cloned() else {
+            return Err(format!(
+                "the committed epoch {epoch} of VM {:?} carries no vCPU state: it cannot be started here",
+                self.vm_id
+            ));
+        };
+        let sw = endophyte_wire::Switchover {
+            generation: self.fence.generation + 1,
+            session: store.committed_session(),
+            epoch,
+            verify: req.verify,
+            state,
+        };
+        let mut fence = crate::switchover::Fence {
+            generation: sw.generation,
+            state: "prepared".into(),
+            epoch,
+            session: sw.session,
+            vmm_socket: self.dir.join("vmm.sock"),
+            vmm_pid: 0,
+        };
+        let dir = self.dir.clone();
+        let p = crate::switchover::prepare_from_replica(
+            &self.dir,
+            &store.image_path(),
+            &sw,
+            false,
+            |pid| {
+                fence.vmm_pid = pid;
+                fence.store(&dir)
+            },
+        )
+        .map_err(|e| format!("starting VM {:?} from epoch {epoch}: {e:#}", self.vm_id))?;
+        self.fence = fence;
+        let ram_hash = p.ready.ram_hash.clone();
+        let generation = sw.generation;
+        self.prepared = Some((p, std::time::Instant::now()));
+        match self.commit(generation) {
+            Message::SwitchedOver { .. } => {}
+            Message::Error { message, .. } => return Err(message),
+            other => return Err(format!("unexpected {}", other.name())),
+        }
+        tracing::warn!(vm = %self.vm_id, epoch, generation, forced = req.force, "promoted: the VM runs on this node from its last committed epoch");
+        Ok(serde_json::json!({
+            "vm": self.vm_id,
+            "epoch": epoch,
+            "generation": generation,
+            "vmm_socket": self.fence.vmm_socket,
+            "ram_hash": ram_hash,
+            "forced": req.force,
+            "elapsed_ms": t.elapsed().as_secs_f64() * 1e3,
+        }))
+    }
+
     /// The source abandoned `generation` (or it timed out here): its prepared VM goes, never to run.
     fn abort(&mut self, generation: u64) {
         if self
@@ -670,4 +836,62 @@ fn flush(rx: &mut Receiver, paths: &mut HashMap<u64, mpsc::UnboundedSender<Encod
             let _ = tx.send(msg.encode());
         }
     }
+}
+
+/// A backup's control API: `GET /v1/status` (each VM's committed epoch, its primary's lease, its fence)
+/// and `POST /v1/promote` ([`PromoteRequest`]).
+fn control_router(node: Arc<BackupNode>) -> axum::Router {
+    use crate::control::ApiError;
+    use axum::extract::State;
+    use axum::Json;
+    axum::Router::new()
+        .route(
+            "/v1/status",
+            axum::routing::get(|State(n): State<Arc<BackupNode>>| async move {
+                let handles: Vec<Arc<VmHandle>> =
+                    n.vms.lock().expect("vm table").values().cloned().collect();
+                let mut vms = vec![];
+                for h in handles {
+                    let (tx, rx) = tokio::sync::oneshot::channel();
+                    if h.tx.send(VmIn::Status { reply: tx }).is_ok() {
+                        if let Ok(v) = rx.await {
+                            vms.push(v);
+                        }
+                    }
+                }
+                Json(serde_json::json!({
+                    "node": n.identity.node,
+                    "lease_ms": LEASE.as_millis() as u64,
+                    "vms": vms,
+                }))
+            }),
+        )
+        .route(
+            "/v1/promote",
+            axum::routing::post(
+                |State(n): State<Arc<BackupNode>>, Json(req): Json<PromoteRequest>| async move {
+                    let h = n
+                        .vms
+                        .lock()
+                        .expect("vm table")
+                        .get(&req.vm)
+                        .cloned()
+                        .ok_or_else(|| {
+                            ApiError::not_found(format!(
+                                "no replica of VM {:?} on this node",
+                                req.vm
+                            ))
+                        })?;
+                    let (tx, rx) = tokio::sync::oneshot::channel();
+                    h.tx.send(VmIn::Promote { req, reply: tx })
+                        .map_err(|_| ApiError::conflict("the VM's replica thread is gone"))?;
+                    match rx.await {
+                        Ok(Ok(v)) => Ok(Json(v)),
+                        Ok(Err(m)) => Err(ApiError::conflict(m)),
+                        Err(_) => Err(ApiError::conflict("the VM's replica thread is gone")),
+                    }
+                },
+            ),
+        )
+        .with_state(node)
 }

@@ -174,6 +174,54 @@ pub fn status_table(s: &SidecarStatus) -> String {
     t
 }
 
+/// Renders a backup's `GET /v1/status` for a terminal: one line per VM.
+pub fn backup_table(v: &serde_json::Value) -> String {
+    use std::fmt::Write;
+    let mut t = String::new();
+    let _ = writeln!(
+        t,
+        "backup {} (lease {} ms)",
+        v["node"].as_str().unwrap_or("?"),
+        v["lease_ms"]
+    );
+    let _ = writeln!(
+        t,
+        "{:<20} {:>10} {:>14} {:>6} {:>18} {:>11}",
+        "VM", "COMMITTED", "PRIMARY HEARD", "LEASE", "FENCE", "PROMOTABLE"
+    );
+    for vm in v["vms"].as_array().into_iter().flatten() {
+        let _ = writeln!(
+            t,
+            "{:<20} {:>10} {:>14} {:>6} {:>18} {:>11}",
+            vm["vm_id"].as_str().unwrap_or("?"),
+            vm["committed_epoch"],
+            vm["primary_heard_ms_ago"].as_f64().map_or_else(
+                || "never".to_string(),
+                |ms| format!("{:.1} s ago", ms / 1e3)
+            ),
+            if vm["lease_live"].as_bool() == Some(true) {
+                "live"
+            } else {
+                "gone"
+            },
+            format!(
+                "{} (gen {})",
+                vm["fence"]["state"]
+                    .as_str()
+                    .filter(|s| !s.is_empty())
+                    .unwrap_or("none"),
+                vm["fence"]["generation"]
+            ),
+            if vm["promotable"].as_bool() == Some(true) {
+                "yes"
+            } else {
+                "no"
+            }
+        );
+    }
+    t
+}
+
 /// Binds the control socket at `path` with mode 0600. A stale socket file (nobody listening) is replaced;
 /// a live one is an error, so two daemons never share a socket. Call inside a tokio runtime.
 ///

@@ -46,6 +46,9 @@ enum Cmd {
         /// Test hook: abort with a switchover prepared (VMM started, VM restored, not yet answered).
         #[arg(long, hide = true)]
         crash_during_switchover: bool,
+        /// Serve the control API on this Unix socket (`endophyte status`, `endophyte promote`).
+        #[arg(long)]
+        control_socket: Option<PathBuf>,
         /// Recover every replica (redo interrupted commits), print each VM's committed epoch as JSON, exit.
         #[arg(long)]
         recover_only: bool,
@@ -116,8 +119,23 @@ enum Cmd {
         #[arg(long, value_enum, default_value = "table")]
         output: Output,
     },
-    /// Show a sidecar's replication: epochs, backups and their paths, RPO, throttle (through its control
-    /// socket).
+    /// Failover: start a VM on this backup node from its last committed epoch (through the backup's control
+    /// socket). Refused while the primary's lease is live (it was heard from in the last 3 s) unless forced.
+    Promote {
+        /// The VM.
+        vm: String,
+        /// The backup's control socket (its `--control-socket`).
+        #[arg(long, default_value = "/run/endophyte/backup.ctl")]
+        control: PathBuf,
+        /// Promote even though the primary may still run.
+        #[arg(long)]
+        force: bool,
+        /// Hash guest RAM before resuming it, and print the hash.
+        #[arg(long)]
+        verify: bool,
+    },
+    /// Show a sidecar's replication (epochs, backups and their paths, RPO, throttle) or a backup's replicas
+    /// (committed epochs, the primaries' leases, fences), through its control socket.
     Status {
         /// The VM (its sidecar's socket is CONTROL_DIR/VM.ctl unless --control says otherwise).
         vm: Option<String>,
@@ -369,6 +387,7 @@ fn main() -> anyhow::Result<()> {
             max_staged_epochs,
             crash_during_apply,
             crash_during_switchover,
+            control_socket,
             recover_only,
         } => {
             let identity = endophyte::tls::Identity::load(&certs, &node)
@@ -383,6 +402,7 @@ fn main() -> anyhow::Result<()> {
                     during_apply: crash_during_apply,
                     during_switchover: crash_during_switchover,
                 },
+                control_socket,
             };
             let node = endophyte::backup::BackupNode::new(identity, cfg);
             let recovered = node.recover_all()?;
@@ -530,6 +550,26 @@ fn main() -> anyhow::Result<()> {
                 );
             }
         }
+        Cmd::Promote {
+            vm,
+            control,
+            force,
+            verify,
+        } => {
+            let req = endophyte::backup::PromoteRequest {
+                vm: vm.clone(),
+                force,
+                verify,
+            };
+            let v = endophyte::control::request(
+                &control,
+                "POST",
+                "/v1/promote",
+                Some(&serde_json::to_value(&req)?),
+            )
+            .with_context(|| format!("promoting {vm}"))?;
+            println!("{}", serde_json::to_string_pretty(&v)?);
+        }
         Cmd::Status {
             vm,
             control,
@@ -539,6 +579,9 @@ fn main() -> anyhow::Result<()> {
             let v = endophyte::control::request(&control, "GET", "/v1/status", None)?;
             match output {
                 Output::Json => println!("{}", serde_json::to_string_pretty(&v)?),
+                Output::Table if v.get("vms").is_some() => {
+                    print!("{}", endophyte::control::backup_table(&v))
+                }
                 Output::Table => {
                     let s: endophyte::control::SidecarStatus = serde_json::from_value(v)
                         .context("the sidecar's status has an unexpected shape")?;

@@ -540,6 +540,7 @@ pub fn run_sidecar(cfg: SidecarConfig, opts: RunOptions) -> anyhow::Result<Sidec
         peak_drain: 0.0,
         migrated: false,
         min_rtt: None,
+        pause_state: bytes::Bytes::new(),
     };
     let result = ep.run();
     if ep.migrated {
@@ -808,6 +809,8 @@ struct EpochLoop {
     migrated: bool,
     /// Lowest RTT to the migration target seen while converging.
     min_rtt: Option<Duration>,
+    /// vCPU and device state saved at the last pause (empty if saving failed).
+    pause_state: bytes::Bytes,
 }
 
 /// Timings of a switchover's pause at the source, from its start.
@@ -1060,33 +1063,32 @@ impl EpochLoop {
         }
     }
 
-    /// During a switchover's pause: saves vCPU and device state. On failure the guest resumes, the
-    /// migration is marked failed and the epoch goes on as an ordinary one (returns `None`).
+    /// During a switchover's pause: takes the vCPU and device state saved at this pause. Without one
+    /// the guest resumes, the migration is marked failed and the epoch goes on as an ordinary one
+    /// (returns `None`).
     fn save_for_switch(
         &mut self,
         t0: Instant,
         paused: Duration,
         harvested: Duration,
     ) -> Option<(SwitchTimes, Vec<u8>)> {
-        match self.client.save_state() {
-            Ok(state) => Some((
-                SwitchTimes {
-                    t0,
-                    paused,
-                    harvested,
-                    staged: t0.elapsed(),
-                    guest_pages: 0,
-                },
-                serde_json::to_vec(&state).expect("JSON values serialize"),
-            )),
-            Err(e) => {
-                let _ = self.client.resume();
-                self.migration_failed(format!(
-                    "saving vCPU and device state at the source failed: {e}"
-                ));
-                None
-            }
+        if self.pause_state.is_empty() {
+            let _ = self.client.resume();
+            self.migration_failed(
+                "saving vCPU and device state at the source failed (see the log)".into(),
+            );
+            return None;
         }
+        Some((
+            SwitchTimes {
+                t0,
+                paused,
+                harvested,
+                staged: t0.elapsed(),
+                guest_pages: 0,
+            },
+            self.pause_state.to_vec(),
+        ))
     }
 
     /// After the final epoch went out with the guest paused: waits for the target to commit it, has it
@@ -1421,6 +1423,20 @@ impl EpochLoop {
             }
             self.epoch_console.extend_from_slice(&harvest.console);
             let t_harvested = t0.elapsed();
+            // vCPU and device state at this pause: the epoch's end marker carries it, so that a backup
+            // can start the VM from the epoch (promote), and a switchover hands it to the target.
+            self.pause_state = match self.client.save_state() {
+                Ok(s) => serde_json::to_vec(&s)
+                    .expect("JSON values serialize")
+                    .into(),
+                Err(err) => {
+                    tracing::warn!(
+                        epoch = e,
+                        "saving vCPU and device state failed; this epoch cannot be promoted: {err}"
+                    );
+                    bytes::Bytes::new()
+                }
+            };
             let pages: u64 = harvest.bitmaps.iter().map(|b| b.count()).sum();
             let bytes = pages * self.page_size as u64;
             self.dirty_bytes += bytes;
@@ -1518,7 +1534,8 @@ impl EpochLoop {
                     .insert(e, std::mem::take(&mut self.epoch_console));
             }
             for &b in &targets {
-                g.sender.end_epoch(b, e);
+                g.sender
+                    .end_epoch_with_state(b, e, self.pause_state.clone());
             }
         }
         self.shared.wake.notify_one();

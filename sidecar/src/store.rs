@@ -95,6 +95,9 @@ struct State {
     checkpoint_epoch: u64,
     #[serde(default)]
     checkpoint_session: u64,
+    /// The VM's vCPU and device state at the checkpointed epoch's pause (what its end marker carried).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    vcpu_state: Option<serde_json::Value>,
 }
 
 /// Appends to a file through io_uring, or pwritev when io_uring is unavailable.
@@ -275,6 +278,8 @@ pub struct ReplicaStore {
     checkpointing: Option<std::thread::JoinHandle<Result<u64, StoreError>>>,
     use_uring: bool,
     crash: CrashPoint,
+    /// vCPU and device state of the committed epoch, when its end marker carried one.
+    vm_state: Option<bytes::Bytes>,
 }
 
 impl ReplicaStore {
@@ -295,7 +300,7 @@ impl ReplicaStore {
         };
         std::fs::create_dir_all(dir.join("journal")).map_err(io("creating", dir))?;
         let state_path = dir.join("state.json");
-        let (committed, committed_session) = match std::fs::read(&state_path) {
+        let (committed, committed_session, vm_state) = match std::fs::read(&state_path) {
             Ok(bytes) => {
                 let s: State = serde_json::from_slice(&bytes).map_err(|e| StoreError::State {
                     path: state_path.clone(),
@@ -312,9 +317,15 @@ impl ReplicaStore {
                         want_page: page_size,
                     });
                 }
-                (s.checkpoint_epoch, s.checkpoint_session)
+                (
+                    s.checkpoint_epoch,
+                    s.checkpoint_session,
+                    s.vcpu_state.map(|v| {
+                        bytes::Bytes::from(serde_json::to_vec(&v).expect("JSON values serialize"))
+                    }),
+                )
             }
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => (0, 0),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => (0, 0, None),
             Err(e) => return Err(io("reading", &state_path)(e)),
         };
         let img = dir.join("replica.img");
@@ -345,6 +356,7 @@ impl ReplicaStore {
             checkpointing: None,
             use_uring,
             crash,
+            vm_state,
         };
         if !state_path.exists() {
             store.checkpoint_now()?;
@@ -367,6 +379,12 @@ impl ReplicaStore {
     /// The replica file's path.
     pub fn image_path(&self) -> PathBuf {
         self.dir.join("replica.img")
+    }
+
+    /// The VM's vCPU and device state at the committed epoch's pause, if its end marker carried one:
+    /// with `replica.img`, what starting the VM from this epoch needs (promote).
+    pub fn vm_state(&self) -> Option<&bytes::Bytes> {
+        self.vm_state.as_ref()
     }
 
     /// Whether journal writes go through io_uring.
@@ -567,6 +585,7 @@ impl ReplicaStore {
         writer.flush()?;
         self.committed = end.epoch;
         self.committed_session = session;
+        self.vm_state = (!end.state.is_empty()).then(|| end.state.clone());
         self.applied.push(path.to_owned());
         Ok(())
     }
@@ -583,6 +602,10 @@ impl ReplicaStore {
             page_size: self.page_size,
             checkpoint_epoch: self.committed,
             checkpoint_session: self.committed_session,
+            vcpu_state: self
+                .vm_state
+                .as_ref()
+                .and_then(|b| serde_json::from_slice(b).ok()),
         }
     }
 

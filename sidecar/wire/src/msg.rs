@@ -6,7 +6,7 @@
 //! | 2 | Welcome | backup -> sidecar | instance u64, committed_epoch u64, committed_session u64, node (u16 len + UTF-8) |
 //! | 3 | Chunk | sidecar -> backup | epoch u64, seq u32, n_pages u32, raw_len u32, flags u8, 3 zero bytes, content_hash [32], body |
 //! | 4 | ChunkAck | backup -> sidecar | epoch u64, seq u32 |
-//! | 5 | EpochEnd | sidecar -> backup | epoch u64, base_epoch u64, chunk_count u32, page_count u64, epoch_hash [32] |
+//! | 5 | EpochEnd | sidecar -> backup | epoch u64, base_epoch u64, chunk_count u32, page_count u64, epoch_hash [32], vCPU and device state (u32 len + bytes; 0 len: none) |
 //! | 6 | Committed | backup -> sidecar | epoch u64 |
 //! | 7 | Error | either | code u16, message (u16 len + UTF-8) |
 //! | 8 | Ping | either | token u64 |
@@ -132,6 +132,9 @@ pub struct EpochEnd {
     pub page_count: u64,
     /// BLAKE3 over the chunks' content hashes in seq order (see [`epoch_hash`]).
     pub epoch_hash: [u8; 32],
+    /// The VM's vCPU and device state at the epoch's pause, opaque (testvm's is JSON); empty when the
+    /// sidecar has none. Journaled with the epoch, so that a backup can promote its committed epoch.
+    pub state: Bytes,
 }
 
 /// Every message of the replication protocol.
@@ -378,6 +381,9 @@ impl Message {
                 b.put_u32_le(e.chunk_count);
                 b.put_u64_le(e.page_count);
                 b.put_slice(&e.epoch_hash);
+                // In the head, not the body: journals append the head of this frame.
+                b.put_u32_le(e.state.len() as u32);
+                b.put_slice(&e.state);
             }
             Message::Committed { epoch } => b.put_u64_le(*epoch),
             Message::Error { code, message } => {
@@ -515,12 +521,22 @@ impl Message {
                 let page_count = p.get_u64_le();
                 let mut epoch_hash = [0u8; 32];
                 p.copy_to_slice(&mut epoch_hash);
+                need!("EpochEnd", 4);
+                let n = p.get_u32_le() as usize;
+                if p.remaining() != n {
+                    return Err(MessageError::Malformed {
+                        msg: "EpochEnd",
+                        why: "state length does not match the payload",
+                    });
+                }
+                let state = p.split_to(n);
                 Message::EpochEnd(EpochEnd {
                     epoch,
                     base_epoch,
                     chunk_count,
                     page_count,
                     epoch_hash,
+                    state,
                 })
             }
             6 => {
@@ -689,6 +705,7 @@ mod tests {
                 chunk_count: 1,
                 page_count: 2,
                 epoch_hash: [1; 32],
+                state: Bytes::from_static(b"{\"regs\":1}"),
             }),
             Message::Committed { epoch: 5 },
             Message::Error {

@@ -163,6 +163,8 @@ struct StreamEpoch {
     acked: usize,
     ended: bool,
     end_sent: Option<Instant>,
+    /// vCPU and device state at the epoch's pause, carried by its end marker.
+    state: bytes::Bytes,
 }
 
 #[derive(Debug, Default)]
@@ -405,6 +407,7 @@ impl Sender {
             acked: 0,
             ended: false,
             end_sent: None,
+            state: bytes::Bytes::new(),
         });
         match backup.resync_from.take() {
             Some((from, from_session)) => EpochStart::Resync { from, from_session },
@@ -438,6 +441,12 @@ impl Sender {
 
     /// Closes the open epoch of backup `b`: no more chunks; the end marker goes out once every chunk was sent.
     pub fn end_epoch(&mut self, b: BackupId, epoch: u64) -> bool {
+        self.end_epoch_with_state(b, epoch, bytes::Bytes::new())
+    }
+
+    /// Like [`Sender::end_epoch`], with the VM's vCPU and device state at the epoch's pause, which the end
+    /// marker carries (see [`EpochEnd::state`]).
+    pub fn end_epoch_with_state(&mut self, b: BackupId, epoch: u64, state: bytes::Bytes) -> bool {
         let backup = &mut self.backups[b];
         let Some(e) = backup.epochs.back_mut() else {
             return false;
@@ -446,6 +455,7 @@ impl Sender {
             return false;
         }
         e.ended = true;
+        e.state = state;
         backup.planned = epoch;
         true
     }
@@ -674,6 +684,7 @@ impl Sender {
                     chunk_count: e.slots.len() as u32,
                     page_count,
                     epoch_hash: epoch_hash(page_count, e.slots.iter().map(|s| &s.hash)),
+                    state: e.state.clone(),
                 }),
             });
         }
