@@ -261,6 +261,7 @@ async fn commit_one_page_epoch(p: &mut Path1, fill: u8) {
             chunk_count: 1,
             page_count: 1,
             epoch_hash: epoch_hash(1, [&h]),
+            state: Default::default(),
         })
         .encode(),
     )
