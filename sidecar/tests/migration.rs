@@ -111,9 +111,15 @@ fn a_running_guest_moves_to_its_backup_and_carries_on_there() {
     target.shutdown().unwrap();
 }
 
+/// Whether `pid` is a live process (not gone, not a zombie waiting to be reaped).
 fn pid_alive(pid: i32) -> bool {
-    // SAFETY: kill(2) with signal 0 only checks that the process exists.
-    unsafe { libc::kill(pid, 0) == 0 }
+    std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .ok()
+        .and_then(|s| {
+            s.rsplit_once(')')
+                .map(|(_, rest)| rest.trim_start().starts_with(['R', 'S', 'D', 'T', 't']))
+        })
+        .unwrap_or(false)
 }
 
 #[test]
@@ -195,6 +201,10 @@ fn a_target_killed_during_switchover_never_runs_the_guest_and_the_source_carries
     let fence: serde_json::Value =
         serde_json::from_slice(&std::fs::read(d2.join("vm1").join("fence.json")).unwrap()).unwrap();
     assert_eq!(fence["state"], "aborted", "{fence}");
+    let t = std::time::Instant::now();
+    while pid_alive(leftover) && t.elapsed() < Duration::from_secs(2) {
+        std::thread::sleep(Duration::from_millis(20));
+    }
     assert!(
         !pid_alive(leftover),
         "the prepared VMM outlived b2's recovery"
