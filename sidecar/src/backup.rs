@@ -273,6 +273,7 @@ impl BackupNode {
                     // lease's time to show up before a promote goes through unforced.
                     last_heard: Some(std::time::Instant::now()),
                     silence_reported: false,
+                    standby: None,
                 }
                 .run(rx, store, inbox)
             })
@@ -408,9 +409,15 @@ struct VmThread {
     running: Option<(u64, u64, std::process::Child)>,
     /// When a frame from the VM's primary last arrived (its lease).
     last_heard: Option<std::time::Instant>,
+    /// A VMM started ahead of a switchover (see [`crate::switchover::Standby`]). While there is one,
+    /// background checkpoints wait.
+    standby: Option<crate::switchover::Standby>,
     /// The primary's silence past [`LEASE`] was logged.
     silence_reported: bool,
 }
+
+/// How long a standby VMM started by a warm-up waits for its switchover.
+const STANDBY_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(600);
 
 /// How long a prepared switchover waits for the source's commit before it is abandoned.
 const PREPARED_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(60);
@@ -437,10 +444,18 @@ impl VmThread {
                         tracing::warn!(vm = %vm_id, generation = g, "no commit for the prepared switchover in {PREPARED_TIMEOUT:?}: abandoning it");
                         self.abort(g);
                     }
-                    if self.running.is_none() && self.prepared.is_none() {
+                    if self.running.is_none() && self.prepared.is_none() && self.standby.is_none() {
                         store.maybe_checkpoint(true);
                     }
                     self.check_lease();
+                    if self
+                        .standby
+                        .as_ref()
+                        .is_some_and(|s| s.since.elapsed() > STANDBY_TIMEOUT)
+                    {
+                        tracing::info!(vm = %vm_id, "no switchover followed the warm-up: stopping the standby VMM");
+                        self.standby.take().expect("checked").stop();
+                    }
                     continue;
                 }
                 Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => break,
@@ -487,6 +502,10 @@ impl VmThread {
                     msg: Message::SwitchoverAbort { generation },
                     ..
                 } => self.abort(generation),
+                VmIn::Msg {
+                    msg: Message::SwitchoverWarmup { generation },
+                    ..
+                } => self.warm_up(generation),
                 VmIn::Msg { key, msg } if self.running.is_some() || self.prepared.is_some() => {
                     // Fenced: nothing goes into the running VM's RAM.
                     if !matches!(msg, Message::Ping { .. } | Message::Pong { .. }) {
@@ -537,7 +556,11 @@ impl VmThread {
                         match store.commit(&end, rx.session().unwrap_or(0)) {
                             Ok(()) => {
                                 tracing::debug!(vm = %vm_id, epoch, "committed");
-                                store.maybe_checkpoint(false);
+                                // A migration coming here: no checkpoint writeback (hundreds of MB of
+                                // fdatasync) competes with the switchover's own writes for the disk.
+                                if self.standby.is_none() {
+                                    store.maybe_checkpoint(false);
+                                }
                                 if let Err(e) = rx.epoch_committed(epoch) {
                                     tracing::warn!(vm = %vm_id, "refused: {e}");
                                 }
@@ -607,10 +630,12 @@ impl VmThread {
             &store.image_path(),
             &sw,
             self.crash_during_switchover,
+            self.standby.take(),
             |pid| {
-                // On disk before the VM exists: after a crash this node knows the file may be mapped.
+                // Before the VM exists: after a crash this node knows which VMM may map the file.
                 fence.vmm_pid = pid;
-                fence.store(&dir)
+                crate::switchover::Fence::ensure_file(&dir)?;
+                fence.record(&dir, false)
             },
         );
         match r {
@@ -663,7 +688,7 @@ impl VmThread {
             };
         };
         self.fence.state = "running".into();
-        if let Err(e) = self.fence.store_in_place(&self.dir) {
+        if let Err(e) = self.fence.record(&self.dir, true) {
             // Not resumed: the source stays paused without an answer and the operator decides.
             tracing::error!(vm = %self.vm_id, generation, "recording the commit failed, the guest stays paused: {e}");
             self.fence.state = "prepared".into();
@@ -687,6 +712,30 @@ impl VmThread {
         Message::SwitchedOver {
             generation,
             resume_us,
+        }
+    }
+
+    /// A migration to this node started converging: start a standby VMM now.
+    fn warm_up(&mut self, generation: u64) {
+        if self.running.is_some()
+            || self.prepared.is_some()
+            || self.standby.is_some()
+            || generation <= self.fence.generation
+        {
+            return;
+        }
+        // The fence file at full size now, so that the switchover's records are single in-place writes.
+        if let Err(e) = crate::switchover::Fence::ensure_file(&self.dir) {
+            tracing::warn!(vm = %self.vm_id, "preparing the fence file: {e:#}");
+        }
+        match crate::switchover::Standby::start(&self.dir) {
+            Ok(s) => {
+                tracing::info!(vm = %self.vm_id, generation, "migration coming: standby VMM started");
+                self.standby = Some(s);
+            }
+            Err(e) => {
+                tracing::warn!(vm = %self.vm_id, "starting a standby VMM ahead of a switchover failed (the switchover will try again): {e:#}")
+            }
         }
     }
 
@@ -774,9 +823,11 @@ impl VmThread {
             &store.image_path(),
             &sw,
             false,
+            self.standby.take(),
             |pid| {
                 fence.vmm_pid = pid;
-                fence.store(&dir)
+                crate::switchover::Fence::ensure_file(&dir)?;
+                fence.record(&dir, false)
             },
         )
         .map_err(|e| format!("starting VM {:?} from epoch {epoch}: {e:#}", self.vm_id))?;

@@ -191,6 +191,8 @@ struct MigrationCtl {
     started: Instant,
     phase: crate::migrate::Phase,
     predicted_ms: Option<f64>,
+    /// `SwitchoverWarmup` went to the target.
+    warmed: bool,
     wire_at_start: u64,
     error: Option<String>,
     report: Option<crate::migrate::MigrationReport>,
@@ -985,6 +987,14 @@ impl EpochLoop {
             return Ok(None);
         };
         let (req, target, started) = (m.request.clone(), m.target, m.started);
+        if !m.warmed {
+            // Let the target start what the switchover will need while the guest still runs here.
+            let generation = self.cfg.generation + 1;
+            if let Some(tx) = g.path_tx[target].iter().flatten().next() {
+                let _ = tx.send(endophyte_wire::Message::SwitchoverWarmup { generation }.encode());
+                g.migration.as_mut().expect("checked above").warmed = true;
+            }
+        }
         let committed = g.sender.committed(target);
         let current =
             g.sender.is_streaming(target) && committed + 2 >= self.next_epoch && committed > 0;
@@ -2000,6 +2010,7 @@ fn start_migration(
         started: Instant::now(),
         phase: Phase::Converging,
         predicted_ms: None,
+        warmed: false,
         wire_at_start: g.wire_bytes,
         error: None,
         report: None,

@@ -337,6 +337,25 @@ impl ReplicaStore {
             .open(&img)
             .map_err(io("opening", &img))?;
         file.set_len(mem_bytes).map_err(io("sizing", &img))?;
+        // Allocate every block now. On a sparse file each first write allocates, and (ext4, data=ordered)
+        // every later fsync on the filesystem, journal commits included, waits for those data blocks:
+        // commit fsyncs of 1-70 ms here instead of about 1. Where fallocate is unsupported, it stays sparse.
+        // SAFETY: fallocate(2) on an fd we own, over the file's own length; no memory is involved.
+        let rc = unsafe { libc::fallocate(file.as_raw_fd(), 0, 0, mem_bytes as libc::off_t) };
+        if rc != 0 && std::io::Error::last_os_error().raw_os_error() == Some(libc::ENOSPC) {
+            return Err(StoreError::Io {
+                op: "allocating (the disk cannot hold the replica)",
+                path: img.clone(),
+                source: std::io::Error::last_os_error(),
+            });
+        }
+        if rc != 0 {
+            tracing::warn!(
+                path = %img.display(),
+                "fallocate failed ({}); the replica stays sparse and commits may be slower",
+                std::io::Error::last_os_error()
+            );
+        }
         let use_uring = io_uring::IoUring::new(2).is_ok();
         if !use_uring {
             tracing::warn!("io_uring unavailable here; the journal uses pwritev/fdatasync");

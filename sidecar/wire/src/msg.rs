@@ -16,6 +16,7 @@
 //! | 12 | SwitchoverCommit | sidecar -> target | generation u64 |
 //! | 13 | SwitchedOver | target -> sidecar | generation u64, resume_us u64 |
 //! | 14 | SwitchoverAbort | sidecar -> target | generation u64 |
+//! | 15 | SwitchoverWarmup | sidecar -> target | generation u64 |
 //!
 //! Type 0 is reserved as invalid.
 
@@ -199,6 +200,12 @@ pub enum Message {
         /// Resuming the vCPUs, microseconds.
         resume_us: u64,
     },
+    /// A migration to this node started converging: start what a switchover needs (a standby VMM) now,
+    /// so that the switchover does not wait for it. Not answered; harmless if no switchover follows.
+    SwitchoverWarmup {
+        /// The coming switchover's generation.
+        generation: u64,
+    },
     /// The source abandons the switchover (and resumes): the target stops the VM it prepared and never
     /// starts `generation`. Not answered. A target that hears nothing also gives up after a while: it
     /// resumes a prepared VM only on [`Message::SwitchoverCommit`].
@@ -319,6 +326,7 @@ impl Message {
             Message::SwitchoverCommit { .. } => 12,
             Message::SwitchedOver { .. } => 13,
             Message::SwitchoverAbort { .. } => 14,
+            Message::SwitchoverWarmup { .. } => 15,
         }
     }
 
@@ -339,6 +347,7 @@ impl Message {
             Message::SwitchoverCommit { .. } => "SwitchoverCommit",
             Message::SwitchedOver { .. } => "SwitchedOver",
             Message::SwitchoverAbort { .. } => "SwitchoverAbort",
+            Message::SwitchoverWarmup { .. } => "SwitchoverWarmup",
         }
     }
 
@@ -420,9 +429,9 @@ impl Message {
                 b.put_u64_le(*generation);
                 b.put_u64_le(*resume_us);
             }
-            Message::SwitchoverCommit { generation } | Message::SwitchoverAbort { generation } => {
-                b.put_u64_le(*generation)
-            }
+            Message::SwitchoverCommit { generation }
+            | Message::SwitchoverAbort { generation }
+            | Message::SwitchoverWarmup { generation } => b.put_u64_le(*generation),
         }
         let header = encode_header(self.msg_type(), &[&b[HEADER_BYTES..], &body]);
         b[..HEADER_BYTES].copy_from_slice(&header);
@@ -628,6 +637,12 @@ impl Message {
                     generation: p.get_u64_le(),
                 }
             }
+            15 => {
+                need!("SwitchoverWarmup", 8);
+                Message::SwitchoverWarmup {
+                    generation: p.get_u64_le(),
+                }
+            }
             other => return Err(MessageError::UnknownType(other)),
         };
         if !matches!(msg, Message::Chunk { .. }) && p.has_remaining() {
@@ -736,6 +751,7 @@ mod tests {
                 resume_us: 9,
             },
             Message::SwitchoverAbort { generation: 3 },
+            Message::SwitchoverWarmup { generation: 3 },
         ]
     }
 
