@@ -72,7 +72,7 @@ pub struct DowntimeBreakdown {
     pub restore_ms: f64,
     /// Target: hashing guest RAM (only with `verify`).
     pub verify_ms: f64,
-    /// The commit: its round trip, and the target recording its fence as running (fdatasync).
+    /// The commit: its round trip, and the target recording its fence as running (durably).
     pub commit_ms: f64,
     /// Target: resuming the vCPUs.
     pub resume_ms: f64,
