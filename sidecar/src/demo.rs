@@ -606,17 +606,9 @@ pub fn migrate(args: MigrateArgs) -> anyhow::Result<()> {
                 s.converge_ms, s.predicted_downtime_ms, args.downtime
             );
             println!(
-                "  downtime            {:.1} ms: pause {:.2}, harvest {:.2}, stage {:.2}, final transfer {:.2}, target start {:.2}, restore {:.2}, commit {:.2}, resume {:.2}, network {:.2}",
+                "  downtime            {:.1} ms: {}",
                 s.downtime_ms,
-                b.pause_ms,
-                b.harvest_ms,
-                b.stage_ms,
-                b.final_transfer_ms,
-                b.target_start_ms,
-                b.restore_ms,
-                b.commit_ms,
-                b.resume_ms,
-                b.network_ms
+                b.steps()
             );
             println!(
                 "  check               the target hashed guest RAM for {:.0} ms before resuming (the guest stood still {:.0} ms in all)",

@@ -80,6 +80,24 @@ pub struct DowntimeBreakdown {
     pub network_ms: f64,
 }
 
+impl DowntimeBreakdown {
+    /// The steps on one line, ms: `pause 0.16 | harvest 0.31 | ...` (verify apart).
+    pub fn steps(&self) -> String {
+        format!(
+            "pause {:.2} | harvest {:.2} | stage {:.2} | final transfer {:.2} | target start {:.2} | restore {:.2} | commit {:.2} | resume {:.2} | network {:.2} ms",
+            self.pause_ms,
+            self.harvest_ms,
+            self.stage_ms,
+            self.final_transfer_ms,
+            self.target_start_ms,
+            self.restore_ms,
+            self.commit_ms,
+            self.resume_ms,
+            self.network_ms
+        )
+    }
+}
+
 /// A finished migration.
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
 pub struct MigrationReport {
@@ -203,19 +221,7 @@ pub fn summary(st: &MigrationStatus) -> String {
                 r.total_ms,
                 r.bytes_sent as f64 / 1e6
             );
-            let _ = writeln!(
-                t,
-                "  pause {:.2} | harvest {:.2} | stage {:.2} | final transfer {:.2} | target start {:.2} | restore {:.2} | commit {:.2} | resume {:.2} | network {:.2} ms",
-                b.pause_ms,
-                b.harvest_ms,
-                b.stage_ms,
-                b.final_transfer_ms,
-                b.target_start_ms,
-                b.restore_ms,
-                b.commit_ms,
-                b.resume_ms,
-                b.network_ms
-            );
+            let _ = writeln!(t, "  {}", b.steps());
             if b.verify_ms > 0.0 {
                 let _ = writeln!(
                     t,

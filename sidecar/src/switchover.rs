@@ -84,8 +84,8 @@ impl Fence {
     /// Recording the fence failed.
     pub fn abort_leftover(&mut self, dir: &Path) -> anyhow::Result<()> {
         if self.vmm_pid != 0 {
-            // SAFETY: kill(2) with a pid we recorded for the VMM we started; at worst the process is gone
-            // (ESRCH) and nothing happens. The VM in it was never resumed.
+            // The VM in that VMM was never resumed. At worst the process is gone already (ESRCH).
+            // SAFETY: kill(2) on a pid we recorded for a VMM we started; no memory is involved.
             let _ = unsafe { libc::kill(self.vmm_pid as i32, libc::SIGKILL) };
         }
         tracing::warn!(dir = %dir.display(), generation = self.generation,

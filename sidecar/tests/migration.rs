@@ -31,19 +31,33 @@ fn pages(c: &AttachClient) -> u64 {
     endophyte::demo::guest_pages_written(c).unwrap()
 }
 
-#[test]
-fn a_running_guest_moves_to_its_backup_and_carries_on_there() {
-    if !kvm_available() {
-        return;
-    }
+/// A guest replicated by a sidecar to backups b1 and b2 (b2 started with `b2_flags`), past its first
+/// few epochs on both.
+struct Setup {
+    tmp: tempfile::TempDir,
+    certs: std::path::PathBuf,
+    a2: std::net::SocketAddr,
+    d1: std::path::PathBuf,
+    d2: std::path::PathBuf,
+    b: [Proc; 2],
+    source_vmm: Proc,
+    sock: std::path::PathBuf,
+    ctl: std::path::PathBuf,
+    hashes: std::path::PathBuf,
+    sidecar: std::process::Child,
+}
+
+fn setup(b2_flags: &[&str]) -> Setup {
     let tmp = tempfile::tempdir().unwrap();
     let certs = certs(tmp.path(), "test", &["primary", "b1", "b2"]);
     let (a1, a2) = (free_udp(), free_udp());
     let (d1, d2) = (tmp.path().join("d1"), tmp.path().join("d2"));
-    let _b1 = backup(&certs, "b1", a1, &d1, &[]);
-    let _b2 = backup(&certs, "b2", a2, &d2, &[]);
+    let b = [
+        backup(&certs, "b1", a1, &d1, &[]),
+        backup(&certs, "b2", a2, &d2, b2_flags),
+    ];
     let sock = tmp.path().join("vm.sock");
-    let mut source_vmm = vmm(&sock, "64MiB", "hotset:size=16M,rate=5000");
+    let source_vmm = vmm(&sock, "64MiB", "hotset:size=16M,rate=5000");
     let ctl = tmp.path().join("sidecar.ctl");
     let hashes = tmp.path().join("hashes.jsonl");
     let mut args = base_args(&sock, &certs, &hashes);
@@ -60,6 +74,36 @@ fn a_running_guest_moves_to_its_backup_and_carries_on_there() {
             .iter()
             .all(|b| b["committed_epoch"].as_u64() > Some(3))
     });
+    Setup {
+        tmp,
+        certs,
+        a2,
+        d1,
+        d2,
+        b,
+        source_vmm,
+        sock,
+        ctl,
+        hashes,
+        sidecar,
+    }
+}
+
+#[test]
+fn a_running_guest_moves_to_its_backup_and_carries_on_there() {
+    if !kvm_available() {
+        return;
+    }
+    let Setup {
+        tmp: _tmp,
+        d1,
+        d2,
+        b: [_b1, _b2],
+        mut source_vmm,
+        ctl,
+        sidecar,
+        ..
+    } = setup(&[]);
 
     let (ok, st) = migrate(&ctl, "b2", &[]);
     assert!(ok, "{st}");
@@ -127,31 +171,20 @@ fn a_target_killed_during_switchover_never_runs_the_guest_and_the_source_carries
     if !kvm_available() {
         return;
     }
-    let tmp = tempfile::tempdir().unwrap();
-    let certs = certs(tmp.path(), "test", &["primary", "b1", "b2"]);
-    let (a1, a2) = (free_udp(), free_udp());
-    let (d1, d2) = (tmp.path().join("d1"), tmp.path().join("d2"));
-    let _b1 = backup(&certs, "b1", a1, &d1, &[]);
-    let mut b2 = backup(&certs, "b2", a2, &d2, &["--crash-during-switchover"]);
-    let sock = tmp.path().join("vm.sock");
-    let _vmm = vmm(&sock, "64MiB", "hotset:size=16M,rate=5000");
+    let Setup {
+        tmp: _tmp,
+        certs,
+        a2,
+        d1,
+        d2,
+        b: [_b1, mut b2],
+        source_vmm: _vmm,
+        sock,
+        ctl,
+        hashes,
+        sidecar,
+    } = setup(&["--crash-during-switchover"]);
     let probe = AttachClient::connect(&sock, "probe").unwrap();
-    let ctl = tmp.path().join("sidecar.ctl");
-    let hashes = tmp.path().join("hashes.jsonl");
-    let mut args = base_args(&sock, &certs, &hashes);
-    args.extend([
-        format!("--backup=name=b1,addr={a1}"),
-        format!("--backup=name=b2,addr={a2}"),
-        format!("--control-socket={}", ctl.display()),
-    ]);
-    let sidecar = sidecar_start(&args);
-    status_until(&ctl, Duration::from_secs(60), "replication", |s| {
-        s["backups"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .all(|b| b["committed_epoch"].as_u64() > Some(3))
-    });
 
     // b2 aborts with the VM restored (paused) in its new VMM, before answering.
     let (ok, st) = migrate(&ctl, "b2", &[]);
