@@ -1,5 +1,7 @@
-//! Endophyte's system bench harness (network namespaces, a user-space link emulator, LAN/WAN profiles,
-//! scenarios and the QEMU peer).
-//!
-//! Empty on purpose for now: the harness arrives after replication and migration exist. The hot-path
-//! micro-benchmarks live beside their code (`testvm/benches`, `sidecar/attach/benches`).
+//! Endophyte's system bench harness (issue 6, under construction): LAN/WAN link profiles and the user-space
+//! link emulator's core ([`link`]), and the machine's own limits ([`limits`]). Network namespaces, the TUN
+//! plumbing, the scenarios and the QEMU peer come next. The hot-path micro-benchmarks live beside their
+//! code (`testvm/benches`, `sidecar/attach/benches`, `sidecar/wire/benches`, `sidecar/benches`).
+
+pub mod limits;
+pub mod link;
