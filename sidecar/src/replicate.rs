@@ -821,7 +821,6 @@ struct SwitchTimes {
     paused: Duration,
     harvested: Duration,
     staged: Duration,
-    guest_pages: u64,
 }
 
 /// Where a resync's pages come from.
@@ -1095,7 +1094,6 @@ impl EpochLoop {
                 paused,
                 harvested,
                 staged: t0.elapsed(),
-                guest_pages: 0,
             },
             self.pause_state.to_vec(),
         ))
@@ -1109,7 +1107,7 @@ impl EpochLoop {
         &mut self,
         e: u64,
         target: usize,
-        (mut times, state): (SwitchTimes, Vec<u8>),
+        (times, state): (SwitchTimes, Vec<u8>),
     ) -> anyhow::Result<()> {
         use endophyte_wire::Message;
         let name = self.shared.meta.3[target].clone();
@@ -1210,7 +1208,7 @@ impl EpochLoop {
         } else {
             String::new()
         };
-        times.guest_pages = crate::demo::guest_pages_written(&self.client).unwrap_or(0);
+        let source_guest_pages = crate::demo::guest_pages_written(&self.client).unwrap_or(0);
         if let Err(e) = self.client.shutdown() {
             tracing::warn!("shutting the source VMM down: {e}");
         }
@@ -1258,7 +1256,7 @@ impl EpochLoop {
                 .is_some_and(|p| p <= m.request.downtime_ms as f64),
             target_ram_hash: ready.ram_hash,
             source_ram_hash,
-            source_guest_pages: times.guest_pages,
+            source_guest_pages,
         };
         tracing::info!(target = %name, generation, epoch = e, downtime_ms = report.downtime_ms, "migrated: the VM runs on the target");
         m.phase = crate::migrate::Phase::Done;

@@ -170,10 +170,6 @@ impl Fence {
     /// # Errors
     /// I/O, with the path.
     pub fn store(&self, dir: &Path) -> anyhow::Result<()> {
-        self.write(dir, true)
-    }
-
-    fn write(&self, dir: &Path, durable: bool) -> anyhow::Result<()> {
         use std::io::Write;
         let p = dir.join("fence.json");
         let tmp = dir.join("fence.json.tmp");
@@ -183,15 +179,11 @@ impl Fence {
         anyhow::ensure!(bytes.len() <= FENCE_BYTES, "fence record too long");
         bytes.resize(FENCE_BYTES, b' ');
         f.write_all(&bytes).map_err(|e| io("writing", e))?;
-        if durable {
-            f.sync_all().map_err(|e| io("syncing", e))?;
-        }
+        f.sync_all().map_err(|e| io("syncing", e))?;
         std::fs::rename(&tmp, &p).map_err(|e| io("renaming", e))?;
-        if durable {
-            std::fs::File::open(dir)
-                .and_then(|d| d.sync_all())
-                .map_err(|e| io("syncing the directory of", e))?;
-        }
+        std::fs::File::open(dir)
+            .and_then(|d| d.sync_all())
+            .map_err(|e| io("syncing the directory of", e))?;
         Ok(())
     }
 }

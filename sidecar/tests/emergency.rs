@@ -10,10 +10,10 @@ use common::*;
 use endophyte_attach::client::AttachClient;
 
 fn guest_rate(c: &AttachClient, over: Duration) -> f64 {
-    let p0 = endophyte::demo::guest_pages_written(c).unwrap();
+    let p0 = guest_pages(c);
     let t = Instant::now();
     std::thread::sleep(over);
-    let p1 = endophyte::demo::guest_pages_written(c).unwrap();
+    let p1 = guest_pages(c);
     (p1 - p0) as f64 / t.elapsed().as_secs_f64()
 }
 
@@ -33,16 +33,18 @@ fn discard_keeps_the_guest_at_speed_while_the_rpo_grows_then_catches_up_when_the
     if !kvm_available() {
         return;
     }
-    let tmp = tempfile::tempdir().unwrap();
-    let certs = certs(tmp.path(), "test", &["primary", "b1"]);
-    let a1 = free_udp();
-    let d1 = tmp.path().join("d1");
-    let _b1 = backup(&certs, "b1", a1, &d1, &[]);
-    let sock = tmp.path().join("vm.sock");
     // Paced at 3000 pages/s (12 MB/s) over a 16 MiB hot set. Uncapped, a 100 ms epoch dirties about 1.2 MiB
     // and fits the 2 MiB staging buffer; capped at 4 MB/s, every pre-copy round is paced by the drain and
     // the guest dirties three pages for each one sent, so no pause fits until the cap goes.
-    let _vm = vmm(&sock, "32MiB", "hotset:size=16M,rate=3000");
+    let OneBackup {
+        tmp,
+        certs,
+        a1,
+        d1,
+        b1: _b1,
+        sock,
+        vmm: _vm,
+    } = one_backup(&[], "32MiB", "hotset:size=16M,rate=3000");
     let probe = AttachClient::connect(&sock, "probe").unwrap();
     let free = guest_rate(&probe, Duration::from_secs(2));
 

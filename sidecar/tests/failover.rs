@@ -77,9 +77,9 @@ fn a_backup_promotes_its_last_committed_epoch_once_the_primary_is_gone() {
     );
     // And it runs: the guest's own counter advances.
     let vm2 = AttachClient::connect(started["vmm_socket"].as_str().unwrap(), "test").unwrap();
-    let p0 = endophyte::demo::guest_pages_written(&vm2).unwrap();
+    let p0 = guest_pages(&vm2);
     std::thread::sleep(Duration::from_millis(500));
-    assert!(endophyte::demo::guest_pages_written(&vm2).unwrap() > p0);
+    assert!(guest_pages(&vm2) > p0);
     // A second promote is refused: the VM runs here.
     let e = promote(&bctl, true).unwrap_err();
     assert!(e.contains("already runs"), "{e}");

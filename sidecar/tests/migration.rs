@@ -27,10 +27,6 @@ fn migrate(ctl: &Path, to: &str, extra: &[&str]) -> (bool, serde_json::Value) {
     )
 }
 
-fn pages(c: &AttachClient) -> u64 {
-    endophyte::demo::guest_pages_written(c).unwrap()
-}
-
 /// A guest replicated by a sidecar to backups b1 and b2 (b2 started with `b2_flags`), past its first
 /// few epochs on both.
 struct Setup {
@@ -129,9 +125,9 @@ fn a_running_guest_moves_to_its_backup_and_carries_on_there() {
     // The guest continues on the target from the source's last counter.
     let target = AttachClient::connect(d2.join("vm1").join("vmm.sock"), "test").unwrap();
     let last = r["source_guest_pages"].as_u64().unwrap();
-    let p0 = pages(&target);
+    let p0 = guest_pages(&target);
     std::thread::sleep(Duration::from_secs(1));
-    let p1 = pages(&target);
+    let p1 = guest_pages(&target);
     eprintln!("guest pages: source stopped at {last}, target {p0} then {p1}");
     assert!(
         p0 >= last,
@@ -199,9 +195,9 @@ fn a_target_killed_during_switchover_never_runs_the_guest_and_the_source_carries
     assert!(why.contains("b2"), "{why}");
 
     // The source resumed: the guest's own counter advances, and replication to b1 goes on.
-    let p0 = pages(&probe);
+    let p0 = guest_pages(&probe);
     std::thread::sleep(Duration::from_millis(500));
-    assert!(pages(&probe) > p0, "the source guest does not run");
+    assert!(guest_pages(&probe) > p0, "the source guest does not run");
     let s = status(&ctl);
     let e = s["epoch"].as_u64().unwrap();
     status_until(
@@ -217,10 +213,10 @@ fn a_target_killed_during_switchover_never_runs_the_guest_and_the_source_carries
     assert_eq!(fence["state"], "prepared", "{fence}");
     let leftover = fence["vmm_pid"].as_i64().unwrap() as i32;
     let target = AttachClient::connect(d2.join("vm1").join("vmm.sock"), "test").unwrap();
-    let t0 = pages(&target);
+    let t0 = guest_pages(&target);
     std::thread::sleep(Duration::from_millis(500));
     assert_eq!(
-        pages(&target),
+        guest_pages(&target),
         t0,
         "the guest runs on the target that never got the commit"
     );
@@ -312,9 +308,9 @@ fn a_guest_migrates_there_and_back_under_rising_generations() {
         r1["source_guest_pages"].as_u64().unwrap(),
         r2["source_guest_pages"].as_u64().unwrap(),
     );
-    let p0 = pages(&back);
+    let p0 = guest_pages(&back);
     std::thread::sleep(Duration::from_millis(500));
-    let p1 = pages(&back);
+    let p1 = guest_pages(&back);
     eprintln!("guest pages: {g1} at A's pause, {g2} at B's, {p0} then {p1} on A");
     assert!(g1 < g2 && g2 <= p0 && p0 < p1, "{g1} {g2} {p0} {p1}");
     let fence: serde_json::Value =

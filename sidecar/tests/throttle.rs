@@ -9,23 +9,21 @@ use std::time::Duration;
 use common::*;
 use endophyte_attach::client::AttachClient;
 
-fn guest_pages(c: &AttachClient) -> u64 {
-    endophyte::demo::guest_pages_written(c).unwrap()
-}
-
 #[test]
 fn a_capped_path_slows_the_guest_along_the_curve_and_the_replica_stays_exact() {
     if !kvm_available() {
         return;
     }
-    let tmp = tempfile::tempdir().unwrap();
-    let certs = certs(tmp.path(), "test", &["primary", "b1"]);
-    let a1 = free_udp();
-    let d1 = tmp.path().join("d1");
-    let _b1 = backup(&certs, "b1", a1, &d1, &[]);
-    let sock = tmp.path().join("vm.sock");
     // Unpaced, so that only the throttle limits it: tens of MB/s of dirty pages; the sidecar may send 8 MB/s.
-    let _vm = vmm(&sock, "32MiB", "hotset:size=16M,rate=0");
+    let OneBackup {
+        tmp,
+        certs,
+        a1,
+        d1,
+        b1: _b1,
+        sock,
+        vmm: _vm,
+    } = one_backup(&[], "32MiB", "hotset:size=16M,rate=0");
     let probe = AttachClient::connect(&sock, "probe").unwrap();
     let p0 = guest_pages(&probe);
     std::thread::sleep(Duration::from_secs(2));

@@ -242,3 +242,39 @@ pub fn status_until(
         std::thread::sleep(Duration::from_millis(100));
     }
 }
+
+/// The guest's own pages-written counter, read through an attach connection.
+pub fn guest_pages(c: &endophyte_attach::client::AttachClient) -> u64 {
+    endophyte::demo::guest_pages_written(c).unwrap()
+}
+
+/// One backup `b1` (started with `b1_flags`) and a VMM running `workload` in `mem`, in a scratch
+/// directory; certificates for `primary` and `b1`.
+pub struct OneBackup {
+    pub tmp: tempfile::TempDir,
+    pub certs: PathBuf,
+    pub a1: SocketAddr,
+    pub d1: PathBuf,
+    pub b1: Proc,
+    pub sock: PathBuf,
+    pub vmm: Proc,
+}
+
+pub fn one_backup(b1_flags: &[&str], mem: &str, workload: &str) -> OneBackup {
+    let tmp = tempfile::tempdir().unwrap();
+    let certs = certs(tmp.path(), "test", &["primary", "b1"]);
+    let a1 = free_udp();
+    let d1 = tmp.path().join("d1");
+    let b1 = backup(&certs, "b1", a1, &d1, b1_flags);
+    let sock = tmp.path().join("vm.sock");
+    let vmm = vmm(&sock, mem, workload);
+    OneBackup {
+        tmp,
+        certs,
+        a1,
+        d1,
+        b1,
+        sock,
+        vmm,
+    }
+}
