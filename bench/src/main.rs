@@ -1,8 +1,10 @@
 //! `endophyte-bench`: the bench harness's command.
 
+use std::path::PathBuf;
 use std::time::Duration;
 
-use clap::{Parser, Subcommand};
+use clap::{Args, Parser, Subcommand};
+use endophyte_bench::run::Plan;
 
 #[derive(Parser)]
 #[command(name = "endophyte-bench", version, about = "Endophyte's bench harness")]
@@ -13,6 +15,12 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Cmd {
+    /// The CI-sized subset (about 6 minutes here): limits, the emulator check, replication and migration
+    /// (Endophyte and QEMU) on LAN at 256 MiB, paths, failover, compression. Needs root.
+    Quick(RunArgs),
+    /// Every scenario on every profile, 1 and 4 GiB, 10/50/200 MB/s, 10 migrations per cell: hours.
+    /// The options narrow it.
+    Full(RunArgs),
     /// Measure what this machine can do at all: memcpy, raw UDP and TCP over loopback, lz4 on guest-like
     /// pages. Prints JSON: a list of {name, value, unit, how}.
     Limits {
@@ -22,8 +30,70 @@ enum Cmd {
     },
 }
 
+#[derive(Args)]
+struct RunArgs {
+    /// Where report.json, report.md, the plots and the scenario logs (work/) go.
+    #[arg(long, default_value = "bench-report")]
+    out: PathBuf,
+    /// Only these scenarios (limits, emulator, replication, migration, paths, failover, compression).
+    #[arg(long, value_delimiter = ',')]
+    only: Vec<String>,
+    /// Profiles of the replication and migration grid (loopback, lan, wan, thin-wan).
+    #[arg(long, value_delimiter = ',')]
+    profiles: Vec<String>,
+    /// VM sizes of the grid (e.g. 1GiB,4GiB).
+    #[arg(long, value_delimiter = ',', value_parser = endophyte::config::parse_bytes)]
+    sizes: Vec<u64>,
+    /// Dirty-rate targets of the grid, MB/s (e.g. 10,50,200).
+    #[arg(long, value_delimiter = ',')]
+    rates: Vec<f64>,
+    /// Migrations per cell, each system.
+    #[arg(long)]
+    runs: Option<usize>,
+    /// Leave out the QEMU peer.
+    #[arg(long)]
+    no_qemu: bool,
+}
+
+fn plan(mut p: Plan, a: &RunArgs) -> Plan {
+    if !a.only.is_empty() {
+        p.only = a.only.clone();
+    }
+    if !a.profiles.is_empty() {
+        p.profiles = a.profiles.clone();
+    }
+    if !a.sizes.is_empty() {
+        p.sizes = a.sizes.clone();
+    }
+    if !a.rates.is_empty() {
+        p.rates = a.rates.clone();
+    }
+    if let Some(r) = a.runs {
+        p.runs = r;
+        p.qemu_runs = r;
+    }
+    p.no_qemu = a.no_qemu;
+    p
+}
+
+fn run(p: Plan, a: &RunArgs) -> anyhow::Result<()> {
+    for name in &p.profiles {
+        endophyte_bench::topology::profile_named(name).map_err(|e| anyhow::anyhow!(e))?;
+    }
+    let rep = endophyte_bench::run::run(&p, &a.out)?;
+    let files = rep.write(&a.out)?;
+    print!("{}", rep.markdown());
+    for f in files {
+        eprintln!("bench: wrote {}", f.display());
+    }
+    Ok(())
+}
+
 fn main() -> anyhow::Result<()> {
-    match Cli::parse().cmd {
+    let cli = Cli::parse();
+    match cli.cmd {
+        Cmd::Quick(a) => run(plan(Plan::quick(), &a), &a)?,
+        Cmd::Full(a) => run(plan(Plan::full(), &a), &a)?,
         Cmd::Limits { each } => {
             let figures = endophyte_bench::limits::measure_all(each)?;
             println!("{}", serde_json::to_string_pretty(&figures)?);
