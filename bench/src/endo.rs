@@ -379,7 +379,7 @@ pub fn replication(
     let free = guest_rate(&sock, Duration::from_secs(2))?;
     let extra: &[&str] = if compress { &[] } else { &["--no-compress"] };
     let ctl = c.sidecar("sa", "a", &sock, ("nb", "b"), paths, 0, extra)?;
-    let initial = c.wait_initial_copy("sa", &ctl, Duration::from_secs(3600))?;
+    let initial = c.wait_initial_copy("sa", &ctl, Duration::from_secs(900))?;
     let (w0, p0, t0) = (c.wire_bytes("a", "b"), guest_pages(&sock)?, Instant::now());
     std::thread::sleep(steady);
     let (w1, p1, dt) = (
@@ -466,7 +466,7 @@ pub fn migration(
         let name = format!("s{here}{run}");
         let node = format!("n{there}");
         let ctl = c.sidecar(&name, here, &attach, (&node, there), 4, generation, &[])?;
-        let init = c.wait_initial_copy(&name, &ctl, Duration::from_secs(3600))?;
+        let init = c.wait_initial_copy(&name, &ctl, Duration::from_secs(900))?;
         initial.push(init.as_secs_f64());
         rates.push(mb_s(guest_rate(&attach, settle)?));
         let w0 = c.wire_bytes(here, there) + c.wire_bytes(there, here);
@@ -577,7 +577,7 @@ pub fn failover(
     c.backup("b", "nb")?;
     let sock = c.vmm("a", guest)?;
     let ctl = c.sidecar("sa", "a", &sock, ("nb", "b"), 4, 0, &[])?;
-    c.wait_initial_copy("sa", &ctl, Duration::from_secs(3600))?;
+    c.wait_initial_copy("sa", &ctl, Duration::from_secs(900))?;
     std::thread::sleep(settle);
     let killed = Instant::now();
     c.procs.kill("sa");

@@ -432,7 +432,9 @@ impl VmThread {
         let vm_id = self.vm_id.clone();
         let mut paths: HashMap<u64, mpsc::UnboundedSender<EncodedFrame>> = HashMap::new();
         loop {
-            let input = match inbox.recv_timeout(std::time::Duration::from_millis(300)) {
+            let received = inbox.recv_timeout(std::time::Duration::from_millis(300));
+            self.reap_departed();
+            let input = match received {
                 Ok(i) => i,
                 Err(std::sync::mpsc::RecvTimeoutError::Timeout) => {
                     if self
@@ -713,6 +715,32 @@ impl VmThread {
             generation,
             resume_us,
         }
+    }
+
+    /// The VM ran here and its VMM exited: it migrated away (a source VMM exits once the target runs the
+    /// guest) or it stopped. Either way nothing runs here any more, so the fence records `"departed"` and
+    /// the replica takes replication again; its contents are those of the epoch the VM started from here,
+    /// and the next sidecar's new session resyncs it whole.
+    fn reap_departed(&mut self) {
+        let Some((generation, _, child)) = self.running.as_mut() else {
+            return;
+        };
+        let status = match child.try_wait() {
+            Ok(Some(s)) => s,
+            Ok(None) => return,
+            Err(e) => {
+                tracing::warn!(vm = %self.vm_id, "checking the VMM process: {e}");
+                return;
+            }
+        };
+        let generation = *generation;
+        self.running = None;
+        self.fence.state = "departed".into();
+        if let Err(e) = self.fence.record(&self.dir, true) {
+            tracing::error!(vm = %self.vm_id, generation, "recording that the VM left failed: {e:#}");
+        }
+        tracing::info!(vm = %self.vm_id, generation, %status,
+            "the VM's VMM here exited (it migrated away or stopped): this node is a backup for it again");
     }
 
     /// A migration to this node started converging: start a standby VMM now.

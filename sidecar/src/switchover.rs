@@ -38,7 +38,8 @@ pub struct Fence {
     /// Highest generation seen for this VM here.
     pub generation: u64,
     /// `"running"`: the VM runs here from `epoch`; `"aborted"`: `generation` was abandoned and never
-    /// starts here.
+    /// starts here; `"departed"`: it ran here under `generation` and its VMM exited (it migrated away or
+    /// stopped), so this node is a backup for it again.
     pub state: String,
     /// Epoch the VM started from.
     pub epoch: u64,

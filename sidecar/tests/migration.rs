@@ -250,7 +250,7 @@ fn a_target_killed_during_switchover_never_runs_the_guest_and_the_source_carries
 }
 
 #[test]
-fn a_guest_migrates_there_and_back_under_rising_generations() {
+fn a_guest_migrates_there_back_and_there_again_under_rising_generations() {
     if !kvm_available() {
         return;
     }
@@ -319,5 +319,36 @@ fn a_guest_migrates_there_and_back_under_rising_generations() {
         (fence["state"].as_str(), fence["generation"].as_u64()),
         (Some("running"), Some(2))
     );
-    back.shutdown().unwrap();
+    drop(back);
+    // B's VMM exited when the guest left: B records that and is a backup for it again.
+    let fence_b = || -> serde_json::Value {
+        serde_json::from_slice(&std::fs::read(db.join("vm1").join("fence.json")).unwrap()).unwrap()
+    };
+    let t = std::time::Instant::now();
+    while fence_b()["state"] != "departed" && t.elapsed() < Duration::from_secs(10) {
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert_eq!(
+        (fence_b()["state"].as_str(), fence_b()["generation"].as_u64()),
+        (Some("departed"), Some(1))
+    );
+
+    // A -> B again: B takes the replica back (resynced whole: its contents are those of the epoch the VM
+    // started from there) and the guest moves a third time.
+    let on_a = da.join("vm1").join("vmm.sock");
+    let (s3, ctl3) = sidecar_on("sa", &on_a, ("nb", ab), 2);
+    let (ok, st) = migrate(&ctl3, "nb", &[]);
+    assert!(ok, "{st}");
+    let r3 = st["report"].clone();
+    assert_eq!(r3["generation"], 3);
+    assert_eq!(r3["target_ram_hash"], r3["source_ram_hash"]);
+    assert!(s3.wait_with_output().unwrap().status.success());
+    let on_b = AttachClient::connect(db.join("vm1").join("vmm.sock"), "test").unwrap();
+    let g3 = r3["source_guest_pages"].as_u64().unwrap();
+    let p2 = guest_pages(&on_b);
+    std::thread::sleep(Duration::from_millis(500));
+    let p3 = guest_pages(&on_b);
+    assert!(p1 <= g3 && g3 <= p2 && p2 < p3, "{p1} {g3} {p2} {p3}");
+    assert_eq!(fence_b()["state"], "running");
+    on_b.shutdown().unwrap();
 }
