@@ -115,7 +115,8 @@ pub struct SidecarStatus {
     pub pressure: f64,
     /// Guest dirty rate the controller last measured (EWMA), bytes/s.
     pub dirty_bytes_per_s: f64,
-    /// Drain rate the controller last measured (slowest backup, EWMA), bytes/s.
+    /// Drain rate the controller last measured (slowest backup, EWMA), in page bytes (pages x page size,
+    /// as the dirty rate) per second.
     pub drain_bytes_per_s: f64,
     /// Emergencies so far (overflowing pauses under either policy).
     pub emergency_events: u64,

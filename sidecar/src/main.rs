@@ -264,6 +264,10 @@ struct SidecarArgs {
     /// What to do when an epoch overflows the staging buffer.
     #[arg(long, value_enum)]
     emergency: Option<endophyte::config::Emergency>,
+    /// Congestion controller of the paths: bbr (default; random loss on a long path does not cut the rate)
+    /// or cubic (loss-based).
+    #[arg(long, value_enum)]
+    congestion: Option<endophyte::tls::Congestion>,
     /// Cap on what the sidecar sends, all paths together (e.g. 20MB/s).
     #[arg(long, value_parser = endophyte::config::parse_rate)]
     max_bandwidth: Option<u64>,
@@ -330,6 +334,9 @@ fn sidecar_config(a: &SidecarArgs) -> anyhow::Result<SidecarConfig> {
     }
     if let Some(v) = &a.curve {
         c.curve = v.clone();
+    }
+    if let Some(v) = a.congestion {
+        c.congestion = v;
     }
     if let Some(v) = a.emergency {
         c.emergency = v;

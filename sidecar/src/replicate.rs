@@ -133,7 +133,8 @@ pub struct SidecarReport {
     pub discarded_pauses: u64,
     /// Dirty bytes harvested per second, over the run.
     pub dirty_bytes_per_s: f64,
-    /// Bytes the slowest backup acknowledged per second, over the run.
+    /// Chunk body bytes (what went on the wire, compressed) the slowest backup acknowledged per second,
+    /// over the run.
     pub drain_bytes_per_s: f64,
     /// Smoothed round-trip time per backup (its fastest path, from Ping/Pong), ms; 0 when not measured.
     pub backup_rtt_ms: Vec<f64>,
@@ -445,7 +446,7 @@ pub fn run_sidecar(cfg: SidecarConfig, opts: RunOptions) -> anyhow::Result<Sidec
         .enable_all()
         .thread_name("endophyte-net")
         .build()?;
-    let client_cfg = identity.client_config()?;
+    let client_cfg = identity.client_config_with(cfg.congestion)?;
     let (ev_tx, ev_rx) = mpsc::unbounded_channel();
     let path_stop = Arc::new(tokio::sync::Notify::new());
     for (b, spec) in cfg.backups.iter().enumerate() {
@@ -1575,13 +1576,15 @@ impl EpochLoop {
         from_session == self.session && self.history.contains_key(&from)
     }
 
-    /// Bytes the slowest streaming backup acknowledged since the last drain measurement, and the time
-    /// that took; starts the next measurement.
+    /// Page bytes (pages x page size) the slowest streaming backup acknowledged since the last drain
+    /// measurement, and the time that took; starts the next measurement.
     fn drained(&mut self) -> (Duration, u64) {
         let now = Instant::now();
         let g = self.shared.lock();
+        // In page bytes, as the dirty rate it is compared with: chunk bodies would make a compressible
+        // guest (or one with many zero pages) look like a slow path and throttle it for nothing.
         let acked: Vec<u64> = (0..g.sender.backups())
-            .map(|b| g.sender.acked_bytes(b))
+            .map(|b| g.sender.acked_pages(b) * self.page_size as u64)
             .collect();
         let (then, acked_then) = &self.last_drain;
         let drained = (0..acked.len())

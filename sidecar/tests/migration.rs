@@ -329,7 +329,10 @@ fn a_guest_migrates_there_back_and_there_again_under_rising_generations() {
         std::thread::sleep(Duration::from_millis(100));
     }
     assert_eq!(
-        (fence_b()["state"].as_str(), fence_b()["generation"].as_u64()),
+        (
+            fence_b()["state"].as_str(),
+            fence_b()["generation"].as_u64()
+        ),
         (Some("departed"), Some(1))
     );
 

@@ -194,6 +194,7 @@ struct Backup {
     rr: usize,
     unacked_bytes: usize,
     acked_bytes: u64,
+    acked_pages: u64,
 }
 
 impl Backup {
@@ -231,6 +232,7 @@ impl Sender {
                 rr: 0,
                 unacked_bytes: 0,
                 acked_bytes: 0,
+                acked_pages: 0,
             })
             .collect();
         Self {
@@ -281,6 +283,12 @@ impl Sender {
     /// Chunk body bytes backup `b` has acknowledged since the sender started (its drain, cumulative).
     pub fn acked_bytes(&self, b: BackupId) -> u64 {
         self.backups[b].acked_bytes
+    }
+
+    /// Pages (zero pages included) in chunks backup `b` has acknowledged since the sender started: its
+    /// drain in the unit of dirty pages, whatever compression and zero-page elision did on the wire.
+    pub fn acked_pages(&self, b: BackupId) -> u64 {
+        self.backups[b].acked_pages
     }
 
     /// The most unacknowledged bytes any streaming backup holds: what back-pressure should watch.
@@ -475,11 +483,13 @@ impl Sender {
             Message::ChunkAck { epoch, seq } => {
                 let backup = &mut self.backups[b];
                 let mut freed = 0;
+                let mut pages = 0;
                 let mut path_of = None;
                 if let Some(e) = backup.epoch_mut(epoch) {
                     if let Some(s) = e.slots.get_mut(seq as usize) {
                         if s.chunk.take().is_some() {
                             freed = s.body_bytes;
+                            pages = u64::from(s.n_pages);
                             path_of = s.sent.map(|(sp, _)| sp);
                             e.acked += 1;
                             s.queued = false;
@@ -488,6 +498,7 @@ impl Sender {
                 }
                 backup.unacked_bytes -= freed;
                 backup.acked_bytes += freed as u64;
+                backup.acked_pages += pages;
                 if let Some(sp) = path_of {
                     let path = &mut backup.paths[sp];
                     path.inflight = path.inflight.saturating_sub(1);
