@@ -21,6 +21,14 @@ enum Cmd {
     /// Every scenario on every profile, 1 and 4 GiB, 10/50/200 MB/s, 10 migrations per cell: hours.
     /// The options narrow it.
     Full(RunArgs),
+    /// Rewrite report.md and the plots from a report.json (e.g. one from another machine).
+    Render {
+        /// The report.json.
+        report: PathBuf,
+        /// Where report.md and the plots go (default: beside the report).
+        #[arg(long)]
+        out: Option<PathBuf>,
+    },
     /// Measure what this machine can do at all: memcpy, raw UDP and TCP over loopback, lz4 on guest-like
     /// pages. Prints JSON: a list of {name, value, unit, how}.
     Limits {
@@ -94,6 +102,20 @@ fn main() -> anyhow::Result<()> {
     match cli.cmd {
         Cmd::Quick(a) => run(plan(Plan::quick(), &a), &a)?,
         Cmd::Full(a) => run(plan(Plan::full(), &a), &a)?,
+        Cmd::Render { report, out } => {
+            let bytes = std::fs::read(&report)
+                .map_err(|e| anyhow::anyhow!("reading {}: {e}", report.display()))?;
+            let rep: endophyte_bench::report::Report = serde_json::from_slice(&bytes)
+                .map_err(|e| anyhow::anyhow!("{} is not a bench report: {e}", report.display()))?;
+            let dir = out.unwrap_or_else(|| {
+                report
+                    .parent()
+                    .map_or_else(|| PathBuf::from("."), PathBuf::from)
+            });
+            for f in rep.write(&dir)? {
+                eprintln!("bench: wrote {}", f.display());
+            }
+        }
         Cmd::Limits { each } => {
             let figures = endophyte_bench::limits::measure_all(each)?;
             println!("{}", serde_json::to_string_pretty(&figures)?);

@@ -225,12 +225,6 @@ impl Report {
                     "| profile | parameters | figure | unit | endophyte | qemu-defaults | ratio | qemu-tuned | ratio |"
                 );
                 let _ = writeln!(s, "|---|---|---|---|---|---|---|---|---|");
-            } else {
-                let _ = writeln!(
-                    s,
-                    "| profile | system | parameters | figure | value | unit |"
-                );
-                let _ = writeln!(s, "|---|---|---|---|---|---|");
             }
             // Group by (profile, parameters), in order of first appearance.
             let mut groups: Vec<(String, String)> = vec![];
@@ -275,18 +269,38 @@ impl Report {
                         }
                         let _ = writeln!(s, "{line}|");
                     }
-                } else {
-                    for r in in_group {
-                        for (name, f) in &r.figures {
-                            let _ = writeln!(
-                                s,
-                                "| {profile} | {} | {key} | {name} | {} | {} |",
-                                r.system,
-                                fmt_num(f.value),
-                                f.unit
-                            );
+                }
+            }
+            if !has_peer {
+                // One line per row, a column per figure (rows of one scenario share their figures).
+                let mut names: Vec<(&String, &String)> = vec![];
+                for r in &rows {
+                    for (n, f) in &r.figures {
+                        if !names.iter().any(|(x, _)| *x == n) {
+                            names.push((n, &f.unit));
                         }
                     }
+                }
+                let head: Vec<String> = names.iter().map(|(n, u)| format!("{n} ({u})")).collect();
+                let _ = writeln!(
+                    s,
+                    "| profile | system | parameters | {} |",
+                    head.join(" | ")
+                );
+                let _ = writeln!(s, "|---|---|---|{}", "---|".repeat(names.len()));
+                for r in &rows {
+                    let cells: Vec<String> = names
+                        .iter()
+                        .map(|(n, _)| r.get(n).map_or("-".into(), fmt_num))
+                        .collect();
+                    let _ = writeln!(
+                        s,
+                        "| {} | {} | {} | {} |",
+                        r.profile,
+                        r.system,
+                        r.params_key(),
+                        cells.join(" | ")
+                    );
                 }
             }
             let notes: Vec<String> = rows
