@@ -90,6 +90,7 @@ fn run(p: Plan, a: &RunArgs) -> anyhow::Result<()> {
     }
     let rep = endophyte_bench::run::run(&p, &a.out)?;
     let files = rep.write(&a.out)?;
+    let _ = std::fs::remove_file(a.out.join("report.partial.json"));
     print!("{}", rep.markdown());
     for f in files {
         eprintln!("bench: wrote {}", f.display());

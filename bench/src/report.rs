@@ -10,10 +10,15 @@ use serde::{Deserialize, Serialize};
 /// A measured value and its unit.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct Figure {
-    /// The value.
+    /// The value; not measured or infinite ones are `null` in JSON and read back as NaN.
+    #[serde(deserialize_with = "null_as_nan")]
     pub value: f64,
     /// Its unit (`ms`, `MB/s`, `bytes`, `%`, `bool`, ...).
     pub unit: String,
+}
+
+fn null_as_nan<'de, D: serde::Deserializer<'de>>(d: D) -> Result<f64, D::Error> {
+    Ok(Option::<f64>::deserialize(d)?.unwrap_or(f64::NAN))
 }
 
 /// One scenario, on one profile, for one system, with one set of parameters.
@@ -288,19 +293,29 @@ impl Report {
                     head.join(" | ")
                 );
                 let _ = writeln!(s, "|---|---|---|{}", "---|".repeat(names.len()));
+                // Rows with the same profile, system and parameters share a line (the limits are one
+                // row per figure).
+                let mut lines: Vec<(String, String, String)> = vec![];
                 for r in &rows {
+                    let k = (r.profile.clone(), r.system.clone(), r.params_key());
+                    if !lines.contains(&k) {
+                        lines.push(k);
+                    }
+                }
+                for (profile, system, key) in lines {
+                    let same: Vec<&&Row> = rows
+                        .iter()
+                        .filter(|r| r.profile == profile && r.system == system && r.params_key() == key)
+                        .collect();
                     let cells: Vec<String> = names
                         .iter()
-                        .map(|(n, _)| r.get(n).map_or("-".into(), fmt_num))
+                        .map(|(n, _)| {
+                            same.iter()
+                                .find_map(|r| r.get(n))
+                                .map_or("-".into(), fmt_num)
+                        })
                         .collect();
-                    let _ = writeln!(
-                        s,
-                        "| {} | {} | {} | {} |",
-                        r.profile,
-                        r.system,
-                        r.params_key(),
-                        cells.join(" | ")
-                    );
+                    let _ = writeln!(s, "| {profile} | {system} | {key} | {} |", cells.join(" | "));
                 }
             }
             let notes: Vec<String> = rows
@@ -375,14 +390,35 @@ mod tests {
     }
 
     #[test]
+    fn rows_without_a_peer_share_a_line_per_profile_system_and_parameters() {
+        let mut a = Row::new("limits", "-", "machine");
+        a.set("memcpy", 20.0, "GB/s");
+        let mut b = Row::new("limits", "-", "machine");
+        b.set("tcp_loopback", 2500.0, "MB/s");
+        let rep = Report {
+            rows: vec![a, b],
+            ..Report::default()
+        };
+        let md = rep.markdown();
+        let head = md.lines().find(|l| l.contains("memcpy")).unwrap();
+        assert!(head.contains("memcpy (GB/s)") && head.contains("tcp_loopback (MB/s)"), "{md}");
+        let body: Vec<&str> = md.lines().filter(|l| l.starts_with("| - | machine")).collect();
+        assert_eq!(body, ["| - | machine |  | 20 | 2500 |"], "{md}");
+    }
+
+    #[test]
     fn the_json_round_trips_with_units() {
         let rep = Report {
             rows: vec![row("endophyte", 12.5)],
             ..Report::default()
         };
+        let mut rep = rep;
+        rep.rows[0].set("downtime_ms_p99", f64::NAN, "ms");
         let back: Report = serde_json::from_str(&serde_json::to_string(&rep).unwrap()).unwrap();
         assert_eq!(back.rows[0].figures["downtime_ms_p50"].unit, "ms");
         assert_eq!(back.rows[0].figures["downtime_ms_p50"].value, 12.5);
+        // NaN (not measured) goes out as null and comes back as NaN.
+        assert!(back.rows[0].figures["downtime_ms_p99"].value.is_nan());
     }
 
     #[test]

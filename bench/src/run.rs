@@ -122,12 +122,15 @@ fn two_hosts(p: Option<&LinkProfile>) -> anyhow::Result<Topology> {
     Topology::build(p, &["a", "b"], &[("a", "b", 1)])
 }
 
-/// Runs `f`; on error, a row saying what failed stands in for its result.
+/// Runs `f`; on error, a row saying what failed stands in for its result. The report so far is written to
+/// `out/report.partial.json` after each cell, so that an interrupted long run keeps what it measured.
 fn cell(
-    rows: &mut Vec<Row>,
+    rep: &mut Report,
+    out: &Path,
     (scenario, profile, system): (&str, &str, &str),
     f: impl FnOnce() -> anyhow::Result<Row>,
 ) {
+    let rows = &mut rep.rows;
     let t = Instant::now();
     match f() {
         Ok(r) => {
@@ -144,6 +147,9 @@ fn cell(
             r.notes.push(format!("failed: {e:#}"));
             rows.push(r);
         }
+    }
+    if let Ok(bytes) = serde_json::to_vec_pretty(rep) {
+        let _ = std::fs::write(out.join("report.partial.json"), bytes);
     }
 }
 
@@ -166,20 +172,18 @@ pub fn run(plan: &Plan, out: &Path) -> anyhow::Result<Report> {
         machine: Machine::this(),
         ..Report::default()
     };
-    let rows = &mut rep.rows;
-
     if plan.wants("limits") {
         for f in crate::limits::measure_all(plan.limits_each)? {
             let mut r = Row::new("limits", "-", "machine");
             r.set(&f.name, f.value, &f.unit);
             r.notes.push(f.how.clone());
-            rows.push(r);
+            rep.rows.push(r);
         }
     }
 
     let mut ceiling = None;
     if plan.wants("emulator") {
-        cell(rows, ("emulator", "unshaped", "emulator"), || {
+        cell(&mut rep, out, ("emulator", "unshaped", "emulator"), || {
             let r = crate::emucheck::check(None, plan.emulator_secs, None)?;
             // The better of TCP and UDP through an unshaped link: what the emulator can carry at all.
             ceiling = r
@@ -190,7 +194,7 @@ pub fn run(plan: &Plan, out: &Path) -> anyhow::Result<Report> {
             Ok(r)
         });
         for name in ["lan", "wan", "thin-wan"] {
-            cell(rows, ("emulator", name, "emulator"), || {
+            cell(&mut rep, out, ("emulator", name, "emulator"), || {
                 crate::emucheck::check(profile(name)?.as_ref(), plan.emulator_secs, ceiling)
             });
         }
@@ -206,19 +210,19 @@ pub fn run(plan: &Plan, out: &Path) -> anyhow::Result<Report> {
                     fill: true,
                 };
                 if plan.wants("replication") {
-                    cell(rows, ("replication", pname, "endophyte"), || {
+                    cell(&mut rep, out, ("replication", pname, "endophyte"), || {
                         let t = two_hosts(p.as_ref())?;
                         endo::replication(&t, &work, &guest, 4, true, plan.steady, "replication")
                     });
                 }
                 if plan.wants("migration") {
-                    cell(rows, ("migration", pname, "endophyte"), || {
+                    cell(&mut rep, out, ("migration", pname, "endophyte"), || {
                         let t = two_hosts(p.as_ref())?;
                         endo::migration(&t, &work, &guest, plan.runs, plan.settle, plan.downtime)
                     });
                     if !plan.no_qemu {
                         for tuning in [Tuning::Defaults, Tuning::Tuned] {
-                            cell(rows, ("migration", pname, tuning.system()), || {
+                            cell(&mut rep, out, ("migration", pname, tuning.system()), || {
                                 let t = two_hosts(p.as_ref())?;
                                 qemu::migration(
                                     &t,
@@ -248,7 +252,7 @@ pub fn run(plan: &Plan, out: &Path) -> anyhow::Result<Report> {
             queue_bytes: (plan.path_rate / 8 / 50) as usize,
         };
         for &n in &plan.path_counts {
-            cell(rows, ("paths", &per_path.name, "endophyte"), || {
+            cell(&mut rep, out, ("paths", &per_path.name, "endophyte"), || {
                 let t = Topology::build(Some(&per_path), &["a", "b"], &[("a", "b", n)])?;
                 let guest = Guest {
                     mem: plan.small_mem,
@@ -262,7 +266,7 @@ pub fn run(plan: &Plan, out: &Path) -> anyhow::Result<Report> {
 
     if plan.wants("failover") {
         for pname in &plan.failover_profiles {
-            cell(rows, ("failover", pname, "endophyte"), || {
+            cell(&mut rep, out, ("failover", pname, "endophyte"), || {
                 let t = two_hosts(profile(pname)?.as_ref())?;
                 let guest = Guest {
                     mem: plan.small_mem,
@@ -278,7 +282,7 @@ pub fn run(plan: &Plan, out: &Path) -> anyhow::Result<Report> {
         for pname in &plan.compression_profiles {
             for fill in [false, true] {
                 for compress in [true, false] {
-                    cell(rows, ("compression", pname, "endophyte"), || {
+                    cell(&mut rep, out, ("compression", pname, "endophyte"), || {
                         let t = two_hosts(profile(pname)?.as_ref())?;
                         let guest = Guest {
                             mem: plan.small_mem,
