@@ -305,7 +305,9 @@ impl Report {
                 for (profile, system, key) in lines {
                     let same: Vec<&&Row> = rows
                         .iter()
-                        .filter(|r| r.profile == profile && r.system == system && r.params_key() == key)
+                        .filter(|r| {
+                            r.profile == profile && r.system == system && r.params_key() == key
+                        })
                         .collect();
                     let cells: Vec<String> = names
                         .iter()
@@ -315,7 +317,11 @@ impl Report {
                                 .map_or("-".into(), fmt_num)
                         })
                         .collect();
-                    let _ = writeln!(s, "| {profile} | {system} | {key} | {} |", cells.join(" | "));
+                    let _ = writeln!(
+                        s,
+                        "| {profile} | {system} | {key} | {} |",
+                        cells.join(" | ")
+                    );
                 }
             }
             let notes: Vec<String> = rows
@@ -401,8 +407,14 @@ mod tests {
         };
         let md = rep.markdown();
         let head = md.lines().find(|l| l.contains("memcpy")).unwrap();
-        assert!(head.contains("memcpy (GB/s)") && head.contains("tcp_loopback (MB/s)"), "{md}");
-        let body: Vec<&str> = md.lines().filter(|l| l.starts_with("| - | machine")).collect();
+        assert!(
+            head.contains("memcpy (GB/s)") && head.contains("tcp_loopback (MB/s)"),
+            "{md}"
+        );
+        let body: Vec<&str> = md
+            .lines()
+            .filter(|l| l.starts_with("| - | machine"))
+            .collect();
         assert_eq!(body, ["| - | machine |  | 20 | 2500 |"], "{md}");
     }
 

@@ -252,15 +252,20 @@ pub fn run(plan: &Plan, out: &Path) -> anyhow::Result<Report> {
             queue_bytes: (plan.path_rate / 8 / 50) as usize,
         };
         for &n in &plan.path_counts {
-            cell(&mut rep, out, ("paths", &per_path.name, "endophyte"), || {
-                let t = Topology::build(Some(&per_path), &["a", "b"], &[("a", "b", n)])?;
-                let guest = Guest {
-                    mem: plan.small_mem,
-                    rate_mb_s: 10.0,
-                    fill: true,
-                };
-                endo::replication(&t, &work, &guest, n, true, Duration::from_secs(3), "paths")
-            });
+            cell(
+                &mut rep,
+                out,
+                ("paths", &per_path.name, "endophyte"),
+                || {
+                    let t = Topology::build(Some(&per_path), &["a", "b"], &[("a", "b", n)])?;
+                    let guest = Guest {
+                        mem: plan.small_mem,
+                        rate_mb_s: 10.0,
+                        fill: true,
+                    };
+                    endo::replication(&t, &work, &guest, n, true, Duration::from_secs(3), "paths")
+                },
+            );
         }
     }
 
