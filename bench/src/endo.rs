@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 use endophyte_attach::client::AttachClient;
 
 use crate::procs::{tail, wait_for_file, Procs};
-use crate::report::{percentile, Row};
+use crate::report::{percentile, MigrationRuns, Row};
 use crate::topology::Topology;
 
 /// The guest and its workload.
@@ -459,16 +459,18 @@ pub fn migration(
     );
     let (mut here, mut there) = ("a", "b");
     let mut generation = 0;
-    let (mut down, mut converge, mut total, mut wire, mut rates, mut initial) =
-        (vec![], vec![], vec![], vec![], vec![], vec![]);
-    let (mut ok_runs, mut wrong) = (0usize, 0usize);
+    let mut m = MigrationRuns {
+        runs,
+        ..MigrationRuns::default()
+    };
+    let (mut converge, mut initial) = (vec![], vec![]);
     for run in 0..runs {
         let name = format!("s{here}{run}");
         let node = format!("n{there}");
         let ctl = c.sidecar(&name, here, &attach, (&node, there), 4, generation, &[])?;
         let init = c.wait_initial_copy(&name, &ctl, Duration::from_secs(900))?;
         initial.push(init.as_secs_f64());
-        rates.push(mb_s(guest_rate(&attach, settle)?));
+        m.rates_mb_s.push(mb_s(guest_rate(&attach, settle)?));
         let w0 = c.wire_bytes(here, there) + c.wire_bytes(there, here);
         let out = std::process::Command::new(&c.exe)
             .args([
@@ -507,13 +509,14 @@ pub fn migration(
             row.notes.push(format!(
                 "run {run}: RAM hashes match {hashes_match}, the guest's counter went on at the target {continued}"
             ));
-            wrong += 1;
+            m.wrong_memory += 1;
         }
-        ok_runs += 1;
-        down.push(r["downtime_ms"].as_f64().unwrap_or(f64::NAN));
+        m.completed += 1;
+        m.downtime_ms
+            .push(r["downtime_ms"].as_f64().unwrap_or(f64::NAN));
         converge.push(r["converge_ms"].as_f64().unwrap_or(f64::NAN));
-        total.push(r["total_ms"].as_f64().unwrap_or(f64::NAN));
-        wire.push(if topo.profile().is_some() {
+        m.total_ms.push(r["total_ms"].as_f64().unwrap_or(f64::NAN));
+        m.wire_bytes.push(if topo.profile().is_some() {
             (w1 - w0) as f64
         } else {
             r["bytes_sent"].as_f64().unwrap_or(f64::NAN)
@@ -526,35 +529,14 @@ pub fn migration(
         attach = target_sock;
         std::mem::swap(&mut here, &mut there);
     }
-    row.set("runs_completed", ok_runs as f64, "count");
-    row.set("runs_with_wrong_memory", wrong as f64, "count");
-    row.set("runs", runs as f64, "count");
-    row.set("dirty_rate_mb_s", mean(&rates), "MB/s");
-    row.set("downtime_ms_p50", percentile(&down, 50.0), "ms");
-    row.set("downtime_ms_p99", percentile(&down, 99.0), "ms");
-    row.set("downtime_ms_max", percentile(&down, 100.0), "ms");
+    m.record(&mut row);
     row.set("converge_ms_p50", percentile(&converge, 50.0), "ms");
-    row.set("total_ms_p50", percentile(&total, 50.0), "ms");
-    row.set("wire_bytes_p50", percentile(&wire, 50.0), "bytes");
     row.set("replica_build_s_p50", percentile(&initial, 50.0), "s");
-    row.set(
-        "converged_fraction",
-        ok_runs as f64 / runs.max(1) as f64,
-        "ratio",
-    );
     row.notes.push(
         "total_ms counts from the migration request with the replica already built; replica_build_s is what building it took (once per target)"
             .into(),
     );
     Ok(row)
-}
-
-fn mean(v: &[f64]) -> f64 {
-    if v.is_empty() {
-        f64::NAN
-    } else {
-        v.iter().sum::<f64>() / v.len() as f64
-    }
 }
 
 /// Failover on `topo`: the primary on `a` (VMM and sidecar) replicates to the backup on `b`; after `settle`

@@ -15,7 +15,7 @@ use serde_json::{json, Value};
 
 use crate::endo::{page_size, Guest};
 use crate::procs::{tail, wait_for_file, Procs};
-use crate::report::{percentile, Row};
+use crate::report::{percentile, MigrationRuns, Row};
 use crate::topology::Topology;
 
 /// The guest program (32-bit multiboot ELF; enters long mode itself).
@@ -361,12 +361,14 @@ pub fn migration(
     }
     let params = src.qmp.cmd("query-migrate-parameters", Value::Null)?;
     let (mut here, mut there) = ("a", "b");
-    let (mut down, mut total, mut setup, mut wire, mut rates) =
-        (vec![], vec![], vec![], vec![], vec![]);
-    let mut converged = 0usize;
-    let mut wrong = 0usize;
+    let mut m = MigrationRuns {
+        runs,
+        ..MigrationRuns::default()
+    };
+    let mut setup = vec![];
     for run in 0..runs {
-        rates.push(src.rate(settle)? * page_size() as f64 / 1e6);
+        m.rates_mb_s
+            .push(src.rate(settle)? * page_size() as f64 / 1e6);
         let mut dst = peer.start(there, true)?;
         peer.set_up(&mut dst, tuning, budget)?;
         peer.set_up(&mut src, tuning, budget)?;
@@ -411,7 +413,7 @@ pub fn migration(
             ));
             // Carry on from the source, which still runs the guest; the target goes.
             peer.procs.kill(&dst.name);
-            wire.push((w1 - w0) as f64);
+            m.wire_bytes.push((w1 - w0) as f64);
             continue;
         }
         // Independent evidence: the target's RAM, before it runs, equals the stopped source's; then the
@@ -434,16 +436,18 @@ pub fn migration(
                 differing.len(),
                 first.join(", ")
             ));
-            wrong += 1;
+            m.wrong_memory += 1;
         }
         {
             // QEMU's timings count for every completed run; a run that moved the wrong memory is also
             // counted in `runs_with_wrong_memory` and described in the notes.
-            converged += 1;
-            down.push(info["downtime"].as_f64().unwrap_or(f64::NAN));
-            total.push(info["total-time"].as_f64().unwrap_or(f64::NAN));
+            m.completed += 1;
+            m.downtime_ms
+                .push(info["downtime"].as_f64().unwrap_or(f64::NAN));
+            m.total_ms
+                .push(info["total-time"].as_f64().unwrap_or(f64::NAN));
             setup.push(info["setup-time"].as_f64().unwrap_or(f64::NAN));
-            wire.push(if topo.profile().is_some() {
+            m.wire_bytes.push(if topo.profile().is_some() {
                 (w1 - w0) as f64
             } else {
                 info["ram"]["transferred"].as_f64().unwrap_or(f64::NAN)
@@ -454,25 +458,8 @@ pub fn migration(
         src = dst;
         std::mem::swap(&mut here, &mut there);
     }
-    row.set("runs_completed", converged as f64, "count");
-    row.set("runs", runs as f64, "count");
-    row.set(
-        "dirty_rate_mb_s",
-        rates.iter().sum::<f64>() / rates.len().max(1) as f64,
-        "MB/s",
-    );
-    row.set("downtime_ms_p50", percentile(&down, 50.0), "ms");
-    row.set("downtime_ms_p99", percentile(&down, 99.0), "ms");
-    row.set("downtime_ms_max", percentile(&down, 100.0), "ms");
-    row.set("total_ms_p50", percentile(&total, 50.0), "ms");
+    m.record(&mut row);
     row.set("setup_ms_p50", percentile(&setup, 50.0), "ms");
-    row.set("wire_bytes_p50", percentile(&wire, 50.0), "bytes");
-    row.set(
-        "converged_fraction",
-        converged as f64 / runs.max(1) as f64,
-        "ratio",
-    );
-    row.set("runs_with_wrong_memory", wrong as f64, "count");
     row.notes.push(format!(
         "QEMU {} TCG; max-bandwidth {} B/s, downtime-limit {} ms, multifd {}; limit {:.0} s per run; QEMU's downtime is its own (source stop to completion)",
         tuning.system(),

@@ -344,6 +344,58 @@ impl Report {
     }
 }
 
+/// What a migration scenario measured over its runs, either system.
+#[derive(Debug, Default)]
+pub struct MigrationRuns {
+    /// Runs attempted.
+    pub runs: usize,
+    /// Runs that completed (the VM ran on the target).
+    pub completed: usize,
+    /// Completed runs whose target memory differed from the source's.
+    pub wrong_memory: usize,
+    /// The guest's dirty rate before each run, MB/s.
+    pub rates_mb_s: Vec<f64>,
+    /// Downtime per completed run, ms.
+    pub downtime_ms: Vec<f64>,
+    /// Total time per completed run, ms.
+    pub total_ms: Vec<f64>,
+    /// Bytes on the wire per run.
+    pub wire_bytes: Vec<f64>,
+}
+
+impl MigrationRuns {
+    /// Records the figures both systems share into `row`.
+    pub fn record(&self, row: &mut Row) {
+        row.set("runs", self.runs as f64, "count");
+        row.set("runs_completed", self.completed as f64, "count");
+        row.set("runs_with_wrong_memory", self.wrong_memory as f64, "count");
+        row.set(
+            "converged_fraction",
+            self.completed as f64 / self.runs.max(1) as f64,
+            "ratio",
+        );
+        let mean = if self.rates_mb_s.is_empty() {
+            f64::NAN
+        } else {
+            self.rates_mb_s.iter().sum::<f64>() / self.rates_mb_s.len() as f64
+        };
+        row.set("dirty_rate_mb_s", mean, "MB/s");
+        row.set("downtime_ms_p50", percentile(&self.downtime_ms, 50.0), "ms");
+        row.set("downtime_ms_p99", percentile(&self.downtime_ms, 99.0), "ms");
+        row.set(
+            "downtime_ms_max",
+            percentile(&self.downtime_ms, 100.0),
+            "ms",
+        );
+        row.set("total_ms_p50", percentile(&self.total_ms, 50.0), "ms");
+        row.set(
+            "wire_bytes_p50",
+            percentile(&self.wire_bytes, 50.0),
+            "bytes",
+        );
+    }
+}
+
 /// Percentile `p` (0..=100) of `v` by nearest rank; NaN when empty.
 pub fn percentile(v: &[f64], p: f64) -> f64 {
     if v.is_empty() {
