@@ -230,6 +230,11 @@ impl<'t> Cluster<'t> {
             .arg(self.dir.join("console.log"))
             .arg(format!("--generation={generation}"))
             .args(extra);
+        // On the lossy profiles the sidecar runs as docs/bench.md advises for lossy WAN paths: BBR, whose
+        // rate random loss does not cut (CUBIC holds each path near the Mathis bound there).
+        if self.topo.profile().is_some_and(|p| p.loss > 0.0) {
+            c.arg("--congestion=bbr");
+        }
         let log = self.log(name);
         self.procs.spawn(name, c, &log)?;
         wait_for_file(&ctl, Duration::from_secs(20))

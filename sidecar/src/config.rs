@@ -14,7 +14,7 @@
 //! output_commit = true               # hold guest console output until its epoch is durable
 //! curve = "linear:start=0.5,max=0.9" # pressure -> vCPU throttle (crate throttle-curves)
 //! emergency = "pause"                # or "discard", when an epoch overflows staging
-//! congestion = "bbr"                 # or "cubic": the paths' congestion controller
+//! congestion = "cubic"               # or "bbr" for lossy WAN paths: the paths' congestion controller
 //! max_bandwidth = "20MB/s"           # optional cap on what the sidecar sends
 //! control_socket = "/run/endophyte/vm-a.ctl"  # optional control API (`endophyte status`, `endophyte set`)
 //!
@@ -273,7 +273,7 @@ pub struct SidecarConfig {
     /// Emergency policy when staging overflows.
     #[serde(default)]
     pub emergency: Emergency,
-    /// Congestion controller of the paths (`bbr` or `cubic`).
+    /// Congestion controller of the paths (`cubic`, the default, or `bbr`).
     #[serde(default)]
     pub congestion: crate::tls::Congestion,
     /// Throttle curve, in `throttle_curves` string form (e.g. `exponential:start=0.3,max=0.95,steepness=4`).

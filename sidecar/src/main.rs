@@ -264,8 +264,8 @@ struct SidecarArgs {
     /// What to do when an epoch overflows the staging buffer.
     #[arg(long, value_enum)]
     emergency: Option<endophyte::config::Emergency>,
-    /// Congestion controller of the paths: bbr (default; random loss on a long path does not cut the rate)
-    /// or cubic (loss-based).
+    /// Congestion controller of the paths: cubic (default, loss-based) or bbr (random loss on a long path
+    /// does not cut the rate; for lossy WAN paths).
     #[arg(long, value_enum)]
     congestion: Option<endophyte::tls::Congestion>,
     /// Cap on what the sidecar sends, all paths together (e.g. 20MB/s).
