@@ -311,6 +311,33 @@ impl<'t> Cluster<'t> {
     }
 }
 
+impl Drop for Cluster<'_> {
+    /// A VM that migrated or was promoted runs in a VMM its backup daemon started (and a warm-up may have
+    /// started a standby one); those outlive the daemon by design, since a daemon restart must not kill
+    /// the guest. The scenario is over: every process whose command line names this scenario's directory
+    /// goes.
+    fn drop(&mut self) {
+        let needle = self.dir.display().to_string();
+        let me = std::process::id();
+        let Ok(entries) = std::fs::read_dir("/proc") else {
+            return;
+        };
+        for e in entries.flatten() {
+            let Some(pid) = e.file_name().to_str().and_then(|n| n.parse::<u32>().ok()) else {
+                continue;
+            };
+            let Ok(cmdline) = std::fs::read(e.path().join("cmdline")) else {
+                continue;
+            };
+            if pid != me && String::from_utf8_lossy(&cmdline).contains(&needle) {
+                // SAFETY: kill(2) on a process started for this scenario (its command line names the
+                // scenario's directory); a pid that exited meanwhile gets ESRCH.
+                unsafe { libc::kill(pid as libc::pid_t, libc::SIGKILL) };
+            }
+        }
+    }
+}
+
 /// The guest's own pages-written counter, through the VMM's attach socket.
 ///
 /// # Errors
