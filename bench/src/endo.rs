@@ -330,8 +330,8 @@ impl Drop for Cluster<'_> {
                 continue;
             };
             if pid != me && String::from_utf8_lossy(&cmdline).contains(&needle) {
-                // SAFETY: kill(2) on a process started for this scenario (its command line names the
-                // scenario's directory); a pid that exited meanwhile gets ESRCH.
+                // Its command line names the scenario's directory: it was started for this scenario.
+                // SAFETY: kill(2) has no memory effects; a pid that exited meanwhile gets ESRCH.
                 unsafe { libc::kill(pid as libc::pid_t, libc::SIGKILL) };
             }
         }
