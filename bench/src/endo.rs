@@ -292,23 +292,6 @@ impl<'t> Cluster<'t> {
         })?;
         Ok(serde_json::from_slice(&bytes)?)
     }
-
-    /// Bytes the emulator delivered from `a` to `b`, all links between them (0 on loopback).
-    pub fn wire_bytes(&self, a: &str, b: &str) -> u64 {
-        self.topo
-            .link_stats()
-            .iter()
-            .map(|(x, y, s)| {
-                if x == a && y == b {
-                    s[0].delivered_bytes
-                } else if x == b && y == a {
-                    s[1].delivered_bytes
-                } else {
-                    0
-                }
-            })
-            .sum()
-    }
 }
 
 impl Drop for Cluster<'_> {
@@ -412,10 +395,14 @@ pub fn replication(
     let extra: &[&str] = if compress { &[] } else { &["--no-compress"] };
     let ctl = c.sidecar("sa", "a", &sock, ("nb", "b"), paths, 0, extra)?;
     let initial = c.wait_initial_copy("sa", &ctl, Duration::from_secs(900))?;
-    let (w0, p0, t0) = (c.wire_bytes("a", "b"), guest_pages(&sock)?, Instant::now());
+    let (w0, p0, t0) = (
+        topo.delivered_bytes("a", "b"),
+        guest_pages(&sock)?,
+        Instant::now(),
+    );
     std::thread::sleep(steady);
     let (w1, p1, dt) = (
-        c.wire_bytes("a", "b"),
+        topo.delivered_bytes("a", "b"),
         guest_pages(&sock)?,
         t0.elapsed().as_secs_f64(),
     );
@@ -503,7 +490,7 @@ pub fn migration(
         let init = c.wait_initial_copy(&name, &ctl, Duration::from_secs(900))?;
         initial.push(init.as_secs_f64());
         m.rates_mb_s.push(mb_s(guest_rate(&attach, settle)?));
-        let w0 = c.wire_bytes(here, there) + c.wire_bytes(there, here);
+        let w0 = topo.delivered_bytes(here, there) + topo.delivered_bytes(there, here);
         let out = std::process::Command::new(&c.exe)
             .args([
                 "migrate", "vm1", "--to", &node, "--verify", "--output", "json",
@@ -514,7 +501,7 @@ pub fn migration(
             .arg(format!("{}ms", downtime_budget.as_millis()))
             .args(["--deadline", "300s"])
             .output()?;
-        let w1 = c.wire_bytes(here, there) + c.wire_bytes(there, here);
+        let w1 = topo.delivered_bytes(here, there) + topo.delivered_bytes(there, here);
         let st: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap_or_default();
         let r = &st["report"];
         let _ = c.procs.wait(&name, Duration::from_secs(30));

@@ -57,8 +57,7 @@ impl Qmp {
         let s = loop {
             match UnixStream::connect(sock) {
                 Ok(s) => break s,
-                Err(e) if t.elapsed() < Duration::from_secs(30) => {
-                    let _ = e;
+                Err(_) if t.elapsed() < Duration::from_secs(30) => {
                     std::thread::sleep(Duration::from_millis(50));
                 }
                 Err(e) => anyhow::bail!("connecting to QMP at {}: {e}", sock.display()),
@@ -148,12 +147,9 @@ struct Vm {
 
 impl Vm {
     fn guest_pages(&mut self) -> anyhow::Result<u64> {
-        anyhow::ensure!(
-            self.qmp.read_u64(STATUS)? == STATUS_MAGIC,
-            "{}: no guest status record at {STATUS:#x}",
-            self.name
-        );
-        self.qmp.read_u64(STATUS + ST_PAGES)
+        let (_, pages) =
+            guest_status(&mut self.qmp).map_err(|e| anyhow::anyhow!("{}: {e}", self.name))?;
+        Ok(pages)
     }
 
     fn rate(&mut self, window: Duration) -> anyhow::Result<f64> {
@@ -383,7 +379,7 @@ pub fn migration(
             ),
         };
         dst.qmp.cmd("migrate-incoming", json!({ "uri": listen }))?;
-        let w0 = crate_wire(topo, here, there);
+        let w0 = topo.delivered_bytes(here, there) + topo.delivered_bytes(there, here);
         let t0 = Instant::now();
         src.qmp.cmd("migrate", json!({ "uri": connect }))?;
         let info = loop {
@@ -400,7 +396,7 @@ pub fn migration(
                 _ => {}
             }
         };
-        let w1 = crate_wire(topo, here, there);
+        let w1 = topo.delivered_bytes(here, there) + topo.delivered_bytes(there, here);
         let status = info["status"].as_str().unwrap_or("").to_string();
         if status != "completed" {
             row.notes.push(format!(
@@ -469,12 +465,4 @@ pub fn migration(
         limit.as_secs_f64()
     ));
     Ok(row)
-}
-
-fn crate_wire(topo: &Topology, a: &str, b: &str) -> u64 {
-    topo.link_stats()
-        .iter()
-        .filter(|(x, y, _)| (x == a && y == b) || (x == b && y == a))
-        .map(|(_, _, s)| s[0].delivered_bytes + s[1].delivered_bytes)
-        .sum()
 }

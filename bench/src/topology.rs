@@ -130,6 +130,23 @@ impl Topology {
         }
     }
 
+    /// Bytes the emulator delivered from `from` to `to`, over every link between them (0 on loopback).
+    pub fn delivered_bytes(&self, from: &str, to: &str) -> u64 {
+        self.links
+            .iter()
+            .map(|(a, b, l)| {
+                let s = l.stats();
+                if a == from && b == to {
+                    s[0].delivered_bytes
+                } else if a == to && b == from {
+                    s[1].delivered_bytes
+                } else {
+                    0
+                }
+            })
+            .sum()
+    }
+
     /// Counters of every link: `(a, b, [a→b, b→a])`.
     pub fn link_stats(&self) -> Vec<(String, String, [LinkStats; 2])> {
         self.links

@@ -265,7 +265,10 @@ fn a_guest_migrates_there_back_and_there_again_under_rising_generations() {
     let sock = tmp.path().join("vm.sock");
     let mut vm_a = vmm(&sock, "64MiB", "hotset:size=16M,rate=5000");
 
-    let sidecar_on = |node: &str, attach: &Path, to: (&str, std::net::SocketAddr), gen: u64| {
+    // One move: a sidecar on `node` replicates the VM behind `attach` to `to` under generation `gen`, then
+    // migrates it there; the move is checked (the next generation, equal RAM hashes, the sidecar exits
+    // cleanly) and its report returned.
+    let move_vm = |node: &str, attach: &Path, to: (&str, std::net::SocketAddr), gen: u64| {
         let ctl = tmp.path().join(format!("{node}.ctl"));
         let args = vec![
             "--vm-id=vm1".to_string(),
@@ -280,28 +283,22 @@ fn a_guest_migrates_there_back_and_there_again_under_rising_generations() {
         status_until(&ctl, Duration::from_secs(60), "replication", |s| {
             s["backups"][0]["committed_epoch"].as_u64() > Some(3)
         });
-        (child, ctl)
+        let (ok, st) = migrate(&ctl, to.0, &[]);
+        assert!(ok, "{st}");
+        let r = st["report"].clone();
+        assert_eq!(r["generation"], gen + 1);
+        assert_eq!(r["target_ram_hash"], r["source_ram_hash"]);
+        assert!(child.wait_with_output().unwrap().status.success());
+        r
     };
 
     // A -> B.
-    let (s1, ctl1) = sidecar_on("sa", &sock, ("nb", ab), 0);
-    let (ok, st) = migrate(&ctl1, "nb", &[]);
-    assert!(ok, "{st}");
-    let r1 = st["report"].clone();
-    assert_eq!(r1["generation"], 1);
-    assert_eq!(r1["target_ram_hash"], r1["source_ram_hash"]);
-    assert!(s1.wait_with_output().unwrap().status.success());
+    let r1 = move_vm("sa", &sock, ("nb", ab), 0);
     assert!(vm_a.wait_exit(Duration::from_secs(10)).is_some());
 
     // B -> A: a sidecar on B attaches to the VM running there, under generation 1.
     let on_b = db.join("vm1").join("vmm.sock");
-    let (s2, ctl2) = sidecar_on("sb", &on_b, ("na", aa), 1);
-    let (ok, st) = migrate(&ctl2, "na", &[]);
-    assert!(ok, "{st}");
-    let r2 = st["report"].clone();
-    assert_eq!(r2["generation"], 2);
-    assert_eq!(r2["target_ram_hash"], r2["source_ram_hash"]);
-    assert!(s2.wait_with_output().unwrap().status.success());
+    let r2 = move_vm("sb", &on_b, ("na", aa), 1);
     // The guest's counter went on through both moves, and it runs on A again.
     let back = AttachClient::connect(da.join("vm1").join("vmm.sock"), "test").unwrap();
     let (g1, g2) = (
@@ -339,13 +336,7 @@ fn a_guest_migrates_there_back_and_there_again_under_rising_generations() {
     // A -> B again: B takes the replica back (resynced whole: its contents are those of the epoch the VM
     // started from there) and the guest moves a third time.
     let on_a = da.join("vm1").join("vmm.sock");
-    let (s3, ctl3) = sidecar_on("sa", &on_a, ("nb", ab), 2);
-    let (ok, st) = migrate(&ctl3, "nb", &[]);
-    assert!(ok, "{st}");
-    let r3 = st["report"].clone();
-    assert_eq!(r3["generation"], 3);
-    assert_eq!(r3["target_ram_hash"], r3["source_ram_hash"]);
-    assert!(s3.wait_with_output().unwrap().status.success());
+    let r3 = move_vm("sa", &on_a, ("nb", ab), 2);
     let on_b = AttachClient::connect(db.join("vm1").join("vmm.sock"), "test").unwrap();
     let g3 = r3["source_guest_pages"].as_u64().unwrap();
     let p2 = guest_pages(&on_b);
