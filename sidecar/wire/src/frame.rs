@@ -3,7 +3,7 @@
 //! ```text
 //! offset size field
 //!  0     4    magic     b"EPHY"
-//!  4     1    version   WIRE_VERSION (1)
+//!  4     1    version   WIRE_VERSION (2: VM state became tagged and versioned)
 //!  5     1    type      MessageType (0 is reserved as invalid)
 //!  6     2    flags     reserved, must be 0
 //!  8     4    length    payload bytes that follow the header (little-endian)
@@ -19,7 +19,7 @@ use bytes::{Bytes, BytesMut};
 /// The four bytes every frame starts with.
 pub const MAGIC: [u8; 4] = *b"EPHY";
 /// The wire protocol version this crate speaks.
-pub const WIRE_VERSION: u8 = 1;
+pub const WIRE_VERSION: u8 = 2;
 /// Size of the fixed frame header in bytes.
 pub const HEADER_BYTES: usize = 16;
 /// Default cap on one frame's payload: 8 MiB (a chunk carries at most 1 MiB of page data).

@@ -7,16 +7,22 @@
 //!   that checks the size cap before allocating.
 //! - [`msg`]: the replication messages and their encoding.
 //! - [`chunk`]: page chunks (zero pages elided, lz4 block compression, content hash).
-//! - [`sender`]: one VM's epochs to several backups over several paths each.
+//! - [`vmstate`]: the VMM's vCPU and device state, as tagged, versioned bytes replication never opens.
+//! - [`sender`]: one VM's epochs to several backups over several paths each (and the switchover's source
+//!   half inside it).
 //! - [`receiver`]: one VM's replica on a backup: staging, verification, ordered commit.
+//! - [`switchover`]: a migration's switchover, source and target state machines, and the fence.
 //!
-//! The protocol is described, with a sequence diagram, in `docs/replication-protocol.md`.
+//! The protocol is described, with sequence diagrams, in `docs/replication-protocol.md` and
+//! `docs/migration.md`.
 
 pub mod chunk;
 pub mod frame;
 pub mod msg;
 pub mod receiver;
 pub mod sender;
+pub mod switchover;
+pub mod vmstate;
 
 pub use chunk::{ChunkBuilder, ChunkError, DecodedChunk, PageChunk};
 pub use frame::{FrameDecoder, FrameError, FrameHeader};
@@ -26,3 +32,5 @@ pub use msg::{
 };
 pub use receiver::{Action, Receiver, ReceiverError};
 pub use sender::{BackupId, EpochStart, Event, PathId, Sender, SenderConfig, Transmit};
+pub use switchover::{Fence, FenceState};
+pub use vmstate::VmState;

@@ -6,24 +6,26 @@
 //! | 2 | Welcome | backup -> sidecar | instance u64, committed_epoch u64, committed_session u64, node (u16 len + UTF-8) |
 //! | 3 | Chunk | sidecar -> backup | epoch u64, seq u32, n_pages u32, raw_len u32, flags u8, 3 zero bytes, content_hash [32], body |
 //! | 4 | ChunkAck | backup -> sidecar | epoch u64, seq u32 |
-//! | 5 | EpochEnd | sidecar -> backup | epoch u64, base_epoch u64, chunk_count u32, page_count u64, epoch_hash [32], vCPU and device state (u32 len + bytes; 0 len: none) |
+//! | 5 | EpochEnd | sidecar -> backup | epoch u64, base_epoch u64, chunk_count u32, page_count u64, epoch_hash [32], VM state (see [`crate::vmstate`]; one zero byte: none) |
 //! | 6 | Committed | backup -> sidecar | epoch u64 |
 //! | 7 | Error | either | code u16, message (u16 len + UTF-8) |
 //! | 8 | Ping | either | token u64 |
 //! | 9 | Pong | either | token u64 |
-//! | 10 | Switchover | sidecar -> migration target | generation u64, session u64, epoch u64, flags u8 (bit 0: verify), 7 zero bytes, vCPU and device state (u32 len + bytes) |
+//! | 10 | Switchover | sidecar -> migration target | generation u64, session u64, epoch u64, flags u8 (bit 0: verify), 7 zero bytes, VM state (see [`crate::vmstate`]; required) |
 //! | 11 | SwitchoverReady | target -> sidecar | generation u64, epoch u64, settle_us u64, spawn_us u64, restore_us u64, verify_us u64, ram_hash (u16 len + UTF-8; empty unless verify) |
 //! | 12 | SwitchoverCommit | sidecar -> target | generation u64 |
 //! | 13 | SwitchedOver | target -> sidecar | generation u64, resume_us u64 |
 //! | 14 | SwitchoverAbort | sidecar -> target | generation u64 |
 //! | 15 | SwitchoverWarmup | sidecar -> target | generation u64 |
 //!
-//! Type 0 is reserved as invalid.
+//! Type 0 is reserved as invalid. Strings (u16 length + UTF-8) longer than 65,535 bytes are cut at the last
+//! character boundary before that length.
 
 use bytes::{Buf, BufMut, Bytes, BytesMut};
 
 use crate::chunk::PageChunk;
 use crate::frame::{encode_header, FrameError, FrameHeader, RawFrame, HEADER_BYTES};
+use crate::vmstate::{self, VmState, VmStateError};
 
 /// Why a frame's payload is not a valid message.
 #[derive(Debug, thiserror::Error, Clone, PartialEq, Eq)]
@@ -41,6 +43,14 @@ pub enum MessageError {
         msg: &'static str,
         /// What is wrong.
         why: &'static str,
+    },
+    /// The VM state a message carries is malformed.
+    #[error("malformed {msg} message: {source}")]
+    State {
+        /// Which message.
+        msg: &'static str,
+        /// What is wrong with the state.
+        source: VmStateError,
     },
 }
 
@@ -133,9 +143,10 @@ pub struct EpochEnd {
     pub page_count: u64,
     /// BLAKE3 over the chunks' content hashes in seq order (see [`epoch_hash`]).
     pub epoch_hash: [u8; 32],
-    /// The VM's vCPU and device state at the epoch's pause, opaque (testvm's is JSON); empty when the
-    /// sidecar has none. Journaled with the epoch, so that a backup can promote its committed epoch.
-    pub state: Bytes,
+    /// The VM's vCPU and device state at the epoch's pause ([`VmState`], opaque here); `None` when the
+    /// VMM could not save it (such an epoch cannot be promoted). Journaled with the epoch, so that a backup
+    /// can promote its committed epoch.
+    pub state: Option<VmState>,
 }
 
 /// Every message of the replication protocol.
@@ -232,8 +243,8 @@ pub struct Switchover {
     /// Hash guest RAM after the restore and before the resume, and report it (tests and the demo; the
     /// hash is inside the downtime).
     pub verify: bool,
-    /// vCPU and device state from the source VMM (opaque here; testvm's is JSON).
-    pub state: Bytes,
+    /// vCPU and device state from the source VMM at the final pause (opaque here).
+    pub state: VmState,
 }
 
 /// The VM is prepared on the target, paused; step durations in microseconds, measured there.
@@ -288,11 +299,15 @@ impl EncodedFrame {
     }
 }
 
+/// Writes `s` as u16 length + UTF-8, cut at the last character boundary at or below 65,535 bytes (a longer
+/// error message loses its tail, never its validity as UTF-8).
 fn put_str(b: &mut BytesMut, s: &str) {
-    let bytes = s.as_bytes();
-    let n = bytes.len().min(u16::MAX as usize);
+    let mut n = s.len().min(u16::MAX as usize);
+    while !s.is_char_boundary(n) {
+        n -= 1;
+    }
     b.put_u16_le(n as u16);
-    b.put_slice(&bytes[..n]);
+    b.put_slice(&s.as_bytes()[..n]);
 }
 
 fn get_str(p: &mut Bytes, msg: &'static str) -> Result<String, MessageError> {
@@ -391,8 +406,7 @@ impl Message {
                 b.put_u64_le(e.page_count);
                 b.put_slice(&e.epoch_hash);
                 // In the head, not the body: journals append the head of this frame.
-                b.put_u32_le(e.state.len() as u32);
-                b.put_slice(&e.state);
+                vmstate::encode_opt(&mut b, e.state.as_ref());
             }
             Message::Committed { epoch } => b.put_u64_le(*epoch),
             Message::Error { code, message } => {
@@ -406,8 +420,9 @@ impl Message {
                 b.put_u64_le(w.epoch);
                 b.put_u8(u8::from(w.verify));
                 b.put_slice(&[0u8; 7]);
-                b.put_u32_le(w.state.len() as u32);
-                body = w.state.clone();
+                // The tag and lengths in the head; the (possibly large) state itself goes out uncopied.
+                vmstate::encode_head(&mut b, Some(&w.state));
+                body = w.state.data.clone();
             }
             Message::SwitchoverReady(d) => {
                 for v in [
@@ -530,15 +545,10 @@ impl Message {
                 let page_count = p.get_u64_le();
                 let mut epoch_hash = [0u8; 32];
                 p.copy_to_slice(&mut epoch_hash);
-                need!("EpochEnd", 4);
-                let n = p.get_u32_le() as usize;
-                if p.remaining() != n {
-                    return Err(MessageError::Malformed {
-                        msg: "EpochEnd",
-                        why: "state length does not match the payload",
-                    });
-                }
-                let state = p.split_to(n);
+                let state = vmstate::decode_opt(&mut p).map_err(|source| MessageError::State {
+                    msg: "EpochEnd",
+                    source,
+                })?;
                 Message::EpochEnd(EpochEnd {
                     epoch,
                     base_epoch,
@@ -573,7 +583,7 @@ impl Message {
                 }
             }
             10 => {
-                need!("Switchover", 36);
+                need!("Switchover", 33);
                 let generation = p.get_u64_le();
                 let session = p.get_u64_le();
                 let epoch = p.get_u64_le();
@@ -586,19 +596,21 @@ impl Message {
                         why: "reserved flag bits set",
                     });
                 }
-                let n = p.get_u32_le() as usize;
-                if p.remaining() != n {
-                    return Err(MessageError::Malformed {
+                let state = vmstate::decode_opt(&mut p)
+                    .map_err(|source| MessageError::State {
                         msg: "Switchover",
-                        why: "state length does not match the payload",
-                    });
-                }
+                        source,
+                    })?
+                    .ok_or(MessageError::Malformed {
+                        msg: "Switchover",
+                        why: "no VM state",
+                    })?;
                 Message::Switchover(Switchover {
                     generation,
                     session,
                     epoch,
                     verify: flags & 1 != 0,
-                    state: p.split_to(n),
+                    state,
                 })
             }
             11 => {
@@ -720,7 +732,9 @@ mod tests {
                 chunk_count: 1,
                 page_count: 2,
                 epoch_hash: [1; 32],
-                state: Bytes::from_static(b"{\"regs\":1}"),
+                state: Some(
+                    VmState::new("testvm", 1, Bytes::from_static(b"{\"regs\":1}")).unwrap(),
+                ),
             }),
             Message::Committed { epoch: 5 },
             Message::Error {
@@ -734,7 +748,7 @@ mod tests {
                 session: 11,
                 epoch: 42,
                 verify: true,
-                state: Bytes::from_static(b"{\"vcpus\":[]}"),
+                state: VmState::new("qemu-7.2", 3, Bytes::from_static(b"{\"vcpus\":[]}")).unwrap(),
             }),
             Message::SwitchoverReady(SwitchoverReady {
                 generation: 3,
@@ -788,6 +802,25 @@ mod tests {
                 }
             }
         }
+    }
+
+    #[test]
+    fn long_strings_are_cut_on_a_character_boundary() {
+        // 3-byte characters after one ASCII byte: the 65,535-byte cap lands inside a character.
+        let message = format!("x{}", "\u{20ac}".repeat(30_000));
+        let m = Message::Error {
+            code: ErrorCode::Internal,
+            message: message.clone(),
+        };
+        let mut d = FrameDecoder::new(1 << 20);
+        d.push(&m.encode().to_vec());
+        let Message::Error { message: got, .. } =
+            Message::decode(d.next_frame().unwrap().unwrap()).unwrap()
+        else {
+            panic!("not an error")
+        };
+        assert!(got.len() <= u16::MAX as usize && got.len() > 65_000);
+        assert!(message.starts_with(&got));
     }
 
     #[test]

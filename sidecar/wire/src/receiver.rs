@@ -216,14 +216,17 @@ impl Receiver {
     /// applied from the message, and the driver should close the path once the reply is out.
     pub fn handle_message(&mut self, path: PathKey, msg: Message) -> Result<(), ReceiverError> {
         let r = self.handle(path, msg);
-        if let Err(e) = &r {
-            self.out.push_back((
+        match &r {
+            // An end marker that completed an epoch failing verification: `try_commit` already queued
+            // the refusal (on the end marker's path, which may be another).
+            Err(ReceiverError::BadEpoch { .. }) | Ok(()) => {}
+            Err(e) => self.out.push_back((
                 path,
                 Message::Error {
                     code: e.code(),
                     message: e.to_string(),
                 },
-            ));
+            )),
         }
         r
     }
@@ -525,5 +528,71 @@ impl Receiver {
     /// The next reply to send, with the path to send it on.
     pub fn poll_transmit(&mut self) -> Option<(PathKey, Message)> {
         self.out.pop_front()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::chunk::ChunkBuilder;
+
+    const PS: u64 = 4096;
+
+    fn receiver() -> Receiver {
+        let mut rx = Receiver::new("vm".into(), PS, 1 << 20, 0, 0, 1, "b".into(), 4);
+        rx.handle_message(
+            0,
+            Message::Hello(Hello {
+                session: 5,
+                path: 0,
+                page_size: PS as u32,
+                mem_bytes: 1 << 20,
+                vm_id: "vm".into(),
+            }),
+        )
+        .unwrap();
+        assert!(matches!(rx.poll_transmit(), Some((0, Message::Welcome(_)))));
+        rx
+    }
+
+    #[test]
+    fn a_bad_end_marker_is_refused_once() {
+        let mut rx = receiver();
+        let mut b = ChunkBuilder::new(1, PS as usize, 4);
+        b.push(0, &[3u8; PS as usize]);
+        let chunk = b.finish(true);
+        rx.handle_message(0, Message::Chunk { seq: 0, chunk })
+            .unwrap();
+        while let Some(a) = rx.poll_action() {
+            if let Action::Store { epoch, seq, .. } = a {
+                rx.chunk_stored(epoch, seq).unwrap();
+            }
+        }
+        assert!(matches!(
+            rx.poll_transmit(),
+            Some((0, Message::ChunkAck { .. }))
+        ));
+        let end = EpochEnd {
+            epoch: 1,
+            base_epoch: 0,
+            chunk_count: 1,
+            page_count: 1,
+            epoch_hash: [0; 32],
+            state: None,
+        };
+        let e = rx.handle_message(0, Message::EpochEnd(end)).unwrap_err();
+        assert!(matches!(e, ReceiverError::BadEpoch { .. }), "{e}");
+        let replies: Vec<_> = std::iter::from_fn(|| rx.poll_transmit()).collect();
+        assert_eq!(replies.len(), 1, "{replies:?}");
+        assert!(matches!(
+            &replies[0],
+            (
+                0,
+                Message::Error {
+                    code: ErrorCode::BaseMismatch,
+                    ..
+                }
+            )
+        ));
     }
 }

@@ -10,7 +10,9 @@
 //!   path, so a faster path carries more;
 //! - a chunk acknowledged by nobody within `retransmit_after` is sent again on another path; a path that
 //!   goes down hands its unacknowledged chunks back to the queue at once;
-//! - an epoch is durable once `quorum` backups committed it (or a later epoch).
+//! - an epoch is durable once `quorum` backups committed it (or a later epoch);
+//! - a migration's switchover ([`crate::switchover::source`]) runs inside it: its messages go out on the
+//!   target's paths like any other, and the target's commits, answers and lost paths reach it from here.
 //!
 //! A backup that loses its last path, or comes back as a new instance (it restarted and lost whatever it had
 //! staged), is dropped from streaming and reported with [`Event::NeedsResync`]: the driver then starts the next
@@ -20,7 +22,9 @@ use std::collections::VecDeque;
 use std::time::{Duration, Instant};
 
 use crate::chunk::PageChunk;
-use crate::msg::{epoch_hash, EpochEnd, ErrorCode, Message, Welcome};
+use crate::msg::{epoch_hash, EpochEnd, ErrorCode, Message, Switchover, Welcome};
+use crate::switchover::{SourcePhase, SourceSwitchover, SwitchoverOutcome, Timeouts};
+use crate::vmstate::VmState;
 
 /// Index of a backup, in the order given to [`Sender::new`].
 pub type BackupId = usize;
@@ -128,6 +132,8 @@ pub enum Event {
         /// The backup's message.
         message: String,
     },
+    /// The switchover begun with [`Sender::begin_switchover`] ended; the driver acts on the guest.
+    Switchover(SwitchoverOutcome),
 }
 
 /// Why a message from a backup was not accepted.
@@ -151,6 +157,8 @@ struct Slot {
     hash: [u8; 32],
     n_pages: u32,
     body_bytes: usize,
+    /// The path it went out on last, and when; kept when it is queued again after a timeout, so that the
+    /// resend goes on another path.
     sent: Option<(PathId, Instant)>,
     queued: bool,
 }
@@ -164,7 +172,7 @@ struct StreamEpoch {
     ended: bool,
     end_sent: Option<Instant>,
     /// vCPU and device state at the epoch's pause, carried by its end marker.
-    state: bytes::Bytes,
+    state: Option<VmState>,
 }
 
 #[derive(Debug, Default)]
@@ -211,6 +219,10 @@ pub struct Sender {
     durable: u64,
     events: VecDeque<Event>,
     control: VecDeque<Transmit>,
+    /// Messages for a backup on whichever of its paths is up (see [`Sender::queue_message`]).
+    pending: VecDeque<(BackupId, Message)>,
+    /// The switchover in progress (or the last one), with its target.
+    switchover: Option<(BackupId, SourceSwitchover)>,
     next_token: u64,
 }
 
@@ -241,8 +253,43 @@ impl Sender {
             durable: 0,
             events: VecDeque::new(),
             control: VecDeque::new(),
+            pending: VecDeque::new(),
+            switchover: None,
             next_token: 1,
         }
+    }
+
+    /// Starts the switchover of a migration to backup `target` (named `target_name` in messages): the
+    /// final epoch `request.epoch` has been ended for every backup with the guest paused. The sender asks
+    /// the target to prepare the VM once it committed that epoch, then commits; the outcome comes as
+    /// [`Event::Switchover`]. See [`crate::switchover`].
+    pub fn begin_switchover(
+        &mut self,
+        target: BackupId,
+        target_name: String,
+        request: Switchover,
+        timeouts: Timeouts,
+        now: Instant,
+    ) {
+        let mut m = SourceSwitchover::new(request, target_name, timeouts, now);
+        let b = &self.backups[target];
+        if !b.streaming {
+            m.handle_target_lost(now);
+        } else {
+            m.handle_committed(b.committed, now);
+        }
+        self.switchover = Some((target, m));
+    }
+
+    /// The phase of the switchover in progress, if one was begun.
+    pub fn switchover_phase(&self) -> Option<SourcePhase> {
+        self.switchover.as_ref().map(|(_, m)| m.phase())
+    }
+
+    /// Queues `msg` for backup `b`, to go out on the first of its paths that is up (now or later). For
+    /// messages outside the epoch streams, such as `SwitchoverWarmup`.
+    pub fn queue_message(&mut self, b: BackupId, msg: Message) {
+        self.pending.push_back((b, msg));
     }
 
     /// Number of backups.
@@ -337,13 +384,13 @@ impl Sender {
                 committed: welcome.committed_epoch,
             });
         } else if welcome.committed_epoch > backup.committed {
-            self.note_commit(b, welcome.committed_epoch);
+            self.note_commit(b, welcome.committed_epoch, now);
         }
         self.update_durable();
     }
 
     /// Path `p` of backup `b` failed or closed. Its unacknowledged chunks go back to the queue.
-    pub fn handle_path_down(&mut self, b: BackupId, p: PathId) {
+    pub fn handle_path_down(&mut self, b: BackupId, p: PathId, now: Instant) {
         let backup = &mut self.backups[b];
         if !backup.paths[p].up {
             return;
@@ -356,6 +403,11 @@ impl Sender {
                 Self::drop_streams(backup);
                 backup.streaming = false;
                 self.events.push_back(Event::BackupLost { backup: b });
+            }
+            if let Some((t, m)) = &mut self.switchover {
+                if *t == b {
+                    m.handle_target_lost(now);
+                }
             }
             return;
         }
@@ -415,7 +467,7 @@ impl Sender {
             acked: 0,
             ended: false,
             end_sent: None,
-            state: bytes::Bytes::new(),
+            state: None,
         });
         match backup.resync_from.take() {
             Some((from, from_session)) => EpochStart::Resync { from, from_session },
@@ -449,12 +501,17 @@ impl Sender {
 
     /// Closes the open epoch of backup `b`: no more chunks; the end marker goes out once every chunk was sent.
     pub fn end_epoch(&mut self, b: BackupId, epoch: u64) -> bool {
-        self.end_epoch_with_state(b, epoch, bytes::Bytes::new())
+        self.end_epoch_with_state(b, epoch, None)
     }
 
     /// Like [`Sender::end_epoch`], with the VM's vCPU and device state at the epoch's pause, which the end
     /// marker carries (see [`EpochEnd::state`]).
-    pub fn end_epoch_with_state(&mut self, b: BackupId, epoch: u64, state: bytes::Bytes) -> bool {
+    pub fn end_epoch_with_state(
+        &mut self,
+        b: BackupId,
+        epoch: u64,
+        state: Option<VmState>,
+    ) -> bool {
         let backup = &mut self.backups[b];
         let Some(e) = backup.epochs.back_mut() else {
             return false;
@@ -479,6 +536,38 @@ impl Sender {
         msg: Message,
         now: Instant,
     ) -> Result<(), SenderError> {
+        let switchover = self
+            .switchover
+            .as_mut()
+            .filter(|(t, _)| *t == b)
+            .map(|(_, m)| m);
+        match (&msg, switchover) {
+            (Message::SwitchoverReady(r), Some(m)) => {
+                m.handle_ready(r.clone(), now);
+                return Ok(());
+            }
+            (
+                Message::SwitchedOver {
+                    generation,
+                    resume_us,
+                },
+                Some(m),
+            ) => {
+                m.handle_switched(*generation, *resume_us, now);
+                return Ok(());
+            }
+            // Late answers to a switchover that ended (or of another sidecar run): nothing to do.
+            (Message::SwitchoverReady(_) | Message::SwitchedOver { .. }, None) => return Ok(()),
+            (Message::Error { code, message }, Some(m)) if m.phase() != SourcePhase::Finished => {
+                let preparing = m.phase() != SourcePhase::AwaitingFinalCommit;
+                m.handle_error(*code, message, now);
+                // The target refused the switchover itself: its replica is intact, replication goes on.
+                if preparing && matches!(code, ErrorCode::SwitchoverFailed | ErrorCode::Fenced) {
+                    return Ok(());
+                }
+            }
+            _ => {}
+        }
         match msg {
             Message::ChunkAck { epoch, seq } => {
                 let backup = &mut self.backups[b];
@@ -505,7 +594,7 @@ impl Sender {
                 }
             }
             Message::Committed { epoch } => {
-                self.note_commit(b, epoch);
+                self.note_commit(b, epoch, now);
                 self.update_durable();
             }
             Message::Pong { token } => {
@@ -557,8 +646,13 @@ impl Sender {
         Ok(())
     }
 
-    fn note_commit(&mut self, b: BackupId, epoch: u64) {
+    fn note_commit(&mut self, b: BackupId, epoch: u64, now: Instant) {
         let session = self.cfg.session;
+        if let Some((t, m)) = &mut self.switchover {
+            if *t == b {
+                m.handle_committed(epoch, now);
+            }
+        }
         let backup = &mut self.backups[b];
         if epoch <= backup.committed {
             return;
@@ -597,13 +691,43 @@ impl Sender {
 
     /// The next event, if any.
     pub fn poll_event(&mut self) -> Option<Event> {
-        self.events.pop_front()
+        if let Some(e) = self.events.pop_front() {
+            return Some(e);
+        }
+        let (_, m) = self.switchover.as_mut()?;
+        m.poll_outcome().map(Event::Switchover)
+    }
+
+    /// The first path of backup `b` that is up.
+    fn up_path(&self, b: BackupId) -> Option<PathId> {
+        self.backups[b].paths.iter().position(|p| p.up)
     }
 
     /// The next message to send, if any path has room for it.
     pub fn poll_transmit(&mut self, now: Instant) -> Option<Transmit> {
         if let Some(t) = self.control.pop_front() {
             return Some(t);
+        }
+        if let Some((target, _)) = self.switchover {
+            if let Some(path) = self.up_path(target) {
+                let (_, m) = self.switchover.as_mut().expect("checked");
+                if let Some(msg) = m.poll_transmit() {
+                    return Some(Transmit {
+                        backup: target,
+                        path,
+                        msg,
+                    });
+                }
+            }
+        }
+        if let Some(i) = self
+            .pending
+            .iter()
+            .position(|(b, _)| self.up_path(*b).is_some())
+        {
+            let (backup, msg) = self.pending.remove(i).expect("found");
+            let path = self.up_path(backup).expect("checked");
+            return Some(Transmit { backup, path, msg });
         }
         for bi in 0..self.backups.len() {
             if let Some(t) = self.poll_backup(bi, now) {
@@ -636,13 +760,6 @@ impl Sender {
         }
         // Chunks, striped round-robin over paths with window room.
         while let Some(&(epoch, seq)) = backup.queue.front() {
-            let n = backup.paths.len();
-            let Some(pi) = (0..n)
-                .map(|i| (backup.rr + i) % n)
-                .find(|&i| backup.paths[i].up && backup.paths[i].inflight < window)
-            else {
-                break;
-            };
             let Some(pos) = backup.epochs.iter().position(|e| e.epoch == epoch) else {
                 backup.queue.pop_front();
                 continue;
@@ -650,6 +767,22 @@ impl Sender {
             if pos >= self.cfg.max_epochs_in_flight {
                 break;
             }
+            // A chunk that timed out goes again on another path when there is one up (the one it went on
+            // may be the problem); it waits for that path's window rather than reuse the old path.
+            let avoid = backup.epochs[pos].slots[seq as usize].sent.map(|(p, _)| p);
+            let n = backup.paths.len();
+            let others_up = backup
+                .paths
+                .iter()
+                .enumerate()
+                .any(|(i, p)| p.up && Some(i) != avoid);
+            let Some(pi) = (0..n).map(|i| (backup.rr + i) % n).find(|&i| {
+                backup.paths[i].up
+                    && backup.paths[i].inflight < window
+                    && !(others_up && Some(i) == avoid)
+            }) else {
+                break;
+            };
             backup.queue.pop_front();
             let e = &mut backup.epochs[pos];
             let slot = &mut e.slots[seq as usize];
@@ -706,6 +839,9 @@ impl Sender {
     pub fn poll_timeout(&self) -> Option<Instant> {
         let mut next: Option<Instant> = None;
         let mut consider = |t: Instant| next = Some(next.map_or(t, |n: Instant| n.min(t)));
+        if let Some(t) = self.switchover.as_ref().and_then(|(_, m)| m.poll_timeout()) {
+            consider(t);
+        }
         for b in &self.backups {
             for p in &b.paths {
                 if p.up {
@@ -728,8 +864,12 @@ impl Sender {
         next
     }
 
-    /// Time passed: chunks unacknowledged for `retransmit_after` go back to the queue.
+    /// Time passed: chunks unacknowledged for `retransmit_after` go back to the queue; the switchover
+    /// repeats or gives up a step.
     pub fn handle_timeout(&mut self, now: Instant) {
+        if let Some((_, m)) = &mut self.switchover {
+            m.handle_timeout(now);
+        }
         let rto = self.cfg.retransmit_after;
         for backup in &mut self.backups {
             let mut requeue = vec![];
@@ -746,5 +886,82 @@ impl Sender {
                 backup.queue.push_front(item);
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::chunk::ChunkBuilder;
+
+    fn welcome() -> Welcome {
+        Welcome {
+            instance: 1,
+            committed_epoch: 0,
+            committed_session: 0,
+            node: "b".into(),
+        }
+    }
+
+    #[test]
+    fn a_chunk_that_timed_out_goes_again_on_another_path() {
+        let t = Instant::now();
+        let mut s = Sender::new(SenderConfig::default(), &[3]);
+        for p in 0..3 {
+            s.handle_path_up(0, p, &welcome(), t);
+        }
+        while s.poll_transmit(t).is_some() {}
+        assert_eq!(
+            s.begin_epoch(0, 1),
+            EpochStart::Resync {
+                from: 0,
+                from_session: 0
+            }
+        );
+        // Three chunks, one per path; the round-robin comes back to path 0 after them.
+        for i in 0..3u64 {
+            let mut b = ChunkBuilder::new(1, 4096, 4);
+            b.push(i * 4096, &[1u8 + i as u8; 4096]);
+            s.push_chunk(0, b.finish(false));
+        }
+        let first: Vec<(u32, PathId)> = std::iter::from_fn(|| s.poll_transmit(t))
+            .filter_map(|x| match x.msg {
+                Message::Chunk { seq, .. } => Some((seq, x.path)),
+                _ => None,
+            })
+            .collect();
+        assert_eq!(first.len(), 3);
+        let later = t + Duration::from_millis(2500);
+        s.handle_timeout(later);
+        let again: Vec<(u32, PathId)> = std::iter::from_fn(|| s.poll_transmit(later))
+            .filter_map(|x| match x.msg {
+                Message::Chunk { seq, .. } => Some((seq, x.path)),
+                _ => None,
+            })
+            .collect();
+        assert_eq!(again.len(), 3, "{again:?}");
+        for (seq, path) in again {
+            let (_, old) = first.iter().find(|(s, _)| *s == seq).unwrap();
+            assert_ne!(path, *old, "chunk {seq} resent on the path that lost it");
+        }
+    }
+
+    #[test]
+    fn with_one_path_left_a_timed_out_chunk_goes_again_on_it() {
+        let t = Instant::now();
+        let mut s = Sender::new(SenderConfig::default(), &[2]);
+        s.handle_path_up(0, 0, &welcome(), t);
+        while s.poll_transmit(t).is_some() {}
+        s.begin_epoch(0, 1);
+        let mut b = ChunkBuilder::new(1, 4096, 4);
+        b.push(0, &[1u8; 4096]);
+        s.push_chunk(0, b.finish(false));
+        let first = s.poll_transmit(t).unwrap();
+        let later = t + Duration::from_millis(2500);
+        s.handle_timeout(later);
+        let again = std::iter::from_fn(|| s.poll_transmit(later))
+            .find(|x| matches!(x.msg, Message::Chunk { .. }))
+            .expect("sent again");
+        assert_eq!(again.path, first.path);
     }
 }
