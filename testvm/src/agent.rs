@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use endophyte_attach::agent::{AttachTarget, TargetError, TargetRegion};
 use endophyte_attach::bitmap::DirtyBitmap;
-use endophyte_attach::proto::{ErrorCode, RegionInfo, VmInfo};
+use endophyte_attach::proto::{ErrorCode, Features, RegionInfo, VmInfo};
 
 use crate::dirty::DirtySource;
 use crate::vm::{Vm, VmError, VmState};
@@ -24,6 +24,7 @@ pub struct VmHost {
     shutdown: Mutex<bool>,
     shutdown_cv: Condvar,
     gate: Option<ConsoleGate>,
+    throttle: bool,
 }
 
 /// A console sink with output commit: it prints through its inner sink, except while held, when it
@@ -93,6 +94,13 @@ impl VmHost {
         self
     }
 
+    /// Refuses `set_throttle` and declares no throttle at the handshake: a VMM without one, for testing
+    /// how a sidecar copes.
+    pub fn without_throttle(mut self) -> Self {
+        self.throttle = false;
+        self
+    }
+
     /// Hosts `vm`, or nothing (standby) until a client restores one.
     pub fn new(vm: Option<Vm>, dirty_source: DirtySource, console: ConsoleFactory) -> Self {
         Self {
@@ -102,6 +110,7 @@ impl VmHost {
             shutdown: Mutex::new(false),
             shutdown_cv: Condvar::new(),
             gate: None,
+            throttle: true,
         }
     }
 
@@ -183,6 +192,11 @@ impl AttachTarget for VmHost {
             bitmap_bytes: 0,
             running: false,
             dirty_logging: false,
+            features: Features {
+                dirty_log: true,
+                throttle: self.throttle,
+                hold_console: self.gate.is_some(),
+            },
         };
         let mut regions = Vec::new();
         if let Some(vm) = g.as_ref() {
@@ -230,6 +244,12 @@ impl AttachTarget for VmHost {
     }
 
     fn set_throttle(&self, fraction: f64) -> Result<(), TargetError> {
+        if !self.throttle {
+            return Err(TargetError {
+                code: ErrorCode::BadRequest,
+                message: "this VMM has no vCPU throttle".into(),
+            });
+        }
         self.vm(|vm| {
             vm.set_throttle(fraction);
             Ok(())

@@ -8,6 +8,7 @@
 //! - [`vcpu`], [`vm`]: vCPU threads and the VM (pause/resume, throttle, harvest, hashing, save/restore).
 //! - [`agent`]: the VMM side of the attach protocol, serving a [`vm::Vm`] to a sidecar.
 //! - [`run`]: the `testvm run` driver with its dirty-tracking check against the guest's own log.
+//! - [`serve`]: serving a booted or standby VM over the attach protocol, console gated.
 //!
 //! The host must have `/dev/kvm`. Guests start directly in 64-bit long mode on page tables the VMM builds,
 //! which is what runs at full speed under nested KVM (kvm_pvm) as well.
@@ -18,6 +19,7 @@ pub mod guest;
 pub mod layout;
 pub mod memory;
 pub mod run;
+pub mod serve;
 pub mod vcpu;
 pub mod vm;
 

@@ -8,6 +8,7 @@ use clap::{Parser, Subcommand, ValueEnum};
 use testvm::agent::{ConsoleToStderr, VmHost};
 use testvm::layout::parse_bytes;
 use testvm::run::{run, RunOptions};
+use testvm::serve::ServeOptions;
 use testvm::{DirtySource, Vm, VmConfig, WorkloadConfig};
 
 #[derive(Parser)]
@@ -93,6 +94,9 @@ enum Cmd {
         /// Stop after this long even without a shutdown request.
         #[arg(long, value_parser = parse_duration)]
         duration: Option<Duration>,
+        /// Declare no vCPU throttle and refuse to throttle (a VMM without one, for testing).
+        #[arg(long)]
+        no_throttle: bool,
     },
     /// Wait on the attach socket, with no VM, for a client to restore one (migration or failover target).
     Standby {
@@ -183,8 +187,10 @@ fn main() -> anyhow::Result<()> {
             attach_socket,
             vm: args,
             paused,
-            duration,
+            duration: Some(duration),
+            no_throttle,
         } => {
+            // A bounded run: no console gate needed, the VM is dropped when the time is up.
             let dirty_source = args.dirty_source;
             let vm = Vm::boot(VmConfig {
                 mem_bytes: args.mem,
@@ -198,15 +204,44 @@ fn main() -> anyhow::Result<()> {
             if !paused {
                 vm.resume()?;
             }
-            let host = std::sync::Arc::new(VmHost::new(Some(vm), dirty_source, console_factory()));
-            testvm::agent::serve_on_socket(host, &attach_socket, duration)?;
+            let host = VmHost::new(Some(vm), dirty_source, console_factory());
+            let host = if no_throttle {
+                host.without_throttle()
+            } else {
+                host
+            };
+            testvm::agent::serve_on_socket(
+                std::sync::Arc::new(host),
+                &attach_socket,
+                Some(duration),
+            )?;
+        }
+        Cmd::Serve {
+            attach_socket,
+            vm: args,
+            paused,
+            duration: None,
+            no_throttle,
+        } => {
+            let cfg = VmConfig {
+                mem_bytes: args.mem,
+                vcpus: args.vcpus,
+                workload: args.workload(),
+                verify_dirty: false,
+                dirty_source: args.dirty_source,
+                console: Box::new(ConsoleToStderr::default()),
+            };
+            let opts = ServeOptions {
+                no_throttle,
+                paused,
+            };
+            testvm::serve::serve_booted(cfg, &attach_socket, opts)?;
         }
         Cmd::Standby {
             attach_socket,
             dirty_source,
         } => {
-            let host = std::sync::Arc::new(VmHost::new(None, dirty_source, console_factory()));
-            testvm::agent::serve_on_socket(host, &attach_socket, None)?;
+            testvm::serve::serve_standby(&attach_socket, dirty_source, ServeOptions::default())?;
         }
     }
     Ok(())

@@ -4,6 +4,11 @@
 //! connection stays outstanding until the client releases it; if the client releases it as not
 //! consumed, or the connection ends first, its pages are put back into the VMM, so that no dirty page is
 //! ever lost to a sidecar that crashed mid-epoch.
+//!
+//! What a connection set up for the VM also ends with it: when the connection that last set a throttle
+//! closes (the sidecar exited, crashed or was killed), the throttle goes back to 0, and when the one
+//! holding console output closes, the held output is printed and output flows again. A killed sidecar
+//! thus never leaves its guest slowed down or its console silent.
 
 use std::fs::File;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
@@ -95,6 +100,18 @@ pub trait AttachTarget: Send + Sync {
     }
 }
 
+/// Which connection holds what, shared by all connections of one agent.
+#[derive(Debug, Default)]
+struct Holders {
+    /// The connection that consumes dirty pages: `(connection id, client name)`. Harvests take pages
+    /// away, so two consumers would each see only part of them; one owns the log.
+    dirty_log: Option<(u64, String)>,
+    /// The connection that set the throttle in force (a non-zero one).
+    throttle: Option<u64>,
+    /// The connection holding console output.
+    console: Option<u64>,
+}
+
 /// Serves `target` on `listener` until [`AttachTarget::shutdown`] is requested by a client; each
 /// connection runs on its own thread. Returns when a client asked for shutdown.
 ///
@@ -102,7 +119,7 @@ pub trait AttachTarget: Send + Sync {
 /// Errors of `accept` other than interruptions.
 pub fn serve(listener: UnixListener, target: Arc<dyn AttachTarget>) -> std::io::Result<()> {
     let (stop_tx, stop_rx) = std::sync::mpsc::channel::<()>();
-    let owner: Arc<Mutex<Option<(u64, String)>>> = Arc::default();
+    let owner: Arc<Mutex<Holders>> = Arc::default();
     let mut next_id = 1u64;
     listener.set_nonblocking(true)?;
     loop {
@@ -140,9 +157,8 @@ struct Connection {
     bitmap: Option<(File, *mut u8, usize)>,
     pending: Option<(u64, Vec<DirtyBitmap>)>,
     next_seq: u64,
-    /// The connection that consumes dirty pages, shared by all connections: `(connection id, client name)`.
-    /// Harvests take pages away, so two consumers would each see only part of them; one owns the log.
-    owner: Arc<Mutex<Option<(u64, String)>>>,
+    /// What each connection holds, shared by all connections.
+    owner: Arc<Mutex<Holders>>,
     id: u64,
     client: String,
 }
@@ -155,7 +171,7 @@ impl Connection {
     fn new(
         stream: UnixStream,
         target: Arc<dyn AttachTarget>,
-        owner: Arc<Mutex<Option<(u64, String)>>>,
+        owner: Arc<Mutex<Holders>>,
         id: u64,
     ) -> Self {
         Self {
@@ -172,17 +188,21 @@ impl Connection {
 
     /// Makes this connection the dirty-log owner if there is none; refuses if another one is.
     fn claim_dirty_log(&self, what: &str) -> Result<(), TargetError> {
-        let mut o = self.owner.lock().unwrap_or_else(|e| e.into_inner());
-        match &*o {
+        let mut o = self.holders();
+        match &o.dirty_log {
             Some((id, name)) if *id != self.id => Err(TargetError::bad_state(format!(
                 "cannot {what}: dirty logging belongs to {name:?} (attach connection {id}); a second consumer \
                  would take dirty pages away from it"
             ))),
             _ => {
-                *o = Some((self.id, self.client.clone()));
+                o.dirty_log = Some((self.id, self.client.clone()));
                 Ok(())
             }
         }
+    }
+
+    fn holders(&self) -> std::sync::MutexGuard<'_, Holders> {
+        self.owner.lock().unwrap_or_else(|e| e.into_inner())
     }
 
     /// Returns Ok(true) if the client asked for shutdown.
@@ -192,10 +212,29 @@ impl Connection {
             // The client went away mid-harvest: nothing it took may be lost.
             self.target.put_back(&bitmaps);
         }
-        // Logging goes on (so no write is missed); the next consumer takes the log over.
-        let mut o = self.owner.lock().unwrap_or_else(|e| e.into_inner());
-        if o.as_ref().is_some_and(|(id, _)| *id == self.id) {
-            *o = None;
+        // Logging goes on (so no write is missed); the next consumer takes the log over. A throttle or a
+        // console hold this connection set ends with it.
+        let (throttled, held) = {
+            let mut o = self.holders();
+            if o.dirty_log.as_ref().is_some_and(|(id, _)| *id == self.id) {
+                o.dirty_log = None;
+            }
+            (
+                o.throttle.take_if(|id| *id == self.id).is_some(),
+                o.console.take_if(|id| *id == self.id).is_some(),
+            )
+        };
+        if throttled {
+            tracing::warn!(client = %self.client, "the client that throttled the guest went away: throttle cleared");
+            if let Err(e) = self.target.set_throttle(0.0) {
+                tracing::error!(client = %self.client, "clearing the throttle it left: {e}");
+            }
+        }
+        if held {
+            tracing::warn!(client = %self.client, "the client holding console output went away: output released");
+            if let Err(e) = self.target.hold_console(false) {
+                tracing::error!(client = %self.client, "releasing the console it held: {e}");
+            }
         }
         result
     }
@@ -275,7 +314,7 @@ impl Connection {
             Request::StopDirtyLog => {
                 self.claim_dirty_log("stop dirty logging")?;
                 t.stop_dirty_log()?;
-                *self.owner.lock().unwrap_or_else(|e| e.into_inner()) = None;
+                self.holders().dirty_log = None;
                 Response::Ok
             }
             Request::Harvest => {
@@ -332,6 +371,7 @@ impl Connection {
                     });
                 }
                 t.set_throttle(fraction)?;
+                self.holders().throttle = (fraction > 0.0).then_some(self.id);
                 Response::Ok
             }
             Request::HashRam => Response::Hash {
@@ -353,6 +393,7 @@ impl Connection {
             Request::Status => Response::Status { vm: t.describe().0 },
             Request::HoldConsole { hold } => {
                 t.hold_console(hold)?;
+                self.holders().console = hold.then_some(self.id);
                 Response::Ok
             }
             Request::Shutdown => {

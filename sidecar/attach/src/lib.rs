@@ -10,12 +10,14 @@
 //! - [`proto`]: messages and framing.
 //! - [`agent`]: the VMM side, serving any [`agent::AttachTarget`].
 //! - [`client`]: the sidecar side.
+//! - [`inspect`]: a check that a client's view of guest RAM is the VMM's.
 
 pub mod agent;
 pub mod bitmap;
 pub mod client;
+pub mod inspect;
 pub mod proto;
 
 pub use agent::{AttachTarget, TargetError};
 pub use client::{AttachClient, ClientError, Harvest};
-pub use proto::{ErrorCode, VmInfo};
+pub use proto::{ErrorCode, Features, VmInfo};

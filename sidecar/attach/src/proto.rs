@@ -92,6 +92,33 @@ pub struct VmInfo {
     pub running: bool,
     /// Whether dirty logging is on.
     pub dirty_logging: bool,
+    /// What this VMM can do beyond the basics (pause, resume, save, restore). Absent from an older
+    /// agent, which had all of these.
+    #[serde(default)]
+    pub features: Features,
+}
+
+/// Optional abilities of a VMM, declared at the handshake so that the sidecar adapts instead of failing
+/// mid-run (a VMM without a throttle gets the emergency policy, one without a console gate releases its
+/// output at once).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Features {
+    /// `start_dirty_log`, `harvest` and `release_harvest` work: the VMM has an incremental dirty log.
+    pub dirty_log: bool,
+    /// `set_throttle` works.
+    pub throttle: bool,
+    /// `hold_console` works (output commit).
+    pub hold_console: bool,
+}
+
+impl Default for Features {
+    fn default() -> Self {
+        Self {
+            dirty_log: true,
+            throttle: true,
+            hold_console: true,
+        }
+    }
 }
 
 /// A request from the client (sidecar) to the agent (VMM).

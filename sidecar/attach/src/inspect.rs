@@ -1,10 +1,10 @@
-//! `endophyte inspect`: attach to a VMM, pause it briefly, and check that the guest RAM this process sees
+//! `endophyte inspect` (and any client checking an agent): attach to a VMM, pause it briefly, and check that the guest RAM this process sees
 //! through its own read-only mapping is byte for byte what the VMM sees.
 
 use std::path::Path;
 use std::time::Instant;
 
-use endophyte_attach::{AttachClient, ClientError};
+use crate::{AttachClient, ClientError};
 use serde::Serialize;
 
 /// What an inspection found.
