@@ -93,9 +93,9 @@ impl<'t> Cluster<'t> {
         let _ = std::fs::remove_dir_all(dir);
         std::fs::create_dir_all(dir)?;
         let certs = dir.join("certs");
-        endophyte::tls::init_network(&certs, "bench")?;
+        endophyte_engine::tls::init_network(&certs, "bench")?;
         for n in nodes {
-            endophyte::tls::issue_node(&certs, n)?;
+            endophyte_engine::tls::issue_node(&certs, n)?;
         }
         Ok(Self {
             topo,
@@ -261,7 +261,7 @@ impl<'t> Cluster<'t> {
                     tail(&self.log(name), 8)
                 );
             }
-            if let Ok(s) = endophyte::control::request(ctl, "GET", "/v1/status", None) {
+            if let Ok(s) = endophyte_engine::control::request(ctl, "GET", "/v1/status", None) {
                 if s["rpo_ms"].is_number() {
                     return Ok(t.elapsed());
                 }
@@ -327,7 +327,7 @@ impl Drop for Cluster<'_> {
 /// The socket could not be reached or holds no guest status record.
 pub fn guest_pages(sock: &Path) -> anyhow::Result<u64> {
     let c = AttachClient::connect(sock, "bench")?;
-    endophyte::demo::guest_pages_written(&c)
+    endophyte_demo::probe::guest_pages_written(&c)
 }
 
 /// The guest's write rate over `window`, pages/s, from its own counter.
@@ -490,6 +490,9 @@ pub fn migration(
         let init = c.wait_initial_copy(&name, &ctl, Duration::from_secs(900))?;
         initial.push(init.as_secs_f64());
         m.rates_mb_s.push(mb_s(guest_rate(&attach, settle)?));
+        // The bench's own view of the source guest: its mapping outlives the source VMM, which stays
+        // paused from the final pause until it exits, so the counter there is the one at the switchover.
+        let source = AttachClient::connect(&attach, "bench")?;
         let w0 = topo.delivered_bytes(here, there) + topo.delivered_bytes(there, here);
         let out = std::process::Command::new(&c.exe)
             .args([
@@ -522,8 +525,9 @@ pub fn migration(
         let target_sock = c.vm_dir(&node).join("vmm.sock");
         let continued = guest_pages(&target_sock)
             .ok()
-            .zip(r["source_guest_pages"].as_u64())
+            .zip(endophyte_demo::probe::guest_pages_written(&source).ok())
             .is_some_and(|(p, src)| p >= src);
+        drop(source);
         if !(hashes_match && continued) {
             row.notes.push(format!(
                 "run {run}: RAM hashes match {hashes_match}, the guest's counter went on at the target {continued}"
@@ -586,7 +590,7 @@ pub fn failover(
     let bctl = c.dir.join("nb.ctl");
     let body = serde_json::json!({"vm": "vm1", "force": false, "verify": false});
     let (resp, accepted) = loop {
-        match endophyte::control::request(&bctl, "POST", "/v1/promote", Some(&body)) {
+        match endophyte_engine::control::request(&bctl, "POST", "/v1/promote", Some(&body)) {
             Ok(v) => break (v, killed.elapsed()),
             Err(e) => {
                 anyhow::ensure!(

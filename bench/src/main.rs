@@ -50,7 +50,7 @@ struct RunArgs {
     #[arg(long, value_delimiter = ',')]
     profiles: Vec<String>,
     /// VM sizes of the grid (e.g. 1GiB,4GiB).
-    #[arg(long, value_delimiter = ',', value_parser = endophyte::config::parse_bytes)]
+    #[arg(long, value_delimiter = ',', value_parser = endophyte_engine::config::parse_bytes)]
     sizes: Vec<u64>,
     /// Dirty-rate targets of the grid, MB/s (e.g. 10,50,200).
     #[arg(long, value_delimiter = ',')]
@@ -89,7 +89,8 @@ fn run(p: Plan, a: &RunArgs) -> anyhow::Result<()> {
         endophyte_bench::topology::profile_named(name).map_err(|e| anyhow::anyhow!(e))?;
     }
     let rep = endophyte_bench::run::run(&p, &a.out)?;
-    let files = rep.write(&a.out)?;
+    let mut files = rep.write(&a.out)?;
+    files.extend(endophyte_bench::plot::plots(&rep, &a.out)?);
     let _ = std::fs::remove_file(a.out.join("report.partial.json"));
     print!("{}", rep.markdown());
     for f in files {
@@ -113,7 +114,9 @@ fn main() -> anyhow::Result<()> {
                     .parent()
                     .map_or_else(|| PathBuf::from("."), PathBuf::from)
             });
-            for f in rep.write(&dir)? {
+            let mut files = rep.write(&dir)?;
+            files.extend(endophyte_bench::plot::plots(&rep, &dir)?);
+            for f in files {
                 eprintln!("bench: wrote {}", f.display());
             }
         }

@@ -180,10 +180,10 @@ pub fn fmt_num(v: f64) -> String {
 const PEERS: [&str; 2] = ["qemu-defaults", "qemu-tuned"];
 
 impl Report {
-    /// Writes `report.json`, `report.md` and the plots into `dir`.
+    /// Writes `report.json` and `report.md` into `dir` (the plots: [`crate::plot::plots`]).
     ///
     /// # Errors
-    /// A file could not be written, or a plot could not be drawn (its message says which).
+    /// A file could not be written (its message says which).
     pub fn write(&self, dir: &Path) -> anyhow::Result<Vec<std::path::PathBuf>> {
         std::fs::create_dir_all(dir)?;
         let mut written = vec![];
@@ -193,7 +193,6 @@ impl Report {
         let md = dir.join("report.md");
         std::fs::write(&md, self.markdown())?;
         written.push(md);
-        written.extend(crate::plot::plots(self, dir)?);
         Ok(written)
     }
 

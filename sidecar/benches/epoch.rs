@@ -14,7 +14,8 @@ use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use endophyte_attach::client::AttachClient;
+use endophyte_vmm::attach::AttachSource;
+use endophyte_vmm::{SourceVmm, Tracking};
 
 const EXE: &str = env!("CARGO_BIN_EXE_endophyte");
 
@@ -120,9 +121,12 @@ fn epoch_pause(dir: &Path) {
         random_page_copy_gbps(true)
     );
     let (_vm, sock) = vmm(dir, "hotset:size=256M,rate=0");
-    let c = AttachClient::connect(&sock, "bench").unwrap();
+    // Through the engine's VMM boundary, as the sidecar does.
+    let src = AttachSource::connect(&sock, Tracking::DirtyLog).unwrap();
+    let log = src.dirty_log().unwrap();
+    let page_size = src.geometry().page_size;
     let mut staging = vec![0xa5u8; 256 << 20];
-    c.start_dirty_log().unwrap();
+    log.start().unwrap();
     println!("epoch pause against dirty bytes (1 GiB guest, hotset 256 MiB at full speed)");
     println!("epoch_ms  threads  dirty_MB  pause_rpc_ms  harvest_ms  copy_ms  resume_ms  total_ms  ms_per_10MB  copy_GB/s");
     for (epoch_ms, threads) in [10u64, 50, 100, 200, 400, 800, 1600]
@@ -131,21 +135,21 @@ fn epoch_pause(dir: &Path) {
     {
         let mut rows = vec![];
         for _ in 0..5 {
-            let h = c.harvest().unwrap();
-            c.release(h.seq, true).unwrap();
+            let h = log.harvest().unwrap();
+            log.release(h.seq, true).unwrap();
             std::thread::sleep(Duration::from_millis(epoch_ms));
             let t0 = Instant::now();
-            c.pause().unwrap();
+            src.pause().unwrap();
             let t1 = Instant::now();
-            let h = c.harvest().unwrap();
+            let h = log.harvest().unwrap();
             let t2 = Instant::now();
             let pages: u64 = h.bitmaps.iter().map(|b| b.count()).sum();
-            let bytes = pages * c.info().page_size;
-            endophyte::replicate::stage_dirty(&c, &h.bitmaps, &mut staging, threads).unwrap();
+            let bytes = pages * page_size;
+            endophyte_engine::primary::stage_dirty(log, &h.bitmaps, &mut staging, threads).unwrap();
             let t3 = Instant::now();
-            c.resume().unwrap();
+            src.resume().unwrap();
             let t4 = Instant::now();
-            c.release(h.seq, true).unwrap();
+            log.release(h.seq, true).unwrap();
             rows.push((bytes, t1 - t0, t2 - t1, t3 - t2, t4 - t3, t4 - t0));
         }
         rows.sort_by_key(|r| r.5);
@@ -163,7 +167,7 @@ fn epoch_pause(dir: &Path) {
         );
     }
     println!("(median of 5 per row)");
-    let _ = c.shutdown();
+    let _ = src.shutdown();
 }
 
 /// `[Rss, Anonymous (private), guest RAM mapping Rss]` in KiB, from /proc/<pid>/smaps.
@@ -207,9 +211,9 @@ fn free_udp() -> std::net::SocketAddr {
 
 fn sidecar_rss(dir: &Path) {
     let certs = dir.join("certs");
-    endophyte::tls::init_network(&certs, "bench").unwrap();
+    endophyte_engine::tls::init_network(&certs, "bench").unwrap();
     for n in ["p", "b1", "b2"] {
-        endophyte::tls::issue_node(&certs, n).unwrap();
+        endophyte_engine::tls::issue_node(&certs, n).unwrap();
     }
     let (a1, a2) = (free_udp(), free_udp());
     let c = certs.to_str().unwrap();

@@ -13,8 +13,8 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use endophyte::tls::Identity;
-use endophyte::transport::{client_endpoint, read_message, write_frame};
+use endophyte_engine::tls::Identity;
+use endophyte_engine::transport::{client_endpoint, read_message, write_frame};
 use endophyte_wire::{ChunkBuilder, Hello, Message, Welcome};
 
 fn cpu_seconds_of(pid: u32) -> f64 {
@@ -164,9 +164,9 @@ fn main() {
     let dir = std::env::temp_dir().join(format!("endophyte-bench-paths-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&dir);
     let certs = dir.join("certs");
-    endophyte::tls::init_network(&certs, "bench").unwrap();
-    endophyte::tls::issue_node(&certs, "sink").unwrap();
-    endophyte::tls::issue_node(&certs, "sender").unwrap();
+    endophyte_engine::tls::init_network(&certs, "bench").unwrap();
+    endophyte_engine::tls::issue_node(&certs, "sink").unwrap();
+    endophyte_engine::tls::issue_node(&certs, "sender").unwrap();
     let addr_file = dir.join("addr");
     let mut child = std::process::Command::new(std::env::current_exe().unwrap())
         .arg("--sink")

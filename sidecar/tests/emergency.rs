@@ -18,7 +18,7 @@ fn guest_rate(c: &AttachClient, over: Duration) -> f64 {
 }
 
 fn set_cap(ctl: &std::path::Path, bytes_per_s: Option<u64>) {
-    let v = endophyte::control::request(
+    let v = endophyte_engine::control::request(
         ctl,
         "PUT",
         "/v1/max-bandwidth",

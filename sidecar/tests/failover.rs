@@ -11,7 +11,8 @@ use endophyte_attach::client::AttachClient;
 
 fn promote(ctl: &std::path::Path, force: bool) -> Result<serde_json::Value, String> {
     let body = serde_json::json!({ "vm": "vm1", "force": force, "verify": true });
-    endophyte::control::request(ctl, "POST", "/v1/promote", Some(&body)).map_err(|e| e.to_string())
+    endophyte_engine::control::request(ctl, "POST", "/v1/promote", Some(&body))
+        .map_err(|e| e.to_string())
 }
 
 #[test]
@@ -83,7 +84,7 @@ fn a_backup_promotes_its_last_committed_epoch_once_the_primary_is_gone() {
     // A second promote is refused: the VM runs here.
     let e = promote(&bctl, true).unwrap_err();
     assert!(e.contains("already runs"), "{e}");
-    let st = endophyte::control::request(&bctl, "GET", "/v1/status", None).unwrap();
+    let st = endophyte_engine::control::request(&bctl, "GET", "/v1/status", None).unwrap();
     assert_eq!(st["vms"][0]["fence"]["state"], "running", "{st}");
     vm2.shutdown().unwrap();
 }

@@ -96,10 +96,14 @@ fn a_running_guest_moves_to_its_backup_and_carries_on_there() {
         d2,
         b: [_b1, _b2],
         mut source_vmm,
+        sock,
         ctl,
         sidecar,
         ..
     } = setup(&[]);
+    // The test's own view of the source guest's RAM: its mapping outlives the source VMM, which stays
+    // paused from the final pause until it exits.
+    let source = AttachClient::connect(&sock, "probe").unwrap();
 
     let (ok, st) = migrate(&ctl, "b2", &[]);
     assert!(ok, "{st}");
@@ -124,7 +128,7 @@ fn a_running_guest_moves_to_its_backup_and_carries_on_there() {
 
     // The guest continues on the target from the source's last counter.
     let target = AttachClient::connect(d2.join("vm1").join("vmm.sock"), "test").unwrap();
-    let last = r["source_guest_pages"].as_u64().unwrap();
+    let last = guest_pages(&source);
     let p0 = guest_pages(&target);
     std::thread::sleep(Duration::from_secs(1));
     let p1 = guest_pages(&target);
@@ -189,7 +193,7 @@ fn a_target_killed_during_switchover_never_runs_the_guest_and_the_source_carries
         b2.wait_exit(Duration::from_secs(5)).is_some(),
         "b2 did not crash"
     );
-    let mig = endophyte::control::request(&ctl, "GET", "/v1/migration", None).unwrap();
+    let mig = endophyte_engine::control::request(&ctl, "GET", "/v1/migration", None).unwrap();
     assert_eq!(mig["phase"], "failed", "{mig}");
     let why = mig["error"].as_str().unwrap();
     assert!(why.contains("b2"), "{why}");
@@ -283,28 +287,26 @@ fn a_guest_migrates_there_back_and_there_again_under_rising_generations() {
         status_until(&ctl, Duration::from_secs(60), "replication", |s| {
             s["backups"][0]["committed_epoch"].as_u64() > Some(3)
         });
+        let source = AttachClient::connect(attach, "probe").unwrap();
         let (ok, st) = migrate(&ctl, to.0, &[]);
         assert!(ok, "{st}");
         let r = st["report"].clone();
         assert_eq!(r["generation"], gen + 1);
         assert_eq!(r["target_ram_hash"], r["source_ram_hash"]);
         assert!(child.wait_with_output().unwrap().status.success());
-        r
+        // The guest's counter at the final pause, through the mapping that outlived the source VMM.
+        (r, guest_pages(&source))
     };
 
     // A -> B.
-    let r1 = move_vm("sa", &sock, ("nb", ab), 0);
+    let (_, g1) = move_vm("sa", &sock, ("nb", ab), 0);
     assert!(vm_a.wait_exit(Duration::from_secs(10)).is_some());
 
     // B -> A: a sidecar on B attaches to the VM running there, under generation 1.
     let on_b = db.join("vm1").join("vmm.sock");
-    let r2 = move_vm("sb", &on_b, ("na", aa), 1);
+    let (_, g2) = move_vm("sb", &on_b, ("na", aa), 1);
     // The guest's counter went on through both moves, and it runs on A again.
     let back = AttachClient::connect(da.join("vm1").join("vmm.sock"), "test").unwrap();
-    let (g1, g2) = (
-        r1["source_guest_pages"].as_u64().unwrap(),
-        r2["source_guest_pages"].as_u64().unwrap(),
-    );
     let p0 = guest_pages(&back);
     std::thread::sleep(Duration::from_millis(500));
     let p1 = guest_pages(&back);
@@ -336,9 +338,8 @@ fn a_guest_migrates_there_back_and_there_again_under_rising_generations() {
     // A -> B again: B takes the replica back (resynced whole: its contents are those of the epoch the VM
     // started from there) and the guest moves a third time.
     let on_a = da.join("vm1").join("vmm.sock");
-    let r3 = move_vm("sa", &on_a, ("nb", ab), 2);
+    let (_, g3) = move_vm("sa", &on_a, ("nb", ab), 2);
     let on_b = AttachClient::connect(db.join("vm1").join("vmm.sock"), "test").unwrap();
-    let g3 = r3["source_guest_pages"].as_u64().unwrap();
     let p2 = guest_pages(&on_b);
     std::thread::sleep(Duration::from_millis(500));
     let p3 = guest_pages(&on_b);

@@ -10,8 +10,8 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use common::*;
-use endophyte::tls::Identity;
-use endophyte::transport::{client_endpoint, read_message, write_frame, PathError};
+use endophyte_engine::tls::Identity;
+use endophyte_engine::transport::{client_endpoint, read_message, write_frame, PathError};
 use endophyte_wire::frame::{encode_header, HEADER_BYTES};
 use endophyte_wire::msg::epoch_hash;
 use endophyte_wire::{ChunkBuilder, EncodedFrame, EpochEnd, ErrorCode, Hello, Message, PageChunk};

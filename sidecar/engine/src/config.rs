@@ -4,6 +4,7 @@
 //! ```toml
 //! vm_id = "vm-a"
 //! attach_socket = "/run/endophyte/vm-a.sock"
+//! tracking = "dirty-log"             # or "full-snapshot": one snapshot per epoch, diffed by page hashes
 //! certs = "/etc/endophyte/certs"     # ca.pem, <node>.pem, <node>.key
 //! node = "primary-1"
 //! epoch_ms = 100                     # epoch length
@@ -135,6 +136,18 @@ pub enum Emergency {
     Discard,
 }
 
+/// How the sidecar learns which pages changed, for a VMM that offers a choice.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "kebab-case")]
+pub enum TrackingMode {
+    /// The VMM's dirty log (KVM's bitmap or ring): only written pages are read and sent.
+    #[default]
+    DirtyLog,
+    /// A full snapshot per epoch, diffed against per-page hashes: for VMMs without a usable dirty log
+    /// (with the attach protocol, mainly to exercise that path).
+    FullSnapshot,
+}
+
 /// One backup node and how to reach it.
 #[derive(Clone, Debug, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields)]
@@ -236,6 +249,9 @@ pub struct SidecarConfig {
     /// The VMM's attach socket.
     #[serde(default)]
     pub attach_socket: PathBuf,
+    /// How changed pages are found (`dirty-log`, the default, or `full-snapshot`).
+    #[serde(default)]
+    pub tracking: TrackingMode,
     /// Certificate directory.
     #[serde(default)]
     pub certs: PathBuf,
@@ -348,7 +364,7 @@ impl SidecarConfig {
             return bad("vm_id is required".into());
         }
         if self.attach_socket.as_os_str().is_empty() {
-            return bad("attach_socket is required".into());
+            return bad("attach_socket is required (the VMM whose guest is replicated)".into());
         }
         if self.node.is_empty() || self.certs.as_os_str().is_empty() {
             return bad("certs and node are required (make them with `endophyte certs`)".into());

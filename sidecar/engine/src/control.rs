@@ -4,12 +4,21 @@
 //! back as a non-2xx status with `{"error": "<what was wrong>"}`; [`request`] turns them into an error
 //! carrying that message.
 //!
-//! The sidecar serves (see [`crate::replicate`]):
+//! The sidecar serves (see [`crate::primary::api`]):
 //!
 //! | method and path | body | answer |
 //! |---|---|---|
 //! | `GET /v1/status` | | [`SidecarStatus`] |
 //! | `PUT /v1/max-bandwidth` | [`MaxBandwidth`] | the [`MaxBandwidth`] now in force |
+//! | `POST /v1/migrate` | [`crate::migrate::MigrateRequest`] | [`crate::migrate::MigrationStatus`] (202) |
+//! | `GET /v1/migration` | | [`crate::migrate::MigrationStatus`] |
+//!
+//! A backup serves (see [`crate::backup::api`]):
+//!
+//! | method and path | body | answer |
+//! |---|---|---|
+//! | `GET /v1/status` | | [`BackupNodeStatus`] |
+//! | `POST /v1/promote` | [`PromoteRequest`] | [`PromoteReply`] |
 
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
@@ -175,49 +184,100 @@ pub fn status_table(s: &SidecarStatus) -> String {
     t
 }
 
+/// Body of `POST /v1/promote` on a backup.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PromoteRequest {
+    /// The VM.
+    pub vm: String,
+    /// Promote even though the primary's lease is live (it may still run: two copies would).
+    pub force: bool,
+    /// Hash guest RAM before resuming it, and report the hash.
+    pub verify: bool,
+}
+
+/// The answer to `POST /v1/promote`: the VM runs on the backup.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct PromoteReply {
+    /// The VM.
+    pub vm: String,
+    /// The epoch it started from.
+    pub epoch: u64,
+    /// The generation it runs under.
+    pub generation: u64,
+    /// Where its VMM is reached (its control socket).
+    pub vmm_socket: String,
+    /// BLAKE3 of guest RAM before the resume, hex; empty unless `verify`.
+    pub ram_hash: String,
+    /// Whether the lease was overridden.
+    pub forced: bool,
+    /// From the request to the VM running, ms.
+    pub elapsed_ms: f64,
+}
+
+/// A VM's fence on a backup, in [`ReplicaStatus`].
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FenceStatus {
+    /// Highest generation seen here.
+    pub generation: u64,
+    /// `none`, `prepared`, `running`, `aborted` or `departed` (see [`endophyte_wire::FenceState`]).
+    pub state: String,
+}
+
+/// One replica on a backup, in [`BackupNodeStatus::vms`].
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct ReplicaStatus {
+    /// The VM.
+    pub vm_id: String,
+    /// Newest epoch the replica holds committed.
+    pub committed_epoch: u64,
+    /// Since a frame from the VM's primary last arrived, ms; `null` when never.
+    pub primary_heard_ms_ago: Option<f64>,
+    /// Whether the primary's lease is live (heard within the lease).
+    pub lease_live: bool,
+    /// The VM's fence here.
+    pub fence: FenceStatus,
+    /// Whether the VM runs on this node.
+    pub runs_here: bool,
+    /// Whether `POST /v1/promote` could start it here (the committed epoch carries its state).
+    pub promotable: bool,
+    /// Where the VMM holding the VM here is reached, when one does.
+    pub vmm_endpoint: Option<String>,
+}
+
+/// `GET /v1/status` on a backup.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct BackupNodeStatus {
+    /// This node's name.
+    pub node: String,
+    /// The primaries' lease, ms.
+    pub lease_ms: u64,
+    /// Its replicas.
+    pub vms: Vec<ReplicaStatus>,
+}
+
 /// Renders a backup's `GET /v1/status` for a terminal: one line per VM.
-pub fn backup_table(v: &serde_json::Value) -> String {
+pub fn backup_table(v: &BackupNodeStatus) -> String {
     use std::fmt::Write;
     let mut t = String::new();
-    let _ = writeln!(
-        t,
-        "backup {} (lease {} ms)",
-        v["node"].as_str().unwrap_or("?"),
-        v["lease_ms"]
-    );
+    let _ = writeln!(t, "backup {} (lease {} ms)", v.node, v.lease_ms);
     let _ = writeln!(
         t,
         "{:<20} {:>10} {:>14} {:>6} {:>18} {:>11}",
         "VM", "COMMITTED", "PRIMARY HEARD", "LEASE", "FENCE", "PROMOTABLE"
     );
-    for vm in v["vms"].as_array().into_iter().flatten() {
+    for vm in &v.vms {
         let _ = writeln!(
             t,
             "{:<20} {:>10} {:>14} {:>6} {:>18} {:>11}",
-            vm["vm_id"].as_str().unwrap_or("?"),
-            vm["committed_epoch"],
-            vm["primary_heard_ms_ago"].as_f64().map_or_else(
+            vm.vm_id,
+            vm.committed_epoch,
+            vm.primary_heard_ms_ago.map_or_else(
                 || "never".to_string(),
                 |ms| format!("{:.1} s ago", ms / 1e3)
             ),
-            if vm["lease_live"].as_bool() == Some(true) {
-                "live"
-            } else {
-                "gone"
-            },
-            format!(
-                "{} (gen {})",
-                vm["fence"]["state"]
-                    .as_str()
-                    .filter(|s| !s.is_empty())
-                    .unwrap_or("none"),
-                vm["fence"]["generation"]
-            ),
-            if vm["promotable"].as_bool() == Some(true) {
-                "yes"
-            } else {
-                "no"
-            }
+            if vm.lease_live { "live" } else { "gone" },
+            format!("{} (gen {})", vm.fence.state, vm.fence.generation),
+            if vm.promotable { "yes" } else { "no" }
         );
     }
     t

@@ -1,6 +1,6 @@
 //! Two-phase live migration: the control API's request and status shapes, and the CLI's client.
 //!
-//! The sidecar runs the migration inside its epoch loop (see [`crate::replicate`]):
+//! The sidecar runs the migration inside its epoch loop (see [`crate::primary`]):
 //!
 //! 1. **Converge.** Epochs shorten to half the downtime budget (at least 10 ms). After each epoch the
 //!    sidecar predicts the switchover's downtime as the last epoch's dirty bytes over the measured drain
@@ -12,7 +12,7 @@
 //!    saved. The final epoch goes to every backup, and the sidecar waits until the target commits it. Then
 //!    it sends `Switchover` with a generation one above the VM's current one. The target records a
 //!    `"prepared"` fence, starts a VMM on the replica file and restores the VM there, paused, and answers
-//!    `SwitchoverReady` ([`crate::switchover`]). The source then commits (`SwitchoverCommit`). The target
+//!    `SwitchoverReady` ([`endophyte_wire::switchover`]). The source then commits (`SwitchoverCommit`). The target
 //!    records `"running"`, resumes the guest and answers `SwitchedOver`. The source VMM is then shut down
 //!    and the sidecar exits.
 //!
@@ -129,8 +129,6 @@ pub struct MigrationReport {
     /// Source VMM's BLAKE3 of guest RAM at the final pause, taken after the target answered (the source
     /// stays paused, so this costs no downtime).
     pub source_ram_hash: String,
-    /// The guest's own pages-written counter at the final pause.
-    pub source_guest_pages: u64,
 }
 
 /// `GET /v1/migration`.

@@ -80,9 +80,9 @@ pub fn free_udp() -> SocketAddr {
 
 pub fn certs(dir: &Path, network: &str, nodes: &[&str]) -> PathBuf {
     let d = dir.join(format!("certs-{network}"));
-    endophyte::tls::init_network(&d, network).unwrap();
+    endophyte_engine::tls::init_network(&d, network).unwrap();
     for n in nodes {
-        endophyte::tls::issue_node(&d, n).unwrap();
+        endophyte_engine::tls::issue_node(&d, n).unwrap();
     }
     d
 }
@@ -113,19 +113,39 @@ pub fn relay(listen: SocketAddr, upstream: SocketAddr) -> Proc {
 
 /// Boots a testvm guest (through `endophyte testvm-serve`) and waits for its attach socket.
 pub fn vmm(socket: &Path, mem: &str, workload: &str) -> Proc {
-    let p = Proc::spawn(
-        "vmm",
-        &[
-            "testvm-serve",
-            "--fill",
-            "--mem",
-            mem,
-            "--workload",
-            workload,
-            "--attach-socket",
-            socket.to_str().unwrap(),
-        ],
-    );
+    vmm_with(socket, mem, workload, &[], None)
+}
+
+/// As [`vmm`], with extra `testvm-serve` flags, and its stderr (where the guest's console goes) appended
+/// to `console` when given.
+pub fn vmm_with(
+    socket: &Path,
+    mem: &str,
+    workload: &str,
+    extra: &[&str],
+    console: Option<&Path>,
+) -> Proc {
+    let mut cmd = Command::new(EXE);
+    cmd.args([
+        "testvm-serve",
+        "--fill",
+        "--mem",
+        mem,
+        "--workload",
+        workload,
+    ])
+    .arg("--attach-socket")
+    .arg(socket)
+    .args(extra)
+    .env("RUST_LOG", log_level())
+    .stdin(Stdio::null());
+    if let Some(p) = console {
+        cmd.stderr(std::fs::File::create(p).unwrap());
+    }
+    let p = Proc {
+        child: cmd.spawn().expect("spawning the VMM"),
+        name: "vmm".into(),
+    };
     let t = Instant::now();
     while !socket.exists() {
         assert!(
@@ -138,7 +158,7 @@ pub fn vmm(socket: &Path, mem: &str, workload: &str) -> Proc {
 }
 
 pub fn hash_file(p: &Path) -> String {
-    endophyte::demo::hash_file(p).unwrap()
+    endophyte_demo::probe::hash_file(p).unwrap()
 }
 
 /// epoch -> the VMM's guest RAM hash taken during that epoch's pause.
@@ -159,12 +179,12 @@ pub fn ram_hashes(p: &Path) -> std::collections::BTreeMap<u64, String> {
 
 /// The epoch the backup's replica file holds durably (its last checkpoint).
 pub fn checkpoint(vm_dir: &Path) -> u64 {
-    endophyte::demo::checkpoint_on_disk(vm_dir).unwrap()
+    endophyte_demo::probe::checkpoint_on_disk(vm_dir).unwrap()
 }
 
 /// Waits up to 15 s for the backup to checkpoint `epoch`; returns the checkpoint then.
 pub fn checkpoint_reaching(vm_dir: &Path, epoch: u64) -> u64 {
-    endophyte::demo::wait_checkpoint(vm_dir, epoch, Duration::from_secs(15)).unwrap()
+    endophyte_demo::probe::wait_checkpoint(vm_dir, epoch, Duration::from_secs(15)).unwrap()
 }
 
 /// The sidecar flags every test uses: VM `vm1` behind `sock`, node `primary` of the `certs` network, and
@@ -222,7 +242,7 @@ pub fn status(ctl: &Path) -> serde_json::Value {
         assert!(t.elapsed() < Duration::from_secs(30), "no control socket");
         std::thread::sleep(Duration::from_millis(50));
     }
-    endophyte::control::request(ctl, "GET", "/v1/status", None).unwrap()
+    endophyte_engine::control::request(ctl, "GET", "/v1/status", None).unwrap()
 }
 
 /// Polls the sidecar's status every 100 ms until `ok` holds (up to `limit`); returns the status then.
@@ -245,7 +265,7 @@ pub fn status_until(
 
 /// The guest's own pages-written counter, read through an attach connection.
 pub fn guest_pages(c: &endophyte_attach::client::AttachClient) -> u64 {
-    endophyte::demo::guest_pages_written(c).unwrap()
+    endophyte_demo::probe::guest_pages_written(c).unwrap()
 }
 
 /// One backup `b1` (started with `b1_flags`) and a VMM running `workload` in `mem`, in a scratch

@@ -4,15 +4,16 @@
 //!
 //! | file | what |
 //! |---|---|
-//! | `replica.img` | guest RAM as of the committed epoch, `mem_bytes` long (sparse where never written) |
-//! | `state.json` | `{vm_id, mem_bytes, page_size, checkpoint_epoch, checkpoint_session}`: the epoch `replica.img` holds durably; replaced atomically (write, fsync, rename) |
-//! | `journal/<epoch>.ejl` | the epoch's frames: a Hello naming the sending session, the Chunk frames as received, then its EpochEnd frame |
+//! | `replica.img` | guest RAM as of the committed epoch, `mem_bytes` long, allocated at open |
+//! | `state.json` | the epoch `replica.img` holds durably and where its VM state is ([`checkpoint`]); replaced atomically |
+//! | `vmstate-<epoch>.bin` | that epoch's vCPU and device state, as its end marker carried it |
+//! | `journal/<epoch>.ejl` | the epoch's frames: a Hello naming the sending session, the Chunk frames as received, then its EpochEnd frame ([`journal`]) |
+//! | `fence.json` | the VM's fence on this node ([`crate::fence`]) |
 //!
 //! Write-ahead logging with checkpoints, as databases do:
 //! - chunks are appended to the epoch's journal as they arrive;
 //! - at commit the EpochEnd frame is appended and the journal fsynced: **the commit point**;
-//! - the chunks are then written into `replica.img` in seq order (pwrite, runs of pages coalesced), without
-//!   waiting for the disk;
+//! - the chunks are then written into `replica.img` in seq order ([`apply`]), without waiting for the disk;
 //! - a checkpoint (every 2 s, or when the VM is idle for 300 ms) fdatasyncs the replica in a background
 //!   thread, records its epoch in `state.json`, and deletes the journals it covers.
 //!
@@ -21,22 +22,19 @@
 //! them), and deletes incomplete ones. A backup killed at any moment thus restarts with the last committed
 //! epoch. Syncing the replica per epoch instead would cost a random write per dirty page per epoch (measured
 //! here: 200-370 ms per 5 MB epoch, against about 1 ms for the sequential journal fsync).
-//!
-//! Journal writes go through io_uring (writev and fdatasync submitted to the kernel's ring); when the kernel
-//! refuses io_uring the store falls back to pwritev/fdatasync and says so in the log.
+
+mod apply;
+pub mod checkpoint;
+mod journal;
 
 use std::collections::BTreeMap;
 use std::fs::{File, OpenOptions};
-use std::io::Write;
 use std::os::fd::AsRawFd;
 use std::path::{Path, PathBuf};
 
-use endophyte_wire::frame::{FrameHeader, DEFAULT_MAX_PAYLOAD_BYTES, HEADER_BYTES};
-use endophyte_wire::msg::epoch_hash;
-use endophyte_wire::{EncodedFrame, EpochEnd, Hello, Message, PageChunk};
-use serde::{Deserialize, Serialize};
-use std::io::{BufReader, Read};
-use std::os::unix::fs::FileExt;
+use endophyte_wire::{EncodedFrame, EpochEnd, Hello, Message, PageChunk, VmState};
+
+use journal::Appender;
 
 /// Errors of the replica store. Each names the file and what failed.
 #[derive(Debug, thiserror::Error)]
@@ -69,7 +67,7 @@ pub enum StoreError {
         /// Page size asked for.
         want_page: u64,
     },
-    /// state.json is unreadable.
+    /// state.json or the VM state file is unreadable.
     #[error("{path}: {why}")]
     State {
         /// The file.
@@ -87,172 +85,30 @@ pub enum StoreError {
     },
 }
 
-#[derive(Debug, Serialize, Deserialize)]
-struct State {
-    vm_id: String,
-    mem_bytes: u64,
-    page_size: u64,
-    checkpoint_epoch: u64,
-    #[serde(default)]
-    checkpoint_session: u64,
-    /// The VM's vCPU and device state at the checkpointed epoch's pause (what its end marker carried).
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    vcpu_state: Option<serde_json::Value>,
+/// Which VM a replica directory belongs to, from its `state.json`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ReplicaId {
+    /// The VM.
+    pub vm_id: String,
+    /// Its page size in bytes.
+    pub page_size: u64,
+    /// Its guest RAM in bytes.
+    pub mem_bytes: u64,
 }
 
-/// Appends to a file through io_uring, or pwritev when io_uring is unavailable.
-struct Appender {
-    file: File,
-    path: PathBuf,
-    len: u64,
-    /// Where each chunk frame lies: seq -> (offset, length).
-    index: BTreeMap<u32, (u64, usize)>,
-    session: u64,
-    ring: Option<io_uring::IoUring>,
+/// The VM whose replica `dir` holds; `None` when it has no `state.json`.
+///
+/// # Errors
+/// An unreadable `state.json`.
+pub fn identify(dir: &Path) -> Result<Option<ReplicaId>, StoreError> {
+    Ok(checkpoint::read_json(dir)?.map(|s| ReplicaId {
+        vm_id: s.vm_id,
+        page_size: s.page_size,
+        mem_bytes: s.mem_bytes,
+    }))
 }
 
-impl Appender {
-    fn create(path: PathBuf, use_uring: bool) -> Result<Self, StoreError> {
-        let file = OpenOptions::new()
-            .create(true)
-            .write(true)
-            .read(true)
-            .truncate(true)
-            .open(&path)
-            .map_err(|source| StoreError::Io {
-                op: "creating journal",
-                path: path.clone(),
-                source,
-            })?;
-        let ring = if use_uring {
-            io_uring::IoUring::new(8).ok()
-        } else {
-            None
-        };
-        Ok(Self {
-            file,
-            path,
-            len: 0,
-            index: BTreeMap::new(),
-            session: 0,
-            ring,
-        })
-    }
-
-    fn io_err(&self, op: &'static str, source: std::io::Error) -> StoreError {
-        StoreError::Io {
-            op,
-            path: self.path.clone(),
-            source,
-        }
-    }
-
-    /// Submits one SQE and waits for its completion; returns the CQE result.
-    fn submit(&mut self, sqe: io_uring::squeue::Entry) -> std::io::Result<i32> {
-        let ring = self.ring.as_mut().expect("ring present");
-        // SAFETY: the buffers the SQE names (iovecs and their data) are borrowed by our caller for this whole call, and we return only after the completion arrived (below), so the kernel never touches freed memory.
-        unsafe { ring.submission().push(&sqe) }
-            .map_err(|_| std::io::Error::other("io_uring submission queue full"))?;
-        // An interrupted wait leaves the SQE in flight: keep waiting for its completion. Other errors of
-        // io_uring_enter (EFAULT, EINVAL, ...) come before anything is submitted.
-        loop {
-            match ring.submit_and_wait(1) {
-                Ok(_) => break,
-                Err(e)
-                    if matches!(
-                        e.kind(),
-                        std::io::ErrorKind::Interrupted | std::io::ErrorKind::ResourceBusy
-                    ) || e.raw_os_error() == Some(libc::EBUSY) =>
-                {
-                    continue
-                }
-                Err(e) => return Err(e),
-            }
-        }
-        let cqe = ring
-            .completion()
-            .next()
-            .ok_or_else(|| std::io::Error::other("io_uring completion missing"))?;
-        if cqe.result() < 0 {
-            return Err(std::io::Error::from_raw_os_error(-cqe.result()));
-        }
-        Ok(cqe.result())
-    }
-
-    fn append(&mut self, parts: &[&[u8]]) -> Result<(), StoreError> {
-        let total: usize = parts.iter().map(|p| p.len()).sum();
-        let mut done = 0usize;
-        while done < total {
-            // Rebuild the iovecs past what was written (short writes are legal).
-            let mut skip = done;
-            let mut iov: Vec<libc::iovec> = Vec::with_capacity(parts.len());
-            for p in parts {
-                if skip >= p.len() {
-                    skip -= p.len();
-                    continue;
-                }
-                iov.push(libc::iovec {
-                    iov_base: p[skip..].as_ptr() as *mut libc::c_void,
-                    iov_len: p.len() - skip,
-                });
-                skip = 0;
-            }
-            let off = self.len + done as u64;
-            let n = if self.ring.is_some() {
-                let sqe = io_uring::opcode::Writev::new(
-                    io_uring::types::Fd(self.file.as_raw_fd()),
-                    iov.as_ptr(),
-                    iov.len() as u32,
-                )
-                .offset(off)
-                .build();
-                self.submit(sqe)
-                    .map_err(|e| self.io_err("writing journal", e))? as usize
-            } else {
-                // SAFETY: the iovecs point into `parts`, alive for this call; the fd is ours and open.
-                let r = unsafe {
-                    libc::pwritev(
-                        self.file.as_raw_fd(),
-                        iov.as_ptr(),
-                        iov.len() as i32,
-                        off as libc::off_t,
-                    )
-                };
-                if r < 0 {
-                    return Err(self.io_err("writing journal", std::io::Error::last_os_error()));
-                }
-                r as usize
-            };
-            if n == 0 {
-                return Err(self.io_err("writing journal", std::io::ErrorKind::WriteZero.into()));
-            }
-            done += n;
-        }
-        self.len += total as u64;
-        Ok(())
-    }
-
-    fn sync(&mut self) -> Result<(), StoreError> {
-        if self.ring.is_some() {
-            let sqe = io_uring::opcode::Fsync::new(io_uring::types::Fd(self.file.as_raw_fd()))
-                .flags(io_uring::types::FsyncFlags::DATASYNC)
-                .build();
-            self.submit(sqe)
-                .map_err(|e| self.io_err("syncing journal", e))?;
-            Ok(())
-        } else {
-            self.file
-                .sync_data()
-                .map_err(|e| self.io_err("syncing journal", e))
-        }
-    }
-}
-
-/// A complete epoch found in its journal: the end marker, each chunk frame's `(offset, length)` by seq, and
-/// the sending session.
-type JournaledEpoch = (EpochEnd, BTreeMap<u32, (u64, usize)>, u64);
-
-/// Test hook: abort the process halfway through applying this epoch (see `endophyte backup --crash-during-apply`).
+/// Test hooks: abort the process at a chosen point (see `endophyte backup --crash-during-apply`).
 #[derive(Clone, Copy, Debug, Default)]
 pub struct CrashPoint {
     /// Epoch during whose apply to abort.
@@ -264,6 +120,7 @@ pub struct CrashPoint {
 /// One VM's replica on a backup. See the module docs.
 pub struct ReplicaStore {
     dir: PathBuf,
+    image: PathBuf,
     vm_id: String,
     mem_bytes: u64,
     page_size: u64,
@@ -279,7 +136,7 @@ pub struct ReplicaStore {
     use_uring: bool,
     crash: CrashPoint,
     /// vCPU and device state of the committed epoch, when its end marker carried one.
-    vm_state: Option<bytes::Bytes>,
+    vm_state: Option<VmState>,
 }
 
 impl ReplicaStore {
@@ -299,16 +156,12 @@ impl ReplicaStore {
             move |source| StoreError::Io { op, path, source }
         };
         std::fs::create_dir_all(dir.join("journal")).map_err(io("creating", dir))?;
-        let state_path = dir.join("state.json");
-        let (committed, committed_session, vm_state) = match std::fs::read(&state_path) {
-            Ok(bytes) => {
-                let s: State = serde_json::from_slice(&bytes).map_err(|e| StoreError::State {
-                    path: state_path.clone(),
-                    why: e.to_string(),
-                })?;
+        let found = checkpoint::read(dir)?;
+        let (committed, committed_session, vm_state) = match found {
+            Some((s, vm_state)) => {
                 if s.vm_id != vm_id || s.mem_bytes != mem_bytes || s.page_size != page_size {
                     return Err(StoreError::Mismatch {
-                        path: state_path,
+                        path: dir.join("state.json"),
                         have_vm: s.vm_id,
                         have_bytes: s.mem_bytes,
                         have_page: s.page_size,
@@ -317,17 +170,11 @@ impl ReplicaStore {
                         want_page: page_size,
                     });
                 }
-                (
-                    s.checkpoint_epoch,
-                    s.checkpoint_session,
-                    s.vcpu_state.map(|v| {
-                        bytes::Bytes::from(serde_json::to_vec(&v).expect("JSON values serialize"))
-                    }),
-                )
+                (s.checkpoint_epoch, s.checkpoint_session, vm_state)
             }
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => (0, 0, None),
-            Err(e) => return Err(io("reading", &state_path)(e)),
+            None => (0, 0, None),
         };
+        let fresh = !dir.join("state.json").exists();
         let img = dir.join("replica.img");
         let file = OpenOptions::new()
             .read(true)
@@ -362,6 +209,7 @@ impl ReplicaStore {
         }
         let mut store = Self {
             dir: dir.to_owned(),
+            image: img.clone(),
             vm_id: vm_id.into(),
             mem_bytes,
             page_size,
@@ -377,7 +225,7 @@ impl ReplicaStore {
             crash,
             vm_state,
         };
-        if !state_path.exists() {
+        if fresh {
             store.checkpoint_now()?;
         }
         store.recover()?;
@@ -396,13 +244,13 @@ impl ReplicaStore {
     }
 
     /// The replica file's path.
-    pub fn image_path(&self) -> PathBuf {
-        self.dir.join("replica.img")
+    pub fn image_path(&self) -> &Path {
+        &self.image
     }
 
     /// The VM's vCPU and device state at the committed epoch's pause, if its end marker carried one:
     /// with `replica.img`, what starting the VM from this epoch needs (promote).
-    pub fn vm_state(&self) -> Option<&bytes::Bytes> {
+    pub fn vm_state(&self) -> Option<&VmState> {
         self.vm_state.as_ref()
     }
 
@@ -477,7 +325,7 @@ impl ReplicaStore {
         let synced = t0.elapsed();
         let (index, session) = (std::mem::take(&mut j.index), j.session);
         drop(j);
-        self.apply_chunks(&path, end, &index, session)?;
+        self.apply(&path, end, &index, session)?;
         tracing::debug!(epoch, ?synced, total = ?t0.elapsed(), "epoch committed");
         Ok(())
     }
@@ -488,124 +336,47 @@ impl ReplicaStore {
         let _ = std::fs::remove_file(self.journal_path(epoch));
     }
 
-    /// Scans a journal frame by frame (one frame in memory at a time); returns its end marker and where each
-    /// chunk frame lies, if it holds a complete epoch whose page count and epoch hash match its chunks.
-    fn read_journal(&self, path: &Path) -> Result<Option<JournaledEpoch>, StoreError> {
-        let io = |source| StoreError::Io {
-            op: "reading journal",
-            path: path.to_owned(),
-            source,
-        };
-        let mut r = BufReader::with_capacity(1 << 20, File::open(path).map_err(io)?);
-        let mut chunks = BTreeMap::new();
-        let (mut hashes, mut pages) = (BTreeMap::new(), 0u64);
-        let mut end = None;
-        let mut session = 0;
-        let mut offset = 0u64;
-        // A torn or corrupt tail ends the journal: whatever follows was never made durable.
-        loop {
-            let mut head = [0u8; HEADER_BYTES];
-            if r.read_exact(&mut head).is_err() {
-                break;
+    /// The replica file was a running VM's RAM and that VM is gone (it migrated away or stopped): the file
+    /// no longer holds any epoch. Records it as holding none (so the next sidecar resyncs it whole and
+    /// promote refuses it), with no VM state.
+    ///
+    /// # Errors
+    /// Recording it failed.
+    pub fn forget(&mut self) -> Result<(), StoreError> {
+        self.reap_checkpoint(true);
+        self.journals.clear();
+        // No journal may ever be redone over this file: every one of them is of an epoch it no longer holds.
+        let jdir = self.dir.join("journal");
+        if let Ok(entries) = std::fs::read_dir(&jdir) {
+            for e in entries.flatten() {
+                let _ = std::fs::remove_file(e.path());
             }
-            let Ok(h) = FrameHeader::parse(&head, DEFAULT_MAX_PAYLOAD_BYTES) else {
-                break;
-            };
-            let mut payload = vec![0u8; h.len as usize];
-            if r.read_exact(&mut payload).is_err() {
-                break;
-            }
-            let len = HEADER_BYTES + payload.len();
-            match Message::from_parts(&head, &h, payload.into()) {
-                Ok(Message::Chunk { seq, chunk }) => {
-                    chunks.insert(seq, (offset, len));
-                    hashes.insert(seq, chunk.content_hash);
-                    pages += u64::from(chunk.n_pages);
-                }
-                Ok(Message::EpochEnd(e)) => end = Some(e),
-                Ok(Message::Hello(h)) => session = h.session,
-                _ => break,
-            }
-            offset += len as u64;
         }
-        let Some(end) = end else { return Ok(None) };
-        let complete = chunks.len() as u64 == u64::from(end.chunk_count)
-            && chunks
-                .keys()
-                .next_back()
-                .is_none_or(|&s| s + 1 == end.chunk_count);
-        if !complete
-            || pages != end.page_count
-            || epoch_hash(pages, hashes.values()) != end.epoch_hash
-        {
-            return Ok(None);
-        }
-        Ok(Some((end, chunks, session)))
+        self.applied.clear();
+        self.committed = 0;
+        self.committed_session = 0;
+        self.vm_state = None;
+        self.checkpoint_now()
     }
 
-    fn apply_journal(&mut self, path: &Path, epoch: u64) -> Result<(), StoreError> {
-        let Some((end, chunks, session)) = self.read_journal(path)? else {
-            return Err(StoreError::Journal {
-                path: path.to_owned(),
-                why: format!("epoch {epoch} journal is incomplete"),
-            });
-        };
-        self.apply_chunks(path, &end, &chunks, session)
-    }
-
-    /// Writes the chunks of a durable journal into the replica, in seq order.
-    fn apply_chunks(
+    fn apply(
         &mut self,
-        path: &Path,
+        journal: &Path,
         end: &EpochEnd,
         chunks: &BTreeMap<u32, (u64, usize)>,
         session: u64,
     ) -> Result<(), StoreError> {
-        let epoch = end.epoch;
-        let journal = File::open(path).map_err(|source| StoreError::Io {
-            op: "opening journal",
-            path: path.to_owned(),
-            source,
-        })?;
-        let mut writer = RunWriter::new(&self.file, self.image_path());
-        let zero = vec![0u8; self.page_size as usize];
-        let half = chunks.len() / 2;
-        for (i, (seq, &(offset, len))) in chunks.iter().enumerate() {
-            if self.crash.during_apply == Some(epoch) && i == half {
-                tracing::error!(
-                    epoch,
-                    "crash point reached halfway through applying; aborting"
-                );
-                std::process::abort();
-            }
-            let bad = |why: String| StoreError::Journal {
-                path: path.to_owned(),
-                why: format!("chunk {seq}: {why}"),
-            };
-            let mut buf = vec![0u8; len];
-            journal
-                .read_exact_at(&mut buf, offset)
-                .map_err(|e| bad(e.to_string()))?;
-            let head: [u8; HEADER_BYTES] = buf[..HEADER_BYTES].try_into().expect("header");
-            let h = FrameHeader::parse(&head, DEFAULT_MAX_PAYLOAD_BYTES)
-                .map_err(|e| bad(e.to_string()))?;
-            let payload = bytes::Bytes::from(buf).slice(HEADER_BYTES..);
-            let Ok(Message::Chunk { chunk, .. }) = Message::from_parts(&head, &h, payload) else {
-                return Err(bad("not a chunk frame".into()));
-            };
-            // Its hash was checked when it arrived, and the frame CRC was checked just now.
-            let d = chunk
-                .decode_verified_earlier(self.page_size, self.mem_bytes)
-                .map_err(|e| bad(e.to_string()))?;
-            for (gpa, data) in d.pages() {
-                writer.page(gpa, data.unwrap_or(&zero))?;
-            }
-        }
-        writer.flush()?;
+        let image = apply::Image {
+            file: &self.file,
+            path: self.image.clone(),
+            page_size: self.page_size,
+            mem_bytes: self.mem_bytes,
+        };
+        apply::apply_chunks(&image, journal, end, chunks, self.crash)?;
         self.committed = end.epoch;
         self.committed_session = session;
-        self.vm_state = (!end.state.is_empty()).then(|| end.state.clone());
-        self.applied.push(path.to_owned());
+        self.vm_state = end.state.clone();
+        self.applied.push(journal.to_owned());
         Ok(())
     }
 
@@ -614,18 +385,14 @@ impl ReplicaStore {
         self.checkpoint
     }
 
-    fn state(&self) -> State {
-        State {
-            vm_id: self.vm_id.clone(),
-            mem_bytes: self.mem_bytes,
-            page_size: self.page_size,
-            checkpoint_epoch: self.committed,
-            checkpoint_session: self.committed_session,
-            vcpu_state: self
-                .vm_state
-                .as_ref()
-                .and_then(|b| serde_json::from_slice(b).ok()),
-        }
+    fn state(&self) -> checkpoint::State {
+        checkpoint::State::new(
+            &self.vm_id,
+            self.mem_bytes,
+            self.page_size,
+            self.committed,
+            self.committed_session,
+        )
     }
 
     /// Collects a finished background checkpoint.
@@ -660,15 +427,16 @@ impl ReplicaStore {
                 return;
             }
         };
-        let (dir, state, journals) = (
+        let (dir, state, vm_state, journals) = (
             self.dir.clone(),
             self.state(),
+            self.vm_state.clone(),
             std::mem::take(&mut self.applied),
         );
-        let img = self.image_path();
+        let img = self.image.clone();
         self.last_checkpoint = std::time::Instant::now();
         self.checkpointing = Some(std::thread::spawn(move || {
-            checkpoint(&file, &img, &dir, &state, &journals)
+            checkpoint::write(&file, &img, &dir, state, vm_state.as_ref(), &journals)
         }));
     }
 
@@ -679,11 +447,12 @@ impl ReplicaStore {
     pub fn checkpoint_now(&mut self) -> Result<(), StoreError> {
         self.reap_checkpoint(true);
         let journals = std::mem::take(&mut self.applied);
-        let r = checkpoint(
+        let r = checkpoint::write(
             &self.file,
-            &self.image_path(),
+            &self.image,
             &self.dir,
-            &self.state(),
+            self.state(),
+            self.vm_state.as_ref(),
             &journals,
         );
         match r {
@@ -718,10 +487,10 @@ impl ReplicaStore {
         found.sort();
         for (epoch, path) in found {
             if epoch > self.committed {
-                if let Some((end, _, _)) = self.read_journal(&path)? {
+                if let Some((end, chunks, session)) = journal::read_journal(&path)? {
                     if end.base_epoch <= self.committed {
                         tracing::info!(epoch, "redoing a committed journal left by a crash");
-                        self.apply_journal(&path, epoch)?;
+                        self.apply(&path, &end, &chunks, session)?;
                         continue;
                     }
                 }
@@ -732,88 +501,91 @@ impl ReplicaStore {
     }
 }
 
-/// Makes `file` (the replica, at `img`) durable, records `state` in `dir/state.json` atomically, then deletes
-/// `journals` (all covered by the state). Returns the checkpointed epoch.
-fn checkpoint(
-    file: &File,
-    img: &Path,
-    dir: &Path,
-    state: &State,
-    journals: &[PathBuf],
-) -> Result<u64, StoreError> {
-    let t0 = std::time::Instant::now();
-    // fdatasync writes back every dirty page-cache page of the replica.
-    file.sync_data().map_err(|source| StoreError::Io {
-        op: "syncing",
-        path: img.to_owned(),
-        source,
-    })?;
-    let path = dir.join("state.json");
-    let tmp = dir.join("state.json.tmp");
-    let io = |op| {
-        let path = path.clone();
-        move |source| StoreError::Io { op, path, source }
-    };
-    let mut f = File::create(&tmp).map_err(io("writing"))?;
-    f.write_all(&serde_json::to_vec(state).expect("state serializes"))
-        .map_err(io("writing"))?;
-    f.sync_all().map_err(io("syncing"))?;
-    std::fs::rename(&tmp, &path).map_err(io("renaming"))?;
-    File::open(dir)
-        .and_then(|d| d.sync_all())
-        .map_err(io("syncing directory of"))?;
-    for j in journals {
-        let _ = std::fs::remove_file(j);
-    }
-    tracing::debug!(epoch = state.checkpoint_epoch, took = ?t0.elapsed(), "checkpoint");
-    Ok(state.checkpoint_epoch)
-}
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use endophyte_wire::msg::epoch_hash;
+    use endophyte_wire::ChunkBuilder;
 
-/// Writes pages to the replica file, coalescing runs of consecutive pages into one `pwrite` each.
-struct RunWriter<'a> {
-    file: &'a File,
-    path: PathBuf,
-    start: u64,
-    buf: Vec<u8>,
-}
+    const PS: u64 = 4096;
 
-impl<'a> RunWriter<'a> {
-    const MAX_RUN_BYTES: usize = 1 << 20;
-
-    fn new(file: &'a File, path: PathBuf) -> Self {
-        Self {
-            file,
-            path,
-            start: 0,
-            buf: Vec::with_capacity(Self::MAX_RUN_BYTES),
-        }
+    fn epoch(e: u64, fill: u8, state: Option<VmState>) -> (PageChunk, EpochEnd) {
+        let mut b = ChunkBuilder::new(e, PS as usize, 4);
+        b.push(PS, &[fill; PS as usize]);
+        let c = b.finish(true);
+        let end = EpochEnd {
+            epoch: e,
+            base_epoch: e - 1,
+            chunk_count: 1,
+            page_count: 1,
+            epoch_hash: epoch_hash(1, [&c.content_hash]),
+            state,
+        };
+        (c, end)
     }
 
-    fn page(&mut self, gpa: u64, data: &[u8]) -> Result<(), StoreError> {
-        let contiguous = self.start + self.buf.len() as u64 == gpa;
-        if !self.buf.is_empty()
-            && (!contiguous || self.buf.len() + data.len() > Self::MAX_RUN_BYTES)
-        {
-            self.flush()?;
-        }
-        if self.buf.is_empty() {
-            self.start = gpa;
-        }
-        self.buf.extend_from_slice(data);
-        Ok(())
+    #[test]
+    fn the_committed_epochs_state_survives_a_checkpoint_and_a_reopen_byte_for_byte() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut s =
+            ReplicaStore::open(dir.path(), "vm", 1 << 20, PS, CrashPoint::default()).unwrap();
+        // Not JSON, and not UTF-8: kept as it came.
+        let state = VmState::new("qemu-7.2", 3, vec![0xff, 0x00, 0x9c, 0x7b]).unwrap();
+        let (c, end) = epoch(1, 5, Some(state.clone()));
+        s.store_chunk(0, &c, 9).unwrap();
+        s.commit(&end, 9).unwrap();
+        s.checkpoint_now().unwrap();
+        drop(s);
+        let s = ReplicaStore::open(dir.path(), "vm", 1 << 20, PS, CrashPoint::default()).unwrap();
+        assert_eq!((s.committed_epoch(), s.committed_session()), (1, 9));
+        assert_eq!(s.vm_state(), Some(&state));
     }
 
-    fn flush(&mut self) -> Result<(), StoreError> {
-        if !self.buf.is_empty() {
-            self.file
-                .write_all_at(&self.buf, self.start)
-                .map_err(|source| StoreError::Io {
-                    op: "writing",
-                    path: self.path.clone(),
-                    source,
-                })?;
-            self.buf.clear();
-        }
-        Ok(())
+    #[test]
+    fn a_damaged_state_file_fails_the_open_naming_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut s =
+            ReplicaStore::open(dir.path(), "vm", 1 << 20, PS, CrashPoint::default()).unwrap();
+        let (c, end) = epoch(
+            1,
+            5,
+            Some(VmState::new("testvm", 1, b"{}".to_vec()).unwrap()),
+        );
+        s.store_chunk(0, &c, 9).unwrap();
+        s.commit(&end, 9).unwrap();
+        s.checkpoint_now().unwrap();
+        drop(s);
+        let f = std::fs::read_dir(dir.path())
+            .unwrap()
+            .flatten()
+            .find(|e| e.file_name().to_string_lossy().starts_with("vmstate-"))
+            .unwrap()
+            .path();
+        let mut b = std::fs::read(&f).unwrap();
+        *b.last_mut().unwrap() ^= 1;
+        std::fs::write(&f, b).unwrap();
+        let e = ReplicaStore::open(dir.path(), "vm", 1 << 20, PS, CrashPoint::default())
+            .err()
+            .unwrap()
+            .to_string();
+        assert!(e.contains("vmstate-") && e.contains("damaged"), "{e}");
+    }
+
+    #[test]
+    fn a_forgotten_replica_holds_no_epoch_after_a_reopen() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut s =
+            ReplicaStore::open(dir.path(), "vm", 1 << 20, PS, CrashPoint::default()).unwrap();
+        let (c, end) = epoch(
+            1,
+            5,
+            Some(VmState::new("testvm", 1, b"{}".to_vec()).unwrap()),
+        );
+        s.store_chunk(0, &c, 9).unwrap();
+        s.commit(&end, 9).unwrap();
+        s.forget().unwrap();
+        drop(s);
+        let s = ReplicaStore::open(dir.path(), "vm", 1 << 20, PS, CrashPoint::default()).unwrap();
+        assert_eq!((s.committed_epoch(), s.vm_state()), (0, None));
     }
 }

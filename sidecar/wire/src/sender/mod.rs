@@ -22,9 +22,13 @@ use std::collections::VecDeque;
 use std::time::{Duration, Instant};
 
 use crate::chunk::PageChunk;
-use crate::msg::{epoch_hash, EpochEnd, ErrorCode, Message, Switchover, Welcome};
+use crate::msg::{ErrorCode, Message, Switchover, Welcome};
 use crate::switchover::{SourcePhase, SourceSwitchover, SwitchoverOutcome, Timeouts};
 use crate::vmstate::VmState;
+
+mod stream;
+
+use stream::{Backup, Slot, StreamEpoch};
 
 /// Index of a backup, in the order given to [`Sender::new`].
 pub type BackupId = usize;
@@ -151,66 +155,6 @@ pub enum SenderError {
     },
 }
 
-#[derive(Debug)]
-struct Slot {
-    chunk: Option<PageChunk>,
-    hash: [u8; 32],
-    n_pages: u32,
-    body_bytes: usize,
-    /// The path it went out on last, and when; kept when it is queued again after a timeout, so that the
-    /// resend goes on another path.
-    sent: Option<(PathId, Instant)>,
-    queued: bool,
-}
-
-#[derive(Debug)]
-struct StreamEpoch {
-    epoch: u64,
-    base: u64,
-    slots: Vec<Slot>,
-    acked: usize,
-    ended: bool,
-    end_sent: Option<Instant>,
-    /// vCPU and device state at the epoch's pause, carried by its end marker.
-    state: Option<VmState>,
-}
-
-#[derive(Debug, Default)]
-struct PathState {
-    up: bool,
-    inflight: usize,
-    next_ping: Option<Instant>,
-    ping: Option<(u64, Instant)>,
-    rtt: Option<Duration>,
-}
-
-#[derive(Debug)]
-struct Backup {
-    paths: Vec<PathState>,
-    instance: Option<u64>,
-    committed: u64,
-    /// Epoch the backup will hold once everything streamed so far commits.
-    planned: u64,
-    streaming: bool,
-    /// Set when the backup (re)joined: its next epoch must carry every page changed since this epoch
-    /// (and the session that sent it).
-    resync_from: Option<(u64, u64)>,
-    /// Session that sent the backup's committed epoch.
-    committed_session: u64,
-    epochs: VecDeque<StreamEpoch>,
-    queue: VecDeque<(u64, u32)>,
-    rr: usize,
-    unacked_bytes: usize,
-    acked_bytes: u64,
-    acked_pages: u64,
-}
-
-impl Backup {
-    fn epoch_mut(&mut self, epoch: u64) -> Option<&mut StreamEpoch> {
-        self.epochs.iter_mut().find(|e| e.epoch == epoch)
-    }
-}
-
 /// Replication sender for one VM. See the module docs.
 #[derive(Debug)]
 pub struct Sender {
@@ -229,24 +173,7 @@ pub struct Sender {
 impl Sender {
     /// A sender to backups with `paths_per_backup[i]` paths each, all down.
     pub fn new(cfg: SenderConfig, paths_per_backup: &[usize]) -> Self {
-        let backups = paths_per_backup
-            .iter()
-            .map(|&n| Backup {
-                paths: (0..n).map(|_| PathState::default()).collect(),
-                instance: None,
-                committed: 0,
-                planned: 0,
-                streaming: false,
-                resync_from: None,
-                committed_session: 0,
-                epochs: VecDeque::new(),
-                queue: VecDeque::new(),
-                rr: 0,
-                unacked_bytes: 0,
-                acked_bytes: 0,
-                acked_pages: 0,
-            })
-            .collect();
+        let backups = paths_per_backup.iter().map(|&n| Backup::new(n)).collect();
         Self {
             cfg,
             backups,
@@ -370,7 +297,7 @@ impl Sender {
         if restarted && backup.streaming {
             // A new instance lost whatever it had staged: start it over from what it holds, even though its
             // other paths (to the old instance) have not timed out yet.
-            Self::drop_streams(backup);
+            backup.drop_streams();
             backup.streaming = false;
         }
         if !backup.streaming {
@@ -400,7 +327,7 @@ impl Sender {
         backup.paths[p].ping = None;
         if backup.paths.iter().all(|p| !p.up) {
             if backup.streaming {
-                Self::drop_streams(backup);
+                backup.drop_streams();
                 backup.streaming = false;
                 self.events.push_back(Event::BackupLost { backup: b });
             }
@@ -423,15 +350,6 @@ impl Sender {
         }
         for item in requeue.into_iter().rev() {
             backup.queue.push_front(item);
-        }
-    }
-
-    fn drop_streams(backup: &mut Backup) {
-        backup.epochs.clear();
-        backup.queue.clear();
-        backup.unacked_bytes = 0;
-        for p in &mut backup.paths {
-            p.inflight = 0;
         }
     }
 
@@ -626,7 +544,7 @@ impl Sender {
                 });
                 let backup = &mut self.backups[b];
                 if backup.streaming {
-                    Self::drop_streams(backup);
+                    backup.drop_streams();
                     backup.planned = backup.committed;
                     backup.resync_from = Some((backup.committed, backup.committed_session));
                     self.events.push_back(Event::NeedsResync {
@@ -730,107 +648,10 @@ impl Sender {
             return Some(Transmit { backup, path, msg });
         }
         for bi in 0..self.backups.len() {
-            if let Some(t) = self.poll_backup(bi, now) {
+            let b = &mut self.backups[bi];
+            if let Some(t) = b.poll_transmit(bi, now, &self.cfg, &mut self.next_token) {
                 return Some(t);
             }
-        }
-        None
-    }
-
-    fn poll_backup(&mut self, bi: BackupId, now: Instant) -> Option<Transmit> {
-        let ping_interval = self.cfg.ping_interval;
-        let window = self.cfg.window_chunks_per_path;
-        let backup = &mut self.backups[bi];
-        // Pings first: they are tiny and keep RTT current.
-        for (pi, path) in backup.paths.iter_mut().enumerate() {
-            if path.up && path.next_ping.is_some_and(|t| t <= now) {
-                let token = self.next_token;
-                self.next_token += 1;
-                path.ping = Some((token, now));
-                path.next_ping = Some(now + ping_interval);
-                return Some(Transmit {
-                    backup: bi,
-                    path: pi,
-                    msg: Message::Ping { token },
-                });
-            }
-        }
-        if !backup.streaming {
-            return None;
-        }
-        // Chunks, striped round-robin over paths with window room.
-        while let Some(&(epoch, seq)) = backup.queue.front() {
-            let Some(pos) = backup.epochs.iter().position(|e| e.epoch == epoch) else {
-                backup.queue.pop_front();
-                continue;
-            };
-            if pos >= self.cfg.max_epochs_in_flight {
-                break;
-            }
-            // A chunk that timed out goes again on another path when there is one up (the one it went on
-            // may be the problem); it waits for that path's window rather than reuse the old path.
-            let avoid = backup.epochs[pos].slots[seq as usize].sent.map(|(p, _)| p);
-            let n = backup.paths.len();
-            let others_up = backup
-                .paths
-                .iter()
-                .enumerate()
-                .any(|(i, p)| p.up && Some(i) != avoid);
-            let Some(pi) = (0..n).map(|i| (backup.rr + i) % n).find(|&i| {
-                backup.paths[i].up
-                    && backup.paths[i].inflight < window
-                    && !(others_up && Some(i) == avoid)
-            }) else {
-                break;
-            };
-            backup.queue.pop_front();
-            let e = &mut backup.epochs[pos];
-            let slot = &mut e.slots[seq as usize];
-            slot.queued = false;
-            let Some(chunk) = slot.chunk.clone() else {
-                continue;
-            };
-            if let Some((old, _)) = slot.sent {
-                let old = &mut backup.paths[old];
-                old.inflight = old.inflight.saturating_sub(1);
-            }
-            slot.sent = Some((pi, now));
-            backup.paths[pi].inflight += 1;
-            backup.rr = (pi + 1) % n;
-            return Some(Transmit {
-                backup: bi,
-                path: pi,
-                msg: Message::Chunk { seq, chunk },
-            });
-        }
-        // End markers of epochs whose chunks all went out at least once.
-        let up_path = backup.paths.iter().position(|p| p.up)?;
-        let end_every = self.cfg.end_retransmit_after;
-        for e in &mut backup.epochs {
-            if !e.ended
-                || e.slots
-                    .iter()
-                    .any(|s| s.chunk.is_some() && s.sent.is_none())
-            {
-                continue;
-            }
-            if e.end_sent.is_some_and(|t| now < t + end_every) {
-                continue;
-            }
-            e.end_sent = Some(now);
-            let page_count = e.slots.iter().map(|s| u64::from(s.n_pages)).sum();
-            return Some(Transmit {
-                backup: bi,
-                path: up_path,
-                msg: Message::EpochEnd(EpochEnd {
-                    epoch: e.epoch,
-                    base_epoch: e.base,
-                    chunk_count: e.slots.len() as u32,
-                    page_count,
-                    epoch_hash: epoch_hash(page_count, e.slots.iter().map(|s| &s.hash)),
-                    state: e.state.clone(),
-                }),
-            });
         }
         None
     }
@@ -890,78 +711,4 @@ impl Sender {
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-    use crate::chunk::ChunkBuilder;
-
-    fn welcome() -> Welcome {
-        Welcome {
-            instance: 1,
-            committed_epoch: 0,
-            committed_session: 0,
-            node: "b".into(),
-        }
-    }
-
-    #[test]
-    fn a_chunk_that_timed_out_goes_again_on_another_path() {
-        let t = Instant::now();
-        let mut s = Sender::new(SenderConfig::default(), &[3]);
-        for p in 0..3 {
-            s.handle_path_up(0, p, &welcome(), t);
-        }
-        while s.poll_transmit(t).is_some() {}
-        assert_eq!(
-            s.begin_epoch(0, 1),
-            EpochStart::Resync {
-                from: 0,
-                from_session: 0
-            }
-        );
-        // Three chunks, one per path; the round-robin comes back to path 0 after them.
-        for i in 0..3u64 {
-            let mut b = ChunkBuilder::new(1, 4096, 4);
-            b.push(i * 4096, &[1u8 + i as u8; 4096]);
-            s.push_chunk(0, b.finish(false));
-        }
-        let first: Vec<(u32, PathId)> = std::iter::from_fn(|| s.poll_transmit(t))
-            .filter_map(|x| match x.msg {
-                Message::Chunk { seq, .. } => Some((seq, x.path)),
-                _ => None,
-            })
-            .collect();
-        assert_eq!(first.len(), 3);
-        let later = t + Duration::from_millis(2500);
-        s.handle_timeout(later);
-        let again: Vec<(u32, PathId)> = std::iter::from_fn(|| s.poll_transmit(later))
-            .filter_map(|x| match x.msg {
-                Message::Chunk { seq, .. } => Some((seq, x.path)),
-                _ => None,
-            })
-            .collect();
-        assert_eq!(again.len(), 3, "{again:?}");
-        for (seq, path) in again {
-            let (_, old) = first.iter().find(|(s, _)| *s == seq).unwrap();
-            assert_ne!(path, *old, "chunk {seq} resent on the path that lost it");
-        }
-    }
-
-    #[test]
-    fn with_one_path_left_a_timed_out_chunk_goes_again_on_it() {
-        let t = Instant::now();
-        let mut s = Sender::new(SenderConfig::default(), &[2]);
-        s.handle_path_up(0, 0, &welcome(), t);
-        while s.poll_transmit(t).is_some() {}
-        s.begin_epoch(0, 1);
-        let mut b = ChunkBuilder::new(1, 4096, 4);
-        b.push(0, &[1u8; 4096]);
-        s.push_chunk(0, b.finish(false));
-        let first = s.poll_transmit(t).unwrap();
-        let later = t + Duration::from_millis(2500);
-        s.handle_timeout(later);
-        let again = std::iter::from_fn(|| s.poll_transmit(later))
-            .find(|x| matches!(x.msg, Message::Chunk { .. }))
-            .expect("sent again");
-        assert_eq!(again.path, first.path);
-    }
-}
+mod tests;

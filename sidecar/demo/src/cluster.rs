@@ -1,0 +1,129 @@
+//! The demo's processes on loopback: two `endophyte backup` processes (each with a relay on every other
+//! path) and a testvm VMM (`endophyte testvm-serve`), all children of this process, killed with it.
+
+use std::net::{SocketAddr, UdpSocket};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context};
+use endophyte_engine::config::BackupSpec;
+
+/// Child processes, killed and reaped when dropped.
+pub struct Kids(pub Vec<Child>);
+
+impl Drop for Kids {
+    fn drop(&mut self) {
+        for c in &mut self.0 {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+fn free_udp_port() -> anyhow::Result<SocketAddr> {
+    Ok(UdpSocket::bind("127.0.0.1:0")?.local_addr()?)
+}
+
+/// Waits (up to `limit`) until `path` exists.
+///
+/// # Errors
+/// It did not appear.
+pub fn wait_for(path: &Path, limit: Duration) -> anyhow::Result<()> {
+    let t = Instant::now();
+    while !path.exists() {
+        if t.elapsed() > limit {
+            bail!("{} did not appear within {limit:?}", path.display());
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    Ok(())
+}
+
+/// The demo's processes on loopback: two backups (each with a relay on every other path) and a testvm VMM.
+pub struct Cluster {
+    /// The processes.
+    pub kids: Kids,
+    /// The network's certificates.
+    pub certs: PathBuf,
+    /// The backups, for the sidecar's configuration.
+    pub backups: Vec<BackupSpec>,
+    /// Each backup's directory for the demo VM.
+    pub data_dirs: Vec<PathBuf>,
+    /// The VMM's attach socket.
+    pub socket: PathBuf,
+}
+
+/// Starts the cluster in `dir`: certificates, backups, relays, and a VMM with `mem` bytes running
+/// `workload`; returns once the VMM's attach socket is there.
+///
+/// # Errors
+/// A process did not start, or the VMM's socket did not appear within a minute.
+pub fn start_cluster(
+    dir: &Path,
+    paths: usize,
+    mem: u64,
+    workload: &str,
+) -> anyhow::Result<Cluster> {
+    let exe = std::env::current_exe()?;
+    let certs = dir.join("certs");
+    endophyte_engine::tls::init_network(&certs, "demo")?;
+    for n in ["primary", "backup-1", "backup-2"] {
+        endophyte_engine::tls::issue_node(&certs, n)?;
+    }
+    let mut kids = Kids(vec![]);
+    let mut backups = vec![];
+    let mut data_dirs: Vec<PathBuf> = vec![];
+    for (i, name) in ["backup-1", "backup-2"].iter().enumerate() {
+        let addr = free_udp_port()?;
+        let data = dir.join(format!("data-{}", i + 1));
+        kids.0.push(
+            Command::new(&exe)
+                .args(["backup", "--listen", &addr.to_string(), "--node", name])
+                .arg("--certs")
+                .arg(&certs)
+                .arg("--data-dir")
+                .arg(&data)
+                .stdin(Stdio::null())
+                .spawn()
+                .context("starting a backup")?,
+        );
+        // Every other path of each backup goes through a relay.
+        let relay = free_udp_port()?;
+        kids.0.push(
+            Command::new(&exe)
+                .args(["relay", "--route", &format!("{relay}={addr}")])
+                .stdin(Stdio::null())
+                .stderr(Stdio::null())
+                .spawn()
+                .context("starting a relay")?,
+        );
+        backups.push(BackupSpec {
+            name: name.to_string(),
+            addr,
+            paths: Some(paths),
+            via: vec![relay],
+        });
+        data_dirs.push(data.join("demo-vm"));
+    }
+    let socket = dir.join("vm.sock");
+    kids.0.push(
+        Command::new(&exe)
+            .args(["testvm-serve", "--fill", "--workload", workload])
+            .arg("--mem")
+            .arg(mem.to_string())
+            .arg("--attach-socket")
+            .arg(&socket)
+            .stdin(Stdio::null())
+            .spawn()
+            .context("starting testvm")?,
+    );
+    wait_for(&socket, Duration::from_secs(60))?;
+    Ok(Cluster {
+        kids,
+        certs,
+        backups,
+        data_dirs,
+        socket,
+    })
+}

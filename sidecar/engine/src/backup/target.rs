@@ -1,0 +1,283 @@
+//! One VM's migration target and promote on a backup: the driver of its
+//! [`TargetSwitchover`](endophyte_wire::switchover::TargetSwitchover). The state machine decides; this
+//! module does what it asks against the VMM kind's [`Launcher`] and [`TargetVm`], and against the fence
+//! file, and reports each result back with the time.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Instant;
+
+use endophyte_vmm::{Launcher, TargetVm, VmState};
+use endophyte_wire::receiver::PathKey;
+use endophyte_wire::switchover::{TargetAction, TargetEvent, TargetSwitchover};
+use endophyte_wire::{FenceState, Message};
+
+use crate::fence::{self, FenceRecord};
+
+/// The VM's target side: the state machine, the VMM processes it started and where they are reached.
+pub(super) struct Target {
+    vm_id: String,
+    dir: PathBuf,
+    machine: TargetSwitchover,
+    launcher: Option<Arc<dyn Launcher>>,
+    /// A VMM started ahead of a switchover (warm-up), holding no VM yet.
+    standby: Option<Box<dyn TargetVm>>,
+    /// The VMM holding the VM (launched for a switchover, prepared, or running).
+    vm: Option<Box<dyn TargetVm>>,
+    /// Where the VMM holding the VM is reached (from the fence after a restart).
+    endpoint: String,
+    crash_during_switchover: bool,
+}
+
+impl Target {
+    /// The target for the VM in `dir`, whose fence on disk is `record`. After a restart, a VMM recorded as
+    /// holding the VM is checked for life (see [`TargetSwitchover::new`]).
+    pub(super) fn new(
+        vm_id: &str,
+        dir: &Path,
+        record: Option<FenceRecord>,
+        launcher: Option<Arc<dyn Launcher>>,
+        crash_during_switchover: bool,
+    ) -> Self {
+        let record = record.unwrap_or_default();
+        let alive = fence::process_alive(record.fence.vmm_pid);
+        let machine = TargetSwitchover::new(vm_id.to_string(), record.fence, alive);
+        Self {
+            vm_id: vm_id.to_string(),
+            dir: dir.to_owned(),
+            endpoint: if machine.runs_here() {
+                record.vmm_endpoint
+            } else {
+                String::new()
+            },
+            machine,
+            launcher,
+            standby: None,
+            vm: None,
+            crash_during_switchover,
+        }
+    }
+
+    /// Whether the VM is prepared or runs here (replication into its replica is refused).
+    pub(super) fn holds_vm(&self) -> bool {
+        self.machine.holds_vm()
+    }
+
+    /// Whether the VM runs here.
+    pub(super) fn runs_here(&self) -> bool {
+        self.machine.runs_here()
+    }
+
+    /// Whether a warm-up's standby VMM waits (checkpoint writeback waits with it, so that it does not
+    /// compete with the switchover's writes for the disk).
+    pub(super) fn warming(&self) -> bool {
+        self.machine.has_standby() || self.standby.is_some()
+    }
+
+    /// The fence in force.
+    pub(super) fn fence(&self) -> &endophyte_wire::Fence {
+        self.machine.fence()
+    }
+
+    /// Where the VMM holding the VM is reached; empty when none does.
+    pub(super) fn endpoint(&self) -> &str {
+        &self.endpoint
+    }
+
+    /// A switchover message from the source on `path`; `false` if `msg` is not one. `replica` is the
+    /// replica file and what it holds committed, when it is open.
+    pub(super) fn handle_message(
+        &mut self,
+        path: PathKey,
+        msg: &Message,
+        replica: Option<(&Path, u64, u64)>,
+        now: Instant,
+    ) -> (bool, Vec<TargetEvent>) {
+        let point = replica.map_or((0, 0), |(_, e, s)| (e, s));
+        if !self.machine.handle_message(path, msg, point, now) {
+            return (false, vec![]);
+        }
+        (true, self.run(replica.map(|r| r.0)))
+    }
+
+    /// Promote: start the VM here from the committed epoch (`epoch`, `session`) with `state`, and resume
+    /// it. Returns its generation and the machine's report, or why it did not start.
+    pub(super) fn promote(
+        &mut self,
+        replica: &Path,
+        (epoch, session): (u64, u64),
+        state: VmState,
+        verify: bool,
+    ) -> (Result<u64, String>, Vec<TargetEvent>) {
+        let generation =
+            match self
+                .machine
+                .handle_promote((epoch, session), state, verify, Instant::now())
+            {
+                Ok(g) => g,
+                Err(e) => return (Err(e), vec![]),
+            };
+        (Ok(generation), self.run(Some(replica)))
+    }
+
+    /// Time passed: timeouts of the machine, and the VMM processes' lives.
+    pub(super) fn tick(&mut self, replica: Option<&Path>, now: Instant) -> Vec<TargetEvent> {
+        if self.standby.as_mut().is_some_and(|s| s.exited()) {
+            tracing::warn!(vm = %self.vm_id, "the standby VMM started ahead of a switchover exited");
+            self.standby = None;
+        }
+        let vm_gone = match self.vm.as_mut() {
+            Some(vm) => vm.exited(),
+            // A VM that ran here before this backup restarted is not its child: watch its pid.
+            None => self.machine.runs_here() && !fence::process_alive(self.machine.fence().vmm_pid),
+        };
+        if vm_gone && self.machine.holds_vm() {
+            self.vm = None;
+            self.endpoint.clear();
+            self.machine.handle_vmm_exited(now);
+        }
+        if self.machine.poll_timeout().is_some_and(|t| t <= now) {
+            self.machine.handle_timeout(now);
+        }
+        self.run(replica)
+    }
+
+    /// The next reply for a source.
+    pub(super) fn poll_transmit(&mut self) -> Option<(PathKey, Message)> {
+        self.machine.poll_transmit()
+    }
+
+    fn no_launcher(&self) -> String {
+        "this backup has no VMM to start VMs with (see `endophyte backup --target-vmm`)".into()
+    }
+
+    /// Does what the machine asks until it asks nothing more; returns what happened.
+    fn run(&mut self, replica: Option<&Path>) -> Vec<TargetEvent> {
+        while let Some(action) = self.machine.poll_action() {
+            self.execute(action, replica);
+        }
+        let events: Vec<TargetEvent> = std::iter::from_fn(|| self.machine.poll_event()).collect();
+        for e in &events {
+            self.log(e);
+        }
+        events
+    }
+
+    fn execute(&mut self, action: TargetAction, replica: Option<&Path>) {
+        let vm_id = self.vm_id.clone();
+        match action {
+            TargetAction::StartStandby => {
+                let r = match &self.launcher {
+                    Some(l) => l.launch(&self.dir).map_err(|e| e.to_string()),
+                    None => Err(self.no_launcher()),
+                };
+                match r {
+                    Ok(vm) => {
+                        tracing::info!(vm = %vm_id, "migration coming: standby VMM started");
+                        self.standby = Some(vm);
+                        self.machine.handle_standby(Ok(()));
+                    }
+                    Err(e) => {
+                        tracing::warn!(vm = %vm_id, "starting a standby VMM ahead of a switchover failed (the switchover will try again): {e}");
+                        self.machine.handle_standby(Err(e));
+                    }
+                }
+            }
+            TargetAction::StopStandby => {
+                tracing::info!(vm = %vm_id, "no switchover followed the warm-up: stopping the standby VMM");
+                if let Some(mut s) = self.standby.take() {
+                    s.stop();
+                }
+            }
+            TargetAction::Launch => {
+                let r = match (self.standby.take(), &self.launcher) {
+                    (Some(s), _) => Ok(s),
+                    (None, Some(l)) => l.launch(&self.dir).map_err(|e| e.to_string()),
+                    (None, None) => Err(self.no_launcher()),
+                };
+                let r = r.map(|vm| {
+                    let pid = vm.pid();
+                    self.endpoint = vm.endpoint();
+                    self.vm = Some(vm);
+                    pid
+                });
+                self.machine.handle_launched(r, Instant::now());
+            }
+            TargetAction::RecordFence { fence: f, durable } => {
+                let record = FenceRecord {
+                    vmm_endpoint: if f.holds_vm() {
+                        self.endpoint.clone()
+                    } else {
+                        String::new()
+                    },
+                    fence: f,
+                };
+                let r = fence::record(&self.dir, &record, durable).map_err(|e| e.to_string());
+                self.machine.handle_fence_recorded(r, Instant::now());
+            }
+            TargetAction::Restore { state } => {
+                let r = match (self.vm.as_mut(), replica) {
+                    (Some(vm), Some(img)) => vm.restore(img, &state).map_err(|e| e.to_string()),
+                    (None, _) => Err("no VMM was launched".to_string()),
+                    (_, None) => Err("the replica is not open".to_string()),
+                };
+                if r.is_ok() && self.crash_during_switchover {
+                    tracing::error!("test hook: crashing with a switchover prepared");
+                    std::process::abort();
+                }
+                self.machine.handle_restored(r, Instant::now());
+            }
+            TargetAction::HashRam => {
+                let r = match self.vm.as_mut() {
+                    Some(vm) => vm.ram_hash().map_err(|e| e.to_string()),
+                    None => Err("no VM to hash".to_string()),
+                };
+                self.machine.handle_hashed(r, Instant::now());
+            }
+            TargetAction::Resume => {
+                let r = match self.vm.as_mut() {
+                    Some(vm) => vm.resume().map_err(|e| e.to_string()),
+                    None => Err("no VM to resume".to_string()),
+                };
+                self.machine.handle_resumed(r, Instant::now());
+            }
+            TargetAction::StopVm => {
+                if let Some(mut vm) = self.vm.take() {
+                    vm.stop();
+                }
+                self.endpoint.clear();
+            }
+            TargetAction::KillLeftover { pid } => fence::kill(pid),
+        }
+    }
+
+    fn log(&self, e: &TargetEvent) {
+        let vm = &self.vm_id;
+        match e {
+            TargetEvent::Prepared { ready } => tracing::info!(%vm, generation = ready.generation,
+                epoch = ready.epoch, settle_us = ready.settle_us, spawn_us = ready.spawn_us,
+                restore_us = ready.restore_us, "switchover prepared; waiting for the commit"),
+            TargetEvent::Running {
+                ready, resume_us, ..
+            } => tracing::info!(%vm,
+                generation = ready.generation, epoch = ready.epoch, resume_us,
+                "the VM runs on this node"),
+            TargetEvent::Failed {
+                generation, why, ..
+            } => {
+                tracing::warn!(%vm, generation, "switchover or promote did not happen: {why}")
+            }
+            TargetEvent::Departed { generation } => tracing::info!(%vm, generation,
+                "the VM's VMM here exited (it migrated away or stopped): this node is a backup for it again"),
+            TargetEvent::FenceNotRecorded { fence, why } => tracing::error!(%vm,
+                generation = fence.generation, state = %fence.state, "recording the fence failed: {why}"),
+        }
+    }
+
+    /// Whether the fence allows starting the VM here: for promote's status line.
+    pub(super) fn idle(&self) -> bool {
+        !self.machine.holds_vm()
+            && !self.machine.in_progress()
+            && self.fence().state != FenceState::Running
+    }
+}

@@ -1,0 +1,202 @@
+//! The path driver: a tokio task that owns nothing but the paths' channels. It feeds what the paths say
+//! into the [`endophyte_wire::Sender`], sends what the sender asks (within the bandwidth cap), and records
+//! what its events mean: durability, output release, commit lags, a switchover's outcome.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use endophyte_wire::Event;
+use tokio::sync::mpsc;
+
+use super::shared::Shared;
+use crate::config::BackupSpec;
+use crate::transport::{PathEvent, PathTarget};
+
+/// The paths of backup `spec`: path `i` goes direct or through a relay, alternating.
+pub(super) fn targets(spec: &BackupSpec, n: usize) -> Vec<PathTarget> {
+    (0..n)
+        .map(|i| {
+            let k = i % (spec.via.len() + 1);
+            let via = (k > 0).then(|| spec.via[k - 1]);
+            PathTarget {
+                addr: via.unwrap_or(spec.addr),
+                server_name: spec.name.clone(),
+                via,
+            }
+        })
+        .collect()
+}
+
+/// A token bucket for `--max-bandwidth`: `rate` bytes/s, bursts up to 50 ms worth (at least 1 MiB).
+/// Sending may overdraw it; nothing more goes out until it is back above zero.
+struct Bucket {
+    limit: u64,
+    rate: f64,
+    tokens: f64,
+    at: Instant,
+}
+
+impl Bucket {
+    fn new(rate_bytes_per_s: u64) -> Self {
+        Self {
+            limit: rate_bytes_per_s,
+            rate: rate_bytes_per_s as f64,
+            tokens: 0.0,
+            at: Instant::now(),
+        }
+    }
+
+    fn refill(&mut self, now: Instant) {
+        let burst = (self.rate * 0.05).max(1048576.0);
+        self.tokens = (self.tokens + self.rate * (now - self.at).as_secs_f64()).min(burst);
+        self.at = now;
+    }
+
+    /// When the bucket is back above zero (now if it is).
+    fn ready_at(&self) -> Instant {
+        if self.tokens >= 0.0 {
+            self.at
+        } else {
+            self.at + Duration::from_secs_f64(-self.tokens / self.rate)
+        }
+    }
+}
+
+/// Runs until every path task is gone.
+///
+/// Cancel safety: meant to run as its own task until the runtime shuts down.
+pub(super) async fn drive(
+    shared: Arc<Shared>,
+    mut events: mpsc::UnboundedReceiver<((usize, usize), PathEvent)>,
+) {
+    let mut rpo_tick = tokio::time::interval(Duration::from_millis(10));
+    let mut bucket: Option<Bucket> = None;
+    loop {
+        let timeout = step(&shared, &mut bucket);
+        let sleep = async {
+            match timeout {
+                Some(t) => tokio::time::sleep_until(t.into()).await,
+                None => std::future::pending().await,
+            }
+        };
+        tokio::select! {
+            ev = events.recv() => {
+                let Some(((b, p), ev)) = ev else { return };
+                on_path_event(&shared, b, p, ev);
+            }
+            _ = shared.wake.notified() => {}
+            _ = sleep => {}
+            _ = rpo_tick.tick() => {
+                let mut g = shared.lock();
+                let d = g.sender.durable_epoch();
+                g.durability.sample(d);
+            }
+        }
+    }
+}
+
+/// One round: timeouts, transmits (within the cap), events. Returns when to come back.
+fn step(shared: &Shared, bucket: &mut Option<Bucket>) -> Option<Instant> {
+    let mut g = shared.lock();
+    let g = &mut *g;
+    let now = Instant::now();
+    // The cap may change at run time (`PUT /v1/max-bandwidth`).
+    if bucket.as_ref().map(|b| b.limit) != g.max_bandwidth {
+        *bucket = g.max_bandwidth.map(Bucket::new);
+    }
+    if g.sender.poll_timeout().is_some_and(|t| t <= now) {
+        g.sender.handle_timeout(now);
+    }
+    if let Some(b) = bucket.as_mut() {
+        b.refill(now);
+    }
+    while bucket.as_ref().is_none_or(|b| b.tokens >= 0.0) {
+        let Some(t) = g.sender.poll_transmit(now) else {
+            break;
+        };
+        if let Some(tx) = &g.paths[t.backup][t.path] {
+            let frame = t.msg.encode();
+            g.counters.wire_bytes += frame.len() as u64;
+            if let Some(b) = bucket.as_mut() {
+                b.tokens -= frame.len() as f64;
+            }
+            let _ = tx.send(frame);
+        }
+    }
+    while let Some(ev) = g.sender.poll_event() {
+        match ev {
+            Event::Durable { epoch } => {
+                tracing::debug!(epoch, "durable");
+                g.output.release_through(epoch);
+                g.durability.on_durable(epoch);
+            }
+            Event::NeedsResync { backup, committed } => {
+                g.counters.resyncs += 1;
+                tracing::info!(
+                    backup,
+                    committed,
+                    "backup joins; resync from its committed epoch"
+                );
+            }
+            Event::BackupLost { backup } => {
+                tracing::warn!(
+                    backup,
+                    "backup lost its last path; it will resync when it returns"
+                )
+            }
+            Event::BackupCommitted { backup, epoch } => {
+                if let Some(at) = g.durability.pause_at.get(&epoch) {
+                    let lag = at.elapsed().as_secs_f64() * 1e3;
+                    let l = &mut g.commit_lag_ms[backup];
+                    *l = Some(l.map_or(lag, |o| o * 0.75 + lag * 0.25));
+                }
+            }
+            Event::PeerError {
+                backup,
+                path,
+                code,
+                message,
+            } => {
+                tracing::warn!(backup, path, ?code, "backup refused: {message}");
+                g.counters
+                    .peer_errors
+                    .push(format!("backup {backup} path {path}: {message}"));
+            }
+            Event::Switchover(outcome) => g.switch_outcome = Some(outcome),
+        }
+    }
+    shared.cv.notify_all();
+    let limited = bucket
+        .as_ref()
+        .filter(|b| b.tokens < 0.0)
+        .map(Bucket::ready_at);
+    match (g.sender.poll_timeout(), limited) {
+        (Some(a), Some(b)) => Some(a.min(b)),
+        (a, b) => a.or(b),
+    }
+}
+
+fn on_path_event(shared: &Shared, b: usize, p: usize, ev: PathEvent) {
+    let mut g = shared.lock();
+    let now = Instant::now();
+    match ev {
+        PathEvent::Up { welcome, tx } => {
+            tracing::info!(backup = b, path = p, node = %welcome.node, committed = welcome.committed_epoch, "path up");
+            g.paths[b][p] = Some(tx);
+            g.sender.handle_path_up(b, p, &welcome, now);
+        }
+        PathEvent::Message(m) => {
+            if let Err(e) = g.sender.handle_message(b, p, m, now) {
+                tracing::warn!("{e}");
+                g.paths[b][p] = None;
+            }
+        }
+        PathEvent::Down(why) => {
+            if g.paths[b][p].take().is_some() {
+                g.counters.path_failures += 1;
+            }
+            tracing::warn!(backup = b, path = p, "path down: {why}");
+            g.sender.handle_path_down(b, p, now);
+        }
+    }
+}

@@ -1,0 +1,70 @@
+//! Dirty-page history: which pages changed at each epoch of this run, so that a backup that fell behind (or
+//! came back) is resynced with only the pages changed since the epoch it holds, not all of guest RAM.
+
+use std::collections::BTreeMap;
+
+use endophyte_vmm::DirtyBitmap;
+
+/// Epochs of history kept; a backup further behind gets all of RAM.
+pub(super) const HISTORY_EPOCHS: usize = 4096;
+
+/// Which pages a resync sends.
+pub(super) enum PageSet {
+    /// Every page of guest RAM.
+    All,
+    /// The pages set in these bitmaps (one per region).
+    Union(Vec<DirtyBitmap>),
+}
+
+impl PageSet {
+    /// Whether page `index` of region `region` is in the set.
+    pub fn contains(&self, region: usize, index: u64) -> bool {
+        match self {
+            Self::All => true,
+            Self::Union(b) => b.get(region).is_some_and(|b| b.is_set(index)),
+        }
+    }
+}
+
+/// The changed pages of each epoch of this sidecar's session.
+pub(super) struct History {
+    session: u64,
+    epochs: BTreeMap<u64, Vec<DirtyBitmap>>,
+}
+
+impl History {
+    /// An empty history of session `session`.
+    pub fn new(session: u64) -> Self {
+        Self {
+            session,
+            epochs: BTreeMap::new(),
+        }
+    }
+
+    /// Whether the history says what changed after epoch `from` of session `from_session`: only an epoch
+    /// this run cut and still remembers does (history is pruned from the oldest end only, so every epoch
+    /// cut after it is there too). An empty replica, another session's epoch or a pruned one do not.
+    pub fn covers(&self, from: u64, from_session: u64) -> bool {
+        from_session == self.session && self.epochs.contains_key(&from)
+    }
+
+    /// Pages changed after epoch `from`, up to (not including) epoch `e`'s own changes.
+    pub fn since(&self, from: u64, e: u64) -> PageSet {
+        let mut acc: Option<Vec<DirtyBitmap>> = None;
+        for (_, bms) in self.epochs.range(from + 1..e) {
+            match &mut acc {
+                None => acc = Some(bms.clone()),
+                Some(a) => a.iter_mut().zip(bms).for_each(|(x, y)| x.or_assign(y)),
+            }
+        }
+        PageSet::Union(acc.unwrap_or_default())
+    }
+
+    /// Records what changed at epoch `e`, forgetting the oldest epochs beyond [`HISTORY_EPOCHS`].
+    pub fn insert(&mut self, e: u64, changed: Vec<DirtyBitmap>) {
+        self.epochs.insert(e, changed);
+        while self.epochs.len() > HISTORY_EPOCHS {
+            self.epochs.pop_first();
+        }
+    }
+}

@@ -1,0 +1,277 @@
+//! What the epoch loop, the path driver and the control API share: the [`Sender`] and the bookkeeping
+//! around it, under one mutex, with a condition variable the epoch loop waits on and a notifier that wakes
+//! the driver.
+
+use std::collections::BTreeMap;
+use std::io::Write;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Condvar, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
+
+use endophyte_wire::switchover::SwitchoverOutcome;
+use endophyte_wire::{EncodedFrame, Sender};
+use tokio::sync::mpsc;
+
+use super::migration::MigrationCtl;
+
+/// Facts fixed for the run.
+pub(super) struct Meta {
+    /// VM name.
+    pub vm_id: String,
+    /// This node's name.
+    pub node: String,
+    /// Guest RAM bytes.
+    pub mem_bytes: u64,
+    /// Backup names, in configuration order.
+    pub backups: Vec<String>,
+}
+
+/// The epoch loop's latest figures, published for the control API.
+#[derive(Clone, Copy, Debug, Default)]
+pub(super) struct Live {
+    pub epoch: u64,
+    pub epoch_ms: u64,
+    pub throttle: f64,
+    pub pressure: f64,
+    pub dirty_rate: f64,
+    pub drain_rate: f64,
+    pub emergencies: u64,
+}
+
+/// When each epoch paused, and what that says about durability: the RPO samples and when the initial
+/// full copy became durable.
+pub(super) struct Durability {
+    pub started: Instant,
+    /// Pause instant of each epoch not yet durable (and of the newest durable one).
+    pub pause_at: BTreeMap<u64, Instant>,
+    /// The run's first epoch (the initial full copy).
+    pub first_epoch: Option<u64>,
+    /// RPO is sampled once epochs cut after the initial full copy became durable start to become durable.
+    pub steady_from: Option<u64>,
+    /// From the start until the initial copy was durable.
+    pub initial_sync: Option<Duration>,
+    /// Age of the durable epoch, ms, every 10 ms in steady state.
+    pub rpo_samples: Vec<f64>,
+}
+
+impl Durability {
+    fn new() -> Self {
+        Self {
+            started: Instant::now(),
+            pause_at: BTreeMap::new(),
+            first_epoch: None,
+            steady_from: None,
+            initial_sync: None,
+            rpo_samples: Vec::new(),
+        }
+    }
+
+    /// `epoch` became durable; notes when the initial copy did.
+    pub fn on_durable(&mut self, epoch: u64) {
+        if self.steady_from.is_none() && self.first_epoch.is_some_and(|f| epoch >= f) {
+            let cut = self.pause_at.keys().next_back().copied().unwrap_or(epoch);
+            self.steady_from = Some(cut + 1);
+            self.initial_sync = Some(self.started.elapsed());
+            tracing::info!(
+                epoch,
+                ms = self.started.elapsed().as_millis() as u64,
+                "initial copy durable"
+            );
+        }
+    }
+
+    /// The age of the durable epoch `durable`'s pause now, ms, once it is of this run.
+    pub fn rpo_now(&self, durable: u64) -> Option<f64> {
+        self.pause_at
+            .get(&durable)
+            .filter(|_| self.first_epoch.is_some_and(|f| durable >= f))
+            .map(|at| at.elapsed().as_secs_f64() * 1e3)
+    }
+
+    /// Takes an RPO sample (in steady state) and forgets pauses older than the durable epoch.
+    pub fn sample(&mut self, durable: u64) {
+        let steady = self.steady_from.is_some_and(|s| durable >= s);
+        if let Some(&at) = self.pause_at.get(&durable).filter(|_| steady) {
+            if self.rpo_samples.len() < 4_000_000 {
+                self.rpo_samples.push(at.elapsed().as_secs_f64() * 1e3);
+            }
+        }
+        let floor = self.first_epoch.unwrap_or(0).max(durable);
+        while self
+            .pause_at
+            .first_key_value()
+            .is_some_and(|(&e, _)| e < floor)
+        {
+            self.pause_at.pop_first();
+        }
+    }
+}
+
+/// Output commit: guest output by the epoch that produced it, released once that epoch is durable.
+pub(super) struct HeldOutput {
+    held: BTreeMap<u64, Vec<u8>>,
+    out: Box<dyn Write + Send>,
+    /// Bytes released once their epoch was durable.
+    pub released: u64,
+}
+
+impl HeldOutput {
+    pub fn new(out: Box<dyn Write + Send>) -> Self {
+        Self {
+            held: BTreeMap::new(),
+            out,
+            released: 0,
+        }
+    }
+
+    /// Holds `bytes`, produced in `epoch`.
+    pub fn hold(&mut self, epoch: u64, bytes: Vec<u8>) {
+        if !bytes.is_empty() {
+            self.held.entry(epoch).or_default().extend(bytes);
+        }
+    }
+
+    /// Releases what epochs up to `durable` produced.
+    pub fn release_through(&mut self, durable: u64) {
+        while self
+            .held
+            .first_key_value()
+            .is_some_and(|(&e, _)| e <= durable)
+        {
+            let (_, bytes) = self.held.pop_first().expect("non-empty");
+            self.released += bytes.len() as u64;
+            let _ = self.out.write_all(&bytes);
+        }
+        let _ = self.out.flush();
+    }
+
+    /// Releases everything still held, durable or not (replication stops, the VM goes on or left);
+    /// returns how many bytes that was.
+    pub fn release_all(&mut self) -> u64 {
+        let rest: Vec<u8> = std::mem::take(&mut self.held)
+            .into_values()
+            .flatten()
+            .collect();
+        let _ = self.out.write_all(&rest);
+        let _ = self.out.flush();
+        rest.len() as u64
+    }
+}
+
+/// Counters the driver keeps.
+#[derive(Default)]
+pub(super) struct Counters {
+    /// Frame bytes written to paths, all backups, retransmissions included.
+    pub wire_bytes: u64,
+    /// Path failures seen.
+    pub path_failures: u64,
+    /// Times a backup was resynced (first contact included).
+    pub resyncs: u64,
+    /// Errors backups reported.
+    pub peer_errors: Vec<String>,
+}
+
+/// Everything under the lock.
+pub(super) struct Inner {
+    pub sender: Sender,
+    /// Per backup, per path: where frames for it go while it is up.
+    pub paths: Vec<Vec<Option<mpsc::UnboundedSender<EncodedFrame>>>>,
+    pub durability: Durability,
+    pub counters: Counters,
+    pub output: HeldOutput,
+    /// Bandwidth cap in force (`--max-bandwidth`, changed at run time through the control API).
+    pub max_bandwidth: Option<u64>,
+    /// What the epoch loop last measured and decided.
+    pub live: Live,
+    /// The migration requested through the control API, if any (the last one, once finished).
+    pub migration: Option<MigrationCtl>,
+    /// How the switchover in progress ended (set by the driver, taken by the epoch loop).
+    pub switch_outcome: Option<SwitchoverOutcome>,
+    /// A client read the finished migration's status (the sidecar waits for that before exiting).
+    pub final_fetched: bool,
+    /// Per backup, from an epoch's pause until that backup committed it, ms (EWMA, weight 1/4): what a
+    /// switchover's final transfer takes.
+    pub commit_lag_ms: Vec<Option<f64>>,
+}
+
+/// The shared state. See the module docs.
+pub(super) struct Shared {
+    inner: Mutex<Inner>,
+    pub meta: Meta,
+    /// Signalled whenever the driver changed something the epoch loop may wait for.
+    pub cv: Condvar,
+    /// Wakes the driver (something to send).
+    pub wake: tokio::sync::Notify,
+    /// A stop was asked (signal, `--duration`): the loop cuts a final epoch and ends.
+    stop: AtomicBool,
+}
+
+impl Shared {
+    pub fn new(
+        sender: Sender,
+        paths: &[usize],
+        meta: Meta,
+        output: HeldOutput,
+        max_bandwidth: Option<u64>,
+        epoch_ms: u64,
+    ) -> Self {
+        Self {
+            inner: Mutex::new(Inner {
+                sender,
+                paths: paths.iter().map(|&n| vec![None; n]).collect(),
+                durability: Durability::new(),
+                counters: Counters::default(),
+                output,
+                max_bandwidth,
+                live: Live {
+                    epoch_ms,
+                    ..Live::default()
+                },
+                migration: None,
+                switch_outcome: None,
+                final_fetched: false,
+                commit_lag_ms: vec![None; paths.len()],
+            }),
+            meta,
+            cv: Condvar::new(),
+            wake: tokio::sync::Notify::new(),
+            stop: AtomicBool::new(false),
+        }
+    }
+
+    pub fn lock(&self) -> MutexGuard<'_, Inner> {
+        self.inner.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Asks the run to end at the next epoch boundary; ends every wait.
+    pub fn request_stop(&self) {
+        self.stop.store(true, Ordering::SeqCst);
+        self.cv.notify_all();
+    }
+
+    /// Whether a stop was asked.
+    pub fn stopping(&self) -> bool {
+        self.stop.load(Ordering::SeqCst)
+    }
+
+    /// Waits (up to `limit`) until `ok` holds; returns whether it does.
+    pub fn wait_until(&self, limit: Duration, mut ok: impl FnMut(&Inner) -> bool) -> bool {
+        let deadline = Instant::now() + limit;
+        let mut g = self.lock();
+        loop {
+            if ok(&g) {
+                return true;
+            }
+            let now = Instant::now();
+            if now >= deadline {
+                return false;
+            }
+            let wait = (deadline - now).min(Duration::from_millis(50));
+            g = self
+                .cv
+                .wait_timeout(g, wait)
+                .unwrap_or_else(|e| e.into_inner())
+                .0;
+        }
+    }
+}

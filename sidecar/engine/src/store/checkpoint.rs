@@ -1,0 +1,185 @@
+//! Checkpoints: `replica.img` made durable, then `state.json` (and the epoch's VM state) recorded
+//! atomically, then the journals it covers deleted.
+//!
+//! `state.json`:
+//!
+//! ```json
+//! {"vm_id":"vm1","mem_bytes":67108864,"page_size":4096,"checkpoint_epoch":81,"checkpoint_session":1234,
+//!  "vm_state":{"file":"vmstate-00000000000000000081.bin","format":"testvm","version":1,"bytes":1790,
+//!              "blake3":"9af1..."}}
+//! ```
+//!
+//! The VM state of the checkpointed epoch (what its end marker carried, [`VmState`]) goes into its own
+//! file, named by epoch and written durably before `state.json` names it, so that a crash between the two
+//! leaves the previous pair intact. Its bytes are those of the wire encoding ([`endophyte_wire::vmstate`]),
+//! checked against the BLAKE3 in `state.json` when read: a state that cannot be kept or read back is an
+//! error, never dropped.
+
+use std::fs::File;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+
+use bytes::BytesMut;
+use endophyte_wire::vmstate;
+use endophyte_wire::VmState;
+use serde::{Deserialize, Serialize};
+
+use super::StoreError;
+
+/// Where the VM state of the checkpointed epoch is kept.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+pub(super) struct StateFile {
+    /// File name in the VM's directory.
+    file: String,
+    /// Its format tag and version (for operators; the file itself carries them too).
+    format: String,
+    version: u32,
+    /// Its length.
+    bytes: u64,
+    /// BLAKE3 of the file, hex.
+    blake3: String,
+}
+
+/// `state.json`: the epoch `replica.img` holds durably.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub(super) struct State {
+    pub vm_id: String,
+    pub mem_bytes: u64,
+    pub page_size: u64,
+    pub checkpoint_epoch: u64,
+    #[serde(default)]
+    pub checkpoint_session: u64,
+    #[serde(default)]
+    vm_state: Option<StateFile>,
+}
+
+impl State {
+    pub fn new(vm_id: &str, mem_bytes: u64, page_size: u64, epoch: u64, session: u64) -> Self {
+        Self {
+            vm_id: vm_id.into(),
+            mem_bytes,
+            page_size,
+            checkpoint_epoch: epoch,
+            checkpoint_session: session,
+            vm_state: None,
+        }
+    }
+}
+
+fn io(op: &'static str, path: &Path) -> impl FnOnce(std::io::Error) -> StoreError {
+    let path = path.to_owned();
+    move |source| StoreError::Io { op, path, source }
+}
+
+/// Reads `dir/state.json` and the VM state it names; `None` when there is no state.json.
+///
+/// # Errors
+/// Unreadable files, a state.json that does not parse, a VM state file that is missing, damaged (its
+/// BLAKE3 differs) or not a VM state.
+pub(super) fn read(dir: &Path) -> Result<Option<(State, Option<VmState>)>, StoreError> {
+    let Some(s) = read_json(dir)? else {
+        return Ok(None);
+    };
+    let Some(f) = &s.vm_state else {
+        return Ok(Some((s, None)));
+    };
+    let p = dir.join(&f.file);
+    let data = std::fs::read(&p).map_err(io("reading", &p))?;
+    let bad = |why: String| StoreError::State {
+        path: p.clone(),
+        why,
+    };
+    let h = blake3::hash(&data).to_hex().to_string();
+    if h != f.blake3 {
+        return Err(bad(format!(
+            "the VM state file is damaged: BLAKE3 {h}, state.json says {}",
+            f.blake3
+        )));
+    }
+    let mut b = bytes::Bytes::from(data);
+    let state = vmstate::decode_opt(&mut b)
+        .map_err(|e| bad(e.to_string()))?
+        .ok_or_else(|| bad("the VM state file holds no state".into()))?;
+    Ok(Some((s, Some(state))))
+}
+
+/// Reads `dir/state.json` alone; `None` when there is none.
+///
+/// # Errors
+/// Unreadable, or not a state record.
+pub(super) fn read_json(dir: &Path) -> Result<Option<State>, StoreError> {
+    let path = dir.join("state.json");
+    let bytes = match std::fs::read(&path) {
+        Ok(b) => b,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+        Err(e) => return Err(io("reading", &path)(e)),
+    };
+    serde_json::from_slice(&bytes)
+        .map(Some)
+        .map_err(|e| StoreError::State {
+            path,
+            why: e.to_string(),
+        })
+}
+
+/// Makes `file` (the replica, at `img`) durable, records `state` (with `vm_state`) in `dir` atomically,
+/// then deletes `journals` (all covered by it) and older VM state files. Returns the checkpointed epoch.
+pub(super) fn write(
+    file: &File,
+    img: &Path,
+    dir: &Path,
+    mut state: State,
+    vm_state: Option<&VmState>,
+    journals: &[PathBuf],
+) -> Result<u64, StoreError> {
+    let t0 = std::time::Instant::now();
+    // fdatasync writes back every dirty page-cache page of the replica.
+    file.sync_data().map_err(io("syncing", img))?;
+    let kept = match vm_state {
+        Some(vs) => {
+            let name = format!("vmstate-{:020}.bin", state.checkpoint_epoch);
+            let mut b = BytesMut::with_capacity(vs.encoded_len());
+            vmstate::encode_opt(&mut b, Some(vs));
+            write_durably(dir, &name, &b)?;
+            state.vm_state = Some(StateFile {
+                file: name.clone(),
+                format: vs.format.clone(),
+                version: vs.version,
+                bytes: b.len() as u64,
+                blake3: blake3::hash(&b).to_hex().to_string(),
+            });
+            Some(name)
+        }
+        None => None,
+    };
+    let json = serde_json::to_vec(&state).expect("state serializes");
+    write_durably(dir, "state.json", &json)?;
+    for j in journals {
+        let _ = std::fs::remove_file(j);
+    }
+    // VM state files of older checkpoints.
+    if let Ok(entries) = std::fs::read_dir(dir) {
+        for e in entries.flatten() {
+            let n = e.file_name();
+            let n = n.to_string_lossy();
+            if n.starts_with("vmstate-") && Some(n.as_ref()) != kept.as_deref() {
+                let _ = std::fs::remove_file(e.path());
+            }
+        }
+    }
+    tracing::debug!(epoch = state.checkpoint_epoch, took = ?t0.elapsed(), "checkpoint");
+    Ok(state.checkpoint_epoch)
+}
+
+/// Writes `dir/name` atomically and durably: a temporary file, fsync, rename, fsync of the directory.
+fn write_durably(dir: &Path, name: &str, bytes: &[u8]) -> Result<(), StoreError> {
+    let path = dir.join(name);
+    let tmp = dir.join(format!("{name}.tmp"));
+    let mut f = File::create(&tmp).map_err(io("writing", &path))?;
+    f.write_all(bytes).map_err(io("writing", &path))?;
+    f.sync_all().map_err(io("syncing", &path))?;
+    std::fs::rename(&tmp, &path).map_err(io("renaming", &path))?;
+    File::open(dir)
+        .and_then(|d| d.sync_all())
+        .map_err(io("syncing directory of", &path))
+}

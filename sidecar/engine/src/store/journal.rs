@@ -1,0 +1,223 @@
+//! Per-epoch journals: `journal/<epoch>.ejl`, the epoch's frames as they arrived (a Hello naming the
+//! sending session, the Chunk frames, then the EpochEnd frame at commit), appended through io_uring
+//! (writev, fdatasync) or pwritev where io_uring is refused; and the scan that tells a complete,
+//! verifiable journal from a torn one.
+
+use std::collections::BTreeMap;
+use std::fs::{File, OpenOptions};
+use std::io::{BufReader, Read};
+use std::os::fd::AsRawFd;
+use std::path::{Path, PathBuf};
+
+use endophyte_wire::frame::{FrameHeader, DEFAULT_MAX_PAYLOAD_BYTES, HEADER_BYTES};
+use endophyte_wire::msg::epoch_hash;
+use endophyte_wire::{EpochEnd, Message};
+
+use super::StoreError;
+
+/// Appends to a file through io_uring, or pwritev when io_uring is unavailable.
+pub(super) struct Appender {
+    file: File,
+    path: PathBuf,
+    /// Bytes written so far.
+    pub(super) len: u64,
+    /// Where each chunk frame lies: seq -> (offset, length).
+    pub(super) index: BTreeMap<u32, (u64, usize)>,
+    /// The session whose Hello opens the journal.
+    pub(super) session: u64,
+    ring: Option<io_uring::IoUring>,
+}
+
+impl Appender {
+    pub(super) fn create(path: PathBuf, use_uring: bool) -> Result<Self, StoreError> {
+        let file = OpenOptions::new()
+            .create(true)
+            .write(true)
+            .read(true)
+            .truncate(true)
+            .open(&path)
+            .map_err(|source| StoreError::Io {
+                op: "creating journal",
+                path: path.clone(),
+                source,
+            })?;
+        let ring = if use_uring {
+            io_uring::IoUring::new(8).ok()
+        } else {
+            None
+        };
+        Ok(Self {
+            file,
+            path,
+            len: 0,
+            index: BTreeMap::new(),
+            session: 0,
+            ring,
+        })
+    }
+
+    fn io_err(&self, op: &'static str, source: std::io::Error) -> StoreError {
+        StoreError::Io {
+            op,
+            path: self.path.clone(),
+            source,
+        }
+    }
+
+    /// Submits one SQE and waits for its completion; returns the CQE result.
+    fn submit(&mut self, sqe: io_uring::squeue::Entry) -> std::io::Result<i32> {
+        let ring = self.ring.as_mut().expect("ring present");
+        // SAFETY: the buffers the SQE names (iovecs and their data) are borrowed by our caller for this whole call, and we return only after the completion arrived (below), so the kernel never touches freed memory.
+        unsafe { ring.submission().push(&sqe) }
+            .map_err(|_| std::io::Error::other("io_uring submission queue full"))?;
+        // An interrupted wait leaves the SQE in flight: keep waiting for its completion. Other errors of
+        // io_uring_enter (EFAULT, EINVAL, ...) come before anything is submitted.
+        loop {
+            match ring.submit_and_wait(1) {
+                Ok(_) => break,
+                Err(e)
+                    if matches!(
+                        e.kind(),
+                        std::io::ErrorKind::Interrupted | std::io::ErrorKind::ResourceBusy
+                    ) || e.raw_os_error() == Some(libc::EBUSY) =>
+                {
+                    continue
+                }
+                Err(e) => return Err(e),
+            }
+        }
+        let cqe = ring
+            .completion()
+            .next()
+            .ok_or_else(|| std::io::Error::other("io_uring completion missing"))?;
+        if cqe.result() < 0 {
+            return Err(std::io::Error::from_raw_os_error(-cqe.result()));
+        }
+        Ok(cqe.result())
+    }
+
+    pub(super) fn append(&mut self, parts: &[&[u8]]) -> Result<(), StoreError> {
+        let total: usize = parts.iter().map(|p| p.len()).sum();
+        let mut done = 0usize;
+        while done < total {
+            // Rebuild the iovecs past what was written (short writes are legal).
+            let mut skip = done;
+            let mut iov: Vec<libc::iovec> = Vec::with_capacity(parts.len());
+            for p in parts {
+                if skip >= p.len() {
+                    skip -= p.len();
+                    continue;
+                }
+                iov.push(libc::iovec {
+                    iov_base: p[skip..].as_ptr() as *mut libc::c_void,
+                    iov_len: p.len() - skip,
+                });
+                skip = 0;
+            }
+            let off = self.len + done as u64;
+            let n = if self.ring.is_some() {
+                let sqe = io_uring::opcode::Writev::new(
+                    io_uring::types::Fd(self.file.as_raw_fd()),
+                    iov.as_ptr(),
+                    iov.len() as u32,
+                )
+                .offset(off)
+                .build();
+                self.submit(sqe)
+                    .map_err(|e| self.io_err("writing journal", e))? as usize
+            } else {
+                // SAFETY: the iovecs point into `parts`, alive for this call; the fd is ours and open.
+                let r = unsafe {
+                    libc::pwritev(
+                        self.file.as_raw_fd(),
+                        iov.as_ptr(),
+                        iov.len() as i32,
+                        off as libc::off_t,
+                    )
+                };
+                if r < 0 {
+                    return Err(self.io_err("writing journal", std::io::Error::last_os_error()));
+                }
+                r as usize
+            };
+            if n == 0 {
+                return Err(self.io_err("writing journal", std::io::ErrorKind::WriteZero.into()));
+            }
+            done += n;
+        }
+        self.len += total as u64;
+        Ok(())
+    }
+
+    pub(super) fn sync(&mut self) -> Result<(), StoreError> {
+        if self.ring.is_some() {
+            let sqe = io_uring::opcode::Fsync::new(io_uring::types::Fd(self.file.as_raw_fd()))
+                .flags(io_uring::types::FsyncFlags::DATASYNC)
+                .build();
+            self.submit(sqe)
+                .map_err(|e| self.io_err("syncing journal", e))?;
+            Ok(())
+        } else {
+            self.file
+                .sync_data()
+                .map_err(|e| self.io_err("syncing journal", e))
+        }
+    }
+}
+
+/// A complete epoch found in its journal: the end marker, each chunk frame's `(offset, length)` by seq, and
+/// the sending session.
+pub(super) type JournaledEpoch = (EpochEnd, BTreeMap<u32, (u64, usize)>, u64);
+
+/// Scans a journal frame by frame (one frame in memory at a time); returns its end marker and where each
+/// chunk frame lies, if it holds a complete epoch whose page count and epoch hash match its chunks. A torn or
+/// corrupt tail ends the journal: whatever follows was never made durable.
+pub(super) fn read_journal(path: &Path) -> Result<Option<JournaledEpoch>, StoreError> {
+    let io = |source| StoreError::Io {
+        op: "reading journal",
+        path: path.to_owned(),
+        source,
+    };
+    let mut r = BufReader::with_capacity(1 << 20, File::open(path).map_err(io)?);
+    let mut chunks = BTreeMap::new();
+    let (mut hashes, mut pages) = (BTreeMap::new(), 0u64);
+    let mut end = None;
+    let mut session = 0;
+    let mut offset = 0u64;
+    loop {
+        let mut head = [0u8; HEADER_BYTES];
+        if r.read_exact(&mut head).is_err() {
+            break;
+        }
+        let Ok(h) = FrameHeader::parse(&head, DEFAULT_MAX_PAYLOAD_BYTES) else {
+            break;
+        };
+        let mut payload = vec![0u8; h.len as usize];
+        if r.read_exact(&mut payload).is_err() {
+            break;
+        }
+        let len = HEADER_BYTES + payload.len();
+        match Message::from_parts(&head, &h, payload.into()) {
+            Ok(Message::Chunk { seq, chunk }) => {
+                chunks.insert(seq, (offset, len));
+                hashes.insert(seq, chunk.content_hash);
+                pages += u64::from(chunk.n_pages);
+            }
+            Ok(Message::EpochEnd(e)) => end = Some(e),
+            Ok(Message::Hello(h)) => session = h.session,
+            _ => break,
+        }
+        offset += len as u64;
+    }
+    let Some(end) = end else { return Ok(None) };
+    let complete = chunks.len() as u64 == u64::from(end.chunk_count)
+        && chunks
+            .keys()
+            .next_back()
+            .is_none_or(|&s| s + 1 == end.chunk_count);
+    if !complete || pages != end.page_count || epoch_hash(pages, hashes.values()) != end.epoch_hash
+    {
+        return Ok(None);
+    }
+    Ok(Some((end, chunks, session)))
+}

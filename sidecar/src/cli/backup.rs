@@ -1,0 +1,115 @@
+//! `endophyte backup`: a backup node, with the VMM it starts VMs with for switchovers and promotes.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use anyhow::Context;
+use clap::Args;
+use endophyte_engine::backup::{BackupConfig, BackupNode};
+use endophyte_engine::store::CrashPoint;
+use endophyte_vmm::attach::launch::AttachLauncher;
+use endophyte_vmm::Launcher;
+
+/// `endophyte backup`'s flags.
+#[derive(Args)]
+pub struct BackupArgs {
+    /// UDP address to listen on.
+    #[arg(long, default_value = "0.0.0.0:7400")]
+    listen: SocketAddr,
+    /// Directory for replicas (one subdirectory per VM).
+    #[arg(long)]
+    data_dir: PathBuf,
+    /// Certificate directory (ca.pem, <node>.pem, <node>.key).
+    #[arg(long)]
+    certs: PathBuf,
+    /// This node's name.
+    #[arg(long)]
+    node: String,
+    /// Epochs staged per VM at once.
+    #[arg(long, default_value_t = 4)]
+    max_staged_epochs: usize,
+    /// The command that starts an attach-protocol VMM on standby for a switchover or a promote; `{socket}`
+    /// becomes its attach socket in the VM's directory, e.g. "testvm standby --attach-socket {socket}".
+    /// Default: this binary's `testvm-serve --standby` (with the `demo` feature); without one, switchovers
+    /// and promotes are refused, saying so.
+    #[arg(long)]
+    target_vmm: Option<String>,
+    /// Test hook: abort halfway through applying this epoch.
+    #[arg(long, hide = true)]
+    crash_during_apply: Option<u64>,
+    /// Test hook: abort with a switchover prepared (VMM started, VM restored, not yet answered).
+    #[arg(long, hide = true)]
+    crash_during_switchover: bool,
+    /// Serve the control API on this Unix socket (`endophyte status`, `endophyte promote`).
+    #[arg(long)]
+    control_socket: Option<PathBuf>,
+    /// Recover every replica (redo interrupted commits), print each VM's committed epoch as JSON, exit.
+    #[arg(long)]
+    recover_only: bool,
+}
+
+/// The default target VMM command: this binary's testvm VMM, when it has one.
+fn default_target_vmm() -> anyhow::Result<Option<Vec<String>>> {
+    if !cfg!(feature = "demo") {
+        return Ok(None);
+    }
+    let exe =
+        std::env::current_exe().context("finding this binary for the default --target-vmm")?;
+    Ok(Some(vec![
+        exe.display().to_string(),
+        "testvm-serve".into(),
+        "--standby".into(),
+        "--attach-socket".into(),
+        "{socket}".into(),
+    ]))
+}
+
+/// Runs the node until the process ends (or recovers and exits with `--recover-only`).
+///
+/// # Errors
+/// Certificates, the data directory, a replica that cannot be recovered, a bad `--target-vmm`.
+pub fn run(a: BackupArgs) -> anyhow::Result<()> {
+    let identity = endophyte_engine::tls::Identity::load(&a.certs, &a.node)
+        .with_context(|| format!("loading node {:?}'s certificates", a.node))?;
+    std::fs::create_dir_all(&a.data_dir)
+        .with_context(|| format!("creating {}", a.data_dir.display()))?;
+    let launcher: Option<Arc<dyn Launcher>> = match &a.target_vmm {
+        Some(line) => Some(Arc::new(
+            AttachLauncher::parse(line).context("--target-vmm")?,
+        )),
+        None => match default_target_vmm()? {
+            Some(cmd) => Some(Arc::new(AttachLauncher::new(cmd)?)),
+            None => None,
+        },
+    };
+    if launcher.is_none() {
+        tracing::warn!("no --target-vmm: this backup keeps replicas but cannot start VMs (switchover, promote)");
+    }
+    let cfg = BackupConfig {
+        listen: a.listen,
+        data_dir: a.data_dir,
+        max_staged_epochs: a.max_staged_epochs,
+        crash: CrashPoint {
+            during_apply: a.crash_during_apply,
+            during_switchover: a.crash_during_switchover,
+        },
+        control_socket: a.control_socket,
+        launcher,
+    };
+    let node = BackupNode::new(identity, cfg);
+    let recovered = node.recover_all()?;
+    if a.recover_only {
+        let m: serde_json::Map<String, serde_json::Value> = recovered
+            .into_iter()
+            .map(|(vm, e)| (vm, serde_json::json!({ "committed_epoch": e })))
+            .collect();
+        println!("{}", serde_json::Value::Object(m));
+        return Ok(());
+    }
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()?
+        .block_on(node.serve())
+}

@@ -1,0 +1,6 @@
+//! The subcommands, one module per family.
+
+pub mod admin;
+pub mod backup;
+pub mod ops;
+pub mod sidecar;

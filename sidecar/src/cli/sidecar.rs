@@ -1,0 +1,182 @@
+//! `endophyte sidecar`: flags and TOML into a [`SidecarConfig`], the VMM attached, the engine run.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context;
+use clap::Args;
+use endophyte_engine::config::{BackupSpec, SidecarConfig, TrackingMode};
+use endophyte_engine::primary::{run_sidecar, RunOptions};
+use endophyte_vmm::attach::AttachSource;
+use endophyte_vmm::Tracking;
+
+/// `endophyte sidecar`'s flags; each overrides the TOML file's setting.
+#[derive(Args)]
+pub struct SidecarArgs {
+    /// TOML configuration; flags override it.
+    #[arg(long)]
+    config: Option<PathBuf>,
+    /// The VM's name.
+    #[arg(long)]
+    vm_id: Option<String>,
+    /// The VMM's attach socket.
+    #[arg(long)]
+    attach_socket: Option<PathBuf>,
+    /// How changed pages are found: the VMM's dirty log, or a full snapshot per epoch diffed by page
+    /// hashes (for VMMs without a dirty log; with the attach protocol, to exercise that path).
+    #[arg(long, value_enum)]
+    tracking: Option<endophyte_engine::config::TrackingMode>,
+    /// Certificate directory.
+    #[arg(long)]
+    certs: Option<PathBuf>,
+    /// This node's name.
+    #[arg(long)]
+    node: Option<String>,
+    /// Epoch length in ms.
+    #[arg(long)]
+    epoch_ms: Option<u64>,
+    /// Staging buffer size (e.g. 32MiB).
+    #[arg(long, value_parser = endophyte_engine::config::parse_bytes)]
+    staging: Option<u64>,
+    /// Paths per backup.
+    #[arg(long)]
+    paths: Option<usize>,
+    /// Backups that must commit an epoch for it to be durable.
+    #[arg(long)]
+    quorum: Option<usize>,
+    /// A backup: name=NODE,addr=IP:PORT[,paths=N][,via=RELAY+RELAY] (repeatable; replaces the file's list).
+    #[arg(long = "backup", value_parser = BackupSpec::parse)]
+    backups: Vec<BackupSpec>,
+    /// Send chunks uncompressed.
+    #[arg(long)]
+    no_compress: bool,
+    /// Throttle curve, e.g. linear:start=0.5,max=0.9 or exponential:start=0.3,max=0.95,steepness=4.
+    #[arg(long)]
+    curve: Option<String>,
+    /// What to do when an epoch overflows the staging buffer.
+    #[arg(long, value_enum)]
+    emergency: Option<endophyte_engine::config::Emergency>,
+    /// Congestion controller of the paths: cubic (default, loss-based) or bbr (random loss on a long path
+    /// does not cut the rate; for lossy WAN paths).
+    #[arg(long, value_enum)]
+    congestion: Option<endophyte_engine::tls::Congestion>,
+    /// Cap on what the sidecar sends, all paths together (e.g. 20MB/s).
+    #[arg(long, value_parser = endophyte_engine::config::parse_rate)]
+    max_bandwidth: Option<u64>,
+    /// Stop after this long (e.g. 20s), at an epoch boundary.
+    #[arg(long, value_parser = humantime::parse_duration)]
+    duration: Option<Duration>,
+    /// Append the VMM's guest RAM hash at every epoch's pause to this file (JSON lines; for tests).
+    #[arg(long)]
+    ram_hashes: Option<PathBuf>,
+    /// Write the final report (JSON) here as well as to stdout.
+    #[arg(long)]
+    report: Option<PathBuf>,
+    /// Append released guest console output to this file (default: stderr).
+    #[arg(long)]
+    console_out: Option<PathBuf>,
+    /// Serve the control API on this Unix socket (for `endophyte status`, `set` and `migrate`; they look for
+    /// /run/endophyte/VM.ctl by default).
+    #[arg(long)]
+    control_socket: Option<PathBuf>,
+    /// The VM's current generation (fencing token; see `fence.json` on the node it was started on).
+    #[arg(long)]
+    generation: Option<u64>,
+    /// Release guest console output at once instead of when its epoch is durable.
+    #[arg(long)]
+    no_output_commit: bool,
+}
+
+fn config(a: &SidecarArgs) -> anyhow::Result<SidecarConfig> {
+    let mut c = match &a.config {
+        Some(p) => SidecarConfig::from_file(p)?,
+        None => SidecarConfig::default(),
+    };
+    if let Some(v) = &a.vm_id {
+        c.vm_id = v.clone();
+    }
+    if let Some(v) = &a.attach_socket {
+        c.attach_socket = v.clone();
+    }
+    if let Some(v) = a.tracking {
+        c.tracking = v;
+    }
+    if let Some(v) = &a.certs {
+        c.certs = v.clone();
+    }
+    if let Some(v) = &a.node {
+        c.node = v.clone();
+    }
+    if let Some(v) = a.epoch_ms {
+        c.epoch_ms = v;
+        c.explicit.epoch_ms = true;
+    }
+    if let Some(v) = a.staging {
+        c.staging = v;
+        c.explicit.staging = true;
+    }
+    if let Some(v) = a.paths {
+        c.paths_per_backup = v;
+    }
+    if let Some(v) = a.quorum {
+        c.quorum = v;
+    }
+    if !a.backups.is_empty() {
+        c.backups = a.backups.clone();
+    }
+    if a.no_compress {
+        c.compress = false;
+    }
+    if let Some(v) = &a.curve {
+        c.curve = v.clone();
+    }
+    if let Some(v) = a.congestion {
+        c.congestion = v;
+    }
+    if let Some(v) = a.emergency {
+        c.emergency = v;
+    }
+    if let Some(v) = a.max_bandwidth {
+        c.max_bandwidth = Some(v);
+    }
+    if let Some(v) = &a.control_socket {
+        c.control_socket = Some(v.clone());
+    }
+    if let Some(v) = a.generation {
+        c.generation = v;
+    }
+    if a.no_output_commit {
+        c.output_commit = false;
+    }
+    c.validate()?;
+    Ok(c)
+}
+
+/// Runs the sidecar and prints its report.
+///
+/// # Errors
+/// A bad configuration, a VMM that cannot be attached, or the run's failure.
+pub fn run(a: &SidecarArgs) -> anyhow::Result<()> {
+    let cfg = config(a)?;
+    let tracking = match cfg.tracking {
+        TrackingMode::DirtyLog => Tracking::DirtyLog,
+        TrackingMode::FullSnapshot => Tracking::FullSnapshot,
+    };
+    let vmm = AttachSource::connect(&cfg.attach_socket, tracking)
+        .with_context(|| format!("attaching to {}", cfg.attach_socket.display()))?;
+    let report = run_sidecar(
+        cfg,
+        Arc::new(vmm),
+        RunOptions {
+            duration: a.duration,
+            duration_after_initial_copy: false,
+            ram_hashes: a.ram_hashes.clone(),
+            final_hash_only: false,
+            report: a.report.clone(),
+            console_out: a.console_out.clone(),
+        },
+    )?;
+    println!("{}", serde_json::to_string_pretty(&report)?);
+    Ok(())
+}
