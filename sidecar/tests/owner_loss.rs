@@ -31,20 +31,17 @@ fn a_killed_sidecar_leaves_its_guest_unthrottled_and_its_console_flowing() {
     if !kvm_available() {
         return;
     }
-    let tmp = tempfile::tempdir().unwrap();
-    let certs = certs(tmp.path(), "test", &["primary", "b1"]);
-    let a1 = free_udp();
-    let _b1 = backup(&certs, "b1", a1, &tmp.path().join("d1"), &[]);
-    let sock = tmp.path().join("vm.sock");
-    let console = tmp.path().join("console.log");
     // Unpaced, so that only the throttle limits it; a progress line every 2000 pages.
-    let _vm = vmm_with(
-        &sock,
-        "32MiB",
-        "hotset:size=16M,rate=0,print=2000",
-        &[],
-        Some(&console),
-    );
+    let OneBackup {
+        tmp,
+        certs,
+        a1,
+        b1: _b1,
+        sock,
+        vmm: _vm,
+        ..
+    } = one_backup_with(&[], "32MiB", "hotset:size=16M,rate=0,print=2000", &[], true);
+    let console = tmp.path().join("console.log");
     let probe = AttachClient::connect(&sock, "probe").unwrap();
     let free = rate(&probe, Duration::from_secs(2));
 

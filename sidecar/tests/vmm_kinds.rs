@@ -56,13 +56,15 @@ fn a_guest_replicated_by_snapshots_migrates_and_carries_on() {
     if !kvm_available() {
         return;
     }
-    let tmp = tempfile::tempdir().unwrap();
-    let certs = certs(tmp.path(), "test", &["primary", "b1"]);
-    let a1 = free_udp();
-    let d1 = tmp.path().join("d1");
-    let _b1 = backup(&certs, "b1", a1, &d1, &[]);
-    let sock = tmp.path().join("vm.sock");
-    let mut source_vmm = vmm(&sock, "32MiB", "hotset:size=4M,rate=2000");
+    let OneBackup {
+        tmp,
+        certs,
+        a1,
+        d1,
+        b1: _b1,
+        sock,
+        vmm: mut source_vmm,
+    } = one_backup(&[], "32MiB", "hotset:size=4M,rate=2000");
     let source = AttachClient::connect(&sock, "probe").unwrap();
     let ctl = tmp.path().join("sidecar.ctl");
     let hashes = tmp.path().join("hashes.jsonl");
@@ -113,19 +115,21 @@ fn a_vmm_without_a_throttle_meets_the_emergency_policy_and_the_replica_stays_exa
     if !kvm_available() {
         return;
     }
-    let tmp = tempfile::tempdir().unwrap();
-    let certs = certs(tmp.path(), "test", &["primary", "b1"]);
-    let a1 = free_udp();
-    let d1 = tmp.path().join("d1");
-    let _b1 = backup(&certs, "b1", a1, &d1, &[]);
-    let sock = tmp.path().join("vm.sock");
     // Unpaced over a 16 MiB hot set: each pause finds far more than the 2 MiB of staging.
-    let _vm = vmm_with(
-        &sock,
+    let OneBackup {
+        tmp,
+        certs,
+        a1,
+        d1,
+        b1: _b1,
+        sock,
+        vmm: _vm,
+    } = one_backup_with(
+        &[],
         "32MiB",
         "hotset:size=16M,rate=0",
         &["--no-throttle"],
-        None,
+        false,
     );
     let hashes = tmp.path().join("hashes.jsonl");
     let mut args = base_args(&sock, &certs, &hashes);

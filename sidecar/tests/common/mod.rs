@@ -281,13 +281,32 @@ pub struct OneBackup {
 }
 
 pub fn one_backup(b1_flags: &[&str], mem: &str, workload: &str) -> OneBackup {
+    one_backup_with(b1_flags, mem, workload, &[], false)
+}
+
+/// As [`one_backup`], with extra `testvm-serve` flags for the VMM, and its console (stderr) kept in
+/// `<tmp>/console.log` when `console`.
+pub fn one_backup_with(
+    b1_flags: &[&str],
+    mem: &str,
+    workload: &str,
+    vmm_flags: &[&str],
+    console: bool,
+) -> OneBackup {
     let tmp = tempfile::tempdir().unwrap();
     let certs = certs(tmp.path(), "test", &["primary", "b1"]);
     let a1 = free_udp();
     let d1 = tmp.path().join("d1");
     let b1 = backup(&certs, "b1", a1, &d1, b1_flags);
     let sock = tmp.path().join("vm.sock");
-    let vmm = vmm(&sock, mem, workload);
+    let log = tmp.path().join("console.log");
+    let vmm = vmm_with(
+        &sock,
+        mem,
+        workload,
+        vmm_flags,
+        console.then_some(log.as_path()),
+    );
     OneBackup {
         tmp,
         certs,

@@ -335,7 +335,7 @@ impl EpochLoop {
             break cut;
         };
         let (shipped, switch) = if cut.fits {
-            let index = self.stage(log, &cut, switching)?;
+            let index = self.stage(log, &cut)?;
             let switch = if switching {
                 self.save_for_switch(&cut)
             } else {
@@ -380,25 +380,12 @@ impl EpochLoop {
         e: u64,
         starts: &[EpochStart],
     ) -> anyhow::Result<bool> {
-        let mut groups: Vec<(Option<u64>, Vec<usize>)> = Vec::new();
-        for (b, s) in starts.iter().enumerate() {
-            if let EpochStart::Resync { from, from_session } = *s {
-                let key = self.history.covers(from, from_session).then_some(from);
-                match groups.iter_mut().find(|(k, _)| *k == key) {
-                    Some((_, bs)) => bs.push(b),
-                    None => groups.push((key, vec![b])),
-                }
-            }
-        }
+        let groups = self.history.resync_groups(starts, e);
         let resynced = !groups.is_empty();
-        for (key, backups) in groups {
-            let set = match key {
-                Some(from) => self.history.since(from, e),
-                None => PageSet::All,
-            };
-            let n = self.ship(e, &backups, Pages::Live(log, &set))?;
-            self.stats.resync_bytes += n * self.page_size as u64 * backups.len() as u64;
-            tracing::info!(?backups, from = ?key, epoch = e, pages = n, "resync prefix sent");
+        for g in groups {
+            let n = self.ship(e, &g.backups, Pages::Live(log, &g.set))?;
+            self.stats.resync_bytes += n * self.page_size as u64 * g.backups.len() as u64;
+            tracing::info!(backups = ?g.backups, from = ?g.from, epoch = e, pages = n, "resync prefix sent");
         }
         Ok(resynced)
     }
@@ -540,19 +527,13 @@ impl EpochLoop {
     }
 
     /// Step 5: copies the dirty ranges into staging while the guest stands still.
-    fn stage(
-        &mut self,
-        log: &dyn DirtyLog,
-        cut: &Cut,
-        switching: bool,
-    ) -> anyhow::Result<Vec<StagedRange>> {
+    fn stage(&mut self, log: &dyn DirtyLog, cut: &Cut) -> anyhow::Result<Vec<StagedRange>> {
         match stage_dirty(log, &cut.harvest.bitmaps, &mut self.staging, 2) {
             Ok(i) => Ok(i),
             Err(err) => {
+                // Nothing of this epoch went anywhere, a switchover included: the guest runs on here.
                 let _ = log.release(cut.harvest.seq, false);
-                if !switching {
-                    let _ = self.vmm.resume();
-                }
+                let _ = self.vmm.resume();
                 Err(err).context("copying dirty pages")
             }
         }

@@ -4,6 +4,7 @@
 use std::collections::BTreeMap;
 
 use endophyte_vmm::DirtyBitmap;
+use endophyte_wire::EpochStart;
 
 /// Epochs of history kept; a backup further behind gets all of RAM.
 pub(super) const HISTORY_EPOCHS: usize = 4096;
@@ -24,6 +25,17 @@ impl PageSet {
             Self::Union(b) => b.get(region).is_some_and(|b| b.is_set(index)),
         }
     }
+}
+
+/// Backups that (re)joined and need the same pages before an epoch's own: all of RAM (`from: None`), or
+/// what changed since the epoch `from` they hold.
+pub(super) struct ResyncGroup {
+    /// The epoch they hold, when the history covers it.
+    pub from: Option<u64>,
+    /// The pages to send them.
+    pub set: PageSet,
+    /// The backups.
+    pub backups: Vec<usize>,
 }
 
 /// The changed pages of each epoch of this sidecar's session.
@@ -58,6 +70,31 @@ impl History {
             }
         }
         PageSet::Union(acc.unwrap_or_default())
+    }
+
+    /// The resync groups of epoch `e`, from each backup's [`EpochStart`]: backups that need the same pages
+    /// share one group (and one encoding).
+    pub fn resync_groups(&self, starts: &[EpochStart], e: u64) -> Vec<ResyncGroup> {
+        let mut keys: Vec<(Option<u64>, Vec<usize>)> = Vec::new();
+        for (b, s) in starts.iter().enumerate() {
+            if let EpochStart::Resync { from, from_session } = *s {
+                let key = self.covers(from, from_session).then_some(from);
+                match keys.iter_mut().find(|(k, _)| *k == key) {
+                    Some((_, bs)) => bs.push(b),
+                    None => keys.push((key, vec![b])),
+                }
+            }
+        }
+        keys.into_iter()
+            .map(|(from, backups)| ResyncGroup {
+                set: match from {
+                    Some(from) => self.since(from, e),
+                    None => PageSet::All,
+                },
+                from,
+                backups,
+            })
+            .collect()
     }
 
     /// Records what changed at epoch `e`, forgetting the oldest epochs beyond [`HISTORY_EPOCHS`].

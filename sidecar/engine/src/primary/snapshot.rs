@@ -68,22 +68,9 @@ impl EpochLoop {
         let geometry = self.vmm.geometry().clone();
         // Backups that (re)joined get what they lack besides what changed; the others only what changed.
         let mut extra: Vec<(PageSet, Outbox)> = Vec::new();
-        let mut resync_keys: Vec<(Option<u64>, Vec<usize>)> = Vec::new();
-        for (b, s) in starts.iter().enumerate() {
-            if let EpochStart::Resync { from, from_session } = *s {
-                let key = self.history.covers(from, from_session).then_some(from);
-                match resync_keys.iter_mut().find(|(k, _)| *k == key) {
-                    Some((_, bs)) => bs.push(b),
-                    None => resync_keys.push((key, vec![b])),
-                }
-            }
-        }
-        for (key, backups) in resync_keys {
-            let set = match key {
-                Some(from) => self.history.since(from, e),
-                None => PageSet::All,
-            };
-            extra.push((set, Outbox::new(self, e, &backups)));
+        for g in self.history.resync_groups(starts, e) {
+            let out = Outbox::new(self, e, &g.backups);
+            extra.push((g.set, out));
         }
         let delta_targets: Vec<usize> = targets
             .iter()
