@@ -18,27 +18,11 @@ use crate::procs::{tail, wait_for_file, Procs};
 use crate::report::{percentile, MigrationRuns, Row};
 use crate::topology::Topology;
 
-/// The guest program (32-bit multiboot ELF; enters long mode itself).
-pub const GUEST_ELF: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/qemu-guest.elf"));
+pub use testvm::qemu_guest::{tsc_hz, GUEST_ELF};
+use testvm::qemu_guest::{STATUS_GPA as STATUS, STATUS_MAGIC, ST_PAGES, ST_STATE};
 
-/// Guest-physical address of the guest's status record (see `qemu-guest/guest.S`).
-const STATUS: u64 = 0x101000;
-const ST_STATE: u64 = 8;
-const ST_PAGES: u64 = 16;
-const STATUS_MAGIC: u64 = 0x5445_4557_5045_4F45;
 /// TCP port of the incoming migration.
 const MIGRATION_PORT: u16 = 4444;
-
-/// The host's TSC frequency, Hz (the TCG guest's TSC runs at the host's rate; the guest paces by it).
-pub fn tsc_hz() -> u64 {
-    let t = Instant::now();
-    // SAFETY: RDTSC has no preconditions on x86_64.
-    let a = unsafe { core::arch::x86_64::_rdtsc() };
-    std::thread::sleep(Duration::from_millis(200));
-    // SAFETY: as above.
-    let b = unsafe { core::arch::x86_64::_rdtsc() };
-    ((b - a) as f64 / t.elapsed().as_secs_f64()) as u64
-}
 
 /// A QMP connection (QEMU's JSON monitor protocol, one object per line).
 pub struct Qmp {

@@ -7,6 +7,7 @@
 //! - [`dirty`]: KVM dirty tracking (bitmap with manual protect, and the dirty ring).
 //! - [`vcpu`], [`vm`]: vCPU threads and the VM (pause/resume, throttle, harvest, hashing, save/restore).
 //! - [`agent`]: the VMM side of the attach protocol, serving a [`vm::Vm`] to a sidecar.
+//! - [`qemu_guest`]: the same hotset workload as a multiboot guest for QEMU.
 //! - [`run`]: the `testvm run` driver with its dirty-tracking check against the guest's own log.
 //! - [`serve`]: serving a booted or standby VM over the attach protocol, console gated.
 //!
@@ -18,6 +19,7 @@ pub mod dirty;
 pub mod guest;
 pub mod layout;
 pub mod memory;
+pub mod qemu_guest;
 pub mod run;
 pub mod serve;
 pub mod vcpu;

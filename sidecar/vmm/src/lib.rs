@@ -187,9 +187,17 @@ pub struct SnapshotCut {
 
 /// A source VMM that hands over one consistent snapshot of all of guest RAM per call.
 pub trait Snapshots: Sync {
-    /// Takes a snapshot: every page as of one instant goes to `sink`, in address order, once. When the VM
-    /// is paused at the call it stays paused; otherwise it runs on (the VMM may pause it briefly for the
-    /// cut, reported in [`SnapshotCut::pause`]).
+    /// Why no snapshot can be taken now, if so (another migration of the VM is under way, say): the engine
+    /// waits and says why in its status. Transient by nature; permanent refusals are errors of
+    /// [`Snapshots::snapshot`].
+    fn busy(&self) -> Option<String> {
+        None
+    }
+
+    /// Takes a snapshot: every page as of one instant goes to `sink`, in any order; a page may come more
+    /// than once, and then its last copy is the one of the snapshot's instant. When the VM is paused at the
+    /// call it stays paused; otherwise it runs on (the VMM may pause it briefly for the cut, reported in
+    /// [`SnapshotCut::pause`]).
     ///
     /// # Errors
     /// The VMM failed, or `sink` returned an error ([`VmmError::Abandoned`]).

@@ -20,6 +20,8 @@ pub(super) struct Outbox {
     targets: Vec<usize>,
     /// Pages put so far.
     pub pages: u64,
+    /// The last page put in the open chunk (a chunk's pages must be in increasing order).
+    last_gpa: Option<u64>,
 }
 
 impl Outbox {
@@ -29,6 +31,7 @@ impl Outbox {
             builder: ChunkBuilder::new(e, lp.page_size, lp.cfg.chunk_pages),
             targets: targets.to_vec(),
             pages: 0,
+            last_gpa: None,
         }
     }
 
@@ -47,8 +50,15 @@ pub(super) enum Pages<'a> {
 }
 
 impl EpochLoop {
-    /// Adds the page at `gpa` to `out`; a full chunk goes to the sender.
+    /// Adds the page at `gpa` to `out`; a full chunk goes to the sender. Pages may come in any order, and
+    /// a page may come again: a page at or below the open chunk's last one closes that chunk first, and
+    /// since chunks apply in order, a later copy of a page replaces an earlier one.
     pub(super) fn put(&mut self, out: &mut Outbox, gpa: u64, page: &[u8]) -> anyhow::Result<()> {
+        if out.last_gpa.is_some_and(|last| gpa <= last) && !out.builder.is_empty() {
+            let c = out.builder.finish(self.cfg.compress);
+            self.push(&out.targets, c)?;
+        }
+        out.last_gpa = Some(gpa);
         out.builder.push(gpa, page);
         out.pages += 1;
         if out.builder.is_full() {

@@ -110,10 +110,18 @@ impl EpochLoop {
         let cut = snaps.snapshot(
             &mut |(addr, data)| {
                 let page = data.unwrap_or(&zero);
-                while region + 1 < geometry.regions.len()
-                    && addr >= geometry.regions[region].addr + geometry.regions[region].size_bytes
-                {
-                    region += 1;
+                // Pages come in any order; most follow the one before in the same region.
+                let within =
+                    |r: &endophyte_vmm::Region| addr >= r.addr && addr < r.addr + r.size_bytes;
+                if !within(&geometry.regions[region]) {
+                    match geometry.regions.iter().position(within) {
+                        Some(r) => region = r,
+                        None => {
+                            return Err(format!(
+                                "the VMM sent a page at {addr:#x}, outside guest RAM"
+                            ))
+                        }
+                    }
                 }
                 let index = addr / ps as u64;
                 let is_new = hashes.update(index as usize, page);

@@ -1,5 +1,5 @@
-//! Assembles the QEMU peer's guest (`qemu-guest/guest.S`, GNU as) into a 32-bit multiboot ELF that the
-//! bench embeds and hands to QEMU's `-kernel`.
+//! Assembles the QEMU guest (`qemu-guest/guest.S`, GNU as), testvm's hotset workload for QEMU, into a
+//! 32-bit multiboot ELF that `testvm::qemu_guest` embeds for QEMU's `-kernel`.
 
 use std::path::PathBuf;
 use std::process::Command;
