@@ -40,7 +40,7 @@ struct Setup {
     sock: std::path::PathBuf,
     ctl: std::path::PathBuf,
     hashes: std::path::PathBuf,
-    sidecar: std::process::Child,
+    sidecar: Sidecar,
 }
 
 fn setup(b2_flags: &[&str]) -> Setup {
@@ -120,7 +120,7 @@ fn a_running_guest_moves_to_its_backup_and_carries_on_there() {
         source_vmm.wait_exit(Duration::from_secs(10)).is_some(),
         "the source VMM still runs"
     );
-    let out = sidecar.wait_with_output().unwrap();
+    let out = sidecar.into_child().wait_with_output().unwrap();
     assert!(out.status.success());
     let report: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     let epoch = r["epoch"].as_u64().unwrap();
@@ -293,7 +293,12 @@ fn a_guest_migrates_there_back_and_there_again_under_rising_generations() {
         let r = st["report"].clone();
         assert_eq!(r["generation"], gen + 1);
         assert_eq!(r["target_ram_hash"], r["source_ram_hash"]);
-        assert!(child.wait_with_output().unwrap().status.success());
+        assert!(child
+            .into_child()
+            .wait_with_output()
+            .unwrap()
+            .status
+            .success());
         // The guest's counter at the final pause, through the mapping that outlived the source VMM.
         (r, guest_pages(&source))
     };

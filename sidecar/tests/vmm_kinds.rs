@@ -97,7 +97,12 @@ fn a_guest_replicated_by_snapshots_migrates_and_carries_on() {
     let r = &st["report"];
     assert_eq!(r["target_ram_hash"], r["source_ram_hash"], "{r}");
     assert!(source_vmm.wait_exit(Duration::from_secs(10)).is_some());
-    assert!(sidecar.wait_with_output().unwrap().status.success());
+    assert!(sidecar
+        .into_child()
+        .wait_with_output()
+        .unwrap()
+        .status
+        .success());
     let last = guest_pages(&source);
     let target = AttachClient::connect(d1.join("vm1").join("vmm.sock"), "test").unwrap();
     let p0 = guest_pages(&target);

@@ -3,7 +3,8 @@
 //!
 //! ```toml
 //! vm_id = "vm-a"
-//! attach_socket = "/run/endophyte/vm-a.sock"
+//! attach_socket = "/run/endophyte/vm-a.sock"  # a testvm VMM; or, for QEMU:
+//! # qmp = "/run/endophyte/vm-a.qmp"   # one of its QMP monitors
 //! tracking = "dirty-log"             # or "full-snapshot": one snapshot per epoch, diffed by page hashes
 //! certs = "/etc/endophyte/certs"     # ca.pem, <node>.pem, <node>.key
 //! node = "primary-1"
@@ -246,9 +247,12 @@ pub struct SidecarConfig {
     /// The VM's name, unique in the network.
     #[serde(default)]
     pub vm_id: String,
-    /// The VMM's attach socket.
+    /// The VMM's attach socket (testvm, or any VMM linking the attach agent); or
     #[serde(default)]
     pub attach_socket: PathBuf,
+    /// a QMP monitor socket of a QEMU (e.g. the extra monitor a libvirt domain or a KubeVirt hook adds).
+    #[serde(default)]
+    pub qmp: Option<PathBuf>,
     /// How changed pages are found (`dirty-log`, the default, or `full-snapshot`).
     #[serde(default)]
     pub tracking: TrackingMode,
@@ -363,8 +367,12 @@ impl SidecarConfig {
         if self.vm_id.is_empty() {
             return bad("vm_id is required".into());
         }
-        if self.attach_socket.as_os_str().is_empty() {
-            return bad("attach_socket is required (the VMM whose guest is replicated)".into());
+        match (self.attach_socket.as_os_str().is_empty(), &self.qmp) {
+            (true, None) => {
+                return bad("the VMM is required: attach_socket (testvm) or qmp (QEMU)".into())
+            }
+            (false, Some(_)) => return bad("attach_socket and qmp name two VMMs: give one".into()),
+            _ => {}
         }
         if self.node.is_empty() || self.certs.as_os_str().is_empty() {
             return bad("certs and node are required (make them with `endophyte certs`)".into());

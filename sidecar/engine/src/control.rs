@@ -131,6 +131,9 @@ pub struct SidecarStatus {
     pub emergency_events: u64,
     /// Bandwidth cap in force, bytes/s; `null` when uncapped.
     pub max_bandwidth: Option<u64>,
+    /// Why epochs wait, when they do (the VMM cannot take one now: another migration of the VM runs).
+    #[serde(default)]
+    pub waiting: Option<String>,
     /// Backups in configuration order.
     pub backups: Vec<BackupStatus>,
 }
@@ -163,6 +166,9 @@ pub fn status_table(s: &SidecarStatus) -> String {
             .map_or_else(|| "none".to_string(), |c| format!("{:.1} MB/s", mb(c as f64))),
         s.emergency_events
     );
+    if let Some(w) = &s.waiting {
+        let _ = writeln!(t, "epochs wait: {w}");
+    }
     let _ = writeln!(
         t,
         "{:<20} {:>7} {:>10} {:>10} {:>9} {:>12}",

@@ -155,7 +155,7 @@ impl Launcher for QemuLauncher {
                 Ok(qmp) => {
                     return Ok(Box::new(QemuTargetVm {
                         child,
-                        qmp,
+                        qmp: Some(qmp),
                         qmp_path,
                         main_ram: 0,
                         dir: vm_dir.to_owned(),
@@ -180,10 +180,20 @@ impl Launcher for QemuLauncher {
 /// A QEMU started by [`QemuLauncher`].
 pub struct QemuTargetVm {
     child: Child,
-    qmp: Qmp,
+    /// Dropped once the VM runs, so that a sidecar can take the monitor.
+    qmp: Option<Qmp>,
     qmp_path: PathBuf,
     main_ram: u64,
     dir: PathBuf,
+}
+
+impl QemuTargetVm {
+    fn qmp(&mut self) -> Result<&mut Qmp, VmmError> {
+        self.qmp.as_mut().ok_or_else(|| VmmError::Failed {
+            op: "driving the target QEMU",
+            message: "its monitor was handed over once the VM ran".into(),
+        })
+    }
 }
 
 impl TargetVm for QemuTargetVm {
@@ -210,26 +220,25 @@ impl TargetVm for QemuTargetVm {
             op: "making the restore's socket pair".into(),
             source,
         })?;
-        self.qmp
-            .execute_with_fd(
-                "getfd",
-                json!({ "fdname": FD_NAME }),
-                Some(theirs.as_raw_fd()),
-            )
-            .map_err(qmp_err("handing QEMU the restore stream"))?;
+        let q = self.qmp()?;
+        q.execute_with_fd(
+            "getfd",
+            json!({ "fdname": FD_NAME }),
+            Some(theirs.as_raw_fd()),
+        )
+        .map_err(qmp_err("handing QEMU the restore stream"))?;
         drop(theirs);
-        self.qmp
-            .execute(
-                "migrate-incoming",
-                json!({ "uri": format!("fd:{FD_NAME}") }),
-            )
-            .map_err(qmp_err("starting the incoming migration"))?;
+        q.execute(
+            "migrate-incoming",
+            json!({ "uri": format!("fd:{FD_NAME}") }),
+        )
+        .map_err(qmp_err("starting the incoming migration"))?;
         // Written from another thread while this one follows QEMU's side.
         let writer = std::thread::spawn(move || rebuild(&st, &file, ours));
         let t = Instant::now();
         let done = loop {
             let m: MigrationInfo = self
-                .qmp
+                .qmp()?
                 .query("query-migrate")
                 .map_err(qmp_err("following the restore"))?;
             match m.status.as_deref() {
@@ -263,14 +272,17 @@ impl TargetVm for QemuTargetVm {
     }
 
     fn ram_hash(&mut self) -> Result<String, VmmError> {
-        crate::source::pmem_hash(&mut self.qmp, &self.dir, self.main_ram)
+        let (main, dir) = (self.main_ram, self.dir.clone());
+        crate::source::pmem_hash(self.qmp()?, &dir, main)
     }
 
     fn resume(&mut self) -> Result<(), VmmError> {
-        self.qmp
+        self.qmp()?
             .execute("cont", Value::Null)
-            .map_err(qmp_err("resuming the VM"))
-            .map(|_| ())
+            .map_err(qmp_err("resuming the VM"))?;
+        // The VM runs: its monitor is free for whoever replicates it from here.
+        self.qmp = None;
+        Ok(())
     }
 
     fn exited(&mut self) -> bool {

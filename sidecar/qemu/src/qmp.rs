@@ -81,6 +81,10 @@ impl std::fmt::Display for QemuVersion {
     }
 }
 
+/// How many events a connection keeps: older ones are dropped, so that a long-lived connection nobody
+/// drains stays bounded.
+pub const MAX_EVENTS: usize = 1024;
+
 /// An asynchronous QMP event.
 #[derive(Clone, Debug, PartialEq)]
 pub struct Event {
@@ -100,7 +104,7 @@ pub struct Qmp {
     version: QemuVersion,
     package: String,
     next_id: u64,
-    events: Vec<Event>,
+    events: std::collections::VecDeque<Event>,
     timeout: Duration,
 }
 
@@ -152,7 +156,7 @@ impl Qmp {
             version: g.qmp.version.qemu,
             package: g.qmp.version.package,
             next_id: 1,
-            events: Vec::new(),
+            events: std::collections::VecDeque::new(),
             timeout,
         };
         q.execute("qmp_capabilities", Value::Null)?;
@@ -290,7 +294,10 @@ impl Qmp {
         let ts = &v["timestamp"];
         let at_us = ts["seconds"].as_u64().unwrap_or(0) * 1_000_000
             + ts["microseconds"].as_u64().unwrap_or(0);
-        self.events.push(Event {
+        if self.events.len() == MAX_EVENTS {
+            self.events.pop_front();
+        }
+        self.events.push_back(Event {
             name: v["event"].as_str().unwrap_or("?").to_string(),
             data: v.get("data").cloned().unwrap_or(Value::Null),
             at_us,
@@ -315,7 +322,7 @@ impl Qmp {
             match self.read_object("an event", deadline) {
                 Ok(v) if v.get("event").is_some() => {
                     self.queue_event(v);
-                    let e = self.events.last().expect("just queued");
+                    let e = self.events.back().expect("just queued");
                     if want(e) {
                         return Ok(Some(e.clone()));
                     }
@@ -328,9 +335,10 @@ impl Qmp {
         Ok(None)
     }
 
-    /// The events received so far, oldest first; they stay until [`Qmp::clear_events`].
-    pub fn events(&self) -> &[Event] {
-        &self.events
+    /// The events received so far (the last [`MAX_EVENTS`]), oldest first; they stay until
+    /// [`Qmp::clear_events`].
+    pub fn events(&self) -> impl Iterator<Item = &Event> {
+        self.events.iter()
     }
 
     /// Forgets the events received so far.

@@ -8,6 +8,7 @@ use anyhow::Context;
 use clap::Args;
 use endophyte_engine::backup::{BackupConfig, BackupNode};
 use endophyte_engine::store::CrashPoint;
+use endophyte_qemu::QemuLauncher;
 use endophyte_vmm::attach::launch::AttachLauncher;
 use endophyte_vmm::Launcher;
 
@@ -33,8 +34,13 @@ pub struct BackupArgs {
     /// becomes its attach socket in the VM's directory, e.g. "testvm standby --attach-socket {socket}".
     /// Default: this binary's `testvm-serve --standby` (with the `demo` feature); without one, switchovers
     /// and promotes are refused, saying so.
-    #[arg(long)]
+    #[arg(long, conflicts_with = "target_qemu")]
     target_vmm: Option<String>,
+    /// Start VMs here as QEMUs instead, from this command line: the VM's machine and devices as on its
+    /// source, with `-qmp unix:{qmp},server=on,wait=off` for the monitor this backup drives (`{dir}` and
+    /// `{vm}` name the VM's directory and id); `-incoming defer -S` is added. Split on whitespace.
+    #[arg(long)]
+    target_qemu: Option<String>,
     /// Test hook: abort halfway through applying this epoch.
     #[arg(long, hide = true)]
     crash_during_apply: Option<u64>,
@@ -74,11 +80,14 @@ pub fn run(a: BackupArgs) -> anyhow::Result<()> {
         .with_context(|| format!("loading node {:?}'s certificates", a.node))?;
     std::fs::create_dir_all(&a.data_dir)
         .with_context(|| format!("creating {}", a.data_dir.display()))?;
-    let launcher: Option<Arc<dyn Launcher>> = match &a.target_vmm {
-        Some(line) => Some(Arc::new(
+    let launcher: Option<Arc<dyn Launcher>> = match (&a.target_vmm, &a.target_qemu) {
+        (_, Some(line)) => Some(Arc::new(
+            QemuLauncher::parse(line).context("--target-qemu")?,
+        )),
+        (Some(line), None) => Some(Arc::new(
             AttachLauncher::parse(line).context("--target-vmm")?,
         )),
-        None => match default_target_vmm()? {
+        (None, None) => match default_target_vmm()? {
             Some(cmd) => Some(Arc::new(AttachLauncher::new(cmd)?)),
             None => None,
         },

@@ -8,8 +8,9 @@ use anyhow::Context;
 use clap::Args;
 use endophyte_engine::config::{BackupSpec, SidecarConfig, TrackingMode};
 use endophyte_engine::primary::{run_sidecar, RunOptions};
+use endophyte_qemu::{EpochMode, QemuSource};
 use endophyte_vmm::attach::AttachSource;
-use endophyte_vmm::Tracking;
+use endophyte_vmm::{SourceVmm, Tracking};
 
 /// `endophyte sidecar`'s flags; each overrides the TOML file's setting.
 #[derive(Args)]
@@ -20,9 +21,14 @@ pub struct SidecarArgs {
     /// The VM's name.
     #[arg(long)]
     vm_id: Option<String>,
-    /// The VMM's attach socket.
-    #[arg(long)]
+    /// The VMM's attach socket (testvm).
+    #[arg(long, conflicts_with = "qmp")]
     attach_socket: Option<PathBuf>,
+    /// A QMP monitor socket of a running QEMU (for example the extra monitor a libvirt domain or a
+    /// KubeVirt hook adds). Epochs are its background snapshots (or pre-copy migrations where it refuses
+    /// them); QEMU is driven over QMP only.
+    #[arg(long)]
+    qmp: Option<PathBuf>,
     /// How changed pages are found: the VMM's dirty log, or a full snapshot per epoch diffed by page
     /// hashes (for VMMs without a dirty log; with the attach protocol, to exercise that path).
     #[arg(long, value_enum)]
@@ -98,6 +104,11 @@ fn config(a: &SidecarArgs) -> anyhow::Result<SidecarConfig> {
     }
     if let Some(v) = &a.attach_socket {
         c.attach_socket = v.clone();
+        c.qmp = None;
+    }
+    if let Some(v) = &a.qmp {
+        c.qmp = Some(v.clone());
+        c.attach_socket = PathBuf::new();
     }
     if let Some(v) = a.tracking {
         c.tracking = v;
@@ -159,15 +170,29 @@ fn config(a: &SidecarArgs) -> anyhow::Result<SidecarConfig> {
 /// A bad configuration, a VMM that cannot be attached, or the run's failure.
 pub fn run(a: &SidecarArgs) -> anyhow::Result<()> {
     let cfg = config(a)?;
-    let tracking = match cfg.tracking {
-        TrackingMode::DirtyLog => Tracking::DirtyLog,
-        TrackingMode::FullSnapshot => Tracking::FullSnapshot,
+    let vmm: Arc<dyn SourceVmm> = match &cfg.qmp {
+        Some(qmp) => {
+            let q = QemuSource::connect(qmp, &std::env::temp_dir())
+                .with_context(|| format!("attaching to QEMU through {}", qmp.display()))?;
+            if let EpochMode::PreCopy { why } = q.mode() {
+                eprintln!("endophyte: QEMU refuses background snapshots ({why}); epochs are pre-copy migrations cut with stop");
+            }
+            Arc::new(q)
+        }
+        None => {
+            let tracking = match cfg.tracking {
+                TrackingMode::DirtyLog => Tracking::DirtyLog,
+                TrackingMode::FullSnapshot => Tracking::FullSnapshot,
+            };
+            Arc::new(
+                AttachSource::connect(&cfg.attach_socket, tracking)
+                    .with_context(|| format!("attaching to {}", cfg.attach_socket.display()))?,
+            )
+        }
     };
-    let vmm = AttachSource::connect(&cfg.attach_socket, tracking)
-        .with_context(|| format!("attaching to {}", cfg.attach_socket.display()))?;
     let report = run_sidecar(
         cfg,
-        Arc::new(vmm),
+        vmm,
         RunOptions {
             duration: a.duration,
             duration_after_initial_copy: false,

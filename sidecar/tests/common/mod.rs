@@ -1,6 +1,8 @@
 //! Helpers for multi-process tests: certificates, backup/relay/VMM processes, hashes.
 #![allow(dead_code)]
 
+pub mod qemu;
+
 use std::net::{SocketAddr, UdpSocket};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -212,21 +214,57 @@ pub fn sidecar(args: &[String]) -> serde_json::Value {
     serde_json::from_slice(&out.stdout).unwrap()
 }
 
+/// A sidecar started by [`sidecar_start`]: killed when dropped (a failed test leaves nothing running);
+/// finish it with [`sidecar_stop`] or take the process with [`Sidecar::into_child`].
+pub struct Sidecar(Option<Child>);
+
+impl Sidecar {
+    /// The process, no longer killed on drop.
+    pub fn into_child(mut self) -> Child {
+        self.0.take().expect("a running sidecar")
+    }
+}
+
+impl std::ops::Deref for Sidecar {
+    type Target = Child;
+    fn deref(&self) -> &Child {
+        self.0.as_ref().expect("a running sidecar")
+    }
+}
+
+impl std::ops::DerefMut for Sidecar {
+    fn deref_mut(&mut self) -> &mut Child {
+        self.0.as_mut().expect("a running sidecar")
+    }
+}
+
+impl Drop for Sidecar {
+    fn drop(&mut self) {
+        if let Some(mut c) = self.0.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
 /// Starts `endophyte sidecar` in the background; finish it with [`sidecar_stop`].
-pub fn sidecar_start(args: &[String]) -> Child {
-    Command::new(EXE)
-        .arg("sidecar")
-        .args(args)
-        .env("RUST_LOG", log_level())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::inherit())
-        .spawn()
-        .unwrap()
+pub fn sidecar_start(args: &[String]) -> Sidecar {
+    Sidecar(Some(
+        Command::new(EXE)
+            .arg("sidecar")
+            .args(args)
+            .env("RUST_LOG", log_level())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .unwrap(),
+    ))
 }
 
 /// Asks a sidecar started by [`sidecar_start`] to stop (SIGTERM: final epoch, then exit) and returns its
 /// JSON report.
-pub fn sidecar_stop(child: Child) -> serde_json::Value {
+pub fn sidecar_stop(sidecar: Sidecar) -> serde_json::Value {
+    let child = sidecar.into_child();
     // SAFETY: kill(2) on the pid of a child we own and have not yet waited for, so the pid is not reused.
     let rc = unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
     assert_eq!(rc, 0, "SIGTERM to the sidecar");

@@ -181,7 +181,9 @@ pub struct SnapshotCut {
     pub state: VmState,
     /// How long the guest stood still for the cut.
     pub pause: Duration,
-    /// BLAKE3 of guest RAM at the cut, hex, when asked for (tests and the demo).
+    /// BLAKE3 of guest RAM at the cut, hex ([`SourceVmm::ram_hash`]'s), when asked for (tests and the
+    /// demo) and the VMM can give one of the cut's instant: one whose snapshot runs on with the guest
+    /// gives `None` unless the VM was paused.
     pub ram_hash: Option<String>,
 }
 
@@ -246,7 +248,9 @@ pub trait SourceVmm: Send + Sync {
     /// # Errors
     /// [`VmmError::Unsupported`] without [`Capabilities::output_hold`].
     fn hold_output(&self, hold: bool) -> Result<(), VmmError>;
-    /// BLAKE3 of all guest RAM computed by the VMM, hex (paused only).
+    /// BLAKE3 of guest RAM computed by the VMM, hex (paused only). What "guest RAM" covers is the VMM
+    /// kind's: all of it for testvm; for QEMU the main RAM block as its physical view shows it, legacy
+    /// window zeroed (`endophyte_qemu::source::pmem_hash`).
     ///
     /// # Errors
     /// [`VmmError::Unsupported`] without [`Capabilities::ram_hash`]; the VMM failed.

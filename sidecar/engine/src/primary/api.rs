@@ -76,6 +76,7 @@ fn status(s: &Shared) -> SidecarStatus {
         drain_bytes_per_s: g.live.drain_rate,
         emergency_events: g.live.emergencies,
         max_bandwidth: g.max_bandwidth,
+        waiting: g.waiting.clone(),
         backups: m
             .backups
             .iter()

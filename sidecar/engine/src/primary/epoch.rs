@@ -112,6 +112,13 @@ impl EpochLoop {
                 );
             }
             self.wait_for_room();
+            if self.vmm_busy() {
+                if stopping {
+                    tracing::warn!("stopping while the VMM cannot take an epoch: no final epoch");
+                    break;
+                }
+                continue;
+            }
             last_pause = Instant::now();
             let last = stopping && switch_to.is_none();
             self.epoch(last, switch_to)?;
@@ -223,6 +230,27 @@ impl EpochLoop {
             (g.sender.can_begin_epoch() && g.sender.max_unacked_bytes() < budget)
                 || shared.stopping()
         });
+    }
+
+    /// Whether the VMM cannot take an epoch now (a snapshot VMM whose VM another migration holds, say):
+    /// then the loop waits a moment, and the status says why.
+    fn vmm_busy(&mut self) -> bool {
+        let why = self.vmm.snapshots().and_then(|s| s.busy());
+        let mut g = self.shared.lock();
+        if why != g.waiting {
+            match &why {
+                Some(w) => tracing::warn!("epochs wait: {w}"),
+                None => tracing::info!("epochs go on"),
+            }
+            g.waiting = why.clone();
+        }
+        drop(g);
+        if why.is_some() {
+            let shared = self.shared.clone();
+            shared.wait_until(Duration::from_millis(200), |_| false);
+            return true;
+        }
+        false
     }
 
     /// Whether the run should end: a signal, `--duration`, or the demo's duration after the initial copy.

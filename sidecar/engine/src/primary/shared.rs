@@ -183,6 +183,8 @@ pub(super) struct Inner {
     pub max_bandwidth: Option<u64>,
     /// What the epoch loop last measured and decided.
     pub live: Live,
+    /// Why epochs wait, when the VMM cannot take one now (another migration of the VM runs, say).
+    pub waiting: Option<String>,
     /// The migration requested through the control API, if any (the last one, once finished).
     pub migration: Option<MigrationCtl>,
     /// How the switchover in progress ended (set by the driver, taken by the epoch loop).
@@ -227,6 +229,7 @@ impl Shared {
                     epoch_ms,
                     ..Live::default()
                 },
+                waiting: None,
                 migration: None,
                 switch_outcome: None,
                 final_fetched: false,

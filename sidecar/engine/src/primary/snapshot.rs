@@ -92,7 +92,11 @@ impl EpochLoop {
 
         let t0 = Instant::now();
         let switching = switch_to.is_some();
-        if switching {
+        let want_hash = self.hashes_out.is_some() && (!self.opts.final_hash_only || last);
+        // The final epoch's RAM hash (verification) is of one instant only with the guest paused: a
+        // VMM's running snapshot gives none otherwise.
+        let paused_for_hash = want_hash && last && !switching;
+        if switching || paused_for_hash {
             // The guest stays paused from here: the snapshot of a paused VM leaves it paused.
             self.vmm.pause().context("pausing the guest")?;
         }
@@ -106,7 +110,6 @@ impl EpochLoop {
         let zero = vec![0u8; ps];
         let mut failure: Option<anyhow::Error> = None;
         let mut region = 0usize;
-        let want_hash = self.hashes_out.is_some() && (!self.opts.final_hash_only || last);
         let cut = snaps.snapshot(
             &mut |(addr, data)| {
                 let page = data.unwrap_or(&zero);
@@ -149,6 +152,11 @@ impl EpochLoop {
             want_hash,
         );
         self.page_hashes = Some(hashes);
+        if paused_for_hash {
+            self.vmm
+                .resume()
+                .context("resuming the guest after the final epoch")?;
+        }
         let cut = match (cut, failure) {
             (Ok(c), None) => c,
             (_, Some(err)) => {
@@ -169,13 +177,22 @@ impl EpochLoop {
             self.flush(out)?;
             self.stats.resync_bytes += out.pages * ps as u64 * out.targets().len() as u64;
         }
-        self.record_hash(e, last, cut.ram_hash.clone())?;
+        if let Some(h) = cut.ram_hash.clone() {
+            // A running snapshot's VMM may give none: nothing is recorded rather than a later RAM's.
+            self.record_hash(e, last, Some(h))?;
+        }
         let pages: u64 = changed.iter().map(DirtyBitmap::count).sum();
         self.stats.dirty_bytes += pages * ps as u64;
         self.stats.last_dirty_bytes = pages * ps as u64;
-        self.stats
-            .pauses_ms
-            .push((if switching { t0.elapsed() } else { cut.pause }).as_secs_f64() * 1e3);
+        self.stats.pauses_ms.push(
+            (if switching || paused_for_hash {
+                t0.elapsed()
+            } else {
+                cut.pause
+            })
+            .as_secs_f64()
+                * 1e3,
+        );
         self.pause_state = Some(cut.state);
         let switch = if switching {
             let times = SwitchTimes {

@@ -17,9 +17,6 @@
 //! are set back after it; while someone else's migration of the VM runs (libvirt's, KubeVirt's), epochs
 //! wait ([`Snapshots::busy`]).
 
-use std::io::Read;
-use std::os::fd::AsRawFd;
-use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Mutex;
@@ -29,13 +26,17 @@ use endophyte_vmm::{
     Capabilities, DirtyLog, Geometry, SnapshotCut, SnapshotPage, Snapshots, SourceVmm, Tracking,
     VmState, VmmError,
 };
-use serde_json::{json, Value};
+use serde_json::Value;
 
 use crate::layout::RamLayout;
 use crate::qmp::{CapabilityState, MigrationInfo, QemuVersion, Qmp, QmpError, StatusInfo};
-use crate::state::QemuState;
-use crate::stream::parse::Parser;
-use crate::stream::{Record, TARGET_PAGE_SIZE};
+use crate::stream::TARGET_PAGE_SIZE;
+
+mod epoch;
+pub mod hash;
+
+use epoch::set_capability;
+pub use hash::{masked_ram_hash, pmem_hash, LEGACY_WINDOW, MAX_HASHED_RAM};
 
 /// Oldest QEMU supported: background snapshots came with 6.0.
 pub const MIN_VERSION: QemuVersion = QemuVersion {
@@ -80,7 +81,7 @@ pub enum EpochMode {
     },
 }
 
-fn qmp_err(op: &'static str) -> impl FnOnce(QmpError) -> VmmError {
+pub(crate) fn qmp_err(op: &'static str) -> impl FnOnce(QmpError) -> VmmError {
     move |e| VmmError::Failed {
         op,
         message: e.to_string(),
@@ -96,6 +97,8 @@ pub struct QemuSource {
     mode: EpochMode,
     version: QemuVersion,
     paused: AtomicBool,
+    /// Set when a pre-copy epoch found the VM stopped by someone else at its cut.
+    stopped_by_other: AtomicBool,
     tmp: PathBuf,
 }
 
@@ -181,7 +184,12 @@ impl QemuSource {
             op: "reading QEMU's RAM blocks",
             message: e.to_string(),
         })?;
-        let status: StatusInfo = q.query("query-status").map_err(qmp_err("checking QEMU"))?;
+        let name = match &mode {
+            EpochMode::BackgroundSnapshot => format!("{name}, epochs from background snapshots"),
+            EpochMode::PreCopy { why } => format!(
+                "{name}, epochs from pre-copy migrations cut with stop (QEMU refuses background snapshots: {why})"
+            ),
+        };
         if mig.active() {
             tracing::warn!(vmm = %name, status = ?mig.status, "a migration of this VM is under way; epochs wait for it to end");
         }
@@ -191,7 +199,8 @@ impl QemuSource {
             name,
             mode,
             version,
-            paused: AtomicBool::new(!status.running),
+            paused: AtomicBool::new(false),
+            stopped_by_other: AtomicBool::new(false),
             tmp: tmp.to_owned(),
             qmp: Mutex::new(q),
         })
@@ -211,234 +220,9 @@ impl QemuSource {
         self.qmp.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    /// Runs one migration into this process and feeds its pages to `sink`; returns the state and the
-    /// guest's pause, ms (QEMU's downtime).
-    fn take(
-        &self,
-        sink: &mut dyn FnMut(SnapshotPage<'_>) -> Result<(), String>,
-    ) -> Result<(QemuState, Duration), VmmError> {
-        let was_paused = self.paused.load(Ordering::SeqCst);
-        let background = self.mode == EpochMode::BackgroundSnapshot && !was_paused;
-        let (ours, theirs) = UnixStream::pair().map_err(|source| VmmError::Process {
-            op: "making the epoch's socket pair".into(),
-            source,
-        })?;
-        // What this epoch changes in QEMU, to set back afterwards.
-        let mut restore_bandwidth: Option<u64> = None;
-        {
-            let mut q = self.qmp();
-            if background {
-                set_capability(&mut q, "background-snapshot", true)
-                    .map_err(qmp_err("turning background snapshots on"))?;
-            } else {
-                // An ordinary migration is rate-limited by default (128 MiB/s); an epoch wants it all.
-                let p = q
-                    .execute("query-migrate-parameters", Value::Null)
-                    .map_err(qmp_err("reading the migration parameters"))?;
-                restore_bandwidth = p["max-bandwidth"].as_u64();
-                q.execute(
-                    "migrate-set-parameters",
-                    json!({ "max-bandwidth": u64::MAX >> 12 }),
-                )
-                .map_err(qmp_err("lifting the migration bandwidth limit"))?;
-            }
-            let started = q
-                .execute_with_fd(
-                    "getfd",
-                    json!({ "fdname": FD_NAME }),
-                    Some(theirs.as_raw_fd()),
-                )
-                .and_then(|_| q.execute("migrate", json!({ "uri": format!("fd:{FD_NAME}") })));
-            drop(theirs);
-            if let Err(e) = started {
-                self.set_back(&mut q, background, restore_bandwidth);
-                return Err(qmp_err("starting the epoch's migration")(e));
-            }
-        }
-        let read = self.read_stream(ours, sink, !background && !was_paused);
-        let mut q = self.qmp();
-        if read.is_err() {
-            let _ = q.execute("migrate_cancel", Value::Null);
-        }
-        let done = wait_migration(&mut q);
-        self.set_back(&mut q, background, restore_bandwidth);
-        // An ordinary migration leaves the VM stopped (postmigrate): it runs on unless it was paused.
-        if !background && !was_paused {
-            q.execute("cont", Value::Null)
-                .map_err(qmp_err("resuming the guest after the epoch"))?;
-        }
-        drop(q);
-        let state = read?;
-        let info = done?;
-        let pause = Duration::from_millis(info.downtime.unwrap_or(0));
-        Ok((state, pause))
-    }
-
-    fn set_back(&self, q: &mut Qmp, background: bool, bandwidth: Option<u64>) {
-        if background {
-            if let Err(e) = set_capability(q, "background-snapshot", false) {
-                tracing::error!("setting background-snapshot back off: {e}");
-            }
-        }
-        if let Some(b) = bandwidth {
-            if let Err(e) = q.execute("migrate-set-parameters", json!({ "max-bandwidth": b })) {
-                tracing::error!("setting max-bandwidth back to {b}: {e}");
-            }
-        }
-    }
-
-    /// Reads the stream to its end; with `cut`, stops the VM once every page went once (pre-copy).
-    fn read_stream(
-        &self,
-        mut s: UnixStream,
-        sink: &mut dyn FnMut(SnapshotPage<'_>) -> Result<(), String>,
-        cut: bool,
-    ) -> Result<QemuState, VmmError> {
-        let bad = |e: crate::stream::StreamError| VmmError::Failed {
-            op: "reading QEMU's migration stream",
-            message: e.to_string(),
-        };
-        let mut p = Parser::new();
-        let mut buf = vec![0u8; 1 << 20];
-        let (mut prefix, mut machine, mut ram) = (None, String::new(), None);
-        let total_pages = self.geometry.pages();
-        let mut pages_seen = 0u64;
-        let mut stopped = false;
-        loop {
-            let n = match s.read(&mut buf) {
-                Ok(0) => break,
-                Ok(n) => n,
-                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
-                Err(source) => {
-                    return Err(VmmError::Process {
-                        op: "reading QEMU's migration stream".into(),
-                        source,
-                    })
-                }
-            };
-            p.push(&buf[..n]);
-            while let Some(r) = p.poll().map_err(bad)? {
-                match r {
-                    Record::Prefix { bytes, machine: m } => {
-                        prefix = Some(bytes);
-                        machine = m;
-                    }
-                    Record::RamStart {
-                        bytes,
-                        section_id,
-                        blocks,
-                    } => {
-                        if !self.layout.matches(&blocks) {
-                            return Err(VmmError::Failed {
-                                op: "reading QEMU's migration stream",
-                                message: format!(
-                                    "its RAM blocks {blocks:?} are not the ones QEMU listed at attach ({:?}): memory hot-plugged? restart the sidecar",
-                                    self.layout.blocks()
-                                ),
-                            });
-                        }
-                        ram = Some((bytes, section_id, blocks));
-                    }
-                    Record::Page {
-                        block,
-                        offset,
-                        data,
-                    } => {
-                        let addr = self.layout.addr(block, offset);
-                        sink((addr, data.as_deref())).map_err(VmmError::Abandoned)?;
-                        pages_seen += 1;
-                        if cut && !stopped && pages_seen >= total_pages {
-                            // Every page went once: the VM stops, and QEMU sends what changed since.
-                            self.qmp()
-                                .execute("stop", Value::Null)
-                                .map_err(qmp_err("stopping the guest to cut the epoch"))?;
-                            stopped = true;
-                        }
-                    }
-                    Record::DeviceTail(_) => {}
-                }
-            }
-        }
-        let tail = p.finish().map_err(bad)?;
-        let (ram_start, section_id, blocks) = ram.ok_or_else(|| VmmError::Failed {
-            op: "reading QEMU's migration stream",
-            message: "it has no RAM section".into(),
-        })?;
-        Ok(QemuState {
-            qemu_version: self.version.to_string(),
-            machine,
-            prefix: prefix.unwrap_or_default(),
-            ram_start,
-            section_id,
-            blocks,
-            tail,
-        })
-    }
-
-    /// BLAKE3 of guest RAM as the guest sees it from address 0 (the main RAM block), from QEMU's own
-    /// `pmemsave`, hex. The VM must be paused.
+    /// BLAKE3 of main RAM from QEMU's `pmemsave` ([`hash::pmem_hash`]).
     fn pmem_hash(&self) -> Result<String, VmmError> {
-        pmem_hash(&mut self.qmp(), &self.tmp, self.layout.main_ram_bytes())
-    }
-}
-
-/// BLAKE3 of `bytes` of guest memory from address 0, dumped by QEMU's `pmemsave` into a file under `tmp`
-/// (removed after), hex.
-///
-/// # Errors
-/// QEMU refused the dump, or the file could not be read.
-pub fn pmem_hash(q: &mut Qmp, tmp: &Path, bytes: u64) -> Result<String, VmmError> {
-    let f = tmp.join(format!("endophyte-pmem-{}.bin", std::process::id()));
-    q.execute(
-        "pmemsave",
-        json!({ "val": 0, "size": bytes, "filename": f.display().to_string() }),
-    )
-    .map_err(qmp_err("dumping guest RAM (pmemsave)"))?;
-    let r = (|| {
-        let mut h = blake3::Hasher::new();
-        h.update_reader(std::fs::File::open(&f)?)?;
-        Ok::<_, std::io::Error>(h.finalize().to_hex().to_string())
-    })();
-    let _ = std::fs::remove_file(&f);
-    r.map_err(|source| VmmError::Process {
-        op: format!("hashing {}", f.display()),
-        source,
-    })
-}
-
-fn set_capability(q: &mut Qmp, name: &str, on: bool) -> Result<(), QmpError> {
-    q.execute(
-        "migrate-set-capabilities",
-        json!({ "capabilities": [{ "capability": name, "state": on }] }),
-    )
-    .map(|_| ())
-}
-
-/// Waits (up to a minute) for the migration to end; `completed` is success.
-fn wait_migration(q: &mut Qmp) -> Result<MigrationInfo, VmmError> {
-    let t = Instant::now();
-    loop {
-        let m: MigrationInfo = q
-            .query("query-migrate")
-            .map_err(qmp_err("following the epoch's migration"))?;
-        match m.status.as_deref() {
-            Some("completed") => return Ok(m),
-            Some("failed" | "cancelled") => {
-                return Err(VmmError::Failed {
-                    op: "QEMU's epoch migration",
-                    message: m
-                        .error_desc
-                        .unwrap_or_else(|| format!("status {:?}", m.status)),
-                })
-            }
-            _ if t.elapsed() > Duration::from_secs(60) => {
-                return Err(VmmError::Failed {
-                    op: "QEMU's epoch migration",
-                    message: format!("not done after a minute (status {:?})", m.status),
-                })
-            }
-            _ => std::thread::sleep(Duration::from_millis(2)),
-        }
+        hash::pmem_hash(&mut self.qmp(), &self.tmp, self.layout.main_ram_bytes())
     }
 }
 
@@ -520,10 +304,29 @@ impl SourceVmm for QemuSource {
 
 impl Snapshots for QemuSource {
     fn busy(&self) -> Option<String> {
-        match self.qmp().query::<MigrationInfo>("query-migrate") {
-            Ok(m) if m.active() => Some(format!(
-                "QEMU is migrating this VM (status {}): epochs wait until that migration ends",
-                m.status.unwrap_or_default()
+        let mut q = self.qmp();
+        match q.query::<MigrationInfo>("query-migrate") {
+            Ok(m) if m.active() => {
+                return Some(format!(
+                    "QEMU is migrating this VM (status {}): epochs wait until that migration ends",
+                    m.status.unwrap_or_default()
+                ))
+            }
+            Ok(_) => {}
+            Err(e) => return Some(format!("QEMU's monitor: {e}")),
+        }
+        match q.query::<StatusInfo>("query-status") {
+            // QEMU refuses to migrate a VM an earlier migration left stopped until it runs again.
+            Ok(s) if matches!(s.status.as_str(), "postmigrate" | "inmigrate" | "prelaunch") => Some(format!(
+                "the VM is {} (stopped after a migration, or not started): epochs wait until it runs",
+                s.status
+            )),
+            // Paused by someone else (a user, libvirt): an epoch would either resume it (a background
+            // snapshot) or leave it postmigrate, where QEMU refuses their own save or migration. Nothing
+            // changes while it is paused; the replica holds the last epoch before.
+            Ok(s) if !s.running && !self.paused.load(Ordering::SeqCst) => Some(format!(
+                "the VM is {} (not by this sidecar): epochs wait until it runs",
+                s.status
             )),
             Ok(_) => None,
             Err(e) => Some(format!("QEMU's monitor: {e}")),
