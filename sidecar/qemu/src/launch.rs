@@ -97,12 +97,17 @@ impl QemuLauncher {
         Ok(Self { template })
     }
 
-    /// Parses a command line split on whitespace.
+    /// Parses a command line with POSIX shell quoting (words split on blanks, quotes and backslashes as
+    /// in sh; no expansion).
     ///
     /// # Errors
-    /// As [`QemuLauncher::new`].
+    /// As [`QemuLauncher::new`]; unbalanced quotes.
     pub fn parse(line: &str) -> Result<Self, VmmError> {
-        Self::new(line.split_whitespace().map(str::to_string).collect())
+        let words = shell_words::split(line).map_err(|e| VmmError::Failed {
+            op: "parsing the target VMM command line",
+            message: format!("{line:?}: {e}"),
+        })?;
+        Self::new(words)
     }
 }
 

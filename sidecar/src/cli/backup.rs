@@ -38,7 +38,7 @@ pub struct BackupArgs {
     target_vmm: Option<String>,
     /// Start VMs here as QEMUs instead, from this command line: the VM's machine and devices as on its
     /// source, with `-qmp unix:{qmp},server=on,wait=off` for the monitor this backup drives (`{dir}` and
-    /// `{vm}` name the VM's directory and id); `-incoming defer -S` is added. Split on whitespace.
+    /// `{vm}` name the VM's directory and id); `-incoming defer -S` is added. Words as in sh (quotes, backslashes).
     #[arg(long)]
     target_qemu: Option<String>,
     /// Test hook: abort halfway through applying this epoch.

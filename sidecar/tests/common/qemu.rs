@@ -33,9 +33,9 @@ pub fn guest_elf(dir: &Path) -> PathBuf {
     p
 }
 
-/// The machine, devices and guest, as a command line after the program: RAM a shared file mapping of
-/// `ram`, the guest at `rate` pages/s over the hot set.
-pub fn vm_args(ram: &str, elf: &Path, rate: u64) -> Vec<String> {
+/// The machine, devices and guest, as a command line after the program: RAM the memory backend
+/// `backend` (its id `mem0`), the guest at `rate` pages/s over the hot set.
+pub fn vm_args(backend: &str, elf: &Path, rate: u64) -> Vec<String> {
     let accel = if std::fs::OpenOptions::new()
         .read(true)
         .write(true)
@@ -56,7 +56,7 @@ pub fn vm_args(ram: &str, elf: &Path, rate: u64) -> Vec<String> {
         "-m".into(),
         format!("{MEM_MIB}M"),
         "-object".into(),
-        format!("memory-backend-file,id=mem0,size={MEM_MIB}M,mem-path={ram},share=on"),
+        backend.into(),
         "-display".into(),
         "none".into(),
         "-nodefaults".into(),
@@ -66,6 +66,35 @@ pub fn vm_args(ram: &str, elf: &Path, rate: u64) -> Vec<String> {
         "-append".into(),
         qemu_guest::cmdline(HOT_PAGES, rate, qemu_guest::tsc_hz(), true),
     ]
+}
+
+/// RAM as a shared mapping of the file `ram`.
+pub fn file_backend(ram: &Path) -> String {
+    format!(
+        "memory-backend-file,id=mem0,size={MEM_MIB}M,mem-path={},share=on",
+        ram.display()
+    )
+}
+
+/// The `endophyte backup --target-qemu` command line for this VM: its machine and devices with anonymous
+/// RAM, the monitor the backup drives, a second one for the test (`{dir}/test.qmp`), the serial console
+/// in the VM's directory.
+pub fn target_template(elf: &Path) -> String {
+    let mut words = vec!["qemu-system-x86_64".to_string()];
+    words.extend(vm_args(
+        &format!("memory-backend-ram,id=mem0,size={MEM_MIB}M"),
+        elf,
+        1,
+    ));
+    words.extend([
+        "-qmp".into(),
+        "unix:{qmp},server=on,wait=off".into(),
+        "-qmp".into(),
+        "unix:{dir}/test.qmp,server=on,wait=off".into(),
+        "-serial".into(),
+        "file:{dir}/serial.log".into(),
+    ]);
+    shell_words::join(words)
 }
 
 /// A QEMU the test started, killed when dropped, with its RAM file removed.
@@ -111,7 +140,7 @@ pub fn boot(dir: &Path, rate: u64, userfaultfd: bool) -> Vm {
         }
     }
     let child = cmd
-        .args(vm_args(&ram.display().to_string(), &elf, rate))
+        .args(vm_args(&file_backend(&ram), &elf, rate))
         .arg("-qmp")
         .arg(format!("unix:{},server=on,wait=off", sidecar_qmp.display()))
         .arg("-qmp")

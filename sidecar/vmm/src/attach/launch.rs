@@ -41,12 +41,17 @@ impl AttachLauncher {
         Ok(Self { command })
     }
 
-    /// Parses a command line split on whitespace (no quoting: paths with spaces need the list form).
+    /// Parses a command line with POSIX shell quoting (words split on blanks, quotes and backslashes as
+    /// in sh; no expansion).
     ///
     /// # Errors
-    /// As [`AttachLauncher::new`].
+    /// As [`AttachLauncher::new`]; unbalanced quotes.
     pub fn parse(line: &str) -> Result<Self, VmmError> {
-        Self::new(line.split_whitespace().map(str::to_string).collect())
+        let words = shell_words::split(line).map_err(|e| VmmError::Failed {
+            op: "parsing the target VMM command line",
+            message: format!("{line:?}: {e}"),
+        })?;
+        Self::new(words)
     }
 
     fn spawn(&self, socket: &Path) -> Result<Child, VmmError> {
