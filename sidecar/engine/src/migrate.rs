@@ -124,6 +124,10 @@ pub struct MigrationReport {
     pub predicted_downtime_ms: f64,
     /// Whether the budget was met by prediction (false: `force` at the deadline).
     pub converged: bool,
+    /// Whether the target's standby VMM had loaded the replica before the switchover (so the restore
+    /// carried only the final epoch); false also when it never answered the warm-up.
+    #[serde(default)]
+    pub target_preloaded: bool,
     /// Target's BLAKE3 of guest RAM before it resumed the guest (empty without `verify`).
     pub target_ram_hash: String,
     /// Source VMM's BLAKE3 of guest RAM at the final pause, taken after the target answered (the source

@@ -102,6 +102,13 @@ impl RamLayout {
         self.blocks == blocks
     }
 
+    /// The block and byte offset in it of replica address `addr`; `None` outside every block.
+    pub fn locate(&self, addr: u64) -> Option<(usize, u64)> {
+        let i = self.bases.partition_point(|&b| b <= addr).checked_sub(1)?;
+        let offset = addr - self.bases[i];
+        (offset < self.blocks[i].used_bytes).then_some((i, offset))
+    }
+
     /// The main RAM block's size (the first block: guest RAM as the guest sees it from address 0).
     pub fn main_ram_bytes(&self) -> u64 {
         self.blocks.first().map_or(0, |b| b.used_bytes)
@@ -124,5 +131,9 @@ mod tests {
         assert_eq!(l.addr(2, 0), 0x1002_0000);
         assert_eq!(l.geometry().mem_bytes(), 0x1006_0000);
         assert!(RamLayout::from_info_ramblock("nonsense").is_err());
+        assert_eq!(l.locate(4096), Some((0, 4096)));
+        assert_eq!(l.locate(0x1000_0000), Some((1, 0)));
+        assert_eq!(l.locate(0x1002_1000), Some((2, 0x1000)));
+        assert_eq!(l.locate(0x1006_0000), None);
     }
 }

@@ -19,6 +19,7 @@ pub mod source;
 pub mod state;
 pub mod stream;
 
-pub use launch::{rebuild, QemuLauncher};
+pub use launch::feed::rebuild;
+pub use launch::QemuLauncher;
 pub use source::{EpochMode, QemuSource};
 pub use state::QemuState;

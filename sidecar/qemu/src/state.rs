@@ -54,6 +54,27 @@ pub struct QemuState {
 }
 
 impl QemuState {
+    /// The VM's run state when QEMU saved it (`running`, `paused`, `prelaunch`, ...), from the device
+    /// tail's `globalstate` section (QEMU's `migration/global_state.c`: a be32 length, then that many
+    /// bytes of the state's name, NUL-padded), which machine types since QEMU 2.4 always write. `None`
+    /// when the tail has none or it does not read as one.
+    pub fn runstate(&self) -> Option<String> {
+        const ID: &[u8] = b"\x0bglobalstate";
+        let at = self.tail.windows(ID.len()).position(|w| w == ID)?;
+        // The section's instance and version ids (be32 each), then the field.
+        let mut rest = self.tail.get(at + ID.len() + 8..)?;
+        if rest.len() < 4 {
+            return None;
+        }
+        let len = rest.get_u32() as usize;
+        let name = rest.get(..len.min(100))?;
+        let name = name.split(|&b| b == 0).next().unwrap_or_default();
+        std::str::from_utf8(name)
+            .ok()
+            .filter(|n| !n.is_empty() && n.bytes().all(|b| b.is_ascii_lowercase() || b == b'-'))
+            .map(str::to_string)
+    }
+
     /// As a [`VmState`].
     pub fn to_vm_state(&self) -> VmState {
         let mut b = BytesMut::new();

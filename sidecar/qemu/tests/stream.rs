@@ -115,6 +115,35 @@ fn check_pages(records: &[Record], ram: &[u8]) -> u64 {
     n
 }
 
+/// The state a stream's records and tail make (as the source keeps it).
+fn state_of(records: &[Record], tail: &bytes::Bytes) -> QemuState {
+    let (mut prefix, mut machine, mut ram) = (None, String::new(), None);
+    for r in records {
+        match r {
+            Record::Prefix { bytes, machine: m } => {
+                prefix = Some(bytes.clone());
+                machine = m.clone();
+            }
+            Record::RamStart {
+                bytes,
+                section_id,
+                blocks,
+            } => ram = Some((bytes.clone(), *section_id, blocks.clone())),
+            _ => {}
+        }
+    }
+    let (ram_start, section_id, blocks) = ram.expect("a RAM section");
+    QemuState {
+        qemu_version: String::new(),
+        machine,
+        prefix: prefix.expect("a prefix"),
+        ram_start,
+        section_id,
+        blocks,
+        tail: tail.clone(),
+    }
+}
+
 #[test]
 fn every_page_qemu_streams_is_the_page_in_guest_ram() {
     if !have_qemu() {
@@ -143,6 +172,10 @@ fn every_page_qemu_streams_is_the_page_in_guest_ram() {
             (MEM_MIB << 20) / TARGET_PAGE_SIZE as u64
         );
         assert!(tail.len() > 1000, "a device tail of {} bytes", tail.len());
+        assert_eq!(
+            state_of(&records, &tail).runstate().as_deref(),
+            Some("prelaunch")
+        );
     }
     // A background snapshot: QEMU starts the VM once it saved the device state, and its firmware then
     // writes RAM while pages still stream; each page must still be as it was at the cut (the VM had not run
@@ -156,9 +189,14 @@ fn every_page_qemu_streams_is_the_page_in_guest_ram() {
     vm.qmp.execute("stop", serde_json::Value::Null).unwrap();
     let ram = std::fs::read(&vm.ram.0).unwrap();
     let bg = capture(&mut vm.qmp, true);
-    let (records, _) = parse(&bg, 1 << 16).unwrap();
+    let (records, tail) = parse(&bg, 1 << 16).unwrap();
     let pages = check_pages(&records, &ram);
     assert_eq!(pages, (MEM_MIB << 20) / TARGET_PAGE_SIZE as u64);
+    // The run state the snapshot recorded: paused, as the test left it.
+    assert_eq!(
+        state_of(&records, &tail).runstate().as_deref(),
+        Some("paused")
+    );
 }
 
 #[test]

@@ -36,6 +36,11 @@ pub fn guest_elf(dir: &Path) -> PathBuf {
 /// The machine, devices and guest, as a command line after the program: RAM the memory backend
 /// `backend` (its id `mem0`), the guest at `rate` pages/s over the hot set.
 pub fn vm_args(backend: &str, elf: &Path, rate: u64) -> Vec<String> {
+    vm_args_hot(backend, elf, HOT_PAGES, rate)
+}
+
+/// As [`vm_args`] with a hot set of `hot` pages.
+pub fn vm_args_hot(backend: &str, elf: &Path, hot: u64, rate: u64) -> Vec<String> {
     let accel = if std::fs::OpenOptions::new()
         .read(true)
         .write(true)
@@ -47,8 +52,10 @@ pub fn vm_args(backend: &str, elf: &Path, rate: u64) -> Vec<String> {
         "tcg"
     };
     vec![
+        "-accel".into(),
+        accel.into(),
         "-machine".into(),
-        format!("pc,accel={accel},memory-backend=mem0"),
+        "pc,memory-backend=mem0".into(),
         "-cpu".into(),
         "qemu64".into(),
         "-smp".into(),
@@ -64,7 +71,7 @@ pub fn vm_args(backend: &str, elf: &Path, rate: u64) -> Vec<String> {
         "-kernel".into(),
         elf.display().to_string(),
         "-append".into(),
-        qemu_guest::cmdline(HOT_PAGES, rate, qemu_guest::tsc_hz(), true),
+        qemu_guest::cmdline(hot, rate, qemu_guest::tsc_hz(), true),
     ]
 }
 
@@ -103,20 +110,34 @@ pub struct Vm {
     pub sidecar_qmp: PathBuf,
     pub test: Qmp,
     pub ram: PathBuf,
+    /// Where its stderr (`qemu.err`) and console (`serial.log`) go.
+    pub dir: PathBuf,
 }
 
 impl Drop for Vm {
     fn drop(&mut self) {
+        if std::thread::panicking() {
+            // A failed test shows what QEMU said and its state.
+            let st = self.test.execute("query-status", serde_json::Value::Null);
+            let err = std::fs::read_to_string(self.dir.join("qemu.err")).unwrap_or_default();
+            let console = std::fs::read_to_string(self.dir.join("serial.log")).unwrap_or_default();
+            eprintln!(
+                "QEMU's status: {st:?}\nQEMU's stderr:\n{err}\nThe guest's console:\n{console}"
+            );
+        }
         let _ = self.child.kill();
         let _ = self.child.wait();
         let _ = std::fs::remove_file(&self.ram);
     }
 }
 
-/// A RAM file in /dev/shm for a VM of this test process.
+/// A RAM file in /dev/shm of its own for a VM of this test process (tests run in parallel threads of
+/// one process: a name per call, or their QEMUs would share guest RAM).
 pub fn shm(tag: &str) -> PathBuf {
+    static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+    let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
     PathBuf::from(format!(
-        "/dev/shm/endophyte-test-{}-{tag}.ram",
+        "/dev/shm/endophyte-test-{}-{tag}-{n}.ram",
         std::process::id()
     ))
 }
@@ -125,6 +146,11 @@ pub fn shm(tag: &str) -> PathBuf {
 /// `userfaultfd`, QEMU runs under a seccomp filter that refuses it the userfaultfd(2) system call, as
 /// the default seccomp profiles of Docker and containerd do for a process without CAP_SYS_PTRACE.
 pub fn boot(dir: &Path, rate: u64, userfaultfd: bool) -> Vm {
+    boot_hot(dir, HOT_PAGES, rate, userfaultfd)
+}
+
+/// As [`boot`] with a hot set of `hot` pages.
+pub fn boot_hot(dir: &Path, hot: u64, rate: u64, userfaultfd: bool) -> Vm {
     let ram = shm("source");
     qemu_guest::prefill(&ram, MEM_MIB << 20).unwrap();
     let elf = guest_elf(dir);
@@ -140,7 +166,7 @@ pub fn boot(dir: &Path, rate: u64, userfaultfd: bool) -> Vm {
         }
     }
     let child = cmd
-        .args(vm_args(&file_backend(&ram), &elf, rate))
+        .args(vm_args_hot(&file_backend(&ram), &elf, hot, rate))
         .arg("-qmp")
         .arg(format!("unix:{},server=on,wait=off", sidecar_qmp.display()))
         .arg("-qmp")
@@ -157,6 +183,7 @@ pub fn boot(dir: &Path, rate: u64, userfaultfd: bool) -> Vm {
         sidecar_qmp,
         test,
         ram,
+        dir: dir.to_owned(),
     };
     let t = Instant::now();
     while guest_status(&mut vm.test).map(|s| s.0) != Some(2) {

@@ -128,6 +128,10 @@ pub struct Capabilities {
     pub output_hold: bool,
     /// [`SourceVmm::ram_hash`] works (verification in tests and the demo).
     pub ram_hash: bool,
+    /// [`Snapshots::snapshot_into_pause`] works: the switchover's final snapshot streams while the guest
+    /// runs and the VMM pauses it only for the last changes (QEMU's pre-copy). Otherwise the engine pauses
+    /// the VM first and the whole snapshot is downtime.
+    pub pause_in_snapshot: bool,
 }
 
 /// Pages written since the previous harvest, held until released.
@@ -185,6 +189,8 @@ pub struct SnapshotCut {
     /// demo) and the VMM can give one of the cut's instant: one whose snapshot runs on with the guest
     /// gives `None` unless the VM was paused.
     pub ram_hash: Option<String>,
+    /// When the guest stopped, for a snapshot that left it paused ([`Snapshots::snapshot_into_pause`]).
+    pub paused_at: Option<std::time::Instant>,
 }
 
 /// A source VMM that hands over one consistent snapshot of all of guest RAM per call.
@@ -208,6 +214,24 @@ pub trait Snapshots: Sync {
         sink: &mut dyn FnMut(SnapshotPage<'_>) -> Result<(), String>,
         ram_hash: bool,
     ) -> Result<SnapshotCut, VmmError>;
+
+    /// The switchover's final snapshot, with [`Capabilities::pause_in_snapshot`]: as
+    /// [`Snapshots::snapshot`] of a running VM, but the VMM pauses the guest for the last changes and
+    /// it stays paused, from [`SnapshotCut::paused_at`] on; [`SourceVmm::resume`] resumes it.
+    ///
+    /// # Errors
+    /// [`VmmError::Unsupported`] without the capability (the default); as [`Snapshots::snapshot`].
+    fn snapshot_into_pause(
+        &self,
+        sink: &mut dyn FnMut(SnapshotPage<'_>) -> Result<(), String>,
+        ram_hash: bool,
+    ) -> Result<SnapshotCut, VmmError> {
+        let _ = (sink, ram_hash);
+        Err(VmmError::Unsupported {
+            vmm: "this VMM".into(),
+            what: "pause the guest inside a snapshot",
+        })
+    }
 }
 
 /// A VMM running the guest to replicate. See the module docs.
@@ -275,6 +299,34 @@ pub trait TargetVm: Send {
     /// # Errors
     /// [`VmmError::StateFormat`] for a state of another VMM kind; the VMM refused or failed.
     fn restore(&mut self, replica: &Path, state: &VmState) -> Result<(), VmmError>;
+    /// Loads the replica file `replica` (holding the committed epoch whose state is `state`) ahead of a
+    /// switchover, in the background; from then on [`TargetVm::replica_changed`] passes on what epochs
+    /// rewrite, and [`TargetVm::restore`] carries only the rest. Returns whether it does: the default
+    /// does nothing and returns `false` (its restore loads everything).
+    ///
+    /// # Errors
+    /// The VMM refused or failed; the engine then stops this VMM and launches another for the switchover.
+    fn preload(&mut self, replica: &Path, state: &VmState) -> Result<bool, VmmError> {
+        let _ = (replica, state);
+        Ok(false)
+    }
+    /// Whether [`TargetVm::preload`]'s loading still runs (`Ok(true)`); `Ok(false)` once it is done, or
+    /// when none runs (the default).
+    ///
+    /// # Errors
+    /// The preload failed.
+    fn loading(&mut self) -> Result<bool, VmmError> {
+        Ok(false)
+    }
+    /// A committed epoch rewrote these pages of the replica (guest addresses, page-aligned) since
+    /// [`TargetVm::preload`]. The default ignores them.
+    ///
+    /// # Errors
+    /// As [`TargetVm::preload`].
+    fn replica_changed(&mut self, pages: &[u64]) -> Result<(), VmmError> {
+        let _ = pages;
+        Ok(())
+    }
     /// BLAKE3 of guest RAM of the restored VM, hex (it is paused).
     ///
     /// # Errors

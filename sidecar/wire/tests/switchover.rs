@@ -238,3 +238,59 @@ fn paths_dying_during_the_final_epoch_resume_the_source_and_the_target_catches_u
     sim.cut_epoch();
     sim.settle();
 }
+
+#[test]
+fn a_warm_up_is_answered_once_the_standby_is_ready_and_the_switchover_uses_it() {
+    for seed in 1..=3 {
+        let mut sim = replicated(seed, CLEAN);
+        sim.warm_up(1);
+        sim.run_for(2_000);
+        assert_eq!(sim.standby_ready, [(1, 1, true)], "seed {seed}");
+        assert!(sim.replicas[1].vmm.standby, "the standby runs");
+        sim.guest_writes(30);
+        sim.begin_switchover(1, timeouts());
+        let o = sim.run_until_outcome(30_000);
+        assert!(
+            matches!(o, SwitchoverOutcome::SwitchedOver { .. }),
+            "seed {seed}: {o:?}"
+        );
+        assert_switched(&sim, 1);
+        assert!(
+            !sim.replicas[1].vmm.standby,
+            "the switchover took the standby"
+        );
+    }
+}
+
+#[test]
+fn a_standby_that_fails_to_start_is_answered_too_and_the_switchover_launches_its_own() {
+    let mut sim = replicated(7, CLEAN);
+    sim.replicas[1].vmm.fail_standby = Some("no such QEMU".into());
+    sim.warm_up(1);
+    sim.run_for(500);
+    // The source is told at once, so that it does not wait for a standby that will not come.
+    assert_eq!(sim.standby_ready, [(1, 1, false)]);
+    sim.begin_switchover(1, timeouts());
+    let o = sim.run_until_outcome(10_000);
+    assert!(matches!(o, SwitchoverOutcome::SwitchedOver { .. }), "{o:?}");
+    assert_switched(&sim, 1);
+}
+
+#[test]
+fn a_warm_up_of_a_stale_generation_starts_nothing_and_is_not_answered() {
+    let mut sim = replicated(8, CLEAN);
+    // The primary died and b1 promoted the VM (generation 1).
+    sim.source_stopped = true;
+    let (epoch, t) = (sim.epoch, sim.t());
+    let state = endophyte_wire::VmState::new("sim", 1, epoch.to_le_bytes().to_vec()).unwrap();
+    sim.replicas[1]
+        .target
+        .handle_promote((epoch, 0), state, false, t)
+        .unwrap();
+    sim.run_for(500);
+    // b1 runs the VM under generation 1 now; a warm-up for generation 1 is stale there.
+    sim.warm_up(1);
+    sim.run_for(500);
+    assert!(sim.standby_ready.is_empty(), "{:?}", sim.standby_ready);
+    assert!(!sim.replicas[1].vmm.standby);
+}

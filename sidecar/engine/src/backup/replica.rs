@@ -134,6 +134,7 @@ impl VmThread {
                 Instant::now(),
             );
             self.handle_events(events);
+            self.sync_standby();
             let input = match received {
                 Ok(i) => i,
                 Err(std::sync::mpsc::RecvTimeoutError::Timeout) => {
@@ -188,6 +189,7 @@ impl VmThread {
         let (taken, events) = self.target.handle_message(key, &msg, replica, now);
         self.handle_events(events);
         if taken {
+            self.sync_standby();
             return;
         }
         if self.target.holds_vm() {
@@ -242,8 +244,13 @@ impl VmThread {
                 Action::Commit { end } => {
                     let epoch = end.epoch;
                     match store.commit(&end, self.rx.session().unwrap_or(0)) {
-                        Ok(()) => {
+                        Ok(pages) => {
                             tracing::debug!(vm = %vm_id, epoch, "committed");
+                            self.target.replica_committed(
+                                store.image_path(),
+                                store.vm_state(),
+                                &pages,
+                            );
                             // A migration coming here: no checkpoint writeback (hundreds of MB of
                             // fdatasync) competes with the switchover's own writes for the disk.
                             if !self.target.warming() {
@@ -261,6 +268,13 @@ impl VmThread {
                 }
                 Action::Discard { epoch } => store.discard(epoch),
             }
+        }
+    }
+
+    /// Lets a standby VMM load the replica ahead of a switchover ([`Target::sync_standby`]).
+    fn sync_standby(&mut self) {
+        if let Some(s) = self.store.as_ref() {
+            self.target.sync_standby(s.image_path(), s.vm_state());
         }
     }
 

@@ -26,6 +26,13 @@ pub(super) struct Target {
     vm: Option<Box<dyn TargetVm>>,
     /// Where the VMM holding the VM is reached (from the fence after a restart).
     endpoint: String,
+    /// Whether the standby (or the VM launched from it) loads the replica ahead of the restore
+    /// ([`TargetVm::preload`]).
+    preloaded: bool,
+    /// The standby's preload was tried (it is tried once per standby).
+    preload_tried: bool,
+    /// The source has not yet been told that the standby is ready.
+    announce: bool,
     crash_during_switchover: bool,
 }
 
@@ -54,6 +61,9 @@ impl Target {
             launcher,
             standby: None,
             vm: None,
+            preloaded: false,
+            preload_tried: false,
+            announce: false,
             crash_during_switchover,
         }
     }
@@ -120,11 +130,76 @@ impl Target {
         (Ok(generation), self.run(Some(replica)))
     }
 
+    /// A committed epoch rewrote `pages` of the replica `img`, whose VM state is now `state`: a VMM that
+    /// preloads the replica gets them (see [`Target::sync_standby`]).
+    pub(super) fn replica_committed(&mut self, img: &Path, state: Option<&VmState>, pages: &[u64]) {
+        if self.preloaded {
+            let r = match self.vm.as_mut().or(self.standby.as_mut()) {
+                Some(vm) => vm.replica_changed(pages),
+                None => Ok(()),
+            };
+            if let Err(e) = r {
+                self.preload_failed(&e.to_string());
+            }
+        }
+        self.sync_standby(img, state);
+    }
+
+    /// A standby VMM waiting for a switchover loads the replica `img` (VM state `state`) once, then
+    /// what each committed epoch rewrites ([`Target::replica_committed`]), so that the switchover's
+    /// restore carries only the final epoch; once it is as ready as it gets, the source is told. A VMM
+    /// that fails at it is stopped: the switchover launches another and restores it whole.
+    pub(super) fn sync_standby(&mut self, img: &Path, state: Option<&VmState>) {
+        let Some(s) = self.standby.as_mut() else {
+            if self.announce {
+                self.announce = false;
+                self.machine.handle_standby_loaded(false);
+            }
+            return;
+        };
+        if !self.preload_tried {
+            if let Some(st) = state {
+                self.preload_tried = true;
+                match s.preload(img, st) {
+                    Ok(yes) => self.preloaded = yes,
+                    Err(e) => return self.preload_failed(&e.to_string()),
+                }
+            }
+        }
+        if self.announce {
+            let Some(s) = self.standby.as_mut() else {
+                return;
+            };
+            match s.loading() {
+                Ok(true) => {}
+                Ok(false) => {
+                    self.announce = false;
+                    tracing::info!(vm = %self.vm_id, preloaded = self.preloaded, "the standby VMM is ready");
+                    self.machine.handle_standby_loaded(self.preloaded);
+                }
+                Err(e) => self.preload_failed(&e.to_string()),
+            }
+        }
+    }
+
+    fn preload_failed(&mut self, why: &str) {
+        tracing::warn!(vm = %self.vm_id, "loading the replica into the standby VMM failed; the switchover starts another and restores it whole: {why}");
+        self.preloaded = false;
+        if let Some(mut s) = self.standby.take() {
+            s.stop();
+        }
+        if self.announce {
+            self.announce = false;
+            self.machine.handle_standby_loaded(false);
+        }
+    }
+
     /// Time passed: timeouts of the machine, and the VMM processes' lives.
     pub(super) fn tick(&mut self, replica: Option<&Path>, now: Instant) -> Vec<TargetEvent> {
         if self.standby.as_mut().is_some_and(|s| s.exited()) {
             tracing::warn!(vm = %self.vm_id, "the standby VMM started ahead of a switchover exited");
             self.standby = None;
+            self.preloaded = false;
         }
         let vm_gone = match self.vm.as_mut() {
             Some(vm) => vm.exited(),
@@ -133,6 +208,7 @@ impl Target {
         };
         if vm_gone && self.machine.holds_vm() {
             self.vm = None;
+            self.preloaded = false;
             self.endpoint.clear();
             self.machine.handle_vmm_exited(now);
         }
@@ -175,6 +251,9 @@ impl Target {
                     Ok(vm) => {
                         tracing::info!(vm = %vm_id, "migration coming: standby VMM started");
                         self.standby = Some(vm);
+                        self.preloaded = false;
+                        self.preload_tried = false;
+                        self.announce = true;
                         self.machine.handle_standby(Ok(()));
                     }
                     Err(e) => {
@@ -188,11 +267,15 @@ impl Target {
                 if let Some(mut s) = self.standby.take() {
                     s.stop();
                 }
+                self.preloaded = false;
             }
             TargetAction::Launch => {
                 let r = match (self.standby.take(), &self.launcher) {
                     (Some(s), _) => Ok(s),
-                    (None, Some(l)) => l.launch(&self.dir).map_err(|e| e.to_string()),
+                    (None, Some(l)) => {
+                        self.preloaded = false;
+                        l.launch(&self.dir).map_err(|e| e.to_string())
+                    }
                     (None, None) => Err(self.no_launcher()),
                 };
                 let r = r.map(|vm| {
@@ -216,6 +299,8 @@ impl Target {
                 self.machine.handle_fence_recorded(r, Instant::now());
             }
             TargetAction::Restore { state } => {
+                // What was preloaded is consumed by the restore, whatever its outcome.
+                self.preloaded = false;
                 let r = match (self.vm.as_mut(), replica) {
                     (Some(vm), Some(img)) => vm.restore(img, &state).map_err(|e| e.to_string()),
                     (None, _) => Err("no VMM was launched".to_string()),
@@ -245,6 +330,7 @@ impl Target {
                 if let Some(mut vm) = self.vm.take() {
                     vm.stop();
                 }
+                self.preloaded = false;
                 self.endpoint.clear();
             }
             TargetAction::KillLeftover { pid } => fence::kill(pid),

@@ -145,7 +145,8 @@ fn step(shared: &Shared, bucket: &mut Option<Bucket>) -> Option<Instant> {
                 )
             }
             Event::BackupCommitted { backup, epoch } => {
-                if let Some(at) = g.durability.pause_at.get(&epoch) {
+                let d = &g.durability;
+                if let Some(at) = d.handed_at.get(&epoch).or(d.pause_at.get(&epoch)) {
                     let lag = at.elapsed().as_secs_f64() * 1e3;
                     let l = &mut g.commit_lag_ms[backup];
                     *l = Some(l.map_or(lag, |o| o * 0.75 + lag * 0.25));
@@ -161,6 +162,21 @@ fn step(shared: &Shared, bucket: &mut Option<Bucket>) -> Option<Instant> {
                 g.counters
                     .peer_errors
                     .push(format!("backup {backup} path {path}: {message}"));
+            }
+            Event::StandbyReady {
+                backup,
+                generation,
+                preloaded,
+            } => {
+                tracing::info!(
+                    backup,
+                    generation,
+                    preloaded,
+                    "the target's standby VMM is ready"
+                );
+                if let Some(m) = g.migration.as_mut().filter(|m| m.target == backup) {
+                    m.standby = Some((generation, preloaded));
+                }
             }
             Event::Switchover(outcome) => g.switch_outcome = Some(outcome),
         }

@@ -20,12 +20,18 @@ pub(super) struct MigrationCtl {
     pub started: Instant,
     pub phase: Phase,
     pub predicted_ms: Option<f64>,
-    /// `SwitchoverWarmup` was queued for the target.
-    pub warmed: bool,
+    /// When `SwitchoverWarmup` was queued for the target.
+    pub warmed: Option<Instant>,
+    /// The target's answer: its standby VMM for this generation is ready (and preloaded the replica).
+    pub standby: Option<(u64, bool)>,
     pub wire_at_start: u64,
     pub error: Option<String>,
     pub report: Option<MigrationReport>,
 }
+
+/// How long a converged migration waits for the target's standby VMM to be ready before it switches
+/// over anyway.
+const STANDBY_WAIT: Duration = Duration::from_secs(30);
 
 /// Timings of a switchover's pause at the source, from its start.
 #[derive(Clone, Copy, Debug)]
@@ -71,15 +77,28 @@ impl EpochLoop {
         else {
             return Ok(None);
         };
-        let (req, target, started, warmed) = (m.request.clone(), m.target, m.started, m.warmed);
-        if !warmed {
-            // Let the target start what the switchover will need while the guest still runs here.
-            let generation = self.cfg.generation + 1;
-            g.sender
-                .queue_message(target, Message::SwitchoverWarmup { generation });
-            g.migration.as_mut().expect("checked above").warmed = true;
-            self.shared.wake.notify_one();
-        }
+        let (req, target, started) = (m.request.clone(), m.target, m.started);
+        let generation = self.cfg.generation + 1;
+        let warmed = match m.warmed {
+            Some(at) => at,
+            None => {
+                // Let the target start what the switchover will need while the guest still runs here.
+                g.sender
+                    .queue_message(target, Message::SwitchoverWarmup { generation });
+                let now = Instant::now();
+                g.migration.as_mut().expect("checked above").warmed = Some(now);
+                self.shared.wake.notify_one();
+                now
+            }
+        };
+        // The switchover waits for the target's standby (a QEMU loading the replica takes seconds per
+        // GiB, which would otherwise be downtime), but not for ever: a lost answer costs STANDBY_WAIT.
+        let standby_ready = g
+            .migration
+            .as_ref()
+            .and_then(|m| m.standby)
+            .is_some_and(|(gen, _)| gen == generation)
+            || warmed.elapsed() >= STANDBY_WAIT;
         let committed = g.sender.committed(target);
         let current =
             g.sender.is_streaming(target) && committed + 2 >= self.next_epoch && committed > 0;
@@ -107,7 +126,7 @@ impl EpochLoop {
         let m = g.migration.as_mut().expect("checked above");
         m.predicted_ms = Some(predicted);
         let budget = req.downtime_ms as f64;
-        if current && predicted <= budget {
+        if current && predicted <= budget && standby_ready {
             m.phase = Phase::Switching;
             return Ok(Some(target));
         }
@@ -280,6 +299,7 @@ impl EpochLoop {
                     converged: m
                         .predicted_ms
                         .is_some_and(|p| p <= m.request.downtime_ms as f64),
+                    target_preloaded: m.standby.is_some_and(|(gen, pre)| gen == generation && pre),
                     target_ram_hash: ready.ram_hash,
                     source_ram_hash,
                 };
@@ -360,7 +380,8 @@ pub(super) fn start_migration(
         started: Instant::now(),
         phase: Phase::Converging,
         predicted_ms: None,
-        warmed: false,
+        warmed: None,
+        standby: None,
         wire_at_start,
         error: None,
         report: None,

@@ -44,6 +44,10 @@ pub(super) struct Durability {
     pub started: Instant,
     /// Pause instant of each epoch not yet durable (and of the newest durable one).
     pub pause_at: BTreeMap<u64, Instant>,
+    /// When the last page of an epoch went to the sender, for a VMM whose switchover snapshot streams
+    /// while the guest runs (QEMU's pre-copy): the commit lag that predicts downtime counts from there,
+    /// not from the cut (the stream before it is not downtime then).
+    pub handed_at: BTreeMap<u64, Instant>,
     /// The run's first epoch (the initial full copy).
     pub first_epoch: Option<u64>,
     /// RPO is sampled once epochs cut after the initial full copy became durable start to become durable.
@@ -59,6 +63,7 @@ impl Durability {
         Self {
             started: Instant::now(),
             pause_at: BTreeMap::new(),
+            handed_at: BTreeMap::new(),
             first_epoch: None,
             steady_from: None,
             initial_sync: None,
@@ -103,6 +108,13 @@ impl Durability {
             .is_some_and(|(&e, _)| e < floor)
         {
             self.pause_at.pop_first();
+        }
+        while self
+            .handed_at
+            .first_key_value()
+            .is_some_and(|(&e, _)| e < floor)
+        {
+            self.handed_at.pop_first();
         }
     }
 }

@@ -6,7 +6,7 @@
 //! The hash is BLAKE3 keyed with a random per-run key, truncated to 128 bits: a guest cannot make a page
 //! look unchanged without knowing the key, and two different pages collide with probability 2^-128.
 
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use anyhow::Context;
 use endophyte_vmm::{DirtyBitmap, Snapshots};
@@ -90,19 +90,20 @@ impl EpochLoop {
             })
             .collect();
 
-        let t0 = Instant::now();
+        let started = Instant::now();
         let switching = switch_to.is_some();
+        // The switchover's snapshot: streamed while the guest runs, the VMM pausing it for the last
+        // changes, where it can; else the guest is paused first and all of it is downtime.
+        let live = switching && self.vmm.capabilities().pause_in_snapshot;
         let want_hash = self.hashes_out.is_some() && (!self.opts.final_hash_only || last);
         // The final epoch's RAM hash (verification) is of one instant only with the guest paused: a
         // VMM's running snapshot gives none otherwise.
         let paused_for_hash = want_hash && last && !switching;
-        if switching || paused_for_hash {
+        if (switching && !live) || paused_for_hash {
             // The guest stays paused from here: the snapshot of a paused VM leaves it paused.
             self.vmm.pause().context("pausing the guest")?;
         }
-        let paused = t0.elapsed();
-        self.last_pause_at = Some(t0);
-        self.shared.lock().durability.pause_at.insert(e, t0);
+        let paused = started.elapsed();
         let mut hashes = self
             .page_hashes
             .take()
@@ -110,8 +111,8 @@ impl EpochLoop {
         let zero = vec![0u8; ps];
         let mut failure: Option<anyhow::Error> = None;
         let mut region = 0usize;
-        let cut = snaps.snapshot(
-            &mut |(addr, data)| {
+        let cut = {
+            let mut sink = |(addr, data): endophyte_vmm::SnapshotPage<'_>| {
                 let page = data.unwrap_or(&zero);
                 // Pages come in any order; most follow the one before in the same region.
                 let within =
@@ -148,9 +149,26 @@ impl EpochLoop {
                     failure = Some(err);
                     why
                 })
-            },
-            want_hash,
-        );
+            };
+            if live {
+                snaps.snapshot_into_pause(&mut sink, want_hash)
+            } else {
+                snaps.snapshot(&mut sink, want_hash)
+            }
+        };
+        // Downtime and the epoch's cut count from when the guest stopped.
+        let t0 = match &cut {
+            Ok(c) if live => c.paused_at.unwrap_or_else(Instant::now),
+            _ => started,
+        };
+        self.last_pause_at = Some(t0);
+        {
+            let mut g = self.shared.lock();
+            g.durability.pause_at.insert(e, t0);
+            if self.vmm.capabilities().pause_in_snapshot && !switching {
+                g.durability.handed_at.insert(e, Instant::now());
+            }
+        }
         self.page_hashes = Some(hashes);
         if paused_for_hash {
             self.vmm
@@ -195,6 +213,7 @@ impl EpochLoop {
         );
         self.pause_state = Some(cut.state);
         let switch = if switching {
+            let paused = if live { Duration::ZERO } else { paused };
             let times = SwitchTimes {
                 t0,
                 paused,

@@ -28,7 +28,7 @@ pub(super) fn apply_chunks(
     end: &EpochEnd,
     chunks: &BTreeMap<u32, (u64, usize)>,
     crash: CrashPoint,
-) -> Result<(), StoreError> {
+) -> Result<Vec<u64>, StoreError> {
     let epoch = end.epoch;
     let file = File::open(journal).map_err(|source| StoreError::Io {
         op: "opening journal",
@@ -38,6 +38,7 @@ pub(super) fn apply_chunks(
     let mut writer = RunWriter::new(image.file, image.path.clone());
     let zero = vec![0u8; image.page_size as usize];
     let half = chunks.len() / 2;
+    let mut written = Vec::new();
     for (i, (seq, &(offset, len))) in chunks.iter().enumerate() {
         if crash.during_apply == Some(epoch) && i == half {
             tracing::error!(
@@ -65,9 +66,11 @@ pub(super) fn apply_chunks(
             .map_err(|e| bad(e.to_string()))?;
         for (gpa, data) in d.pages() {
             writer.page(gpa, data.unwrap_or(&zero))?;
+            written.push(gpa);
         }
     }
-    writer.flush()
+    writer.flush()?;
+    Ok(written)
 }
 
 /// Writes pages to the replica file, coalescing runs of consecutive pages into one `pwrite` each.

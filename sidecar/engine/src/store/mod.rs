@@ -310,9 +310,11 @@ impl ReplicaStore {
     /// journal the end marker and fsync (the commit point), then write the chunks into the replica. The
     /// journal stays until a checkpoint covers the epoch.
     ///
+    /// Returns the guest addresses of the pages it rewrote, in the order written.
+    ///
     /// # Errors
     /// [`StoreError`]; if it fails before the fsync the replica still holds the previous epoch.
-    pub fn commit(&mut self, end: &EpochEnd, session: u64) -> Result<(), StoreError> {
+    pub fn commit(&mut self, end: &EpochEnd, session: u64) -> Result<Vec<u64>, StoreError> {
         let epoch = end.epoch;
         let path = self.journal_path(epoch);
         // An epoch with no dirty pages has no chunks, hence no journal yet.
@@ -325,9 +327,9 @@ impl ReplicaStore {
         let synced = t0.elapsed();
         let (index, session) = (std::mem::take(&mut j.index), j.session);
         drop(j);
-        self.apply(&path, end, &index, session)?;
+        let pages = self.apply(&path, end, &index, session)?;
         tracing::debug!(epoch, ?synced, total = ?t0.elapsed(), "epoch committed");
-        Ok(())
+        Ok(pages)
     }
 
     /// Forgets a staged epoch.
@@ -365,19 +367,19 @@ impl ReplicaStore {
         end: &EpochEnd,
         chunks: &BTreeMap<u32, (u64, usize)>,
         session: u64,
-    ) -> Result<(), StoreError> {
+    ) -> Result<Vec<u64>, StoreError> {
         let image = apply::Image {
             file: &self.file,
             path: self.image.clone(),
             page_size: self.page_size,
             mem_bytes: self.mem_bytes,
         };
-        apply::apply_chunks(&image, journal, end, chunks, self.crash)?;
+        let pages = apply::apply_chunks(&image, journal, end, chunks, self.crash)?;
         self.committed = end.epoch;
         self.committed_session = session;
         self.vm_state = end.state.clone();
         self.applied.push(journal.to_owned());
-        Ok(())
+        Ok(pages)
     }
 
     /// Epoch `replica.img` holds durably (the last checkpoint).

@@ -26,15 +26,18 @@ struct Changed {
     background_snapshot: bool,
     events: bool,
     max_bandwidth: Option<u64>,
+    downtime_limit: Option<u64>,
 }
 
 impl QemuSource {
-    /// Runs one migration into this process and feeds its pages to `sink`; returns the state and how
-    /// long the guest stood still for it.
+    /// Runs one migration into this process and feeds its pages to `sink`; returns the state, how long
+    /// the guest stood still for it, and, with `into_pause` (a pre-copy that leaves the VM paused: the
+    /// switchover's), when it stopped.
     pub(super) fn take(
         &self,
         sink: &mut dyn FnMut(SnapshotPage<'_>) -> Result<(), String>,
-    ) -> Result<(QemuState, Duration), VmmError> {
+        into_pause: bool,
+    ) -> Result<(QemuState, Duration, Option<Instant>), VmmError> {
         // Paused by us (a switchover): an ordinary migration, which leaves it paused (a background
         // snapshot would start it, and QEMU 7.2 aborts on one of a VM that never ran).
         let status: StatusInfo = self
@@ -47,7 +50,7 @@ impl QemuSource {
             // leaves the VM postmigrate until it runs again.
             tracing::warn!(status = %status.status, "the VM was paused by someone else just now: this epoch is an ordinary migration");
         }
-        let background = self.mode == EpochMode::BackgroundSnapshot && !was_paused;
+        let background = self.mode == EpochMode::BackgroundSnapshot && !was_paused && !into_pause;
         let (ours, theirs) = UnixStream::pair().map_err(|source| VmmError::Process {
             op: "making the epoch's socket pair".into(),
             source,
@@ -66,12 +69,16 @@ impl QemuSource {
                         changed.events = true;
                     }
                 } else {
-                    // An ordinary migration is rate-limited by default (128 MiB/s); an epoch wants it all.
+                    // An ordinary migration is rate-limited by default (128 MiB/s); an epoch wants it
+                    // all. And it completes by itself once what is left fits its downtime limit at the
+                    // measured rate (300 ms of GB/s by default: most of RAM, with the guest stopped);
+                    // a 1 ms limit leaves the cut to this sidecar, after one full pass.
                     let p = q.execute("query-migrate-parameters", Value::Null)?;
                     changed.max_bandwidth = p["max-bandwidth"].as_u64();
+                    changed.downtime_limit = p["downtime-limit"].as_u64();
                     q.execute(
                         "migrate-set-parameters",
-                        json!({ "max-bandwidth": u64::MAX >> 12 }),
+                        json!({ "max-bandwidth": u64::MAX >> 12, "downtime-limit": 1 }),
                     )?;
                 }
                 q.clear_events();
@@ -108,12 +115,24 @@ impl QemuSource {
         let info = done?;
         let qemu_downtime = Duration::from_millis(info.downtime.unwrap_or(0));
         if background || was_paused {
-            return Ok((state, qemu_downtime));
+            let paused_at = (into_pause && was_paused).then(Instant::now);
+            return Ok((state, qemu_downtime, paused_at));
+        }
+        // Stopped at our cut, or at QEMU's own stop: its downtime before the stream's end.
+        let stopped_at =
+            cut_at.unwrap_or_else(|| stream_end.checked_sub(qemu_downtime).unwrap_or(stream_end));
+        if into_pause {
+            self.paused.store(true, Ordering::SeqCst);
+            self.stopped_by_other.store(false, Ordering::SeqCst);
+            return Ok((state, stopped_at.elapsed(), Some(stopped_at)));
         }
         // An ordinary migration leaves the VM stopped (postmigrate): it runs on unless someone else
-        // stopped it meanwhile or we paused it.
-        let stopped_by_other = self.stopped_by_other.swap(false, Ordering::SeqCst);
+        // stopped it meanwhile (the cut found it stopped; or QEMU completed by itself and recorded it
+        // paused, not running, at the completion) or we paused it.
+        let stopped_by_other = self.stopped_by_other.swap(false, Ordering::SeqCst)
+            || (cut_at.is_none() && state.runstate().as_deref() == Some("paused"));
         if stopped_by_other {
+            self.left_stopped.store(true, Ordering::SeqCst);
             tracing::warn!(
                 "the VM was stopped by someone else during a pre-copy epoch: it stays stopped"
             );
@@ -121,12 +140,7 @@ impl QemuSource {
             q.execute("cont", Value::Null)
                 .map_err(qmp_err("resuming the guest after the epoch"))?;
         }
-        // Stood still from our cut, or from QEMU's own stop (its downtime, to the stream's end) to here.
-        let pause = match cut_at {
-            Some(at) => at.elapsed(),
-            None => qemu_downtime + stream_end.elapsed(),
-        };
-        Ok((state, pause))
+        Ok((state, stopped_at.elapsed(), None))
     }
 
     /// Reads the stream to its end; with `cut` (pre-copy), stops the VM from a second thread once every
@@ -258,9 +272,14 @@ fn set_back(q: &mut Qmp, changed: &Changed) {
             }
         }
     }
-    if let Some(b) = changed.max_bandwidth {
-        if let Err(e) = q.execute("migrate-set-parameters", json!({ "max-bandwidth": b })) {
-            tracing::error!("setting max-bandwidth back to {b}: {e}");
+    for (name, v) in [
+        ("max-bandwidth", changed.max_bandwidth),
+        ("downtime-limit", changed.downtime_limit),
+    ] {
+        if let Some(v) = v {
+            if let Err(e) = q.execute("migrate-set-parameters", json!({ name: v })) {
+                tracing::error!("setting {name} back to {v}: {e}");
+            }
         }
     }
 }

@@ -99,6 +99,8 @@ pub struct QemuSource {
     paused: AtomicBool,
     /// Set when a pre-copy epoch found the VM stopped by someone else at its cut.
     stopped_by_other: AtomicBool,
+    /// A pre-copy epoch left the VM stopped (postmigrate) for someone else who stopped it meanwhile.
+    left_stopped: AtomicBool,
     tmp: PathBuf,
 }
 
@@ -201,6 +203,7 @@ impl QemuSource {
             version,
             paused: AtomicBool::new(false),
             stopped_by_other: AtomicBool::new(false),
+            left_stopped: AtomicBool::new(false),
             tmp: tmp.to_owned(),
             qmp: Mutex::new(q),
         })
@@ -241,6 +244,7 @@ impl SourceVmm for QemuSource {
             throttle: false,
             output_hold: false,
             ram_hash: true,
+            pause_in_snapshot: true,
         }
     }
 
@@ -277,9 +281,12 @@ impl SourceVmm for QemuSource {
     }
 
     fn set_throttle(&self, _fraction: f64) -> Result<(), VmmError> {
+        // QEMU's own throttles: cpu-throttle acts only inside its migrations (with auto-converge, which
+        // background snapshots refuse); set-vcpu-dirty-limit needs KVM's dirty ring and, measured here
+        // (QEMU 7.2 on nested KVM), freezes the vCPU for good. See docs/qemu.md.
         Err(VmmError::Unsupported {
             vmm: self.name.clone(),
-            what: "throttle its vCPUs outside its own migrations",
+            what: "throttle its vCPUs (see docs/qemu.md, throttling)",
         })
     }
 
@@ -316,6 +323,12 @@ impl Snapshots for QemuSource {
             Err(e) => return Some(format!("QEMU's monitor: {e}")),
         }
         match q.query::<StatusInfo>("query-status") {
+            Ok(s) if s.status == "postmigrate" && self.left_stopped.load(Ordering::SeqCst) => {
+                Some(format!(
+                    "the VM is {}: stopped during an epoch (not by this sidecar), epochs wait until it runs",
+                    s.status
+                ))
+            }
             // QEMU refuses to migrate a VM an earlier migration left stopped until it runs again.
             Ok(s) if matches!(s.status.as_str(), "postmigrate" | "inmigrate" | "prelaunch") => Some(format!(
                 "the VM is {} (stopped after a migration, or not started): epochs wait until it runs",
@@ -328,7 +341,10 @@ impl Snapshots for QemuSource {
                 "the VM is {} (not by this sidecar): epochs wait until it runs",
                 s.status
             )),
-            Ok(_) => None,
+            Ok(_) => {
+                self.left_stopped.store(false, Ordering::SeqCst);
+                None
+            }
             Err(e) => Some(format!("QEMU's monitor: {e}")),
         }
     }
@@ -338,7 +354,26 @@ impl Snapshots for QemuSource {
         sink: &mut dyn FnMut(SnapshotPage<'_>) -> Result<(), String>,
         ram_hash: bool,
     ) -> Result<SnapshotCut, VmmError> {
-        let (state, pause) = self.take(sink)?;
+        self.cut(sink, ram_hash, false)
+    }
+
+    fn snapshot_into_pause(
+        &self,
+        sink: &mut dyn FnMut(SnapshotPage<'_>) -> Result<(), String>,
+        ram_hash: bool,
+    ) -> Result<SnapshotCut, VmmError> {
+        self.cut(sink, ram_hash, true)
+    }
+}
+
+impl QemuSource {
+    fn cut(
+        &self,
+        sink: &mut dyn FnMut(SnapshotPage<'_>) -> Result<(), String>,
+        ram_hash: bool,
+        into_pause: bool,
+    ) -> Result<SnapshotCut, VmmError> {
+        let (state, pause, paused_at) = self.take(sink, into_pause)?;
         let hash = if ram_hash && self.paused.load(Ordering::SeqCst) {
             Some(self.pmem_hash()?)
         } else {
@@ -348,6 +383,7 @@ impl Snapshots for QemuSource {
             state: state.to_vm_state(),
             pause,
             ram_hash: hash,
+            paused_at,
         })
     }
 }

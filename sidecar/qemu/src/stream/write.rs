@@ -81,6 +81,14 @@ impl<W: Write> Writer<W> {
         Ok(())
     }
 
+    /// Hands what is buffered to the underlying writer (the stream stays open for more pages).
+    ///
+    /// # Errors
+    /// Writing failed.
+    pub fn flush(&mut self) -> std::io::Result<()> {
+        self.w.flush()
+    }
+
     /// Closes the RAM sections and writes the recorded device `tail`; returns the writer and the bytes
     /// written in all.
     ///

@@ -125,6 +125,7 @@ impl AttachSource {
             // Held output comes with harvests, which a snapshot-only source does not make.
             output_hold: info.features.hold_console && tracking == Tracking::DirtyLog,
             ram_hash: true,
+            pause_in_snapshot: false,
         };
         Ok(Self {
             client,
@@ -291,6 +292,7 @@ impl Snapshots for AttachSource {
                 t0.elapsed()
             },
             ram_hash,
+            paused_at: None,
         })
     }
 }

@@ -17,6 +17,7 @@
 //! | 13 | SwitchedOver | target -> sidecar | generation u64, resume_us u64 |
 //! | 14 | SwitchoverAbort | sidecar -> target | generation u64 |
 //! | 15 | SwitchoverWarmup | sidecar -> target | generation u64 |
+//! | 16 | SwitchoverStandby | target -> sidecar | generation u64, preloaded u8 (0 or 1) |
 //!
 //! Type 0 is reserved as invalid. Strings (u16 length + UTF-8) longer than 65,535 bytes are cut at the last
 //! character boundary before that length.
@@ -217,6 +218,15 @@ pub enum Message {
         /// The coming switchover's generation.
         generation: u64,
     },
+    /// The answer to [`Message::SwitchoverWarmup`] once the standby VMM is as ready as it gets: it runs
+    /// and, when `preloaded`, holds the replica, so that the switchover's restore carries only the final
+    /// epoch. Sent also when the standby could not start (`preloaded` false): nothing better will come.
+    SwitchoverStandby {
+        /// The coming switchover's generation.
+        generation: u64,
+        /// The standby loaded the replica ahead of the switchover.
+        preloaded: bool,
+    },
     /// The source abandons the switchover (and resumes): the target stops the VM it prepared and never
     /// starts `generation`. Not answered. A target that hears nothing also gives up after a while: it
     /// resumes a prepared VM only on [`Message::SwitchoverCommit`].
@@ -342,6 +352,7 @@ impl Message {
             Message::SwitchedOver { .. } => 13,
             Message::SwitchoverAbort { .. } => 14,
             Message::SwitchoverWarmup { .. } => 15,
+            Message::SwitchoverStandby { .. } => 16,
         }
     }
 
@@ -363,6 +374,7 @@ impl Message {
             Message::SwitchedOver { .. } => "SwitchedOver",
             Message::SwitchoverAbort { .. } => "SwitchoverAbort",
             Message::SwitchoverWarmup { .. } => "SwitchoverWarmup",
+            Message::SwitchoverStandby { .. } => "SwitchoverStandby",
         }
     }
 
@@ -447,6 +459,13 @@ impl Message {
             Message::SwitchoverCommit { generation }
             | Message::SwitchoverAbort { generation }
             | Message::SwitchoverWarmup { generation } => b.put_u64_le(*generation),
+            Message::SwitchoverStandby {
+                generation,
+                preloaded,
+            } => {
+                b.put_u64_le(*generation);
+                b.put_u8(u8::from(*preloaded));
+            }
         }
         let header = encode_header(self.msg_type(), &[&b[HEADER_BYTES..], &body]);
         b[..HEADER_BYTES].copy_from_slice(&header);
@@ -653,6 +672,24 @@ impl Message {
                 need!("SwitchoverWarmup", 8);
                 Message::SwitchoverWarmup {
                     generation: p.get_u64_le(),
+                }
+            }
+            16 => {
+                need!("SwitchoverStandby", 9);
+                let generation = p.get_u64_le();
+                let preloaded = match p.get_u8() {
+                    0 => false,
+                    1 => true,
+                    _ => {
+                        return Err(MessageError::Malformed {
+                            msg: "SwitchoverStandby",
+                            why: "preloaded is neither 0 nor 1",
+                        })
+                    }
+                };
+                Message::SwitchoverStandby {
+                    generation,
+                    preloaded,
                 }
             }
             other => return Err(MessageError::UnknownType(other)),

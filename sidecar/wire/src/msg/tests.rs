@@ -65,6 +65,10 @@ fn all() -> Vec<Message> {
         },
         Message::SwitchoverAbort { generation: 3 },
         Message::SwitchoverWarmup { generation: 3 },
+        Message::SwitchoverStandby {
+            generation: 3,
+            preloaded: true,
+        },
     ]
 }
 

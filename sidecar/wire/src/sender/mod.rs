@@ -136,6 +136,15 @@ pub enum Event {
         /// The backup's message.
         message: String,
     },
+    /// A migration target's standby VMM is as ready as it gets (the answer to a warm-up).
+    StandbyReady {
+        /// Backup.
+        backup: BackupId,
+        /// The coming switchover's generation.
+        generation: u64,
+        /// It loaded the replica ahead of the switchover.
+        preloaded: bool,
+    },
     /// The switchover begun with [`Sender::begin_switchover`] ended; the driver acts on the guest.
     Switchover(SwitchoverOutcome),
 }
@@ -476,6 +485,20 @@ impl Sender {
             }
             // Late answers to a switchover that ended (or of another sidecar run): nothing to do.
             (Message::SwitchoverReady(_) | Message::SwitchedOver { .. }, None) => return Ok(()),
+            (
+                Message::SwitchoverStandby {
+                    generation,
+                    preloaded,
+                },
+                _,
+            ) => {
+                self.events.push_back(Event::StandbyReady {
+                    backup: b,
+                    generation: *generation,
+                    preloaded: *preloaded,
+                });
+                return Ok(());
+            }
             (Message::Error { code, message }, Some(m)) if m.phase() != SourcePhase::Finished => {
                 let preparing = m.phase() != SourcePhase::AwaitingFinalCommit;
                 m.handle_error(*code, message, now);

@@ -78,6 +78,10 @@ pub struct SimVmm {
     pub running: bool,
     /// Fail the next restore with this message.
     pub fail_restore: Option<String>,
+    /// Fail the next standby start with this message.
+    pub fail_standby: Option<String>,
+    /// A standby runs (started by a warm-up, not yet used or stopped).
+    pub standby: bool,
     /// Each step takes this long.
     pub step: Duration,
     /// The action in progress and when it completes.
@@ -154,6 +158,8 @@ pub struct Sim {
     pub peer_errors: Vec<String>,
     pub drop_rule: Option<DropRule>,
     pub generation: u64,
+    /// The sender's standby answers: (backup, generation, preloaded).
+    pub standby_ready: Vec<(usize, u64, bool)>,
 }
 
 impl Sim {
@@ -199,6 +205,7 @@ impl Sim {
             peer_errors: vec![],
             drop_rule: None,
             generation: 0,
+            standby_ready: vec![],
         };
         s.snapshots.insert(0, s.mem.clone());
         for b in 0..backups {
@@ -329,6 +336,13 @@ impl Sim {
         true
     }
 
+    /// A migration to `target` starts converging: the warm-up for the next generation goes out.
+    pub fn warm_up(&mut self, target: usize) {
+        let generation = self.generation + 1;
+        self.sender
+            .queue_message(target, Message::SwitchoverWarmup { generation });
+    }
+
     /// The final pause of a migration to backup `target`: the guest stops, the final epoch is cut and the
     /// switchover begins with the next generation.
     pub fn begin_switchover(&mut self, target: usize, timeouts: Timeouts) {
@@ -400,6 +414,11 @@ impl Sim {
                     assert!(self.outcome.is_none(), "two outcomes");
                     self.outcome = Some((self.now, o));
                 }
+                Event::StandbyReady {
+                    backup,
+                    generation,
+                    preloaded,
+                } => self.standby_ready.push((backup, generation, preloaded)),
                 Event::NeedsResync { .. }
                 | Event::BackupCommitted { .. }
                 | Event::BackupLost { .. } => {}
@@ -439,7 +458,10 @@ impl Sim {
                     break;
                 }
                 match a {
-                    TargetAction::Launch => r.target.handle_launched(Ok(1000 + b as u32), t),
+                    TargetAction::Launch => {
+                        r.vmm.standby = false;
+                        r.target.handle_launched(Ok(1000 + b as u32), t)
+                    }
                     TargetAction::RecordFence { .. } => r.target.handle_fence_recorded(Ok(()), t),
                     TargetAction::Restore { state } => {
                         let res = match r.vmm.fail_restore.take() {
@@ -463,10 +485,17 @@ impl Sim {
                         r.vmm.running = true;
                         r.target.handle_resumed(Ok(()), t)
                     }
-                    TargetAction::StartStandby => r.target.handle_standby(Ok(())),
-                    TargetAction::StopVm
-                    | TargetAction::StopStandby
-                    | TargetAction::KillLeftover { .. } => {
+                    TargetAction::StartStandby => match r.vmm.fail_standby.take() {
+                        Some(e) => r.target.handle_standby(Err(e)),
+                        None => {
+                            r.vmm.standby = true;
+                            r.target.handle_standby(Ok(()));
+                            // The simulated VMM loads the replica within the step.
+                            r.target.handle_standby_loaded(true);
+                        }
+                    },
+                    TargetAction::StopStandby => r.vmm.standby = false,
+                    TargetAction::StopVm | TargetAction::KillLeftover { .. } => {
                         r.vmm.running = false;
                         r.vmm.ram = None;
                     }

@@ -145,11 +145,27 @@ struct Job {
 #[derive(Debug)]
 enum Phase {
     Idle,
-    Standby { since: Instant },
-    Preparing { job: Job, step: PrepStep },
-    Prepared { job: Job, since: Instant },
-    Committing { job: Job, step: CommitStep },
-    Running { generation: u64, resume_us: u64 },
+    Standby {
+        since: Instant,
+        generation: u64,
+        path: PathKey,
+    },
+    Preparing {
+        job: Job,
+        step: PrepStep,
+    },
+    Prepared {
+        job: Job,
+        since: Instant,
+    },
+    Committing {
+        job: Job,
+        step: CommitStep,
+    },
+    Running {
+        generation: u64,
+        resume_us: u64,
+    },
 }
 
 /// The target's switchover (and promote) state machine for one VM. See the module docs.
@@ -268,7 +284,7 @@ impl TargetSwitchover {
             Message::SwitchoverAbort { generation } => {
                 self.abort(*generation, "the source abandoned it")
             }
-            Message::SwitchoverWarmup { generation } => self.warm_up(*generation, now),
+            Message::SwitchoverWarmup { generation } => self.warm_up(path, *generation, now),
             _ => return false,
         }
         true
@@ -692,17 +708,44 @@ impl TargetSwitchover {
         }
     }
 
-    fn warm_up(&mut self, generation: u64, now: Instant) {
+    fn warm_up(&mut self, path: PathKey, generation: u64, now: Instant) {
         if matches!(self.phase, Phase::Idle) && generation > self.fence.generation {
-            self.phase = Phase::Standby { since: now };
+            self.phase = Phase::Standby {
+                since: now,
+                generation,
+                path,
+            };
             self.actions.push_back(TargetAction::StartStandby);
         }
     }
 
-    /// The warm-up's standby VMM started, or not (then the switchover starts one itself).
+    /// The warm-up's standby VMM started, or not (then the switchover starts one itself, and the source
+    /// is told at once that no better standby will come). Once started, the driver answers
+    /// [`TargetSwitchover::handle_standby_loaded`] when it is as ready as it gets.
     pub fn handle_standby(&mut self, result: Result<(), String>) {
-        if result.is_err() && matches!(self.phase, Phase::Standby { .. }) {
-            self.phase = Phase::Idle;
+        if result.is_err() {
+            self.handle_standby_loaded(false);
+            if matches!(self.phase, Phase::Standby { .. }) {
+                self.phase = Phase::Idle;
+            }
+        }
+    }
+
+    /// The standby VMM is as ready as it gets: it runs and, when `preloaded`, loaded the replica ahead
+    /// of the switchover. Tells the source ([`Message::SwitchoverStandby`], on the warm-up's path), which
+    /// may have held the switchover back for it.
+    pub fn handle_standby_loaded(&mut self, preloaded: bool) {
+        if let Phase::Standby {
+            generation, path, ..
+        } = &self.phase
+        {
+            self.out.push_back((
+                *path,
+                Message::SwitchoverStandby {
+                    generation: *generation,
+                    preloaded,
+                },
+            ));
         }
     }
 
@@ -736,7 +779,7 @@ impl TargetSwitchover {
                     &format!("no commit for the prepared switchover within {PREPARED_TIMEOUT:?}"),
                 );
             }
-            Phase::Standby { since } if now >= *since + STANDBY_TIMEOUT => {
+            Phase::Standby { since, .. } if now >= *since + STANDBY_TIMEOUT => {
                 self.phase = Phase::Idle;
                 self.actions.push_back(TargetAction::StopStandby);
             }
@@ -748,7 +791,7 @@ impl TargetSwitchover {
     pub fn poll_timeout(&self) -> Option<Instant> {
         match &self.phase {
             Phase::Prepared { since, .. } => Some(*since + PREPARED_TIMEOUT),
-            Phase::Standby { since } => Some(*since + STANDBY_TIMEOUT),
+            Phase::Standby { since, .. } => Some(*since + STANDBY_TIMEOUT),
             _ => None,
         }
     }

@@ -1,7 +1,8 @@
 //! Starting a replica as a QEMU VM on a backup: a QEMU started from the backup's command template with
-//! `-incoming defer -S` waits (started at a migration's warm-up); the restore feeds it a migration stream
-//! rebuilt from the replica's pages and the epoch's [`QemuState`] ([`rebuild`]); the VM stays paused until
-//! it is resumed.
+//! `-incoming defer -S` waits (started at a migration's warm-up) and loads the replica as a migration
+//! stream rebuilt from its pages ([`feed`]): ahead of a switchover, all of it and then what each epoch
+//! rewrites ([`TargetVm::preload`]), so that the restore sends only the final epoch's pages and its device
+//! state ([`QemuState`]); for a promote, all at once. The VM stays paused until it is resumed.
 //!
 //! The command template is the backup's configuration (`endophyte backup --target-qemu`): the QEMU command
 //! line that defines the VM's machine and devices, as the source's, with `{qmp}` where the monitor socket
@@ -9,10 +10,10 @@
 //! directory and id. The launcher adds `-incoming defer -S`. QEMU itself refuses a stream of another
 //! machine type or device model, and says which.
 
+pub mod feed;
+
 use std::fs::File;
-use std::io::{BufWriter, Write};
 use std::os::fd::AsRawFd;
-use std::os::unix::fs::FileExt;
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -21,11 +22,9 @@ use std::time::{Duration, Instant};
 use endophyte_vmm::{Launcher, TargetVm, VmState, VmmError};
 use serde_json::{json, Value};
 
-use crate::layout::RamLayout;
 use crate::qmp::{MigrationInfo, Qmp, QmpError};
 use crate::state::QemuState;
-use crate::stream::write::Writer;
-use crate::stream::TARGET_PAGE_SIZE;
+use feed::Feeder;
 
 /// How long a started QEMU has to answer on its monitor.
 pub const START_TIMEOUT: Duration = Duration::from_secs(30);
@@ -36,42 +35,6 @@ fn qmp_err(op: &'static str) -> impl FnOnce(QmpError) -> VmmError {
         op,
         message: e.to_string(),
     }
-}
-
-/// Writes the stream that restores the VM of `state` from the replica file `replica` (laid out as
-/// [`RamLayout`] of its blocks) into `w`; returns the bytes written.
-///
-/// # Errors
-/// Reading the replica or writing failed.
-pub fn rebuild(state: &QemuState, replica: &File, w: impl Write) -> std::io::Result<u64> {
-    let layout = RamLayout::new(state.blocks.clone());
-    let mut out = Writer::begin(
-        BufWriter::with_capacity(1 << 20, w),
-        &state.prefix,
-        &state.ram_start,
-        &state.blocks,
-        state.section_id,
-    )?;
-    let mut buf = vec![0u8; 1 << 20];
-    for (i, b) in state.blocks.iter().enumerate() {
-        let mut off = 0u64;
-        while off < b.used_bytes {
-            let n = (b.used_bytes - off).min(buf.len() as u64) as usize;
-            replica.read_exact_at(&mut buf[..n], layout.addr(i, off))?;
-            for (k, page) in buf[..n].chunks(TARGET_PAGE_SIZE).enumerate() {
-                let at = off + (k * TARGET_PAGE_SIZE) as u64;
-                if endophyte_wire::chunk::is_zero_page(page) {
-                    out.zero(i, at)?;
-                } else {
-                    out.page(i, at, page)?;
-                }
-            }
-            off += n as u64;
-        }
-    }
-    let (mut w, n) = out.finish(&state.tail)?;
-    w.flush()?;
-    Ok(n)
 }
 
 /// Starts QEMUs from a command template. See the module docs.
@@ -164,6 +127,7 @@ impl Launcher for QemuLauncher {
                         qmp_path,
                         main_ram: 0,
                         dir: vm_dir.to_owned(),
+                        feeder: None,
                     }))
                 }
                 Err(e) if t.elapsed() > START_TIMEOUT => {
@@ -190,33 +154,13 @@ pub struct QemuTargetVm {
     qmp_path: PathBuf,
     main_ram: u64,
     dir: PathBuf,
+    /// The incoming stream being written, once started.
+    feeder: Option<Feeder>,
 }
 
 impl QemuTargetVm {
-    fn qmp(&mut self) -> Result<&mut Qmp, VmmError> {
-        self.qmp.as_mut().ok_or_else(|| VmmError::Failed {
-            op: "driving the target QEMU",
-            message: "its monitor was handed over once the VM ran".into(),
-        })
-    }
-}
-
-impl TargetVm for QemuTargetVm {
-    fn pid(&self) -> u32 {
-        self.child.id()
-    }
-
-    fn endpoint(&self) -> String {
-        self.qmp_path.display().to_string()
-    }
-
-    fn restore(&mut self, replica: &Path, state: &VmState) -> Result<(), VmmError> {
-        let st = QemuState::from_vm_state(state).map_err(|e| VmmError::StateFormat {
-            vmm: "QEMU".into(),
-            expected: crate::state::STATE_FORMAT,
-            found: format!("{} ({e})", state.format),
-            version: state.version,
-        })?;
+    /// Starts the incoming migration and its stream: `state`'s header and every page of `replica`.
+    fn start_feed(&mut self, replica: &Path, state: QemuState) -> Result<(), VmmError> {
         let file = File::open(replica).map_err(|source| VmmError::Process {
             op: format!("opening the replica {}", replica.display()),
             source,
@@ -238,9 +182,64 @@ impl TargetVm for QemuTargetVm {
             json!({ "uri": format!("fd:{FD_NAME}") }),
         )
         .map_err(qmp_err("starting the incoming migration"))?;
-        // Written from another thread while this one follows QEMU's side.
-        let writer = std::thread::spawn(move || rebuild(&st, &file, ours));
+        self.feeder = Some(Feeder::start(state, file, ours));
+        Ok(())
+    }
+
+    fn qmp(&mut self) -> Result<&mut Qmp, VmmError> {
+        self.qmp.as_mut().ok_or_else(|| VmmError::Failed {
+            op: "driving the target QEMU",
+            message: "its monitor was handed over once the VM ran".into(),
+        })
+    }
+}
+
+impl TargetVm for QemuTargetVm {
+    fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    fn endpoint(&self) -> String {
+        self.qmp_path.display().to_string()
+    }
+
+    fn preload(&mut self, replica: &Path, state: &VmState) -> Result<bool, VmmError> {
+        if self.feeder.is_none() {
+            let st = qemu_state(state)?;
+            self.start_feed(replica, st)?;
+        }
+        Ok(true)
+    }
+
+    fn loading(&mut self) -> Result<bool, VmmError> {
+        match &self.feeder {
+            Some(f) => f.loaded().map(|l| !l).map_err(|e| VmmError::Failed {
+                op: "loading the replica into the standby QEMU",
+                message: e.to_string(),
+            }),
+            None => Ok(false),
+        }
+    }
+
+    fn replica_changed(&mut self, pages: &[u64]) -> Result<(), VmmError> {
+        match &self.feeder {
+            Some(f) => f.pages(pages).map_err(|e| VmmError::Failed {
+                op: "loading the replica into the standby QEMU",
+                message: e.to_string(),
+            }),
+            None => Ok(()),
+        }
+    }
+
+    fn restore(&mut self, replica: &Path, state: &VmState) -> Result<(), VmmError> {
+        let st = qemu_state(state)?;
+        if self.feeder.is_none() {
+            self.start_feed(replica, st.clone())?;
+        }
+        let feeder = self.feeder.take().expect("just started");
         let t = Instant::now();
+        let written = feeder.finish(&st);
+        let fed = t.elapsed();
         let done = loop {
             let m: MigrationInfo = self
                 .qmp()?
@@ -251,28 +250,27 @@ impl TargetVm for QemuTargetVm {
                 Some("failed" | "cancelled") => {
                     break Err(m.error_desc.unwrap_or_else(|| "failed".into()))
                 }
+                _ if written.is_err() => break Err("the stream was not written whole".into()),
                 _ if t.elapsed() > Duration::from_secs(120) => {
                     break Err(format!("not done after 2 min (status {:?})", m.status))
                 }
-                _ => std::thread::sleep(Duration::from_millis(2)),
+                _ => std::thread::sleep(Duration::from_millis(1)),
             }
         };
-        let written = writer.join().map_err(|_| VmmError::Failed {
-            op: "restoring the VM",
-            message: "the stream writer panicked".into(),
-        })?;
         if let Err(why) = done {
             let log = std::fs::read_to_string(self.dir.join("qemu.log")).unwrap_or_default();
+            let wrote = written.err().map(|e| format!(" ({e})")).unwrap_or_default();
             return Err(VmmError::Failed {
                 op: "restoring the VM into QEMU",
-                message: format!("{why}; QEMU said: {}", log.trim()),
+                message: format!("{why}{wrote}; QEMU said: {}", log.trim()),
             });
         }
-        written.map_err(|source| VmmError::Process {
-            op: "writing the restore stream".into(),
-            source,
+        written.map_err(|e| VmmError::Failed {
+            op: "restoring the VM into QEMU",
+            message: e.to_string(),
         })?;
-        self.main_ram = state_main_ram(state);
+        self.main_ram = st.blocks.first().map_or(0, |b| b.used_bytes);
+        tracing::info!(?fed, loaded = ?t.elapsed(), "restored into QEMU");
         Ok(())
     }
 
@@ -300,9 +298,12 @@ impl TargetVm for QemuTargetVm {
     }
 }
 
-fn state_main_ram(state: &VmState) -> u64 {
-    QemuState::from_vm_state(state)
-        .ok()
-        .and_then(|s| s.blocks.first().map(|b| b.used_bytes))
-        .unwrap_or(0)
+/// The QEMU state a VM state carries.
+fn qemu_state(state: &VmState) -> Result<QemuState, VmmError> {
+    QemuState::from_vm_state(state).map_err(|e| VmmError::StateFormat {
+        vmm: "QEMU".into(),
+        expected: crate::state::STATE_FORMAT,
+        found: format!("{} ({e})", state.format),
+        version: state.version,
+    })
 }
