@@ -3,7 +3,8 @@
 //!
 //! - `cli::sidecar`: `endophyte sidecar`; `cli::backup`: `endophyte backup`;
 //! - `cli::ops`: `migrate`, `promote`, `status`, `set` through the daemons' control sockets;
-//! - `cli::admin`: `relay`, `certs`, `inspect`.
+//! - `cli::admin`: `relay`, `certs`, `inspect`;
+//! - `cli::export`: `export` (a replica as a QEMU stream file or a libvirt save image).
 
 mod cli;
 
@@ -44,6 +45,10 @@ enum Cmd {
     /// Show a sidecar's replication (epochs, backups and their paths, RPO, throttle) or a backup's replicas
     /// (committed epochs, the primaries' leases, fences), through its control socket.
     Status(cli::ops::StatusArgs),
+    /// Write a backup's replica of a QEMU VM (its last committed epoch) as a QEMU migration stream file
+    /// (`-incoming "exec:cat FILE"`) or a libvirt save image (`virsh restore`); prints JSON. The backup
+    /// serving the replica must be stopped.
+    Export(cli::export::ExportArgs),
     /// Change a running sidecar's settings (through its control socket); prints what is now in force.
     Set(cli::ops::SetArgs),
     /// Boot a testvm guest and serve it over the attach protocol (what the demo and tests run as the VMM).
@@ -86,6 +91,7 @@ fn main() -> anyhow::Result<()> {
         Cmd::Promote(a) => cli::ops::promote(a),
         Cmd::Status(a) => cli::ops::status(a),
         Cmd::Set(a) => cli::ops::set(a),
+        Cmd::Export(a) => cli::export::export(a),
         #[cfg(feature = "demo")]
         Cmd::TestvmServe(a) => endophyte_demo::serve::run(a),
         #[cfg(feature = "demo")]

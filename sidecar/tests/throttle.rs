@@ -30,17 +30,23 @@ fn a_capped_path_slows_the_guest_along_the_curve_and_the_replica_stays_exact() {
     let free_rate = (guest_pages(&probe) - p0) as f64 / 2.0;
 
     let hashes = tmp.path().join("hashes.jsonl");
+    let ctl = tmp.path().join("sidecar.ctl");
     let mut args = base_args(&sock, &certs, &hashes);
     args.extend([
         format!("--backup=name=b1,addr={a1}"),
         "--max-bandwidth=8MB/s".into(),
         "--curve=linear:start=0,max=0.9".into(),
         "--emergency=pause".into(),
-        "--duration=16s".into(),
+        "--duration=30s".into(),
+        format!("--control-socket={}", ctl.display()),
     ]);
     let sidecar = std::thread::spawn(move || common::sidecar(&args));
-    // Let the initial copy finish and the controller settle, then measure the guest's own rate.
-    std::thread::sleep(Duration::from_secs(10));
+    // Let the initial copy finish (its length depends on the machine's load) and the controller settle,
+    // then measure the guest's own rate.
+    status_until(&ctl, Duration::from_secs(20), "the initial copy", |s| {
+        s["backups"][0]["committed_epoch"].as_u64() >= Some(2)
+    });
+    std::thread::sleep(Duration::from_secs(3));
     let q0 = guest_pages(&probe);
     std::thread::sleep(Duration::from_secs(4));
     let throttled_rate = (guest_pages(&probe) - q0) as f64 / 4.0;

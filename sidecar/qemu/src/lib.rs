@@ -7,11 +7,13 @@
 //! - [`layout`]: where the VM's RAM blocks lie in its replica.
 //! - [`source`]: a running QEMU as a replication source: one background snapshot (or pre-copy, cut with
 //!   `stop`) per epoch.
+//! - [`export`]: a replica as a plain migration stream file or a libvirt save image.
 //! - [`launch`]: a replica started as a new QEMU (`-incoming defer`, the stream rebuilt from the replica)
 //!   on a backup, for a switchover or a promote.
 //!
 //! `docs/qemu.md` says how it works, what it needs from QEMU and the host, and what it measured.
 
+pub mod export;
 pub mod launch;
 pub mod layout;
 pub mod qmp;

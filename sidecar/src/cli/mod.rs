@@ -2,5 +2,6 @@
 
 pub mod admin;
 pub mod backup;
+pub mod export;
 pub mod ops;
 pub mod sidecar;

@@ -16,7 +16,7 @@ use super::target::Target;
 use super::{BackupError, VmIn, LEASE};
 use crate::control::{FenceStatus, PromoteReply, PromoteRequest, ReplicaStatus};
 use crate::fence;
-use crate::store::{CrashPoint, ReplicaStore};
+use crate::store::{CrashPoint, DirLock, ReplicaStore};
 
 /// How often the thread wakes with nothing to do (lease, timeouts, idle checkpoints, VMM exits).
 const TICK: Duration = Duration::from_millis(300);
@@ -50,6 +50,9 @@ pub(super) fn start(o: Opening) -> Result<(std::sync::mpsc::Sender<VmIn>, u64), 
             source,
         })
     })?;
+    // One process per replica directory: a second backup on the same data directory, or an export, is
+    // refused while this one serves the VM.
+    let lock = DirLock::acquire(&o.dir)?;
     let record = fence::load(&o.dir)?;
     // The fence file at full size now, so that a switchover's records are single in-place writes: creating
     // it (write, fsync, rename, fsync) inside a switchover would add tens of ms to the guest's downtime.
@@ -84,6 +87,7 @@ pub(super) fn start(o: Opening) -> Result<(std::sync::mpsc::Sender<VmIn>, u64), 
         // show up before a promote goes through unforced.
         last_heard: Some(Instant::now()),
         silence_reported: false,
+        _lock: lock,
     };
     thread.handle_events(events);
     let committed = thread.store.as_ref().map_or(0, |s| s.committed_epoch());
@@ -123,6 +127,8 @@ struct VmThread {
     last_heard: Option<Instant>,
     /// The primary's silence past [`LEASE`] was logged.
     silence_reported: bool,
+    /// This process's hold on the VM's directory.
+    _lock: DirLock,
 }
 
 impl VmThread {

@@ -9,6 +9,7 @@
 //! | `vmstate-<epoch>.bin` | that epoch's vCPU and device state, as its end marker carried it |
 //! | `journal/<epoch>.ejl` | the epoch's frames: a Hello naming the sending session, the Chunk frames as received, then its EpochEnd frame ([`journal`]) |
 //! | `fence.json` | the VM's fence on this node ([`crate::fence`]) |
+//! | `lock` | held by the one process using the directory ([`DirLock`]) |
 //!
 //! Write-ahead logging with checkpoints, as databases do:
 //! - chunks are appended to the epoch's journal as they arrive;
@@ -26,6 +27,7 @@
 mod apply;
 pub mod checkpoint;
 mod journal;
+mod lock;
 
 use std::collections::BTreeMap;
 use std::fs::{File, OpenOptions};
@@ -35,6 +37,7 @@ use std::path::{Path, PathBuf};
 use endophyte_wire::{EncodedFrame, EpochEnd, Hello, Message, PageChunk, VmState};
 
 use journal::Appender;
+pub use lock::DirLock;
 
 /// Errors of the replica store. Each names the file and what failed.
 #[derive(Debug, thiserror::Error)]
@@ -74,6 +77,12 @@ pub enum StoreError {
         path: PathBuf,
         /// Why.
         why: String,
+    },
+    /// Another process holds the directory ([`DirLock`]): a backup serving this VM, or an export.
+    #[error("{path} is locked by another process (a backup serving this VM, or an export); stop it first")]
+    Locked {
+        /// The lock file.
+        path: PathBuf,
     },
     /// A journaled chunk failed its check on apply.
     #[error("journal {path}: {why}")]
