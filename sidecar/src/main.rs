@@ -71,6 +71,9 @@ enum DemoCmd {
     /// Start testvm, a sidecar, two backups and relays on loopback; replicate; migrate the running guest
     /// to a backup; check it runs there; print a summary.
     Migrate(endophyte_demo::migrate::MigrateArgs),
+    /// Start a QEMU/KVM guest and two backups that start VMs as QEMUs; replicate; migrate the guest to
+    /// one backup; kill it there and promote the replica on the other; check each guest goes on.
+    Qemu(endophyte_demo::qemu::QemuArgs),
 }
 
 fn main() -> anyhow::Result<()> {
@@ -98,6 +101,7 @@ fn main() -> anyhow::Result<()> {
         Cmd::Demo { cmd } => match cmd {
             Some(DemoCmd::Replicate(args)) => endophyte_demo::replicate::replicate(args),
             Some(DemoCmd::Migrate(args)) => endophyte_demo::migrate::migrate(args),
+            Some(DemoCmd::Qemu(args)) => endophyte_demo::qemu::demo(args),
             None => {
                 // The migration demo with every default.
                 use clap::FromArgMatches;

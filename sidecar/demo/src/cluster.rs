@@ -1,5 +1,6 @@
-//! The demo's processes on loopback: two `endophyte backup` processes (each with a relay on every other
-//! path) and a testvm VMM (`endophyte testvm-serve`), all children of this process, killed with it.
+//! The demos' processes on loopback: two `endophyte backup` processes (each with a relay on every other
+//! path) and, for the testvm demos, a testvm VMM (`endophyte testvm-serve`), all children of this
+//! process, killed with it.
 
 use std::net::{SocketAddr, UdpSocket};
 use std::path::{Path, PathBuf};
@@ -40,6 +41,82 @@ pub fn wait_for(path: &Path, limit: Duration) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// Two backups on loopback, each with a relay on every other path.
+pub struct Backups {
+    /// The processes.
+    pub kids: Kids,
+    /// The network's certificates (nodes `primary`, `backup-1`, `backup-2`).
+    pub certs: PathBuf,
+    /// The backups, for the sidecar's configuration.
+    pub backups: Vec<BackupSpec>,
+    /// Each backup's directory for the demo VM (`demo-vm`).
+    pub data_dirs: Vec<PathBuf>,
+    /// Each backup's control socket.
+    pub controls: Vec<PathBuf>,
+}
+
+/// Starts, in `dir`, the certificates and two backups (`backup-1`, `backup-2`) given `extra` flags, each
+/// reached over `paths` paths of which every other one goes through a relay.
+///
+/// # Errors
+/// A process did not start.
+pub fn start_backups(dir: &Path, paths: usize, extra: &[String]) -> anyhow::Result<Backups> {
+    let exe = std::env::current_exe()?;
+    let certs = dir.join("certs");
+    endophyte_engine::tls::init_network(&certs, "demo")?;
+    for n in ["primary", "backup-1", "backup-2"] {
+        endophyte_engine::tls::issue_node(&certs, n)?;
+    }
+    let mut kids = Kids(vec![]);
+    let mut backups = vec![];
+    let mut data_dirs: Vec<PathBuf> = vec![];
+    let mut controls = vec![];
+    for (i, name) in ["backup-1", "backup-2"].iter().enumerate() {
+        let addr = free_udp_port()?;
+        let data = dir.join(format!("data-{}", i + 1));
+        let control = dir.join(format!("{name}.ctl"));
+        kids.0.push(
+            Command::new(&exe)
+                .args(["backup", "--listen", &addr.to_string(), "--node", name])
+                .arg("--certs")
+                .arg(&certs)
+                .arg("--data-dir")
+                .arg(&data)
+                .arg("--control-socket")
+                .arg(&control)
+                .args(extra)
+                .stdin(Stdio::null())
+                .spawn()
+                .context("starting a backup")?,
+        );
+        // Every other path of each backup goes through a relay.
+        let relay = free_udp_port()?;
+        kids.0.push(
+            Command::new(&exe)
+                .args(["relay", "--route", &format!("{relay}={addr}")])
+                .stdin(Stdio::null())
+                .stderr(Stdio::null())
+                .spawn()
+                .context("starting a relay")?,
+        );
+        backups.push(BackupSpec {
+            name: name.to_string(),
+            addr,
+            paths: Some(paths),
+            via: vec![relay],
+        });
+        data_dirs.push(data.join("demo-vm"));
+        controls.push(control);
+    }
+    Ok(Backups {
+        kids,
+        certs,
+        backups,
+        data_dirs,
+        controls,
+    })
+}
+
 /// The demo's processes on loopback: two backups (each with a relay on every other path) and a testvm VMM.
 pub struct Cluster {
     /// The processes.
@@ -66,46 +143,13 @@ pub fn start_cluster(
     workload: &str,
 ) -> anyhow::Result<Cluster> {
     let exe = std::env::current_exe()?;
-    let certs = dir.join("certs");
-    endophyte_engine::tls::init_network(&certs, "demo")?;
-    for n in ["primary", "backup-1", "backup-2"] {
-        endophyte_engine::tls::issue_node(&certs, n)?;
-    }
-    let mut kids = Kids(vec![]);
-    let mut backups = vec![];
-    let mut data_dirs: Vec<PathBuf> = vec![];
-    for (i, name) in ["backup-1", "backup-2"].iter().enumerate() {
-        let addr = free_udp_port()?;
-        let data = dir.join(format!("data-{}", i + 1));
-        kids.0.push(
-            Command::new(&exe)
-                .args(["backup", "--listen", &addr.to_string(), "--node", name])
-                .arg("--certs")
-                .arg(&certs)
-                .arg("--data-dir")
-                .arg(&data)
-                .stdin(Stdio::null())
-                .spawn()
-                .context("starting a backup")?,
-        );
-        // Every other path of each backup goes through a relay.
-        let relay = free_udp_port()?;
-        kids.0.push(
-            Command::new(&exe)
-                .args(["relay", "--route", &format!("{relay}={addr}")])
-                .stdin(Stdio::null())
-                .stderr(Stdio::null())
-                .spawn()
-                .context("starting a relay")?,
-        );
-        backups.push(BackupSpec {
-            name: name.to_string(),
-            addr,
-            paths: Some(paths),
-            via: vec![relay],
-        });
-        data_dirs.push(data.join("demo-vm"));
-    }
+    let Backups {
+        mut kids,
+        certs,
+        backups,
+        data_dirs,
+        controls: _,
+    } = start_backups(dir, paths, &[])?;
     let socket = dir.join("vm.sock");
     kids.0.push(
         Command::new(&exe)

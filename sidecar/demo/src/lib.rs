@@ -3,7 +3,8 @@
 //!
 //! - [`replicate`]: `endophyte demo replicate`, a replicated guest on loopback with its replicas checked.
 //! - [`migrate`]: `endophyte demo migrate` (and `endophyte demo`), replication then a live migration.
-//! - [`cluster`]: the processes both start: backups, relays, a testvm VMM.
+//! - [`qemu`]: `endophyte demo qemu`, a QEMU/KVM guest replicated, migrated and promoted.
+//! - [`cluster`]: the processes they start: backups, relays, a testvm VMM.
 //! - [`serve`]: `endophyte testvm-serve`, the testvm VMM the demo, the tests and the bench run.
 //! - [`probe`]: checks on evidence from outside the code under test: the guest's own counter, file
 //!   hashes, a replica's checkpoint on disk.
@@ -11,6 +12,7 @@
 pub mod cluster;
 pub mod migrate;
 pub mod probe;
+pub mod qemu;
 pub mod replicate;
 pub mod serve;
 

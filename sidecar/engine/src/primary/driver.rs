@@ -148,6 +148,7 @@ fn step(shared: &Shared, bucket: &mut Option<Bucket>) -> Option<Instant> {
                 let d = &g.durability;
                 if let Some(at) = d.handed_at.get(&epoch).or(d.pause_at.get(&epoch)) {
                     let lag = at.elapsed().as_secs_f64() * 1e3;
+                    tracing::debug!(epoch, backup, lag_ms = lag, "commit lag");
                     let l = &mut g.commit_lag_ms[backup];
                     *l = Some(l.map_or(lag, |o| o * 0.75 + lag * 0.25));
                 }

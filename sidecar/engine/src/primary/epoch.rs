@@ -372,9 +372,7 @@ impl EpochLoop {
             if !switching {
                 self.vmm.resume().context("resuming the guest")?;
             }
-            self.stats
-                .pauses_ms
-                .push(cut.t0.elapsed().as_secs_f64() * 1e3);
+            self.stats.cut(cut.t0.elapsed());
             tracing::debug!(epoch = e, pages = cut.pages, vmm_pause = ?cut.vmm_pause, paused = ?cut.paused,
                 harvested = ?cut.harvested, resumed = ?cut.t0.elapsed(), "epoch pause");
             (
@@ -596,9 +594,7 @@ impl EpochLoop {
         } else {
             r
         };
-        self.stats
-            .pauses_ms
-            .push(cut.t0.elapsed().as_secs_f64() * 1e3);
+        self.stats.cut(cut.t0.elapsed());
         (r, switch)
     }
 

@@ -11,6 +11,10 @@ pub(super) struct Stats {
     pub epochs: u64,
     /// Guest pause per epoch, ms.
     pub pauses_ms: Vec<f64>,
+    /// Time between consecutive epochs' cuts, ms.
+    pub periods_ms: Vec<f64>,
+    /// When the last epoch was cut.
+    pub last_cut: Option<std::time::Instant>,
     /// Bytes of dirty (or, for snapshots, changed) pages.
     pub dirty_bytes: u64,
     /// Bytes of pages shipped in resync prefixes.
@@ -31,6 +35,8 @@ impl Stats {
         Self {
             epochs: 0,
             pauses_ms: Vec::new(),
+            periods_ms: Vec::new(),
+            last_cut: None,
             dirty_bytes: 0,
             resync_bytes: 0,
             raw_bytes: 0,
@@ -40,6 +46,15 @@ impl Stats {
             precopy_rounds: 0,
             last_dirty_bytes: 0,
             run_started: std::time::Instant::now(),
+        }
+    }
+
+    /// Records an epoch cut now whose guest pause was `pause`.
+    pub fn cut(&mut self, pause: std::time::Duration) {
+        let now = std::time::Instant::now();
+        self.pauses_ms.push(pause.as_secs_f64() * 1e3);
+        if let Some(t) = self.last_cut.replace(now) {
+            self.periods_ms.push((now - t).as_secs_f64() * 1e3);
         }
     }
 }
@@ -93,6 +108,11 @@ pub struct SidecarReport {
     pub epoch_pause_ms_p99: f64,
     /// Largest epoch pause, ms.
     pub epoch_pause_ms_max: f64,
+    /// Time from one epoch's cut to the next's, ms (`epoch_ms` when epochs keep up; longer when cutting,
+    /// or for a snapshot VMM streaming a whole snapshot, takes longer).
+    pub epoch_period_ms_p50: f64,
+    /// 99th percentile of the same.
+    pub epoch_period_ms_p99: f64,
     /// Age of the newest durable epoch, ms, sampled every 10 ms in steady state: from the first durable
     /// epoch cut after the initial full copy (see `initial_sync_ms`) became durable.
     pub rpo_ms_p50: f64,
@@ -164,6 +184,7 @@ impl EpochLoop {
         let last = self.next_epoch.saturating_sub(1);
         let mut rpo = std::mem::take(&mut g.durability.rpo_samples);
         let mut pauses = self.stats.pauses_ms.clone();
+        let mut periods = self.stats.periods_ms.clone();
         let st = &self.stats;
         let secs = st.run_started.elapsed().as_secs_f64();
         // The slowest backup that committed anything: its drain in both units.
@@ -199,6 +220,8 @@ impl EpochLoop {
             epoch_pause_ms_p50: percentile(&mut pauses, 0.5),
             epoch_pause_ms_p99: percentile(&mut pauses, 0.99),
             epoch_pause_ms_max: pauses.iter().copied().fold(0.0, f64::max),
+            epoch_period_ms_p50: percentile(&mut periods, 0.5),
+            epoch_period_ms_p99: percentile(&mut periods, 0.99),
             rpo_ms_p50: percentile(&mut rpo, 0.5),
             rpo_ms_p99: percentile(&mut rpo, 0.99),
             initial_sync_ms: g

@@ -202,15 +202,11 @@ impl EpochLoop {
         let pages: u64 = changed.iter().map(DirtyBitmap::count).sum();
         self.stats.dirty_bytes += pages * ps as u64;
         self.stats.last_dirty_bytes = pages * ps as u64;
-        self.stats.pauses_ms.push(
-            (if switching || paused_for_hash {
-                t0.elapsed()
-            } else {
-                cut.pause
-            })
-            .as_secs_f64()
-                * 1e3,
-        );
+        self.stats.cut(if switching || paused_for_hash {
+            t0.elapsed()
+        } else {
+            cut.pause
+        });
         self.pause_state = Some(cut.state);
         let switch = if switching {
             let paused = if live { Duration::ZERO } else { paused };
