@@ -216,12 +216,23 @@ fn throttle_half_roughly_halves_the_guest_rate() {
     let vm = boot(64, 1, "hotset:size=8M,rate=0", false, DirtySource::Bitmap);
     vm.resume().unwrap();
     std::thread::sleep(Duration::from_millis(200));
-    let free = guest_rate(&vm, Duration::from_millis(1500));
-    vm.set_throttle(0.5);
-    std::thread::sleep(Duration::from_millis(100));
-    let throttled = guest_rate(&vm, Duration::from_millis(1500));
-    let ratio = throttled / free;
-    eprintln!("guest rate: {free:.0} pages/s free, {throttled:.0} pages/s throttled 0.5, ratio {ratio:.2}");
+    // The other tests of this binary run on the same 2 cores: a window where they took the vCPU's core
+    // anyway shows no effect of the throttle. Up to three tries, each free then throttled; a throttle that
+    // does nothing fails all three.
+    let (mut free, mut ratio) = (0.0, 1.0);
+    for _ in 0..3 {
+        vm.set_throttle(0.0);
+        std::thread::sleep(Duration::from_millis(100));
+        free = guest_rate(&vm, Duration::from_millis(1500));
+        vm.set_throttle(0.5);
+        std::thread::sleep(Duration::from_millis(100));
+        let throttled = guest_rate(&vm, Duration::from_millis(1500));
+        ratio = throttled / free;
+        eprintln!("guest rate: {free:.0} pages/s free, {throttled:.0} pages/s throttled 0.5, ratio {ratio:.2}");
+        if (0.3..0.75).contains(&ratio) {
+            break;
+        }
+    }
     assert!(
         free > 1000.0,
         "unthrottled guest too slow to measure: {free}"

@@ -310,10 +310,25 @@ pub fn bind_unix(path: &Path) -> anyhow::Result<tokio::net::UnixListener> {
         std::fs::remove_file(path)
             .with_context(|| format!("removing stale control socket {}", path.display()))?;
     }
-    let listener = tokio::net::UnixListener::bind(path)
+    // Bound, listening and restricted under a temporary name, then renamed into place: a client that
+    // waits for the socket to appear never finds it bound but not yet listening (its connect would be
+    // refused) nor open to others.
+    let mut staging = path.as_os_str().to_owned();
+    staging.push(format!(".{}.binding", std::process::id()));
+    let staging = PathBuf::from(staging);
+    let _ = std::fs::remove_file(&staging);
+    let listener = tokio::net::UnixListener::bind(&staging)
         .with_context(|| format!("binding control socket {}", path.display()))?;
-    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))
-        .with_context(|| format!("restricting control socket {}", path.display()))?;
+    let placed = std::fs::set_permissions(&staging, std::fs::Permissions::from_mode(0o600))
+        .with_context(|| format!("restricting control socket {}", path.display()))
+        .and_then(|()| {
+            std::fs::rename(&staging, path)
+                .with_context(|| format!("placing control socket {}", path.display()))
+        });
+    if let Err(e) = placed {
+        let _ = std::fs::remove_file(&staging);
+        return Err(e);
+    }
     Ok(listener)
 }
 
