@@ -60,7 +60,7 @@ fn qemu_backup(
 /// The guest's counter, through the test monitor of the QEMU a backup started for the VM in `vm_dir`,
 /// checked to advance.
 fn runs_on(vm_dir: &Path) -> (u64, u64) {
-    let mut q = connect(&vm_dir.join("test.qmp"));
+    let mut q = connect(&vm_dir.join("probe.qmp"));
     let p0 = pages(&mut q);
     std::thread::sleep(Duration::from_millis(500));
     let p1 = pages(&mut q);

@@ -324,16 +324,8 @@ pub fn serve_on_socket(
     duration: Option<Duration>,
 ) -> std::io::Result<()> {
     let _ = std::fs::remove_file(socket);
-    // Bound (and listening) under a temporary name, then renamed into place: a client that waits for the
-    // socket to appear never finds it bound but not yet listening (connect would be refused).
-    let mut staging = socket.as_os_str().to_owned();
-    staging.push(format!(".{}.binding", std::process::id()));
-    let staging = std::path::PathBuf::from(staging);
-    let _ = std::fs::remove_file(&staging);
-    let bound = std::os::unix::net::UnixListener::bind(&staging)
-        .and_then(|l| std::fs::rename(&staging, socket).map(|()| l));
+    let bound = endophyte_attach::socket::bind_in_place(socket, None);
     let listener = bound.map_err(|e| {
-        let _ = std::fs::remove_file(&staging);
         std::io::Error::new(
             e.kind(),
             format!("binding the attach socket {}: {e}", socket.display()),

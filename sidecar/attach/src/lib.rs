@@ -11,12 +11,14 @@
 //! - [`agent`]: the VMM side, serving any [`agent::AttachTarget`].
 //! - [`client`]: the sidecar side.
 //! - [`inspect`]: a check that a client's view of guest RAM is the VMM's.
+//! - [`socket`]: Unix sockets that appear only once they accept.
 
 pub mod agent;
 pub mod bitmap;
 pub mod client;
 pub mod inspect;
 pub mod proto;
+pub mod socket;
 
 pub use agent::{AttachTarget, TargetError};
 pub use client::{AttachClient, ClientError, Harvest};

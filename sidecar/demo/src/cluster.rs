@@ -26,6 +26,23 @@ fn free_udp_port() -> anyhow::Result<SocketAddr> {
     Ok(UdpSocket::bind("127.0.0.1:0")?.local_addr()?)
 }
 
+/// Runs `f` in a fresh scratch directory `$TMPDIR/endophyte-<name>-<pid>`, removed afterwards whatever
+/// `f` returned.
+///
+/// # Errors
+/// The directory cannot be made; `f`'s error.
+pub fn in_scratch_dir<T>(
+    name: &str,
+    f: impl FnOnce(&Path) -> anyhow::Result<T>,
+) -> anyhow::Result<T> {
+    let dir = std::env::temp_dir().join(format!("endophyte-{name}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
+    let result = f(&dir);
+    let _ = std::fs::remove_dir_all(&dir);
+    result
+}
+
 /// Waits (up to `limit`) until `path` exists.
 ///
 /// # Errors

@@ -89,12 +89,7 @@ pub struct MigrateSummary {
 /// # Errors
 /// A process failed to start, or a check failed (the summary is printed first).
 pub fn migrate(args: MigrateArgs) -> anyhow::Result<()> {
-    let dir = std::env::temp_dir().join(format!("endophyte-demo-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(&dir)?;
-    let result = migrate_in(&args, &dir);
-    let _ = std::fs::remove_dir_all(&dir);
-    let s = result?;
+    let s = crate::cluster::in_scratch_dir("demo", |d| migrate_in(&args, d))?;
     match args.output {
         Output::Json => println!("{}", serde_json::to_string(&s)?),
         Output::Text => {

@@ -127,12 +127,7 @@ pub struct ReplicateSummary {
 /// # Errors
 /// If a component fails to start, or the replicas do not match (after printing the summary).
 pub fn replicate(args: ReplicateArgs) -> anyhow::Result<()> {
-    let dir = std::env::temp_dir().join(format!("endophyte-demo-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(&dir)?;
-    let result = replicate_in(&args, &dir);
-    let _ = std::fs::remove_dir_all(&dir);
-    let summary = result?;
+    let summary = crate::cluster::in_scratch_dir("demo", |d| replicate_in(&args, d))?;
     match args.output {
         Output::Json => println!("{}", serde_json::to_string(&summary)?),
         Output::Text => {

@@ -20,7 +20,6 @@
 //! | `GET /v1/status` | | [`BackupNodeStatus`] |
 //! | `POST /v1/promote` | [`PromoteRequest`] | [`PromoteReply`] |
 
-use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 
 use anyhow::Context;
@@ -310,25 +309,13 @@ pub fn bind_unix(path: &Path) -> anyhow::Result<tokio::net::UnixListener> {
         std::fs::remove_file(path)
             .with_context(|| format!("removing stale control socket {}", path.display()))?;
     }
-    // Bound, listening and restricted under a temporary name, then renamed into place: a client that
-    // waits for the socket to appear never finds it bound but not yet listening (its connect would be
-    // refused) nor open to others.
-    let mut staging = path.as_os_str().to_owned();
-    staging.push(format!(".{}.binding", std::process::id()));
-    let staging = PathBuf::from(staging);
-    let _ = std::fs::remove_file(&staging);
-    let listener = tokio::net::UnixListener::bind(&staging)
+    // Appears only once it accepts, and only for this user (`endophyte_attach::socket`).
+    let listener = endophyte_attach::socket::bind_in_place(path, Some(0o600))
+        .and_then(|l| {
+            l.set_nonblocking(true)?;
+            tokio::net::UnixListener::from_std(l)
+        })
         .with_context(|| format!("binding control socket {}", path.display()))?;
-    let placed = std::fs::set_permissions(&staging, std::fs::Permissions::from_mode(0o600))
-        .with_context(|| format!("restricting control socket {}", path.display()))
-        .and_then(|()| {
-            std::fs::rename(&staging, path)
-                .with_context(|| format!("placing control socket {}", path.display()))
-        });
-    if let Err(e) = placed {
-        let _ = std::fs::remove_file(&staging);
-        return Err(e);
-    }
     Ok(listener)
 }
 
@@ -415,6 +402,7 @@ async fn request_async(
 mod tests {
     use super::*;
     use axum::routing::get;
+    use std::os::unix::fs::PermissionsExt;
 
     #[test]
     fn a_request_round_trips_and_refusals_carry_their_message() {

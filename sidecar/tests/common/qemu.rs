@@ -6,6 +6,8 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
+pub use endophyte_demo::qemu::vm::guest_status;
+use endophyte_demo::qemu::vm::{no_userfaultfd_filter, Guest};
 use endophyte_qemu::qmp::Qmp;
 use testvm::qemu_guest;
 
@@ -33,6 +35,17 @@ pub fn guest_elf(dir: &Path) -> PathBuf {
     p
 }
 
+/// The project's QEMU guest with this file's RAM size: `hot` pages at `rate` pages/s.
+fn guest(elf: &Path, hot: u64, rate: u64) -> Guest {
+    Guest {
+        elf: elf.to_owned(),
+        mem: MEM_MIB << 20,
+        hot_pages: hot,
+        rate,
+        tsc_hz: qemu_guest::tsc_hz(),
+    }
+}
+
 /// The machine, devices and guest, as a command line after the program: RAM the memory backend
 /// `backend` (its id `mem0`), the guest at `rate` pages/s over the hot set.
 pub fn vm_args(backend: &str, elf: &Path, rate: u64) -> Vec<String> {
@@ -41,38 +54,7 @@ pub fn vm_args(backend: &str, elf: &Path, rate: u64) -> Vec<String> {
 
 /// As [`vm_args`] with a hot set of `hot` pages.
 pub fn vm_args_hot(backend: &str, elf: &Path, hot: u64, rate: u64) -> Vec<String> {
-    let accel = if std::fs::OpenOptions::new()
-        .read(true)
-        .write(true)
-        .open("/dev/kvm")
-        .is_ok()
-    {
-        "kvm"
-    } else {
-        "tcg"
-    };
-    vec![
-        "-accel".into(),
-        accel.into(),
-        "-machine".into(),
-        "pc,memory-backend=mem0".into(),
-        "-cpu".into(),
-        "qemu64".into(),
-        "-smp".into(),
-        "1".into(),
-        "-m".into(),
-        format!("{MEM_MIB}M"),
-        "-object".into(),
-        backend.into(),
-        "-display".into(),
-        "none".into(),
-        "-nodefaults".into(),
-        "-no-user-config".into(),
-        "-kernel".into(),
-        elf.display().to_string(),
-        "-append".into(),
-        qemu_guest::cmdline(hot, rate, qemu_guest::tsc_hz(), true),
-    ]
+    guest(elf, hot, rate).args(backend)
 }
 
 /// RAM as a shared mapping of the file `ram`.
@@ -84,24 +66,10 @@ pub fn file_backend(ram: &Path) -> String {
 }
 
 /// The `endophyte backup --target-qemu` command line for this VM: its machine and devices with anonymous
-/// RAM, the monitor the backup drives, a second one for the test (`{dir}/test.qmp`), the serial console
+/// RAM, the monitor the backup drives, a second one for the test (`{dir}/probe.qmp`), the serial console
 /// in the VM's directory.
 pub fn target_template(elf: &Path) -> String {
-    let mut words = vec!["qemu-system-x86_64".to_string()];
-    words.extend(vm_args(
-        &format!("memory-backend-ram,id=mem0,size={MEM_MIB}M"),
-        elf,
-        1,
-    ));
-    words.extend([
-        "-qmp".into(),
-        "unix:{qmp},server=on,wait=off".into(),
-        "-qmp".into(),
-        "unix:{dir}/test.qmp,server=on,wait=off".into(),
-        "-serial".into(),
-        "file:{dir}/serial.log".into(),
-    ]);
-    shell_words::join(words)
+    guest(elf, HOT_PAGES, 1).target_template()
 }
 
 /// A QEMU the test started, killed when dropped, with its RAM file removed.
@@ -158,9 +126,9 @@ pub fn boot_hot(dir: &Path, hot: u64, rate: u64, userfaultfd: bool) -> Vm {
     let test_qmp = dir.join("test.qmp");
     let mut cmd = Command::new("qemu-system-x86_64");
     if !userfaultfd {
-        let filter = no_userfaultfd_filter();
-        // SAFETY: the closure runs in the forked child before exec; it only makes system calls (prctl,
-        // seccomp) on a filter built before the fork, and allocates nothing.
+        let filter = no_userfaultfd_filter().unwrap();
+        // The closure runs in the forked child before exec.
+        // SAFETY: it only makes system calls (prctl, seccomp) on a filter built before the fork, and allocates nothing.
         unsafe {
             cmd.pre_exec(move || seccompiler::apply_filter(&filter).map_err(std::io::Error::other));
         }
@@ -196,52 +164,10 @@ pub fn boot_hot(dir: &Path, hot: u64, rate: u64, userfaultfd: bool) -> Vm {
     vm
 }
 
-/// A seccomp filter that fails userfaultfd(2) with EPERM and allows everything else.
-fn no_userfaultfd_filter() -> seccompiler::BpfProgram {
-    let rules = std::collections::BTreeMap::from([(libc::SYS_userfaultfd, vec![])]);
-    let filter = seccompiler::SeccompFilter::new(
-        rules,
-        seccompiler::SeccompAction::Allow,
-        seccompiler::SeccompAction::Errno(libc::EPERM as u32),
-        seccompiler::TargetArch::x86_64,
-    )
-    .unwrap();
-    filter.try_into().unwrap()
-}
-
 /// A monitor connection, waiting up to 30 s for the socket.
 pub fn connect(path: &Path) -> Qmp {
-    let t = Instant::now();
-    loop {
-        match Qmp::connect(path, Duration::from_secs(60)) {
-            Ok(q) => return q,
-            Err(e) => {
-                assert!(
-                    t.elapsed() < Duration::from_secs(30),
-                    "QMP {}: {e}",
-                    path.display()
-                );
-                std::thread::sleep(Duration::from_millis(50));
-            }
-        }
-    }
-}
-
-fn read_u64(q: &mut Qmp, gpa: u64) -> Option<u64> {
-    let out = q.hmp(&format!("xp /1gx {gpa:#x}")).ok()?;
-    let hex = out.split(':').nth(1)?.trim().strip_prefix("0x")?;
-    u64::from_str_radix(hex, 16).ok()
-}
-
-/// The guest's status record, through the monitor: `(state, pages written)`.
-pub fn guest_status(q: &mut Qmp) -> Option<(u64, u64)> {
-    if read_u64(q, qemu_guest::STATUS_GPA)? != qemu_guest::STATUS_MAGIC {
-        return None;
-    }
-    Some((
-        read_u64(q, qemu_guest::STATUS_GPA + qemu_guest::ST_STATE)?,
-        read_u64(q, qemu_guest::STATUS_GPA + qemu_guest::ST_PAGES)?,
-    ))
+    endophyte_demo::qemu::vm::connect(path, Duration::from_secs(30))
+        .unwrap_or_else(|e| panic!("{e:#}"))
 }
 
 /// The guest's pages-written counter, through the monitor.

@@ -343,6 +343,18 @@ pub trait TargetVm: Send {
     fn stop(&mut self);
 }
 
+/// Splits a VMM command line into words with POSIX shell quoting (blanks separate words; quotes and
+/// backslashes as in sh; no expansion), for the [`Launcher`]s configured with one.
+///
+/// # Errors
+/// [`VmmError::Failed`] naming the line, for unbalanced quotes or a trailing backslash.
+pub fn command_words(line: &str) -> Result<Vec<String>, VmmError> {
+    shell_words::split(line).map_err(|e| VmmError::Failed {
+        op: "parsing the target VMM command line",
+        message: format!("{line:?}: {e}"),
+    })
+}
+
 /// How a backup starts VMMs for this VMM kind.
 pub trait Launcher: Send + Sync {
     /// The kind and command, for messages.

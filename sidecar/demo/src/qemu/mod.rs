@@ -144,12 +144,7 @@ pub fn demo(args: QemuArgs) -> anyhow::Result<()> {
     if args.hot + testvm::qemu_guest::WORK_START > args.mem {
         bail!("--hot must fit in guest RAM above 4 MiB");
     }
-    let dir = std::env::temp_dir().join(format!("endophyte-demo-qemu-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(&dir)?;
-    let result = demo_in(&args, &dir);
-    let _ = std::fs::remove_dir_all(&dir);
-    let s = result?;
+    let s = crate::cluster::in_scratch_dir("demo-qemu", |d| demo_in(&args, d))?;
     match args.output {
         Output::Json => println!("{}", serde_json::to_string(&s)?),
         Output::Text => print_text(&s, &args),
@@ -313,7 +308,7 @@ fn demo_in(args: &QemuArgs, dir: &Path) -> anyhow::Result<QemuSummary> {
     // The source's RAM file outlives it: the guest's counter at the final pause.
     let (_, at_pause) = testvm::qemu_guest::status_in_file(&src.ram)?
         .context("the source's RAM holds no guest status record")?;
-    let mut on_target = connect(&data_dirs[1].join("demo.qmp"), Duration::from_secs(10))?;
+    let mut on_target = connect(&data_dirs[1].join("probe.qmp"), Duration::from_secs(10))?;
     let (t1, t2) = counter_over(&mut on_target, args.run_after)?;
 
     // The other backup's replica at the final epoch against the source QEMU's pmemsave at its pause.
@@ -342,7 +337,7 @@ fn demo_in(args: &QemuArgs, dir: &Path) -> anyhow::Result<QemuSummary> {
         }
     }
     let promote_ms = killed.elapsed().as_secs_f64() * 1e3;
-    let mut promoted = connect(&data_dirs[0].join("demo.qmp"), Duration::from_secs(10))?;
+    let mut promoted = connect(&data_dirs[0].join("probe.qmp"), Duration::from_secs(10))?;
     let (p1, p2) = counter_over(&mut promoted, args.run_after)?;
     let _ = promoted.execute("quit", serde_json::Value::Null);
     drop(src);

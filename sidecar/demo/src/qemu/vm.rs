@@ -77,7 +77,7 @@ impl Guest {
     }
 
     /// `endophyte backup --target-qemu`: the same machine with anonymous RAM, the backup's monitor, the
-    /// demo's (`{dir}/demo.qmp`) and the console in the VM's directory.
+    /// demo's (`{dir}/probe.qmp`) and the console in the VM's directory.
     pub fn target_template(&self) -> String {
         let mut w = vec!["qemu-system-x86_64".to_string()];
         w.extend(self.args(&format!(
@@ -89,7 +89,7 @@ impl Guest {
                 "-qmp",
                 "unix:{qmp},server=on,wait=off",
                 "-qmp",
-                "unix:{dir}/demo.qmp,server=on,wait=off",
+                "unix:{dir}/probe.qmp,server=on,wait=off",
                 "-serial",
                 "file:{dir}/serial.log",
             ]
@@ -149,8 +149,8 @@ pub fn boot(
     let mut cmd = Command::new("qemu-system-x86_64");
     if deny_userfaultfd {
         let filter = no_userfaultfd_filter()?;
-        // SAFETY: the closure runs in the forked child before exec; it only makes system calls (prctl,
-        // seccomp) on a filter built before the fork, and allocates nothing.
+        // The closure runs in the forked child before exec.
+        // SAFETY: it only makes system calls (prctl, seccomp) on a filter built before the fork, and allocates nothing.
         unsafe {
             cmd.pre_exec(move || seccompiler::apply_filter(&filter).map_err(std::io::Error::other));
         }
@@ -194,8 +194,12 @@ pub fn boot(
     Ok(vm)
 }
 
-/// A seccomp filter that fails userfaultfd(2) with EPERM and allows everything else.
-fn no_userfaultfd_filter() -> anyhow::Result<seccompiler::BpfProgram> {
+/// A seccomp filter that fails userfaultfd(2) with EPERM and allows everything else (what a container
+/// runtime's default profile does to a process without CAP_SYS_PTRACE).
+///
+/// # Errors
+/// The filter cannot be compiled for this architecture.
+pub fn no_userfaultfd_filter() -> anyhow::Result<seccompiler::BpfProgram> {
     let rules = std::collections::BTreeMap::from([(libc::SYS_userfaultfd, vec![])]);
     let filter = seccompiler::SeccompFilter::new(
         rules,

@@ -66,11 +66,7 @@ impl QemuLauncher {
     /// # Errors
     /// As [`QemuLauncher::new`]; unbalanced quotes.
     pub fn parse(line: &str) -> Result<Self, VmmError> {
-        let words = shell_words::split(line).map_err(|e| VmmError::Failed {
-            op: "parsing the target VMM command line",
-            message: format!("{line:?}: {e}"),
-        })?;
-        Self::new(words)
+        Self::new(endophyte_vmm::command_words(line)?)
     }
 }
 

@@ -47,11 +47,7 @@ impl AttachLauncher {
     /// # Errors
     /// As [`AttachLauncher::new`]; unbalanced quotes.
     pub fn parse(line: &str) -> Result<Self, VmmError> {
-        let words = shell_words::split(line).map_err(|e| VmmError::Failed {
-            op: "parsing the target VMM command line",
-            message: format!("{line:?}: {e}"),
-        })?;
-        Self::new(words)
+        Self::new(crate::command_words(line)?)
     }
 
     fn spawn(&self, socket: &Path) -> Result<Child, VmmError> {

@@ -15,6 +15,8 @@
 //!   VMM dying stop it and record the generation as aborted;
 //! - while a VM is prepared or runs here, replication into its replica is refused
 //!   ([`TargetSwitchover::holds_vm`]).
+//!
+//! Here: the request, preparing and promote; in `commit`: the commit phase; in `standby`: the warm-up.
 
 use std::collections::VecDeque;
 use std::time::{Duration, Instant};
@@ -23,6 +25,9 @@ use super::{Fence, FenceState};
 use crate::msg::{ErrorCode, Message, Switchover, SwitchoverReady};
 use crate::receiver::PathKey;
 use crate::vmstate::VmState;
+
+mod commit;
+mod standby;
 
 /// How long a prepared VM waits for the source's commit before it is given up.
 pub const PREPARED_TIMEOUT: Duration = Duration::from_secs(60);
@@ -548,104 +553,6 @@ impl TargetSwitchover {
         }
     }
 
-    fn commit(&mut self, path: PathKey, generation: u64, now: Instant) {
-        match &mut self.phase {
-            Phase::Running {
-                generation: g,
-                resume_us,
-            } if *g == generation => {
-                let resume_us = *resume_us;
-                self.out.push_back((
-                    path,
-                    Message::SwitchedOver {
-                        generation,
-                        resume_us,
-                    },
-                ));
-            }
-            Phase::Committing { job, .. } if job.request.generation == generation => {
-                // The answer goes to the latest path the source used.
-                job.origin = Origin::Switchover(path);
-            }
-            Phase::Prepared { job, .. } if job.request.generation == generation => {
-                job.origin = Origin::Switchover(path);
-                self.begin_commit(generation, now);
-            }
-            _ => {
-                let message = format!(
-                    "generation {generation} is not prepared here (fence: generation {}, {}): it will not run here",
-                    self.fence.generation, self.fence.state
-                );
-                self.out.push_back((
-                    path,
-                    Message::Error {
-                        code: ErrorCode::SwitchoverFailed,
-                        message,
-                    },
-                ));
-            }
-        }
-    }
-
-    fn begin_commit(&mut self, generation: u64, now: Instant) {
-        let Phase::Prepared { mut job, .. } = std::mem::replace(&mut self.phase, Phase::Idle)
-        else {
-            unreachable!("commit of a VM not prepared");
-        };
-        debug_assert_eq!(job.request.generation, generation);
-        job.step_at = now;
-        self.fence.state = FenceState::Running;
-        self.recording.push_back(FenceState::Running);
-        self.actions.push_back(TargetAction::RecordFence {
-            fence: self.fence.clone(),
-            durable: true,
-        });
-        self.phase = Phase::Committing {
-            job,
-            step: CommitStep::RecordingRunning,
-        };
-    }
-
-    /// The prepared VM was resumed ([`TargetAction::Resume`]), or not.
-    pub fn handle_resumed(&mut self, result: Result<(), String>, now: Instant) {
-        let Phase::Committing { job, step } = &self.phase else {
-            return;
-        };
-        if *step != CommitStep::Resuming {
-            return;
-        }
-        if let Err(e) = result {
-            let why = format!(
-                "resuming the VM failed, so generation {} was stopped here: {e}",
-                job.request.generation
-            );
-            return self.fail_committing(why);
-        }
-        let resume_us = us(now - job.step_at);
-        let Phase::Committing { job, .. } = std::mem::replace(&mut self.phase, Phase::Idle) else {
-            unreachable!();
-        };
-        let generation = job.request.generation;
-        if let Origin::Switchover(path) = job.origin {
-            self.out.push_back((
-                path,
-                Message::SwitchedOver {
-                    generation,
-                    resume_us,
-                },
-            ));
-        }
-        self.events.push_back(TargetEvent::Running {
-            origin: job.origin,
-            ready: job.ready,
-            resume_us,
-        });
-        self.phase = Phase::Running {
-            generation,
-            resume_us,
-        };
-    }
-
     fn fail_preparing(&mut self, why: String) {
         let Phase::Preparing { job, .. } = std::mem::replace(&mut self.phase, Phase::Idle) else {
             unreachable!();
@@ -659,20 +566,6 @@ impl TargetSwitchover {
         }
         let why = format!("preparing the VM on this node's replica failed: {why}");
         self.refuse(job.origin, generation, ErrorCode::SwitchoverFailed, why);
-    }
-
-    fn fail_committing(&mut self, why: String) {
-        let Phase::Committing { job, .. } = std::mem::replace(&mut self.phase, Phase::Idle) else {
-            unreachable!();
-        };
-        self.actions.push_back(TargetAction::StopVm);
-        self.record(FenceState::Aborted, 0, true);
-        self.refuse(
-            job.origin,
-            job.request.generation,
-            ErrorCode::SwitchoverFailed,
-            why,
-        );
     }
 
     fn abort(&mut self, generation: u64, why: &str) {
@@ -705,47 +598,6 @@ impl TargetSwitchover {
                 self.record(FenceState::Aborted, 0, true);
             }
             _ => {}
-        }
-    }
-
-    fn warm_up(&mut self, path: PathKey, generation: u64, now: Instant) {
-        if matches!(self.phase, Phase::Idle) && generation > self.fence.generation {
-            self.phase = Phase::Standby {
-                since: now,
-                generation,
-                path,
-            };
-            self.actions.push_back(TargetAction::StartStandby);
-        }
-    }
-
-    /// The warm-up's standby VMM started, or not (then the switchover starts one itself, and the source
-    /// is told at once that no better standby will come). Once started, the driver answers
-    /// [`TargetSwitchover::handle_standby_loaded`] when it is as ready as it gets.
-    pub fn handle_standby(&mut self, result: Result<(), String>) {
-        if result.is_err() {
-            self.handle_standby_loaded(false);
-            if matches!(self.phase, Phase::Standby { .. }) {
-                self.phase = Phase::Idle;
-            }
-        }
-    }
-
-    /// The standby VMM is as ready as it gets: it runs and, when `preloaded`, loaded the replica ahead
-    /// of the switchover. Tells the source ([`Message::SwitchoverStandby`], on the warm-up's path), which
-    /// may have held the switchover back for it.
-    pub fn handle_standby_loaded(&mut self, preloaded: bool) {
-        if let Phase::Standby {
-            generation, path, ..
-        } = &self.phase
-        {
-            self.out.push_back((
-                *path,
-                Message::SwitchoverStandby {
-                    generation: *generation,
-                    preloaded,
-                },
-            ));
         }
     }
 
