@@ -78,6 +78,7 @@ fn a_replica_is_promoted_into_a_new_qemu_whose_guest_goes_on() {
         return;
     }
     let tmp = tempfile::tempdir().unwrap();
+    let _reaper = Reaper(tmp.path().to_owned());
     let certs = certs(tmp.path(), "test", &["primary", "b1"]);
     let elf = guest_elf(tmp.path());
     let a1 = free_udp();
@@ -151,6 +152,7 @@ fn a_qemu_guest_migrates_there_and_back() {
         return;
     }
     let tmp = tempfile::tempdir().unwrap();
+    let _reaper = Reaper(tmp.path().to_owned());
     let certs = certs(tmp.path(), "test", &["sa", "na", "sb", "nb"]);
     let elf = guest_elf(tmp.path());
     let (aa, ab) = (free_udp(), free_udp());

@@ -355,3 +355,30 @@ pub fn one_backup_with(
         vmm,
     }
 }
+
+/// Kills, when dropped, every process whose command line names `dir`: the VMs a backup started there
+/// (a QEMU target outlives its backup daemon by design) must not outlive the test.
+pub struct Reaper(pub PathBuf);
+
+impl Drop for Reaper {
+    fn drop(&mut self) {
+        let needle = self.0.display().to_string();
+        let Ok(procs) = std::fs::read_dir("/proc") else {
+            return;
+        };
+        let me = std::process::id().to_string();
+        for p in procs.flatten() {
+            let name = p.file_name().to_string_lossy().into_owned();
+            if name == me || !name.bytes().all(|b| b.is_ascii_digit()) {
+                continue;
+            }
+            let cmdline = std::fs::read(p.path().join("cmdline")).unwrap_or_default();
+            if String::from_utf8_lossy(&cmdline).contains(&needle) {
+                if let Ok(pid) = name.parse::<i32>() {
+                    // SAFETY: kill(2) with a pid read from /proc and a signal number; no memory is involved.
+                    unsafe { libc::kill(pid, libc::SIGKILL) };
+                }
+            }
+        }
+    }
+}
