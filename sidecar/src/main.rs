@@ -23,7 +23,7 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Cmd {
-    /// Replicate a VM (reached through its VMM's attach socket) to backups, in epochs.
+    /// Replicate a VM (reached through testvm's attach socket or a QEMU monitor) to backups, in epochs.
     Sidecar(Box<cli::sidecar::SidecarArgs>),
     /// Run a backup node: accept paths, keep a replica per VM, start VMs for switchovers and promotes.
     Backup(Box<cli::backup::BackupArgs>),

@@ -1,6 +1,7 @@
 //! Helpers for multi-process tests: certificates, backup/relay/VMM processes, hashes.
 #![allow(dead_code)]
 
+pub mod libvirt;
 pub mod qemu;
 
 use std::net::{SocketAddr, UdpSocket};
