@@ -132,16 +132,21 @@ async fn serve(a: Args, socket_dir: PathBuf, compute_dir: PathBuf) -> anyhow::Re
     };
     let incoming = tokio_stream::wrappers::UnixListenerStream::new(listener);
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
-    let stopped = async move {
-        tokio::select! {
-            _ = term.recv() => {}
-            _ = tokio::signal::ctrl_c() => {}
-        }
-    };
-    router
-        .serve_with_incoming_shutdown(incoming, stopped)
-        .await
-        .context("serving gRPC")?;
+    let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+    let server = tokio::spawn(router.serve_with_incoming_shutdown(incoming, async {
+        let _ = stop_rx.await;
+    }));
+    tokio::select! {
+        _ = term.recv() => {}
+        _ = tokio::signal::ctrl_c() => {}
+    }
+    let _ = stop_tx.send(());
+    // Connections a client left open would hold a graceful stop forever: give them a little while.
+    match tokio::time::timeout(std::time::Duration::from_secs(3), server).await {
+        Ok(Ok(r)) => r.context("serving gRPC")?,
+        Ok(Err(e)) => return Err(e).context("the gRPC server task"),
+        Err(_) => tracing::warn!("clients still connected after 3 s; closing anyway"),
+    }
     tracing::info!("stopping: the sidecar's final epoch, then exit");
     supervisor.shutdown().await;
     let _ = std::fs::remove_file(&sock);

@@ -53,23 +53,7 @@ fn a_libvirt_domain_is_replicated_and_its_replica_comes_back_with_virsh_restore(
     // libvirt still sees and controls the domain it started: a pause and resume through virsh while
     // epochs run.
     assert_eq!(domstate(&dom.name), "running");
-    // QEMU 7.2 resumes the VM at the end of a background snapshot's setup whatever its run state, so a
-    // suspend landing in that ~10 ms pause is undone (docs/qemu.md); a user suspends again, as here.
-    let mut paused = false;
-    for _ in 0..5 {
-        virsh_ok(&["suspend", &dom.name]);
-        std::thread::sleep(Duration::from_millis(300));
-        if domstate(&dom.name) == "paused" {
-            paused = true;
-            break;
-        }
-    }
-    assert!(paused, "virsh suspend did not hold in 5 tries");
-    virsh_ok(&["resume", &dom.name]);
-    assert_eq!(domstate(&dom.name), "running");
-    let p = pages(&mut probe);
-    std::thread::sleep(Duration::from_millis(500));
-    assert!(pages(&mut probe) > p, "the guest resumed by virsh runs");
+    suspend_and_resume(&dom.name, &mut probe);
 
     // The final epoch is cut with the guest paused and hashed from QEMU's pmemsave.
     let report = sidecar_stop(sidecar);
