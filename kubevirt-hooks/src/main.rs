@@ -13,17 +13,8 @@ use std::sync::Arc;
 use anyhow::Context;
 use clap::Parser;
 use endophyte_kubevirt_hooks::proto::{info, plugins_v1alpha1, v1alpha1, v1alpha2, v1alpha3};
-use endophyte_kubevirt_hooks::server::Hook;
+use endophyte_kubevirt_hooks::server::{Hook, HOOKS_DIR, PLUGIN_DIR, PRIVATE, SOCKET};
 use endophyte_kubevirt_hooks::supervisor::{SidecarLaunch, Supervisor};
-
-/// KubeVirt's hook socket directory inside a hook sidecar container.
-const HOOKS_DIR: &str = "/var/run/kubevirt-hooks";
-/// The plugin's socket directory (VEP-190: `/var/run/kubevirt-plugin/<plugin>/`).
-const PLUGIN_DIR: &str = "/var/run/kubevirt-plugin/endophyte";
-/// The gRPC socket's file name (virt-launcher dedupes sockets by name across sidecars: unique).
-const SOCKET: &str = "endophyte.sock";
-/// The private subdirectory for every other socket.
-const PRIVATE: &str = "endophyte";
 
 /// The KubeVirt hook sidecar that attaches Endophyte to its pod's VM.
 #[derive(Parser)]

@@ -13,6 +13,14 @@ use crate::proto::{info, plugins_v1alpha1 as plugins, v1alpha1, v1alpha2, v1alph
 use crate::supervisor::Supervisor;
 use crate::vmi::Attachment;
 
+/// KubeVirt's hook socket directory inside a hook sidecar container (`pkg/hooks/hooks.go`).
+pub const HOOKS_DIR: &str = "/var/run/kubevirt-hooks";
+/// The plugin's socket directory (VEP-190: `/var/run/kubevirt-plugin/<plugin>/`).
+pub const PLUGIN_DIR: &str = "/var/run/kubevirt-plugin/endophyte";
+/// The gRPC socket's file name (virt-launcher dedupes sockets by name across sidecars: unique).
+pub const SOCKET: &str = "endophyte.sock";
+/// The private subdirectory, which virt-launcher's collector skips, for every other socket.
+pub const PRIVATE: &str = "endophyte";
 /// The name `Info` reports, which virt-launcher logs.
 pub const HOOK_NAME: &str = "endophyte";
 /// The Callbacks versions served, oldest first.
