@@ -4,7 +4,8 @@
 //! - `cli::sidecar`: `endophyte sidecar`; `cli::backup`: `endophyte backup`;
 //! - `cli::ops`: `migrate`, `promote`, `status`, `set` through the daemons' control sockets;
 //! - `cli::admin`: `relay`, `certs`, `inspect`;
-//! - `cli::export`: `export` (a replica as a QEMU stream file or a libvirt save image).
+//! - `cli::export`: `export` (a replica as a QEMU stream file or a libvirt save image);
+//! - `cli::template`: `target-template` (a backup's QEMU command for a libvirt domain).
 
 mod cli;
 
@@ -49,6 +50,10 @@ enum Cmd {
     /// (`-incoming "exec:cat FILE"`) or a libvirt save image (`virsh restore`); prints JSON. The backup
     /// serving the replica must be stopped.
     Export(cli::export::ExportArgs),
+    /// Print the `endophyte backup --target-qemu` command template for a libvirt domain: the QEMU command
+    /// line libvirt would run for it (`virsh domxml-to-native`), its monitor at {qmp} and its other
+    /// sockets and files in the VM's directory ({dir}).
+    TargetTemplate(cli::template::TemplateArgs),
     /// Change a running sidecar's settings (through its control socket); prints what is now in force.
     Set(cli::ops::SetArgs),
     /// Boot a testvm guest and serve it over the attach protocol (what the demo and tests run as the VMM).
@@ -95,6 +100,7 @@ fn main() -> anyhow::Result<()> {
         Cmd::Status(a) => cli::ops::status(a),
         Cmd::Set(a) => cli::ops::set(a),
         Cmd::Export(a) => cli::export::export(a),
+        Cmd::TargetTemplate(a) => cli::template::target_template(a),
         #[cfg(feature = "demo")]
         Cmd::TestvmServe(a) => endophyte_demo::serve::run(a),
         #[cfg(feature = "demo")]

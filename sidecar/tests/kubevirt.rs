@@ -1,10 +1,12 @@
-//! The KubeVirt hook end to end, on one machine standing in for a virt-launcher pod: the hook binary in
-//! its socket directory, a collector that calls it as virt-launcher does, and a real libvirtd that
-//! defines and starts the domain the hook returned. The hook runs the Endophyte sidecar against the
-//! monitor it added, which replicates the guest to a backup; `virsh` pauses and resumes the domain
-//! meanwhile; Shutdown stops the sidecar with its final epoch, whose replica is QEMU's own `pmemsave`; the
-//! replica, exported as a libvirt save image, comes back with `virsh restore` and the guest's counter
-//! goes on from it.
+//! The KubeVirt hook end to end, on one machine standing in for a virt-launcher pod and two backup
+//! nodes: the hook binary in its socket directory, a collector that calls it as virt-launcher does, and a
+//! real libvirtd that defines and starts the domain the hook returned. The hook runs the Endophyte
+//! sidecar against the monitor it added, which replicates the guest to both backups; `virsh` pauses and
+//! resumes the domain meanwhile; the VM migrates to one backup, whose QEMU was started from the command
+//! line libvirt gives for the domain (`endophyte target-template`), with equal `pmemsave` hashes on both
+//! sides; Shutdown then finds the sidecar gone. That backup dies; the other's replica is QEMU's own
+//! `pmemsave` of the guest at its committed epoch, and, exported as a libvirt save image, comes back with
+//! `virsh restore`, its guest counting on from the replica.
 
 mod common;
 
@@ -47,7 +49,11 @@ fn hook_binary() -> PathBuf {
         .expect("cargo named the hook's executable")
 }
 
-fn vmi(backup: std::net::SocketAddr, hashes: &Path) -> Vec<u8> {
+fn vmi(backups: &[(&str, std::net::SocketAddr)], hashes: &Path) -> Vec<u8> {
+    let backups: Vec<String> = backups
+        .iter()
+        .map(|(n, a)| format!("name={n},addr={a}"))
+        .collect();
     serde_json::to_vec(&json!({
         "apiVersion": "kubevirt.io/v1",
         "kind": "VirtualMachineInstance",
@@ -56,8 +62,8 @@ fn vmi(backup: std::net::SocketAddr, hashes: &Path) -> Vec<u8> {
             "namespace": "default",
             "annotations": {
                 "hooks.kubevirt.io/hookSidecars": "[{\"image\": \"endophyte-kubevirt-hook\"}]",
-                "endophyte.io/backups": format!("name=b1,addr={backup}"),
-                "endophyte.io/sidecar-args": format!("--ram-hashes {}", hashes.display()),
+                "endophyte.io/backups": backups.join("; "),
+                "endophyte.io/sidecar-args": format!("--quorum 2 --ram-hashes {}", hashes.display()),
             }
         },
         "spec": {"domain": {"devices": {}}}
@@ -66,7 +72,7 @@ fn vmi(backup: std::net::SocketAddr, hashes: &Path) -> Vec<u8> {
 }
 
 #[test]
-fn a_vm_the_hook_defined_is_replicated_and_comes_back_from_its_replica() {
+fn a_vm_the_hook_defined_replicates_migrates_and_comes_back_from_its_replica() {
     if !kvm_available() || !libvirtd() {
         return;
     }
@@ -74,17 +80,18 @@ fn a_vm_the_hook_defined_is_replicated_and_comes_back_from_its_replica() {
     let tmp = tempfile::tempdir().unwrap();
     let _reaper = Reaper(tmp.path().to_owned());
     // The VM id the hook derives from the VMI, which is also its node name.
-    let certs = certs(tmp.path(), "test", &["default-vm-e2e", "b1"]);
-    let a1 = free_udp();
-    let d1 = tmp.path().join("d1");
-    let mut b1 = backup(&certs, "b1", a1, &d1, &[]);
+    let vm = "default-vm-e2e";
+    let certs = certs(tmp.path(), "test", &[vm, "b1", "b2"]);
+    let (a1, a2) = (free_udp(), free_udp());
+    let (d1, d2) = (tmp.path().join("d1"), tmp.path().join("d2"));
+    let mut b2 = backup(&certs, "b2", a2, &d2, &[]);
     let (elf, run) = prepare(tmp.path());
 
     // virt-launcher's /var/run/kubevirt-hooks; the hook container's emptyDir is its hook-sidecar-0.
     let hooks = tmp.path().join("hooks");
     let mine = hooks.join("hook-sidecar-0");
     std::fs::create_dir_all(&mine).unwrap();
-    let mut hook = Proc {
+    let _hook = Proc {
         child: Command::new(&hook_exe)
             .args(["--socket-dir", &mine.display().to_string()])
             .args(["--compute-dir", &mine.display().to_string()])
@@ -110,67 +117,121 @@ fn a_vm_the_hook_defined_is_replicated_and_comes_back_from_its_replica() {
     let name = unique_name("kubevirt");
     let original = domain_xml(&name, &elf, &run, 2000, false);
     let hashes = tmp.path().join("hashes.jsonl");
+    let vmi = vmi(&[("b1", a1), ("b2", a2)], &hashes);
     let defined = rt
-        .block_on(c.on_define_domain(original.as_bytes(), &vmi(a1, &hashes)))
+        .block_on(c.on_define_domain(original.as_bytes(), &vmi))
         .unwrap();
     let xml = tmp.path().join("defined.xml");
     std::fs::write(&xml, &defined).unwrap();
-    let (dom, mut probe) = create(&xml, &name, &run);
 
+    // b1 can take the VM: its QEMU is the one libvirt runs for this domain.
+    let o = Command::new(EXE)
+        .args([
+            "target-template",
+            "--libvirt-xml",
+            &xml.display().to_string(),
+        ])
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let template = String::from_utf8(o.stdout).unwrap();
+    let _b1 = backup(&certs, "b1", a1, &d1, &["--target-qemu", template.trim()]);
+
+    let (dom, mut probe) = create(&xml, &name, &run);
     // The hook started the sidecar on the monitor it added.
     let ctl = mine.join("endophyte/control.sock");
     status_until(&ctl, Duration::from_secs(120), "replication", |s| {
-        s["backups"][0]["committed_epoch"].as_u64() > Some(3)
+        (0..2).all(|i| s["backups"][i]["committed_epoch"].as_u64() > Some(3))
     });
-    let sidecar_pid = std::fs::read_dir("/proc")
-        .unwrap()
-        .flatten()
-        .find(|p| {
-            std::fs::read(p.path().join("cmdline"))
-                .is_ok_and(|c| String::from_utf8_lossy(&c).contains(&*ctl.display().to_string()))
-        })
-        .map(|p| p.file_name().to_string_lossy().into_owned())
-        .expect("the sidecar the hook started");
+    let sidecar_pid = pid_naming(&ctl.display().to_string()).expect("the sidecar the hook started");
     assert_eq!(domstate(&dom.name), "running");
     suspend_and_resume(&dom.name, &mut probe);
     // A second define (virt-launcher defines again on changes) adds nothing and keeps the sidecar.
-    let again = rt
-        .block_on(c.on_define_domain(&defined, &vmi(a1, &hashes)))
-        .unwrap();
+    let again = rt.block_on(c.on_define_domain(&defined, &vmi)).unwrap();
     assert_eq!(again, defined);
-
-    // Shutdown: the sidecar's final epoch, cut paused and hashed from QEMU's pmemsave, then its exit.
-    rt.block_on(c.shutdown()).unwrap();
-    assert!(
-        !Path::new("/proc").join(&sidecar_pid).exists(),
-        "the sidecar outlived Shutdown"
-    );
-    let h = ram_hashes(&hashes);
-    let (&last, qemu_hash) = h.last_key_value().expect("epoch hashes");
-    let vm_dir = d1.join("default-vm-e2e");
-    assert_eq!(checkpoint_reaching(&vm_dir, last), last);
-    let mut main = std::fs::read(vm_dir.join("replica.img")).unwrap();
-    main.truncate((MEM_MIB << 20) as usize);
-    let want = masked_ram_hash(&mut main);
-    assert_eq!(&want, qemu_hash, "replica against pmemsave, epoch {last}");
-    let (_, in_replica) = testvm::qemu_guest::status_in_file(&vm_dir.join("replica.img"))
-        .unwrap()
-        .unwrap();
-
-    // The node is lost: the domain and the backup daemon stop; the replica comes back through libvirt.
     let migratable = tmp.path().join("migratable.xml");
     std::fs::write(
         &migratable,
         virsh_ok(&["dumpxml", "--migratable", &dom.name]),
     )
     .unwrap();
-    virsh_ok(&["destroy", &dom.name]);
+
+    // Migration to b1; both QEMUs' own pmemsave hashes of guest RAM at the switchover.
+    let before = pages(&mut probe);
+    let out = Command::new(EXE)
+        .args(["migrate", vm, "--to", "b1", "--verify", "--output", "json"])
+        .arg("--control")
+        .arg(&ctl)
+        .env("RUST_LOG", log_level())
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "migrate: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let st: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let r = &st["report"];
+    assert!(
+        r["source_ram_hash"].as_str().is_some_and(|h| h.len() == 64),
+        "{r}"
+    );
+    assert_eq!(r["target_ram_hash"], r["source_ram_hash"], "{r}");
     drop(probe);
-    b1.kill();
+    // The source QEMU quit once the guest ran on b1: libvirt saw its domain end, and still answers.
+    let t = std::time::Instant::now();
+    while virsh_ok(&["list", "--all", "--name"])
+        .lines()
+        .any(|l| l.trim() == dom.name)
+    {
+        assert!(
+            t.elapsed() < Duration::from_secs(20),
+            "libvirt still lists the source domain"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let mut on_b1 = connect(&d1.join(vm).join("probe.qmp"));
+    let p0 = pages(&mut on_b1);
+    std::thread::sleep(Duration::from_millis(500));
+    let p1 = pages(&mut on_b1);
+    assert!(
+        p0 >= before && p1 > p0,
+        "the guest on b1: {before}, then {p0}, {p1}"
+    );
+    // KubeVirt calls Shutdown once QEMU is gone: the sidecar ended with the migration.
+    rt.block_on(c.shutdown()).unwrap();
+    assert!(
+        !Path::new("/proc").join(sidecar_pid.to_string()).exists(),
+        "the sidecar outlived Shutdown"
+    );
+
+    // b1 dies with the guest; b2's replica is the guest's RAM at its committed epoch, by pmemsave.
+    drop(on_b1);
+    if let Some(q) = pid_naming(&d1.display().to_string()) {
+        // SAFETY: kill(2) with a pid read from /proc; no memory is involved.
+        unsafe { libc::kill(q, libc::SIGKILL) };
+    }
+    b2.kill();
+    let vm_dir = d2.join(vm);
+    let e = checkpoint(&vm_dir);
+    let h = ram_hashes(&hashes);
+    let mut main = std::fs::read(vm_dir.join("replica.img")).unwrap();
+    main.truncate((MEM_MIB << 20) as usize);
+    let want = masked_ram_hash(&mut main);
+    assert_eq!(
+        Some(&want),
+        h.get(&e),
+        "b2's replica against pmemsave, epoch {e}"
+    );
+    let (_, in_replica) = testvm::qemu_guest::status_in_file(&vm_dir.join("replica.img"))
+        .unwrap()
+        .unwrap();
+
+    // b2's replica comes back through libvirt.
     let image = run.join("vm.save");
     let o = Command::new(EXE)
-        .args(["export", "--data-dir", &d1.display().to_string()])
-        .args(["--vm", "default-vm-e2e", "--format", "libvirt", "--paused"])
+        .args(["export", "--data-dir", &d2.display().to_string()])
+        .args(["--vm", vm, "--format", "libvirt", "--paused"])
         .args(["--domain-xml", &migratable.display().to_string()])
         .args(["--output", &image.display().to_string()])
         .output()
@@ -187,5 +248,18 @@ fn a_vm_the_hook_defined_is_replicated_and_comes_back_from_its_replica() {
         now > in_replica,
         "the restored guest goes on: {in_replica} then {now}"
     );
-    hook.kill();
+}
+
+/// The first process (not this one) whose command line contains `needle`.
+fn pid_naming(needle: &str) -> Option<i32> {
+    let me = std::process::id().to_string();
+    std::fs::read_dir("/proc")
+        .unwrap()
+        .flatten()
+        .filter(|p| p.file_name() != me.as_str())
+        .find(|p| {
+            std::fs::read(p.path().join("cmdline"))
+                .is_ok_and(|c| String::from_utf8_lossy(&c).contains(needle))
+        })
+        .and_then(|p| p.file_name().to_string_lossy().parse().ok())
 }

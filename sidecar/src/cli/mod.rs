@@ -5,3 +5,4 @@ pub mod backup;
 pub mod export;
 pub mod ops;
 pub mod sidecar;
+pub mod template;

@@ -11,6 +11,7 @@
 //! machine type or device model, and says which.
 
 pub mod feed;
+pub mod libvirt;
 
 use std::fs::File;
 use std::os::fd::AsRawFd;
