@@ -18,12 +18,31 @@ use common::libvirt::*;
 use common::qemu::{connect, pages};
 use common::*;
 use endophyte_kubevirt_hooks::collector;
-use endophyte_qemu::source::hash::masked_ram_hash;
 use serde_json::json;
 
-/// The hook binary, built by cargo beside this test's binaries (another package's binary is not given
-/// to this one's tests).
+/// The hook binary. `cargo test --workspace` builds it beside this test's binaries (for the hook crate's
+/// own tests); when it is missing or older than the hook's sources (this test run alone after an edit),
+/// cargo builds it (another package's binary is not given to this one's tests).
 fn hook_binary() -> PathBuf {
+    let exe = std::env::current_exe().unwrap();
+    let sibling = exe
+        .parent()
+        .and_then(Path::parent)
+        .map(|d| d.join("endophyte-kubevirt-hook"));
+    let newest_source =
+        std::fs::read_dir(Path::new(env!("CARGO_MANIFEST_DIR")).join("../kubevirt-hooks/src"))
+            .unwrap()
+            .flatten()
+            .filter_map(|e| e.metadata().ok()?.modified().ok())
+            .max()
+            .unwrap();
+    if let Some(s) = sibling.filter(|s| {
+        s.metadata()
+            .and_then(|m| m.modified())
+            .is_ok_and(|t| t >= newest_source)
+    }) {
+        return s;
+    }
     let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
     let o = Command::new(cargo)
         .args([
@@ -49,6 +68,19 @@ fn hook_binary() -> PathBuf {
         .expect("cargo named the hook's executable")
 }
 
+/// The VM id the hook derives from [`vmi`]'s name and namespace, which is also its node name.
+const VM: &str = "default-vm-e2e";
+
+/// The hook binary, a scratch directory and the reaper of what runs in it.
+fn setup() -> (PathBuf, tempfile::TempDir, Reaper) {
+    let exe = hook_binary();
+    let tmp = tempfile::tempdir().unwrap();
+    let reaper = Reaper(tmp.path().to_owned());
+    (exe, tmp, reaper)
+}
+
+/// The VMI virt-launcher passes: replicated to `backups`, all of which must commit each epoch, with the
+/// guest RAM hash of every epoch appended to `hashes`.
 fn vmi(backups: &[(&str, std::net::SocketAddr)], hashes: &Path) -> Vec<u8> {
     let backups: Vec<String> = backups
         .iter()
@@ -63,7 +95,7 @@ fn vmi(backups: &[(&str, std::net::SocketAddr)], hashes: &Path) -> Vec<u8> {
             "annotations": {
                 "hooks.kubevirt.io/hookSidecars": "[{\"image\": \"endophyte-kubevirt-hook\"}]",
                 "endophyte.io/backups": backups.join("; "),
-                "endophyte.io/sidecar-args": format!("--quorum 2 --ram-hashes {}", hashes.display()),
+                "endophyte.io/sidecar-args": format!("--quorum {} --ram-hashes {}", backups.len(), hashes.display()),
             }
         },
         "spec": {"domain": {"devices": {}}}
@@ -76,42 +108,17 @@ fn a_vm_the_hook_defined_replicates_migrates_and_comes_back_from_its_replica() {
     if !kvm_available() || !libvirtd() {
         return;
     }
-    let hook_exe = hook_binary();
-    let tmp = tempfile::tempdir().unwrap();
-    let _reaper = Reaper(tmp.path().to_owned());
-    // The VM id the hook derives from the VMI, which is also its node name.
-    let vm = "default-vm-e2e";
+    let (hook_exe, tmp, _reaper) = setup();
+    let vm = VM;
     let certs = certs(tmp.path(), "test", &[vm, "b1", "b2"]);
     let (a1, a2) = (free_udp(), free_udp());
     let (d1, d2) = (tmp.path().join("d1"), tmp.path().join("d2"));
     let mut b2 = backup(&certs, "b2", a2, &d2, &[]);
     let (elf, run) = prepare(tmp.path());
 
-    // virt-launcher's /var/run/kubevirt-hooks; the hook container's emptyDir is its hook-sidecar-0.
-    let hooks = tmp.path().join("hooks");
-    let mine = hooks.join("hook-sidecar-0");
-    std::fs::create_dir_all(&mine).unwrap();
-    let _hook = Proc {
-        child: Command::new(&hook_exe)
-            .args(["--socket-dir", &mine.display().to_string()])
-            .args(["--compute-dir", &mine.display().to_string()])
-            .args(["--endophyte", EXE])
-            .args(["--certs", &certs.display().to_string()])
-            .args(["--qemu-uid", &qemu_uid().to_string()])
-            .env("RUST_LOG", log_level())
-            .stdin(Stdio::null())
-            .spawn()
-            .unwrap(),
-        name: "hook".into(),
-    };
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .unwrap();
-    let found = rt
-        .block_on(collector::collect(&hooks, 1, Duration::from_secs(30)))
-        .unwrap();
-    let c = &found[0];
+    let pod = Pod::start(&hook_exe, tmp.path(), &certs);
+    let (rt, c) = (&pod.rt, &pod.hook);
+    let mine = pod.dir.clone();
 
     // The domain virt-launcher would define, through the hook.
     let name = unique_name("kubevirt");
@@ -215,17 +222,12 @@ fn a_vm_the_hook_defined_replicates_migrates_and_comes_back_from_its_replica() {
     let vm_dir = d2.join(vm);
     let e = checkpoint(&vm_dir);
     let h = ram_hashes(&hashes);
-    let mut main = std::fs::read(vm_dir.join("replica.img")).unwrap();
-    main.truncate((MEM_MIB << 20) as usize);
-    let want = masked_ram_hash(&mut main);
+    let (want, in_replica) = replica_hash_and_counter(&vm_dir);
     assert_eq!(
         Some(&want),
         h.get(&e),
         "b2's replica against pmemsave, epoch {e}"
     );
-    let (_, in_replica) = testvm::qemu_guest::status_in_file(&vm_dir.join("replica.img"))
-        .unwrap()
-        .unwrap();
 
     // b2's replica comes back through libvirt.
     let image = run.join("vm.save");
@@ -248,6 +250,107 @@ fn a_vm_the_hook_defined_replicates_migrates_and_comes_back_from_its_replica() {
         now > in_replica,
         "the restored guest goes on: {in_replica} then {now}"
     );
+}
+
+/// A stand-in for a virt-launcher pod with the hook sidecar: the hook binary in its socket directory
+/// (`<dir>/hooks/hook-sidecar-0`, which is also the compute side's view), collected as virt-launcher does.
+struct Pod {
+    rt: tokio::runtime::Runtime,
+    hook: collector::Collected,
+    dir: PathBuf,
+    _proc: Proc,
+}
+
+impl Pod {
+    fn start(hook_exe: &Path, dir: &Path, certs: &Path) -> Self {
+        // virt-launcher's /var/run/kubevirt-hooks; the hook container's emptyDir is its hook-sidecar-0.
+        let hooks = dir.join("hooks");
+        let mine = hooks.join("hook-sidecar-0");
+        std::fs::create_dir_all(&mine).unwrap();
+        let proc = Proc {
+            child: Command::new(hook_exe)
+                .args(["--socket-dir", &mine.display().to_string()])
+                .args(["--compute-dir", &mine.display().to_string()])
+                .args(["--endophyte", EXE])
+                .args(["--certs", &certs.display().to_string()])
+                .args(["--qemu-uid", &qemu_uid().to_string()])
+                .env("RUST_LOG", log_level())
+                .stdin(Stdio::null())
+                .spawn()
+                .unwrap(),
+            name: "hook".into(),
+        };
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        let mut found = rt
+            .block_on(collector::collect(&hooks, 1, Duration::from_secs(30)))
+            .unwrap();
+        Self {
+            rt,
+            hook: found.remove(0),
+            dir: mine,
+            _proc: proc,
+        }
+    }
+}
+
+#[test]
+fn shutdown_stops_the_hooks_sidecar_with_a_final_epoch() {
+    if !kvm_available() || !libvirtd() {
+        return;
+    }
+    let (hook_exe, tmp, _reaper) = setup();
+    let vm = VM;
+    let certs = certs(tmp.path(), "test", &[vm, "b1"]);
+    let a1 = free_udp();
+    let d1 = tmp.path().join("d1");
+    let _b1 = backup(&certs, "b1", a1, &d1, &[]);
+    let (elf, run) = prepare(tmp.path());
+    let pod = Pod::start(&hook_exe, tmp.path(), &certs);
+    let name = unique_name("shutdown");
+    let hashes = tmp.path().join("hashes.jsonl");
+    let defined = pod
+        .rt
+        .block_on(pod.hook.on_define_domain(
+            domain_xml(&name, &elf, &run, 2000, false).as_bytes(),
+            &vmi(&[("b1", a1)], &hashes),
+        ))
+        .unwrap();
+    let xml = tmp.path().join("defined.xml");
+    std::fs::write(&xml, &defined).unwrap();
+    let (dom, mut probe) = create(&xml, &name, &run);
+    let ctl = pod.dir.join("endophyte/control.sock");
+    status_until(&ctl, Duration::from_secs(120), "replication", |s| {
+        s["backups"][0]["committed_epoch"].as_u64() > Some(3)
+    });
+    let sidecar = pid_naming(&ctl.display().to_string()).expect("the sidecar the hook started");
+    let before = pages(&mut probe);
+    // While QEMU runs (a pod deleted before its VM stopped): the sidecar's final epoch, cut paused and
+    // hashed from QEMU's pmemsave, then its exit.
+    pod.rt.block_on(pod.hook.shutdown()).unwrap();
+    assert!(
+        !Path::new("/proc").join(sidecar.to_string()).exists(),
+        "the sidecar outlived Shutdown"
+    );
+    let h = ram_hashes(&hashes);
+    let (&last, qemu_hash) = h.last_key_value().expect("epoch hashes");
+    let vm_dir = d1.join(vm);
+    assert_eq!(checkpoint_reaching(&vm_dir, last), last);
+    let (want, in_replica) = replica_hash_and_counter(&vm_dir);
+    assert_eq!(
+        &want, qemu_hash,
+        "the final epoch's replica against pmemsave"
+    );
+    assert!(in_replica >= before, "{in_replica} < {before}");
+    // The guest runs on, no longer replicated.
+    std::thread::sleep(Duration::from_millis(500));
+    assert!(
+        pages(&mut probe) > in_replica,
+        "the guest stopped with its sidecar"
+    );
+    assert_eq!(domstate(&dom.name), "running");
 }
 
 /// The first process (not this one) whose command line contains `needle`.

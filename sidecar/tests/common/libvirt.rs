@@ -252,3 +252,18 @@ pub fn suspend_and_resume(name: &str, probe: &mut Qmp) {
         "the guest resumed by virsh runs"
     );
 }
+
+/// The replica's main RAM in `vm_dir` hashed as [`endophyte_qemu::source::hash::pmem_hash`] hashes
+/// QEMU's `pmemsave`, and the guest's counter in it.
+pub fn replica_hash_and_counter(vm_dir: &Path) -> (String, u64) {
+    let file = vm_dir.join("replica.img");
+    let mut main = std::fs::read(&file).unwrap();
+    main.truncate((MEM_MIB << 20) as usize);
+    let (_, counter) = qemu_guest::status_in_file(&file)
+        .unwrap()
+        .expect("the guest's status record in the replica");
+    (
+        endophyte_qemu::source::hash::masked_ram_hash(&mut main),
+        counter,
+    )
+}
