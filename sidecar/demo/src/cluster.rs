@@ -148,8 +148,8 @@ pub struct Cluster {
     pub socket: PathBuf,
 }
 
-/// Starts the cluster in `dir`: certificates, backups, relays, and a VMM with `mem` bytes running
-/// `workload`; returns once the VMM's attach socket is there.
+/// Starts the cluster in `dir`: certificates, backups (committing with `durability`), relays, and a VMM
+/// with `mem` bytes running `workload`; returns once the VMM's attach socket is there.
 ///
 /// # Errors
 /// A process did not start, or the VMM's socket did not appear within a minute.
@@ -158,6 +158,7 @@ pub fn start_cluster(
     paths: usize,
     mem: u64,
     workload: &str,
+    durability: endophyte_engine::store::Durability,
 ) -> anyhow::Result<Cluster> {
     let exe = std::env::current_exe()?;
     let Backups {
@@ -166,7 +167,11 @@ pub fn start_cluster(
         backups,
         data_dirs,
         controls: _,
-    } = start_backups(dir, paths, &[])?;
+    } = start_backups(
+        dir,
+        paths,
+        &["--durability".into(), durability_flag(durability).into()],
+    )?;
     let socket = dir.join("vm.sock");
     kids.0.push(
         Command::new(&exe)
@@ -187,4 +192,12 @@ pub fn start_cluster(
         data_dirs,
         socket,
     })
+}
+
+/// `endophyte backup --durability`'s word for `d`.
+pub fn durability_flag(d: endophyte_engine::store::Durability) -> &'static str {
+    match d {
+        endophyte_engine::store::Durability::Memory => "memory",
+        endophyte_engine::store::Durability::Disk => "disk",
+    }
 }

@@ -21,6 +21,9 @@ use crate::Output;
 /// Arguments of `endophyte demo migrate` (and of `endophyte demo` with none).
 #[derive(clap::Args, Debug, Clone)]
 pub struct MigrateArgs {
+    /// When the backups count an epoch as committed: `disk` (journal fsynced) or `memory` (written).
+    #[arg(long, value_enum, default_value = "disk")]
+    pub durability: endophyte_engine::store::Durability,
     /// Guest RAM.
     #[arg(long, default_value = "1GiB", value_parser = endophyte_engine::config::parse_bytes)]
     pub mem: u64,
@@ -144,7 +147,7 @@ fn migrate_in(args: &MigrateArgs, dir: &Path) -> anyhow::Result<MigrateSummary> 
         backups,
         data_dirs,
         socket,
-    } = start_cluster(dir, args.paths, args.mem, &args.workload)?;
+    } = start_cluster(dir, args.paths, args.mem, &args.workload, args.durability)?;
     let control = dir.join("sidecar.ctl");
     // The demo's own view of the source guest: a second attach connection whose mapping of guest RAM
     // outlives the source VMM, so that the guest's counter at the final pause can be read after the

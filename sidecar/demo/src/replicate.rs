@@ -24,6 +24,9 @@ use crate::Output;
 /// Arguments of `endophyte demo replicate`.
 #[derive(clap::Args, Debug, Clone)]
 pub struct ReplicateArgs {
+    /// When the backups count an epoch as committed: `disk` (journal fsynced) or `memory` (written).
+    #[arg(long, value_enum, default_value = "disk")]
+    pub durability: endophyte_engine::store::Durability,
     /// How long to replicate once the initial full copy is durable on both backups.
     #[arg(long, default_value = "20s", value_parser = humantime::parse_duration)]
     pub duration: Duration,
@@ -203,7 +206,7 @@ fn replicate_in(args: &ReplicateArgs, dir: &Path) -> anyhow::Result<ReplicateSum
         backups,
         data_dirs,
         socket,
-    } = start_cluster(dir, args.paths, args.mem, &args.workload)?;
+    } = start_cluster(dir, args.paths, args.mem, &args.workload, args.durability)?;
     // The guest's own counter: its free write rate first, then (below) its rate in steady state.
     let guest_free_rate_pages_per_s = {
         let probe = AttachClient::connect(&socket, "demo-check")?;

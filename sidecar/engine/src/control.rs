@@ -256,6 +256,9 @@ pub struct BackupNodeStatus {
     pub node: String,
     /// The primaries' lease, ms.
     pub lease_ms: u64,
+    /// When an epoch counts as committed here.
+    #[serde(default)]
+    pub durability: crate::store::Durability,
     /// Its replicas.
     pub vms: Vec<ReplicaStatus>,
 }
@@ -264,7 +267,11 @@ pub struct BackupNodeStatus {
 pub fn backup_table(v: &BackupNodeStatus) -> String {
     use std::fmt::Write;
     let mut t = String::new();
-    let _ = writeln!(t, "backup {} (lease {} ms)", v.node, v.lease_ms);
+    let _ = writeln!(
+        t,
+        "backup {} (lease {} ms, durability {:?})",
+        v.node, v.lease_ms, v.durability
+    );
     let _ = writeln!(
         t,
         "{:<20} {:>10} {:>14} {:>6} {:>18} {:>11}",

@@ -7,7 +7,7 @@ use std::sync::Arc;
 use anyhow::Context;
 use clap::Args;
 use endophyte_engine::backup::{BackupConfig, BackupNode};
-use endophyte_engine::store::CrashPoint;
+use endophyte_engine::store::{CrashPoint, Durability};
 use endophyte_qemu::QemuLauncher;
 use endophyte_vmm::attach::launch::AttachLauncher;
 use endophyte_vmm::Launcher;
@@ -41,6 +41,11 @@ pub struct BackupArgs {
     /// `{vm}` name the VM's directory and id); `-incoming defer -S` is added. Words as in sh (quotes, backslashes).
     #[arg(long)]
     target_qemu: Option<String>,
+    /// When an epoch counts as committed: `disk` once its journal is fsynced (survives the backup host's
+    /// loss), `memory` once it is written and verified (survives the backup process's crash; a host crash
+    /// loses at most the epochs since the last checkpoint, and the primary resyncs from the older epoch).
+    #[arg(long, value_enum, default_value_t = Durability::Disk)]
+    durability: Durability,
     /// Test hook: abort halfway through applying this epoch.
     #[arg(long, hide = true)]
     crash_during_apply: Option<u64>,
@@ -103,6 +108,7 @@ pub fn run(a: BackupArgs) -> anyhow::Result<()> {
             during_apply: a.crash_during_apply,
             during_switchover: a.crash_during_switchover,
         },
+        durability: a.durability,
         control_socket: a.control_socket,
         launcher,
     };

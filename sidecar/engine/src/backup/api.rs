@@ -31,6 +31,7 @@ async fn status(State(n): State<Arc<BackupNode>>) -> Json<BackupNodeStatus> {
     Json(BackupNodeStatus {
         node: n.identity.node.clone(),
         lease_ms: LEASE.as_millis() as u64,
+        durability: n.cfg.durability,
         vms,
     })
 }

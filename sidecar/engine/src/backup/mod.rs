@@ -26,7 +26,7 @@ use tokio::sync::mpsc;
 
 pub use error::BackupError;
 
-use crate::store::CrashPoint;
+use crate::store::{CrashPoint, Durability};
 use crate::tls::Identity;
 use crate::transport::{read_message, write_frame, PathError};
 
@@ -41,6 +41,8 @@ pub struct BackupConfig {
     pub max_staged_epochs: usize,
     /// Test hooks, see [`CrashPoint`].
     pub crash: CrashPoint,
+    /// When an epoch counts as committed here ([`Durability`]).
+    pub durability: Durability,
     /// Control API socket (`GET /v1/status`, `POST /v1/promote`); none by default.
     pub control_socket: Option<PathBuf>,
     /// How VMs are started here for a switchover or a promote; `None` refuses both, saying why.
@@ -220,6 +222,7 @@ impl BackupNode {
             node: self.identity.node.clone(),
             max_staged: self.cfg.max_staged_epochs,
             crash: self.cfg.crash,
+            durability: self.cfg.durability,
             launcher: self.cfg.launcher.clone(),
         })?;
         let handle = Arc::new(VmHandle {

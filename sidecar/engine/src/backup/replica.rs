@@ -16,7 +16,7 @@ use super::target::Target;
 use super::{BackupError, VmIn, LEASE};
 use crate::control::{FenceStatus, PromoteReply, PromoteRequest, ReplicaStatus};
 use crate::fence;
-use crate::store::{CrashPoint, DirLock, ReplicaStore};
+use crate::store::{CrashPoint, DirLock, Durability, ReplicaStore};
 
 /// How often the thread wakes with nothing to do (lease, timeouts, idle checkpoints, VMM exits).
 const TICK: Duration = Duration::from_millis(300);
@@ -31,6 +31,7 @@ pub(super) struct Opening {
     pub node: String,
     pub max_staged: usize,
     pub crash: CrashPoint,
+    pub durability: Durability,
     pub launcher: Option<Arc<dyn Launcher>>,
 }
 
@@ -71,7 +72,8 @@ pub(super) fn start(o: Opening) -> Result<(std::sync::mpsc::Sender<VmIn>, u64), 
             "the VM runs on this node; its replica file is its RAM");
         None
     } else {
-        let s = ReplicaStore::open(&o.dir, &o.vm_id, o.mem_bytes, o.page_size, o.crash)?;
+        let mut s = ReplicaStore::open(&o.dir, &o.vm_id, o.mem_bytes, o.page_size, o.crash)?;
+        s.set_durability(o.durability);
         tracing::info!(vm = %o.vm_id, committed = s.committed_epoch(), io_uring = s.uses_io_uring(), "replica opened");
         Some(s)
     };
@@ -316,7 +318,12 @@ impl VmThread {
         let o = &self.o;
         let r = match self.store.take() {
             Some(s) => Ok(s),
-            None => ReplicaStore::open(&o.dir, &o.vm_id, o.mem_bytes, o.page_size, o.crash),
+            None => ReplicaStore::open(&o.dir, &o.vm_id, o.mem_bytes, o.page_size, o.crash).map(
+                |mut s| {
+                    s.set_durability(o.durability);
+                    s
+                },
+            ),
         }
         .and_then(|mut s| s.forget().map(|()| s));
         match r {

@@ -117,6 +117,35 @@ pub fn identify(dir: &Path) -> Result<Option<ReplicaId>, StoreError> {
     }))
 }
 
+/// When a backup acknowledges an epoch as committed (`endophyte backup --durability`).
+///
+/// - `Disk`: once its journal is on disk (fdatasync). Survives the loss of the backup host.
+/// - `Memory`: once its journal is written to the backup's page cache, verified, without waiting for the
+///   disk (as Remus acknowledges from the backup's RAM). Survives a crash of the backup process, which is
+///   what the kernel keeps written data through. A crash of the backup host may lose the epochs since the
+///   last checkpoint (every 2 s) whose journals had not reached the disk; recovery then starts from an
+///   older complete epoch and the primary resyncs the backup from there, so the replica stays consistent.
+///   Every committed epoch is lost only if a quorum of backup hosts crash within that window.
+#[derive(
+    Clone,
+    Copy,
+    Debug,
+    Default,
+    PartialEq,
+    Eq,
+    serde::Serialize,
+    serde::Deserialize,
+    clap::ValueEnum,
+)]
+#[serde(rename_all = "lowercase")]
+pub enum Durability {
+    /// Acknowledge from the page cache.
+    Memory,
+    /// Acknowledge once on disk.
+    #[default]
+    Disk,
+}
+
 /// Test hooks: abort the process at a chosen point (see `endophyte backup --crash-during-apply`).
 #[derive(Clone, Copy, Debug, Default)]
 pub struct CrashPoint {
@@ -144,6 +173,7 @@ pub struct ReplicaStore {
     checkpointing: Option<std::thread::JoinHandle<Result<u64, StoreError>>>,
     use_uring: bool,
     crash: CrashPoint,
+    durability: Durability,
     /// vCPU and device state of the committed epoch, when its end marker carried one.
     vm_state: Option<VmState>,
 }
@@ -232,6 +262,7 @@ impl ReplicaStore {
             checkpointing: None,
             use_uring,
             crash,
+            durability: Durability::Disk,
             vm_state,
         };
         if fresh {
@@ -315,9 +346,14 @@ impl ReplicaStore {
         Ok(())
     }
 
+    /// Acknowledges commits as `d` says from now on (the default is [`Durability::Disk`]).
+    pub fn set_durability(&mut self, d: Durability) {
+        self.durability = d;
+    }
+
     /// Commits an epoch whose chunks are all journaled and verified (by the [`endophyte_wire::Receiver`]):
-    /// journal the end marker and fsync (the commit point), then write the chunks into the replica. The
-    /// journal stays until a checkpoint covers the epoch.
+    /// journal the end marker and fsync it (the commit point; with [`Durability::Memory`] the write alone),
+    /// then write the chunks into the replica. The journal stays until a checkpoint covers the epoch.
     ///
     /// Returns the guest addresses of the pages it rewrote, in the order written.
     ///
@@ -332,7 +368,9 @@ impl ReplicaStore {
         let frame: EncodedFrame = Message::EpochEnd(end.clone()).encode();
         j.append(&[&frame.head])?;
         let t0 = std::time::Instant::now();
-        j.sync()?;
+        if self.durability == Durability::Disk {
+            j.sync()?;
+        }
         let synced = t0.elapsed();
         let (index, session) = (std::mem::take(&mut j.index), j.session);
         drop(j);
