@@ -37,21 +37,6 @@ pub struct SidecarLaunch {
     pub control: PathBuf,
 }
 
-/// What the supervisor is doing.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub enum Phase {
-    /// No VM defined yet.
-    Idle,
-    /// Waiting for QEMU's monitor socket.
-    WaitingForQemu,
-    /// The sidecar runs (its pid).
-    Running(u32),
-    /// The sidecar failed for good; the message says how.
-    Failed(String),
-    /// Stopped (Shutdown or the hook's own exit).
-    Stopped,
-}
-
 /// The sidecar's supervisor; one per hook process (one VM per virt-launcher pod).
 pub struct Supervisor {
     launch: SidecarLaunch,
@@ -60,7 +45,8 @@ pub struct Supervisor {
 }
 
 struct State {
-    phase: Phase,
+    /// Shutdown came, or the sidecar exited on its own: no sidecar starts again.
+    stopped: bool,
     attachment: Option<Attachment>,
     task: Option<tokio::task::JoinHandle<()>>,
 }
@@ -71,7 +57,7 @@ impl Supervisor {
         Arc::new(Self {
             launch,
             state: Mutex::new(State {
-                phase: Phase::Idle,
+                stopped: false,
                 attachment: None,
                 task: None,
             }),
@@ -79,17 +65,12 @@ impl Supervisor {
         })
     }
 
-    /// What it is doing now.
-    pub fn phase(&self) -> Phase {
-        self.lock().phase.clone()
-    }
-
     fn lock(&self) -> std::sync::MutexGuard<'_, State> {
         self.state.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    fn set(&self, p: Phase) {
-        self.lock().phase = p;
+    fn set_stopped(&self) {
+        self.lock().stopped = true;
     }
 
     /// The domain was defined for `a`: start watching for QEMU unless already doing so. A later define
@@ -101,8 +82,7 @@ impl Supervisor {
         }
         st.attachment = Some(a);
         let live = st.task.as_ref().is_some_and(|t| !t.is_finished());
-        if !live && st.phase != Phase::Stopped {
-            st.phase = Phase::WaitingForQemu;
+        if !live && !st.stopped {
             let me = Arc::clone(self);
             st.task = Some(tokio::spawn(async move { me.run().await }));
         }
@@ -113,7 +93,7 @@ impl Supervisor {
     pub async fn shutdown(&self) {
         let task = {
             let mut st = self.lock();
-            st.phase = Phase::Stopped;
+            st.stopped = true;
             st.task.take()
         };
         self.stop.notify_waiters();
@@ -121,7 +101,7 @@ impl Supervisor {
         if let Some(t) = task {
             let _ = t.await;
         }
-        self.set(Phase::Stopped);
+        self.set_stopped();
     }
 
     async fn run(self: Arc<Self>) {
@@ -140,14 +120,11 @@ impl Supervisor {
             let mut child = match self.spawn(&a) {
                 Ok(c) => c,
                 Err(e) => {
-                    let m = format!("starting {}: {e}", self.launch.endophyte.display());
-                    tracing::error!("{m}");
-                    self.set(Phase::Failed(m));
+                    tracing::error!("starting {}: {e}", self.launch.endophyte.display());
                     return;
                 }
             };
             let started = Instant::now();
-            self.set(Phase::Running(child.id().unwrap_or(0)));
             tracing::info!(vm = %a.vm_id, qmp = %self.launch.qmp.display(), "sidecar started");
             let status = tokio::select! {
                 s = child.wait() => s,
@@ -161,18 +138,15 @@ impl Supervisor {
             match status {
                 Ok(s) if s.success() => {
                     tracing::info!(vm = %a.vm_id, "sidecar exited");
-                    self.set(Phase::Stopped);
+                    self.set_stopped();
                     return;
                 }
                 Ok(s) if ran < PERMANENT_WITHIN => {
-                    let m = format!("the sidecar failed {ran:?} after its start ({s}); not restarted: see its log above");
-                    tracing::error!(vm = %a.vm_id, "{m}");
-                    self.set(Phase::Failed(m));
+                    tracing::error!(vm = %a.vm_id, "the sidecar failed {ran:?} after its start ({s}); not restarted: see its log above");
                     return;
                 }
                 other => {
                     tracing::warn!(vm = %a.vm_id, "sidecar ended after {ran:?}: {other:?}; restarting in {backoff:?}");
-                    self.set(Phase::WaitingForQemu);
                     tokio::select! {
                         _ = self.stop.notified() => return,
                         _ = tokio::time::sleep(backoff) => {}

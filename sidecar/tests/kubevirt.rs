@@ -15,7 +15,7 @@ use std::process::{Command, Stdio};
 use std::time::Duration;
 
 use common::libvirt::*;
-use common::qemu::{connect, pages};
+use common::qemu::{connect, final_epoch_is_pmemsave, pages, replica_hash_and_counter};
 use common::*;
 use endophyte_kubevirt_hooks::collector;
 use serde_json::json;
@@ -222,7 +222,7 @@ fn a_vm_the_hook_defined_replicates_migrates_and_comes_back_from_its_replica() {
     let vm_dir = d2.join(vm);
     let e = checkpoint(&vm_dir);
     let h = ram_hashes(&hashes);
-    let (want, in_replica) = replica_hash_and_counter(&vm_dir);
+    let (want, in_replica) = replica_hash_and_counter(&vm_dir, MEM_MIB << 20);
     assert_eq!(
         Some(&want),
         h.get(&e),
@@ -230,26 +230,7 @@ fn a_vm_the_hook_defined_replicates_migrates_and_comes_back_from_its_replica() {
     );
 
     // b2's replica comes back through libvirt.
-    let image = run.join("vm.save");
-    let o = Command::new(EXE)
-        .args(["export", "--data-dir", &d2.display().to_string()])
-        .args(["--vm", vm, "--format", "libvirt", "--paused"])
-        .args(["--domain-xml", &migratable.display().to_string()])
-        .args(["--output", &image.display().to_string()])
-        .output()
-        .unwrap();
-    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
-    virsh_ok(&["restore", &image.display().to_string()]);
-    assert_eq!(domstate(&dom.name), "paused");
-    let mut probe = connect(&dom.probe_qmp);
-    assert_eq!(pages(&mut probe), in_replica);
-    virsh_ok(&["resume", &dom.name]);
-    std::thread::sleep(Duration::from_millis(500));
-    let now = pages(&mut probe);
-    assert!(
-        now > in_replica,
-        "the restored guest goes on: {in_replica} then {now}"
-    );
+    restore_export(&d2, vm, &migratable, &dom, &want, in_replica);
 }
 
 /// A stand-in for a virt-launcher pod with the hook sidecar: the hook binary in its socket directory
@@ -334,15 +315,7 @@ fn shutdown_stops_the_hooks_sidecar_with_a_final_epoch() {
         !Path::new("/proc").join(sidecar.to_string()).exists(),
         "the sidecar outlived Shutdown"
     );
-    let h = ram_hashes(&hashes);
-    let (&last, qemu_hash) = h.last_key_value().expect("epoch hashes");
-    let vm_dir = d1.join(vm);
-    assert_eq!(checkpoint_reaching(&vm_dir, last), last);
-    let (want, in_replica) = replica_hash_and_counter(&vm_dir);
-    assert_eq!(
-        &want, qemu_hash,
-        "the final epoch's replica against pmemsave"
-    );
+    let (_, _, in_replica) = final_epoch_is_pmemsave(&hashes, &d1.join(vm), MEM_MIB << 20);
     assert!(in_replica >= before, "{in_replica} < {before}");
     // The guest runs on, no longer replicated.
     std::thread::sleep(Duration::from_millis(500));

@@ -11,25 +11,6 @@ use common::qemu::*;
 use common::*;
 use serde_json::{json, Value};
 
-/// The sidecar flags for the QEMU behind `qmp`: VM `vm1`, node `primary`.
-fn qemu_args(qmp: &Path, certs: &Path, ctl: &Path) -> Vec<String> {
-    vec![
-        "--vm-id=vm1".into(),
-        format!("--qmp={}", qmp.display()),
-        format!("--certs={}", certs.display()),
-        "--node=primary".into(),
-        format!("--control-socket={}", ctl.display()),
-    ]
-}
-
-/// BLAKE3 of main RAM with the PC's 640 KiB-1 MiB window zeroed, hex: the bytes `pmemsave` cannot show
-/// (VGA memory and ROMs lie over RAM there in QEMU's physical view) left out.
-fn masked_hash(ram: &[u8]) -> String {
-    let mut ram = ram.to_vec();
-    ram[0xa_0000..0x10_0000].fill(0);
-    blake3::hash(&ram).to_hex().to_string()
-}
-
 /// Stops the guest through the test's monitor, as a user or libvirt would, and checks that epochs wait
 /// for it with the reason in the status and that it stays stopped; resumes it and checks epochs go on.
 fn a_users_stop_is_left_alone(vm: &mut Vm, ctl: &Path) {
@@ -91,7 +72,7 @@ fn replicate_and_check(userfaultfd: bool) -> Value {
     let mut vm = boot(tmp.path(), 2000, userfaultfd);
     let ctl = tmp.path().join("sidecar.ctl");
     let hashes = tmp.path().join("hashes.jsonl");
-    let mut args = qemu_args(&vm.sidecar_qmp, &certs, &ctl);
+    let mut args = sidecar_args(&vm.sidecar_qmp, &certs, &ctl);
     args.push(format!("--backup=name=b1,addr={a1}"));
     args.push(format!("--ram-hashes={}", hashes.display()));
     let sidecar = sidecar_start(&args);
@@ -102,20 +83,7 @@ fn replicate_and_check(userfaultfd: bool) -> Value {
     let before_stop = pages(&mut vm.test);
     let report = sidecar_stop(sidecar);
     assert_eq!(report["tracking"], "full_snapshot", "{report}");
-    let h = ram_hashes(&hashes);
-    let (&last, qemu_hash) = h.last_key_value().expect("the final epoch's hash");
-    let vm_dir = d1.join("vm1");
-    assert_eq!(checkpoint_reaching(&vm_dir, last), last);
-    let replica = std::fs::read(vm_dir.join("replica.img")).unwrap();
-    let main = (MEM_MIB << 20) as usize;
-    assert_eq!(
-        &masked_hash(&replica[..main]),
-        qemu_hash,
-        "replica against pmemsave, epoch {last}"
-    );
-    let (_, in_replica) = testvm::qemu_guest::status_in_file(&vm_dir.join("replica.img"))
-        .unwrap()
-        .expect("the guest's status record in the replica");
+    let (_, _, in_replica) = final_epoch_is_pmemsave(&hashes, &d1.join("vm1"), MEM_MIB << 20);
     assert!(in_replica >= before_stop && in_replica <= pages(&mut vm.test));
     report
 }
@@ -162,7 +130,7 @@ fn a_qemu_with_an_incompatible_capability_is_refused_naming_it() {
         )
         .unwrap();
     let ctl = tmp.path().join("sidecar.ctl");
-    let mut args = qemu_args(&vm.sidecar_qmp, &certs, &ctl);
+    let mut args = sidecar_args(&vm.sidecar_qmp, &certs, &ctl);
     args.push(format!("--backup=name=b1,addr={}", free_udp()));
     let t = Instant::now();
     let out = std::process::Command::new(EXE)

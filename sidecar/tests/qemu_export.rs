@@ -11,14 +11,8 @@ use std::time::{Duration, Instant};
 
 use common::qemu::*;
 use common::*;
+use endophyte_qemu::source::hash::pmem_hash;
 use serde_json::Value;
-
-/// BLAKE3 of main RAM with the PC's 640 KiB-1 MiB window zeroed, hex (what `pmemsave` cannot show).
-fn masked_hash(ram: &[u8]) -> String {
-    let mut ram = ram[..(MEM_MIB << 20) as usize].to_vec();
-    ram[0xa_0000..0x10_0000].fill(0);
-    blake3::hash(&ram).to_hex().to_string()
-}
 
 fn export(args: &[&str]) -> Output {
     Command::new(EXE)
@@ -70,13 +64,7 @@ fn restore(dir: &Path, elf: &Path, incoming: &str, want_hash: &str) -> u64 {
         );
         std::thread::sleep(Duration::from_millis(50));
     }
-    let dump = dir.join("restored.pmem");
-    q.execute(
-        "pmemsave",
-        serde_json::json!({"val": 0, "size": MEM_MIB << 20, "filename": dump.display().to_string()}),
-    )
-    .unwrap();
-    assert_eq!(masked_hash(&std::fs::read(&dump).unwrap()), want_hash);
+    assert_eq!(pmem_hash(&mut q, dir, MEM_MIB << 20).unwrap(), want_hash);
     q.execute("cont", Value::Null).unwrap();
     let p0 = pages(&mut q);
     std::thread::sleep(Duration::from_millis(500));
@@ -100,14 +88,9 @@ fn a_replica_exports_as_a_qemu_stream_and_a_libvirt_save_image_that_restore() {
     let mut b1 = backup(&certs, "b1", a1, &d1, &[]);
     let mut vm = boot(tmp.path(), 2000, true);
     let ctl = tmp.path().join("sidecar.ctl");
-    let sidecar = sidecar_start(&[
-        "--vm-id=vm1".into(),
-        format!("--qmp={}", vm.sidecar_qmp.display()),
-        format!("--certs={}", certs.display()),
-        "--node=primary".into(),
-        format!("--backup=name=b1,addr={a1}"),
-        format!("--control-socket={}", ctl.display()),
-    ]);
+    let mut args = sidecar_args(&vm.sidecar_qmp, &certs, &ctl);
+    args.push(format!("--backup=name=b1,addr={a1}"));
+    let sidecar = sidecar_start(&args);
     status_until(&ctl, Duration::from_secs(90), "replication", |s| {
         s["backups"][0]["committed_epoch"].as_u64() > Some(3)
     });
@@ -127,11 +110,7 @@ fn a_replica_exports_as_a_qemu_stream_and_a_libvirt_save_image_that_restore() {
     let _ = vm.child.kill();
     let _ = vm.child.wait();
     b1.kill();
-    let replica = std::fs::read(d1.join("vm1/replica.img")).unwrap();
-    let want = masked_hash(&replica);
-    let (_, in_replica) = testvm::qemu_guest::status_in_file(&d1.join("vm1/replica.img"))
-        .unwrap()
-        .unwrap();
+    let (want, in_replica) = replica_hash_and_counter(&d1.join("vm1"), MEM_MIB << 20);
 
     // A plain stream: QEMU loads it with exec:cat.
     let o = export(&["--data-dir", &d1s, "--vm", "vm1", "--output", &stream_s]);

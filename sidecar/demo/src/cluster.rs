@@ -170,7 +170,13 @@ pub fn start_cluster(
     } = start_backups(
         dir,
         paths,
-        &["--durability".into(), durability_flag(durability).into()],
+        &[
+            "--durability".into(),
+            clap::ValueEnum::to_possible_value(&durability)
+                .expect("every level has a name")
+                .get_name()
+                .into(),
+        ],
     )?;
     let socket = dir.join("vm.sock");
     kids.0.push(
@@ -192,12 +198,4 @@ pub fn start_cluster(
         data_dirs,
         socket,
     })
-}
-
-/// `endophyte backup --durability`'s word for `d`.
-pub fn durability_flag(d: endophyte_engine::store::Durability) -> &'static str {
-    match d {
-        endophyte_engine::store::Durability::Memory => "memory",
-        endophyte_engine::store::Durability::Disk => "disk",
-    }
 }

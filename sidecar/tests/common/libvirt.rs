@@ -253,17 +253,51 @@ pub fn suspend_and_resume(name: &str, probe: &mut Qmp) {
     );
 }
 
-/// The replica's main RAM in `vm_dir` hashed as [`endophyte_qemu::source::hash::pmem_hash`] hashes
-/// QEMU's `pmemsave`, and the guest's counter in it.
-pub fn replica_hash_and_counter(vm_dir: &Path) -> (String, u64) {
-    let file = vm_dir.join("replica.img");
-    let mut main = std::fs::read(&file).unwrap();
-    main.truncate((MEM_MIB << 20) as usize);
-    let (_, counter) = qemu_guest::status_in_file(&file)
-        .unwrap()
-        .expect("the guest's status record in the replica");
-    (
-        endophyte_qemu::source::hash::masked_ram_hash(&mut main),
+/// Exports the replica of `vm` kept in `data_dir` as a libvirt save image of the domain XML `xml`
+/// (`--paused`), brings it back with `virsh restore`, and checks that the domain returns paused with the
+/// replica's RAM (`want_hash`, by QEMU's own `pmemsave`) and the guest's counter at `counter`, and counts
+/// on once `virsh resume` runs it. Returns the export's JSON report.
+pub fn restore_export(
+    data_dir: &Path,
+    vm: &str,
+    xml: &Path,
+    dom: &Domain,
+    want_hash: &str,
+    counter: u64,
+) -> serde_json::Value {
+    let image = dom.run.join(format!("{vm}.save"));
+    let o = Command::new(super::EXE)
+        .args(["export", "--data-dir", &data_dir.display().to_string()])
+        .args(["--vm", vm, "--format", "libvirt", "--paused"])
+        .args(["--domain-xml", &xml.display().to_string()])
+        .args(["--output", &image.display().to_string()])
+        .env("RUST_LOG", super::log_level())
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    // libvirtd reads the image, defines the domain from its XML and feeds QEMU the stream.
+    virsh_ok(&["restore", &image.display().to_string()]);
+    assert_eq!(domstate(&dom.name), "paused", "restored as the image says");
+    let mut probe = connect(&dom.probe_qmp);
+    // QEMU (libvirt's user) writes the dump into the run directory.
+    let restored =
+        endophyte_qemu::source::hash::pmem_hash(&mut probe, &dom.run, MEM_MIB << 20).unwrap();
+    assert_eq!(
+        restored, want_hash,
+        "the restored guest's RAM against the replica"
+    );
+    assert_eq!(
+        super::qemu::pages(&mut probe),
         counter,
-    )
+        "paused at the replica's count"
+    );
+    virsh_ok(&["resume", &dom.name]);
+    std::thread::sleep(Duration::from_millis(500));
+    let now = super::qemu::pages(&mut probe);
+    assert!(
+        now > counter,
+        "the restored guest goes on: {counter} then {now}"
+    );
+    assert_eq!(domstate(&dom.name), "running");
+    serde_json::from_slice(&o.stdout).unwrap()
 }

@@ -9,6 +9,7 @@ use std::time::{Duration, Instant};
 pub use endophyte_demo::qemu::vm::guest_status;
 use endophyte_demo::qemu::vm::{no_userfaultfd_filter, Guest};
 use endophyte_qemu::qmp::Qmp;
+use endophyte_qemu::source::hash::masked_ram_hash;
 use testvm::qemu_guest;
 
 pub const MEM_MIB: u64 = 64;
@@ -186,4 +187,39 @@ pub fn differing_ram_pages(a: &[u8], b: &[u8]) -> Vec<u64> {
         .filter(|(_, (x, y))| x != y)
         .map(|(at, _)| at)
         .collect()
+}
+
+/// The sidecar flags for the QEMU behind `qmp`: VM `vm1`, node `primary`, control socket `ctl`.
+pub fn sidecar_args(qmp: &Path, certs: &Path, ctl: &Path) -> Vec<String> {
+    vec![
+        "--vm-id=vm1".into(),
+        format!("--qmp={}", qmp.display()),
+        format!("--certs={}", certs.display()),
+        "--node=primary".into(),
+        format!("--control-socket={}", ctl.display()),
+    ]
+}
+
+/// The replica in `vm_dir`: its first `mem_bytes` of RAM hashed as QEMU's `pmemsave` is hashed
+/// ([`masked_ram_hash`]: the legacy window left out), and the guest's counter in it.
+pub fn replica_hash_and_counter(vm_dir: &Path, mem_bytes: u64) -> (String, u64) {
+    let file = vm_dir.join("replica.img");
+    let mut main = std::fs::read(&file).unwrap();
+    main.truncate(mem_bytes as usize);
+    let (_, counter) = qemu_guest::status_in_file(&file)
+        .unwrap()
+        .expect("the guest's status record in the replica");
+    (masked_ram_hash(&mut main), counter)
+}
+
+/// After a sidecar run with `--ram-hashes hashes` stopped (its final epoch cut with the guest paused and
+/// hashed from QEMU's `pmemsave`): checks that the backup's replica in `vm_dir` is that epoch's RAM;
+/// returns the epoch, that hash and the guest's counter in the replica.
+pub fn final_epoch_is_pmemsave(hashes: &Path, vm_dir: &Path, mem_bytes: u64) -> (u64, String, u64) {
+    let h = super::ram_hashes(hashes);
+    let (&last, qemu_hash) = h.last_key_value().expect("the final epoch's hash");
+    assert_eq!(super::checkpoint_reaching(vm_dir, last), last);
+    let (want, counter) = replica_hash_and_counter(vm_dir, mem_bytes);
+    assert_eq!(&want, qemu_hash, "replica against pmemsave, epoch {last}");
+    (last, want, counter)
 }

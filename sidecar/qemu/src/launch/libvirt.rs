@@ -39,11 +39,7 @@ pub enum TemplateError {
 /// [`TemplateError`].
 pub fn template_from_native(argv: &str) -> Result<Vec<String>, TemplateError> {
     let words = shell_words::split(argv).map_err(|e| TemplateError::Split(e.to_string()))?;
-    let mut words = words
-        .into_iter()
-        .skip_while(|w| is_assignment(w))
-        .collect::<Vec<_>>()
-        .into_iter();
+    let mut words = words.into_iter().skip_while(|w| is_assignment(w));
     let program = words.next().ok_or(TemplateError::Empty)?;
     let mut out = vec![program];
     let mut monitor = false;
