@@ -66,8 +66,6 @@ pub(super) struct EpochLoop {
     pub output_at_exit: u64,
     /// The VM runs on the migration target now; this sidecar is done.
     pub migrated: bool,
-    /// Lowest RTT to the migration target seen while converging.
-    pub min_rtt: Option<Duration>,
     /// vCPU and device state saved at the last pause (`None` if saving failed).
     pub pause_state: Option<VmState>,
     /// Per-page hashes, for a VMM that hands over full snapshots.
@@ -102,16 +100,19 @@ impl EpochLoop {
             let switch_to = self.converge()?;
             let epoch_len = Duration::from_millis(self.epoch_ms_now());
             let stopping = self.stopping();
-            // Pace epochs; also wait while the backups cannot take another one.
+            // Pace epochs; also wait while the backups cannot take another one. The final epoch of a
+            // switchover is cut as soon as the target holds the one before: the guest dirties pages all the
+            // while, and every page dirtied before the cut is downtime.
             let due = last_pause + epoch_len;
             let shared = self.shared.clone();
-            if !stopping {
+            if !stopping && switch_to.is_none() {
                 shared.wait_until(
                     due.saturating_duration_since(Instant::now()) + Duration::from_millis(1),
                     |_| Instant::now() >= due || shared.stopping(),
                 );
             }
-            self.wait_for_room();
+            self.wait_for_room(switch_to);
+            tracing::debug!(since_pause = ?last_pause.elapsed(), switch = switch_to.is_some(), "epoch due");
             if self.vmm_busy() {
                 if stopping {
                     tracing::warn!("stopping while the VMM cannot take an epoch: no final epoch");
@@ -215,8 +216,10 @@ impl EpochLoop {
 
     /// Waits while the backups cannot take another epoch: too many open, or too much unacknowledged.
     /// Converging, one epoch at a time goes to the target (up to 1 s), so that each epoch's lag from pause
-    /// to commit is what the final epoch will see, not a queue behind earlier ones.
-    fn wait_for_room(&mut self) {
+    /// to commit is what the final epoch will see, not a queue behind earlier ones. The final epoch of a
+    /// switchover to `switch_to` waits for that target alone: the other backups are not on the critical
+    /// path.
+    fn wait_for_room(&mut self, switch_to: Option<usize>) {
         let budget = self.cfg.max_unacked as usize;
         let shared = self.shared.clone();
         let converging_to = self.converging_target();
@@ -225,6 +228,9 @@ impl EpochLoop {
             shared.wait_until(Duration::from_secs(1), |g| {
                 g.sender.committed(t) >= last_cut || !g.sender.is_streaming(t) || shared.stopping()
             });
+        }
+        if switch_to.is_some() {
+            return;
         }
         shared.wait_until(Duration::from_secs(3600), |g| {
             (g.sender.can_begin_epoch() && g.sender.max_unacked_bytes() < budget)

@@ -102,12 +102,12 @@ impl EpochLoop {
         let committed = g.sender.committed(target);
         let current =
             g.sender.is_streaming(target) && committed + 2 >= self.next_epoch && committed > 0;
-        // The lowest RTT seen: the smoothed one includes queueing behind this sidecar's own chunks, which
+        // The lowest RTT sample: the smoothed one includes queueing behind this sidecar's own chunks, which
         // the switchover's few messages do not wait for.
-        if let Some(r) = g.sender.rtt(target) {
-            self.min_rtt = Some(self.min_rtt.map_or(r, |m| m.min(r)));
-        }
-        let rtt_ms = self.min_rtt.map_or(0.0, |d| d.as_secs_f64() * 1e3);
+        let rtt_ms = g
+            .sender
+            .min_rtt(target)
+            .map_or(0.0, |d| d.as_secs_f64() * 1e3);
         // The final transfer takes what recent epochs took from their pause to the target's commit
         // (measured at the converged epoch length); before there is such a measure, the last epoch's dirty
         // bytes at the best drain rate seen. Then Switchover/Ready and Commit/SwitchedOver: two round
@@ -123,6 +123,14 @@ impl EpochLoop {
         });
         let predicted = transfer_ms + 2.0 * rtt_ms;
         let streaming = g.sender.is_streaming(target);
+        tracing::debug!(
+            predicted_ms = predicted,
+            transfer_ms,
+            rtt_ms,
+            current,
+            standby_ready,
+            "converging"
+        );
         let m = g.migration.as_mut().expect("checked above");
         m.predicted_ms = Some(predicted);
         let budget = req.downtime_ms as f64;
@@ -172,6 +180,7 @@ impl EpochLoop {
         tracing::warn!("migration failed: {why}");
         self.pacing.floor = 0.0;
         let mut g = self.shared.lock();
+        g.sender.set_priority(None);
         if let Some(m) = g.migration.as_mut() {
             m.phase = Phase::Failed;
             m.error = Some(why);
@@ -373,6 +382,7 @@ pub(super) fn start_migration(
     g.final_fetched = false;
     // Measured afresh at the converging epoch length.
     g.commit_lag_ms[target] = None;
+    g.sender.set_priority(Some(target));
     let wire_at_start = g.counters.wire_bytes;
     g.migration = Some(MigrationCtl {
         request: req,

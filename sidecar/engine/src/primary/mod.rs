@@ -201,7 +201,6 @@ pub fn run_sidecar(
         epoch_output: Vec::new(),
         output_at_exit: 0,
         migrated: false,
-        min_rtt: None,
         pause_state: None,
         page_hashes: None,
     };

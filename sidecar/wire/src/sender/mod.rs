@@ -176,6 +176,8 @@ pub struct Sender {
     pending: VecDeque<(BackupId, Message)>,
     /// The switchover in progress (or the last one), with its target.
     switchover: Option<(BackupId, SourceSwitchover)>,
+    /// Served first (see [`Sender::set_priority`]).
+    priority: Option<BackupId>,
     next_token: u64,
 }
 
@@ -191,6 +193,7 @@ impl Sender {
             control: VecDeque::new(),
             pending: VecDeque::new(),
             switchover: None,
+            priority: None,
             next_token: 1,
         }
     }
@@ -215,6 +218,13 @@ impl Sender {
             m.handle_committed(b.committed, now);
         }
         self.switchover = Some((target, m));
+    }
+
+    /// Serves backup `b`'s chunks before every other backup's while it is set (`None`: in index order).
+    /// A migration sets its target while it converges and switches over: the final epoch's lag to the
+    /// target is the downtime, and the other backups are not on that path.
+    pub fn set_priority(&mut self, b: Option<BackupId>) {
+        self.priority = b;
     }
 
     /// The phase of the switchover in progress, if one was begun.
@@ -256,6 +266,12 @@ impl Sender {
     /// Smoothed round-trip time of backup `b`'s paths (the smallest), if measured.
     pub fn rtt(&self, b: BackupId) -> Option<Duration> {
         self.backups[b].paths.iter().filter_map(|p| p.rtt).min()
+    }
+
+    /// The lowest RTT sample on any of backup `b`'s paths (QUIC's `min_rtt`, RFC 9002 section 5.2): a
+    /// round trip that does not queue behind this sender's chunks, as a switchover's few messages.
+    pub fn min_rtt(&self, b: BackupId) -> Option<Duration> {
+        self.backups[b].paths.iter().filter_map(|p| p.min_rtt).min()
     }
 
     /// Chunk body bytes held for backup `b` and not yet acknowledged by it.
@@ -302,6 +318,7 @@ impl Sender {
         path.up = true;
         path.inflight = 0;
         path.ping = None;
+        path.min_rtt = None;
         path.next_ping = Some(now);
         if restarted && backup.streaming {
             // A new instance lost whatever it had staged: start it over from what it holds, even though its
@@ -547,6 +564,7 @@ impl Sender {
                             None => sample,
                             Some(old) => (old * 7 + sample) / 8,
                         });
+                        path.min_rtt = Some(path.min_rtt.map_or(sample, |m| m.min(sample)));
                         path.ping = None;
                     }
                 }
@@ -670,7 +688,12 @@ impl Sender {
             let path = self.up_path(backup).expect("checked");
             return Some(Transmit { backup, path, msg });
         }
-        for bi in 0..self.backups.len() {
+        // A migration's target goes first (see `set_priority`); the others take what its paths leave.
+        let first = self.priority;
+        let order = first
+            .into_iter()
+            .chain((0..self.backups.len()).filter(|b| Some(*b) != first));
+        for bi in order {
             let b = &mut self.backups[bi];
             if let Some(t) = b.poll_transmit(bi, now, &self.cfg, &mut self.next_token) {
                 return Some(t);

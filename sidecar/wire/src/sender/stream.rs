@@ -40,6 +40,8 @@ pub(super) struct PathState {
     pub(super) next_ping: Option<Instant>,
     pub(super) ping: Option<(u64, Instant)>,
     pub(super) rtt: Option<Duration>,
+    /// The lowest RTT sample, as QUIC's `min_rtt` (RFC 9002, section 5.2): the path without queueing.
+    pub(super) min_rtt: Option<Duration>,
 }
 
 #[derive(Debug)]
