@@ -16,6 +16,8 @@ use std::os::unix::net::{UnixListener, UnixStream};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use vmm_sys_util::eventfd::EventFd;
+
 use crate::bitmap::{words_for, DirtyBitmap};
 use crate::proto::{
     self, ErrorCode, FrameError, RegionInfo, Request, Response, VmInfo, SUPPORTED_VERSIONS,
@@ -118,33 +120,58 @@ struct Holders {
 /// # Errors
 /// Errors of `accept` other than interruptions.
 pub fn serve(listener: UnixListener, target: Arc<dyn AttachTarget>) -> std::io::Result<()> {
-    let (stop_tx, stop_rx) = std::sync::mpsc::channel::<()>();
+    // A connection that asked for shutdown signals this eventfd; accept waits in poll(2) on both, so a
+    // client connecting (a backup's restore reconnects while the guest is paused) is accepted at once.
+    let stop = Arc::new(EventFd::new(libc::EFD_NONBLOCK)?);
     let owner: Arc<Mutex<Holders>> = Arc::default();
     let mut next_id = 1u64;
     listener.set_nonblocking(true)?;
     loop {
-        if stop_rx.try_recv().is_ok() {
+        let mut fds = [
+            libc::pollfd {
+                fd: listener.as_raw_fd(),
+                events: libc::POLLIN,
+                revents: 0,
+            },
+            libc::pollfd {
+                fd: stop.as_raw_fd(),
+                events: libc::POLLIN,
+                revents: 0,
+            },
+        ];
+        // SAFETY: `fds` is a valid array of two pollfd structs that outlives the call, and its length is
+        // passed with it.
+        let n = unsafe { libc::poll(fds.as_mut_ptr(), fds.len() as libc::nfds_t, -1) };
+        if n < 0 {
+            let e = std::io::Error::last_os_error();
+            if e.kind() == std::io::ErrorKind::Interrupted {
+                continue;
+            }
+            return Err(e);
+        }
+        if fds[1].revents != 0 {
             return Ok(());
         }
         match listener.accept() {
             Ok((stream, _)) => {
                 stream.set_nonblocking(false)?;
                 let target = target.clone();
-                let stop_tx = stop_tx.clone();
+                let stop = stop.clone();
                 let (owner, id) = (owner.clone(), next_id);
                 next_id += 1;
                 std::thread::Builder::new()
                     .name("attach-conn".into())
                     .spawn(move || {
                         if let Ok(true) = Connection::new(stream, target, owner, id).run() {
-                            let _ = stop_tx.send(());
+                            let _ = stop.write(1);
                         }
                     })?;
             }
-            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
-                std::thread::sleep(Duration::from_millis(20));
-            }
-            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    std::io::ErrorKind::WouldBlock | std::io::ErrorKind::Interrupted
+                ) => {}
             Err(e) => return Err(e),
         }
     }

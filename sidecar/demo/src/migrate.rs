@@ -70,6 +70,10 @@ pub struct MigrateSummary {
     pub total_ms: f64,
     /// Frame bytes sent during the migration (to both backups).
     pub bytes_sent: u64,
+    /// Page bytes of the final epoch: the delta the switchover carried.
+    pub final_epoch_bytes: u64,
+    /// Bytes of the vCPU and device state the switchover carried.
+    pub state_bytes: u64,
     /// Guest RAM hash at the source's final pause (by the source VMM) equals the guest RAM hash on the
     /// target before it resumed (by the target VMM).
     pub memory_hash_match: bool,
@@ -245,6 +249,8 @@ fn migrate_in(args: &MigrateArgs, dir: &Path) -> anyhow::Result<MigrateSummary> 
         converge_ms: report.converge_ms,
         total_ms: report.total_ms,
         bytes_sent: report.bytes_sent,
+        final_epoch_bytes: report.final_epoch_bytes,
+        state_bytes: report.state_bytes,
         memory_hash_match: !report.source_ram_hash.is_empty()
             && report.source_ram_hash == report.target_ram_hash,
         guest_progress_continued: p1 >= p0 && p2 > p1,

@@ -120,6 +120,13 @@ pub struct MigrationReport {
     pub total_ms: f64,
     /// Frame bytes sent to all backups during the migration.
     pub bytes_sent: u64,
+    /// Page bytes of the final epoch (pages dirtied since the one before, times the page size): the
+    /// delta the switchover itself carries.
+    #[serde(default)]
+    pub final_epoch_bytes: u64,
+    /// Bytes of the vCPU and device state sent with the switchover.
+    #[serde(default)]
+    pub state_bytes: u64,
     /// Predicted downtime when the switchover started, ms.
     pub predicted_downtime_ms: f64,
     /// Whether the budget was met by prediction (false: `force` at the deadline).

@@ -222,7 +222,7 @@ impl EpochLoop {
     fn wait_for_room(&mut self, switch_to: Option<usize>) {
         let budget = self.cfg.max_unacked as usize;
         let shared = self.shared.clone();
-        let converging_to = self.converging_target();
+        let converging_to = switch_to.or_else(|| self.converging_target());
         let last_cut = self.next_epoch - 1;
         if let Some(t) = converging_to {
             shared.wait_until(Duration::from_secs(1), |g| {

@@ -304,6 +304,8 @@ impl EpochLoop {
                     converge_ms: ms(times.t0 - m.started),
                     total_ms: ms(m.started.elapsed()),
                     bytes_sent: wire - m.wire_at_start,
+                    final_epoch_bytes: self.stats.last_dirty_bytes,
+                    state_bytes: self.pause_state.as_ref().map_or(0, |s| s.data.len() as u64),
                     predicted_downtime_ms: m.predicted_ms.unwrap_or(0.0),
                     converged: m
                         .predicted_ms

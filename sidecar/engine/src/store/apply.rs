@@ -7,7 +7,7 @@ use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 
 use endophyte_wire::frame::{FrameHeader, DEFAULT_MAX_PAYLOAD_BYTES, HEADER_BYTES};
-use endophyte_wire::{EpochEnd, Message};
+use endophyte_wire::{EpochEnd, Message, PageChunk};
 
 use super::{CrashPoint, StoreError};
 
@@ -19,34 +19,19 @@ pub(super) struct Image<'a> {
     pub mem_bytes: u64,
 }
 
-/// Writes the chunks of the durable journal at `journal` (frames at the given offsets) into the replica, in
-/// seq order. Chunks are not hashed again (they were verified on arrival and carried since under a frame
-/// CRC, checked here); structure, bounds and lz4 data are.
-pub(super) fn apply_chunks(
-    image: &Image<'_>,
+/// Reads the chunks of the journal at `journal` (frames at the given offsets, in seq order) for a redo
+/// after a crash. Each frame's CRC, structure and message kind are checked.
+pub(super) fn read_chunks(
     journal: &Path,
-    end: &EpochEnd,
     chunks: &BTreeMap<u32, (u64, usize)>,
-    crash: CrashPoint,
-) -> Result<Vec<u64>, StoreError> {
-    let epoch = end.epoch;
+) -> Result<Vec<PageChunk>, StoreError> {
     let file = File::open(journal).map_err(|source| StoreError::Io {
         op: "opening journal",
         path: journal.to_owned(),
         source,
     })?;
-    let mut writer = RunWriter::new(image.file, image.path.clone());
-    let zero = vec![0u8; image.page_size as usize];
-    let half = chunks.len() / 2;
-    let mut written = Vec::new();
-    for (i, (seq, &(offset, len))) in chunks.iter().enumerate() {
-        if crash.during_apply == Some(epoch) && i == half {
-            tracing::error!(
-                epoch,
-                "crash point reached halfway through applying; aborting"
-            );
-            std::process::abort();
-        }
+    let mut out = Vec::with_capacity(chunks.len());
+    for (seq, &(offset, len)) in chunks {
         let bad = |why: String| StoreError::Journal {
             path: journal.to_owned(),
             why: format!("chunk {seq}: {why}"),
@@ -61,9 +46,41 @@ pub(super) fn apply_chunks(
         let Ok(Message::Chunk { chunk, .. }) = Message::from_parts(&head, &h, payload) else {
             return Err(bad("not a chunk frame".into()));
         };
+        out.push(chunk);
+    }
+    Ok(out)
+}
+
+/// Writes an epoch's chunks (in seq order) into the replica. Chunks are not hashed again: at commit they
+/// are the ones the receiver verified on arrival, kept in memory since; at a redo they were read back
+/// under their frame CRC ([`read_chunks`]). Structure, bounds and lz4 data are checked. `journal` names
+/// the epoch's journal in errors.
+pub(super) fn apply_chunks(
+    image: &Image<'_>,
+    journal: &Path,
+    end: &EpochEnd,
+    chunks: &[PageChunk],
+    crash: CrashPoint,
+) -> Result<Vec<u64>, StoreError> {
+    let epoch = end.epoch;
+    let mut writer = RunWriter::new(image.file, image.path.clone());
+    let zero = vec![0u8; image.page_size as usize];
+    let half = chunks.len() / 2;
+    let mut written = Vec::new();
+    for (i, chunk) in chunks.iter().enumerate() {
+        if crash.during_apply == Some(epoch) && i == half {
+            tracing::error!(
+                epoch,
+                "crash point reached halfway through applying; aborting"
+            );
+            std::process::abort();
+        }
         let d = chunk
             .decode_verified_earlier(image.page_size, image.mem_bytes)
-            .map_err(|e| bad(e.to_string()))?;
+            .map_err(|e| StoreError::Journal {
+                path: journal.to_owned(),
+                why: format!("chunk {i}: {e}"),
+            })?;
         for (gpa, data) in d.pages() {
             writer.page(gpa, data.unwrap_or(&zero))?;
             written.push(gpa);

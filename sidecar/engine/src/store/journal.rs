@@ -11,7 +11,7 @@ use std::path::{Path, PathBuf};
 
 use endophyte_wire::frame::{FrameHeader, DEFAULT_MAX_PAYLOAD_BYTES, HEADER_BYTES};
 use endophyte_wire::msg::epoch_hash;
-use endophyte_wire::{EpochEnd, Message};
+use endophyte_wire::{EpochEnd, Message, PageChunk};
 
 use super::StoreError;
 
@@ -23,6 +23,9 @@ pub(super) struct Appender {
     pub(super) len: u64,
     /// Where each chunk frame lies: seq -> (offset, length).
     pub(super) index: BTreeMap<u32, (u64, usize)>,
+    /// The verified chunks themselves, by seq, until the commit applies them (a retransmitted chunk
+    /// replaces its first copy, as good as it).
+    pub(super) chunks: BTreeMap<u32, PageChunk>,
     /// The session whose Hello opens the journal.
     pub(super) session: u64,
     ring: Option<io_uring::IoUring>,
@@ -51,6 +54,7 @@ impl Appender {
             path,
             len: 0,
             index: BTreeMap::new(),
+            chunks: BTreeMap::new(),
             session: 0,
             ring,
         })

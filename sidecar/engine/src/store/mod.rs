@@ -316,6 +316,7 @@ impl ReplicaStore {
             .encode();
             a.append(&[&hello.head])?;
             a.session = session;
+            tracing::trace!(epoch, dir = %self.dir.display(), "journal opened: the epoch's first chunk");
             self.journals.insert(epoch, a);
         }
         Ok(())
@@ -343,6 +344,7 @@ impl ReplicaStore {
         j.append(&[&frame.head, &frame.body])?;
         // A retransmitted chunk journaled twice: the later copy is as good as the first.
         j.index.insert(seq, (offset, frame.len()));
+        j.chunks.insert(seq, chunk.clone());
         Ok(())
     }
 
@@ -372,10 +374,11 @@ impl ReplicaStore {
             j.sync()?;
         }
         let synced = t0.elapsed();
-        let (index, session) = (std::mem::take(&mut j.index), j.session);
+        let session = j.session;
+        let chunks: Vec<PageChunk> = std::mem::take(&mut j.chunks).into_values().collect();
         drop(j);
-        let pages = self.apply(&path, end, &index, session)?;
-        tracing::debug!(epoch, ?synced, total = ?t0.elapsed(), "epoch committed");
+        let pages = self.apply(&path, end, &chunks, session)?;
+        tracing::debug!(epoch, ?synced, total = ?t0.elapsed(), dir = %self.dir.display(), "epoch committed");
         Ok(pages)
     }
 
@@ -412,7 +415,7 @@ impl ReplicaStore {
         &mut self,
         journal: &Path,
         end: &EpochEnd,
-        chunks: &BTreeMap<u32, (u64, usize)>,
+        chunks: &[PageChunk],
         session: u64,
     ) -> Result<Vec<u64>, StoreError> {
         let image = apply::Image {
@@ -539,6 +542,7 @@ impl ReplicaStore {
                 if let Some((end, chunks, session)) = journal::read_journal(&path)? {
                     if end.base_epoch <= self.committed {
                         tracing::info!(epoch, "redoing a committed journal left by a crash");
+                        let chunks = apply::read_chunks(&path, &chunks)?;
                         self.apply(&path, &end, &chunks, session)?;
                         continue;
                     }
