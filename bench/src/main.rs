@@ -61,6 +61,9 @@ struct RunArgs {
     /// Leave out the QEMU peer.
     #[arg(long)]
     no_qemu: bool,
+    /// The QEMU peer's accelerator: `kvm` (the same emulating KVM as Endophyte's guest) or `tcg`.
+    #[arg(long, value_enum, default_value_t = endophyte_bench::qemu::Accel::Kvm)]
+    qemu_accel: endophyte_bench::qemu::Accel,
 }
 
 fn plan(mut p: Plan, a: &RunArgs) -> Plan {
@@ -81,6 +84,7 @@ fn plan(mut p: Plan, a: &RunArgs) -> Plan {
         p.qemu_runs = r;
     }
     p.no_qemu = a.no_qemu;
+    p.qemu_accel = a.qemu_accel;
     p
 }
 

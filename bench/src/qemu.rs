@@ -1,9 +1,12 @@
 //! The peer: QEMU's own pre-copy live migration, on the same hosts and links as Endophyte.
 //!
-//! QEMU (`qemu-system-x86_64`, TCG: this host's nested KVM runs no standard guest) boots the twin of the
-//! testvm hotset workload (`qemu-guest/guest.S`, assembled by the build script) through multiboot, with the
-//! same RAM size, the same PRNG fill and the same page-write rate target. The bench reads the guest's own
-//! counter through QEMU's monitor (`xp`), so the dirty rate reported is what the guest achieved. QEMU is
+//! QEMU (`qemu-system-x86_64`, under KVM with `-cpu qemu64` by default, the same emulating KVM that runs
+//! Endophyte's testvm guest; TCG as an option) boots the twin of the testvm hotset workload
+//! (`qemu-guest/guest.S`, assembled by the build script) through multiboot, with the same RAM size, the same
+//! PRNG fill and the same page-write rate target. The fill comes from the host, as testvm's does: the
+//! source's RAM is a private mapping (`memory-backend-file`, `share=off`) of a file
+//! [`testvm::qemu_guest::prefill`] wrote once, and the guest skips its own fill. The bench reads the guest's
+//! own counter through QEMU's monitor (`xp`), so the dirty rate reported is what the guest achieved. QEMU is
 //! driven through QMP, the way libvirt and KubeVirt drive it.
 
 use std::io::{BufRead, BufReader, Write};
@@ -143,6 +146,35 @@ impl Vm {
     }
 }
 
+/// QEMU's accelerator.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum, serde::Serialize)]
+pub enum Accel {
+    /// `accel=kvm` with `-cpu qemu64`: the host's KVM, as Endophyte's guest.
+    Kvm,
+    /// `accel=tcg`: QEMU's own emulator.
+    Tcg,
+}
+
+impl Accel {
+    fn machine(self) -> &'static str {
+        match self {
+            Self::Kvm => "pc,accel=kvm,memory-backend=mem0",
+            Self::Tcg => "pc,accel=tcg,memory-backend=mem0",
+        }
+    }
+
+    fn name(self) -> &'static str {
+        match self {
+            Self::Kvm => "KVM",
+            Self::Tcg => "TCG",
+        }
+    }
+}
+
+/// The guest-physical range that is not guest RAM in a pc machine's first MiB (VGA window, option ROMs and
+/// the BIOS shadow): left out when two VMs' RAM is compared, since firmware owns it.
+const LEGACY_HOLE: std::ops::Range<u64> = 0xA0000..0x10_0000;
+
 /// How QEMU's migration is set up.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Tuning {
@@ -171,6 +203,9 @@ struct Peer<'t> {
     tsc_hz: u64,
     procs: Procs,
     seq: usize,
+    accel: Accel,
+    /// The host-filled RAM image every source maps privately.
+    ram_image: PathBuf,
 }
 
 impl Peer<'_> {
@@ -180,8 +215,20 @@ impl Peer<'_> {
         let sock = self.dir.join(format!("{name}.qmp"));
         let _ = std::fs::remove_file(&sock);
         let mut c = self.topo.command(host, Path::new("qemu-system-x86_64"))?;
-        c.args(["-machine", "pc,accel=tcg", "-cpu", "qemu64", "-smp", "1"])
-            .args(["-m", &format!("{}M", self.guest.mem >> 20)])
+        let mib = self.guest.mem >> 20;
+        // The first source maps the host-filled image privately (its writes never reach the file); an
+        // incoming VM's RAM is anonymous, overwritten by the migration. Both name their RAM block mem0.
+        let backend = if incoming {
+            format!("memory-backend-ram,id=mem0,size={mib}M")
+        } else {
+            format!(
+                "memory-backend-file,id=mem0,size={mib}M,mem-path={},share=off",
+                self.ram_image.display()
+            )
+        };
+        c.args(["-machine", self.accel.machine(), "-cpu", "qemu64", "-smp", "1"])
+            .args(["-m", &format!("{mib}M")])
+            .args(["-object", &backend])
             .args(["-display", "none", "-nodefaults", "-no-user-config"])
             .arg("-serial")
             .arg(format!(
@@ -191,11 +238,11 @@ impl Peer<'_> {
             .arg("-kernel")
             .arg(&self.elf)
             .arg("-append")
-            .arg(format!(
-                "{} {} {}",
+            .arg(testvm::qemu_guest::cmdline(
                 self.guest.hot_pages(),
                 self.guest.pages_per_s(),
-                self.tsc_hz
+                self.tsc_hz,
+                true,
             ))
             .arg("-qmp")
             .arg(format!("unix:{},server=on,wait=off", sock.display()));
@@ -227,8 +274,9 @@ impl Peer<'_> {
         }
     }
 
-    /// Guest-physical addresses of the pages (of the host's size) in which the two VMs' RAM differs, over the first `min(mem, 3 GiB)` (the
-    /// pc machine's RAM below its PCI hole), from `pmemsave` dumps of each. Both must be stopped.
+    /// Guest-physical addresses of the pages (of the host's size) in which the two VMs' RAM differs, over the
+    /// first `min(mem, 3 GiB)` (the pc machine's RAM below its PCI hole) less [`LEGACY_HOLE`], from
+    /// `pmemsave` dumps of each. Both must be stopped.
     fn ram_differs(&mut self, a: &mut Vm, b: &mut Vm) -> anyhow::Result<Vec<u64>> {
         use std::io::Read;
         let size = self.guest.mem.min(3 << 30);
@@ -249,8 +297,9 @@ impl Peer<'_> {
         for i in 0..size / page as u64 {
             ra.read_exact(&mut pa)?;
             rb.read_exact(&mut pb)?;
-            if pa != pb {
-                differing.push(i * page as u64);
+            let gpa = i * page as u64;
+            if pa != pb && !LEGACY_HOLE.contains(&gpa) {
+                differing.push(gpa);
             }
         }
         for f in files {
@@ -296,7 +345,7 @@ pub fn migration(
     topo: &Topology,
     work: &Path,
     guest: &Guest,
-    tuning: Tuning,
+    (tuning, accel): (Tuning, Accel),
     runs: usize,
     settle: Duration,
     budget: Duration,
@@ -313,6 +362,8 @@ pub fn migration(
     std::fs::create_dir_all(&dir)?;
     let elf = dir.join("qemu-guest.elf");
     std::fs::write(&elf, GUEST_ELF)?;
+    let ram_image = dir.join("ram.img");
+    testvm::qemu_guest::prefill(&ram_image, guest.mem)?;
     let mut peer = Peer {
         topo,
         dir,
@@ -321,6 +372,8 @@ pub fn migration(
         tsc_hz: tsc_hz(),
         procs: Procs::default(),
         seq: 0,
+        accel,
+        ram_image,
     };
     let mut row = guest.params(Row::new("migration", topo.profile_name(), tuning.system()));
     row = row.param("downtime_budget_ms", budget.as_secs_f64() * 1e3, "ms");
@@ -438,11 +491,15 @@ pub fn migration(
         src = dst;
         std::mem::swap(&mut here, &mut there);
     }
+    let _ = src.qmp.cmd("quit", Value::Null);
+    peer.procs.kill(&src.name);
+    let _ = std::fs::remove_file(&peer.ram_image);
     m.record(&mut row);
     row.set("setup_ms_p50", percentile(&setup, 50.0), "ms");
     row.notes.push(format!(
-        "QEMU {} TCG; max-bandwidth {} B/s, downtime-limit {} ms, multifd {}; limit {:.0} s per run; QEMU's downtime is its own (source stop to completion)",
+        "QEMU {} {} (RAM filled by the host); max-bandwidth {} B/s, downtime-limit {} ms, multifd {}; limit {:.0} s per run; QEMU's downtime is its own (source stop to completion)",
         tuning.system(),
+        accel.name(),
         if tuning == Tuning::Tuned { json!(1_000_000_000_000u64) } else { params["max-bandwidth"].clone() },
         if tuning == Tuning::Tuned { json!(budget.as_millis() as u64) } else { params["downtime-limit"].clone() },
         if tuning == Tuning::Tuned { "4 channels" } else { "off" },

@@ -51,6 +51,8 @@ pub struct Plan {
     pub only: Vec<String>,
     /// Leave QEMU out.
     pub no_qemu: bool,
+    /// QEMU's accelerator: KVM (as Endophyte's guest runs) or TCG.
+    pub qemu_accel: qemu::Accel,
 }
 
 impl Plan {
@@ -76,6 +78,7 @@ impl Plan {
             limits_each: Duration::from_millis(500),
             only: vec![],
             no_qemu: false,
+            qemu_accel: qemu::Accel::Kvm,
         }
     }
 
@@ -106,6 +109,7 @@ impl Plan {
             limits_each: Duration::from_secs(2),
             only: vec![],
             no_qemu: false,
+            qemu_accel: qemu::Accel::Kvm,
         }
     }
 
@@ -228,7 +232,7 @@ pub fn run(plan: &Plan, out: &Path) -> anyhow::Result<Report> {
                                     &t,
                                     &work,
                                     &guest,
-                                    tuning,
+                                    (tuning, plan.qemu_accel),
                                     plan.qemu_runs,
                                     plan.settle,
                                     plan.downtime,
