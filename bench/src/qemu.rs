@@ -226,26 +226,33 @@ impl Peer<'_> {
                 self.ram_image.display()
             )
         };
-        c.args(["-machine", self.accel.machine(), "-cpu", "qemu64", "-smp", "1"])
-            .args(["-m", &format!("{mib}M")])
-            .args(["-object", &backend])
-            .args(["-display", "none", "-nodefaults", "-no-user-config"])
-            .arg("-serial")
-            .arg(format!(
-                "file:{}",
-                self.dir.join(format!("{name}.serial")).display()
-            ))
-            .arg("-kernel")
-            .arg(&self.elf)
-            .arg("-append")
-            .arg(testvm::qemu_guest::cmdline(
-                self.guest.hot_pages(),
-                self.guest.pages_per_s(),
-                self.tsc_hz,
-                true,
-            ))
-            .arg("-qmp")
-            .arg(format!("unix:{},server=on,wait=off", sock.display()));
+        c.args([
+            "-machine",
+            self.accel.machine(),
+            "-cpu",
+            "qemu64",
+            "-smp",
+            "1",
+        ])
+        .args(["-m", &format!("{mib}M")])
+        .args(["-object", &backend])
+        .args(["-display", "none", "-nodefaults", "-no-user-config"])
+        .arg("-serial")
+        .arg(format!(
+            "file:{}",
+            self.dir.join(format!("{name}.serial")).display()
+        ))
+        .arg("-kernel")
+        .arg(&self.elf)
+        .arg("-append")
+        .arg(testvm::qemu_guest::cmdline(
+            self.guest.hot_pages(),
+            self.guest.pages_per_s(),
+            self.tsc_hz,
+            true,
+        ))
+        .arg("-qmp")
+        .arg(format!("unix:{},server=on,wait=off", sock.display()));
         if incoming {
             // Held paused after the migration (-S) so that its RAM can be compared with the source's
             // before it runs; QEMU's downtime figure is the source's and does not include this.

@@ -126,3 +126,60 @@ fn a_backup_restarted_behind_live_looking_paths_resyncs() {
         sim.settle();
     }
 }
+
+/// The backups the first `n` chunk transmits go to, in the sender's order; everything it transmits now
+/// goes on the wire as usual.
+fn first_chunks(sim: &mut Sim, n: usize) -> Vec<usize> {
+    let now = sim.t();
+    let mut order = vec![];
+    while let Some(t) = sim.sender.poll_transmit(now) {
+        if matches!(t.msg, endophyte_wire::Message::Chunk { .. }) {
+            order.push(t.backup);
+        }
+        sim.send(t.backup, t.path, true, &t.msg);
+    }
+    order.truncate(n);
+    order
+}
+
+#[test]
+fn a_prioritized_backup_is_served_first_and_the_others_still_get_their_epochs() {
+    let mut sim = Sim::new(11, 2, 2, 2048, CLEAN, 2);
+    sim.guest_writes(1500);
+    sim.cut_epoch();
+    assert_eq!(
+        first_chunks(&mut sim, 4),
+        vec![0, 0, 0, 0],
+        "index order by default"
+    );
+    sim.settle();
+    sim.sender.set_priority(Some(1));
+    sim.guest_writes(1500);
+    sim.cut_epoch();
+    // Backup 1's window (2 paths x 4 chunks) goes out before any of backup 0's chunks.
+    assert_eq!(first_chunks(&mut sim, 9), [vec![1; 8], vec![0]].concat());
+    sim.settle();
+    sim.sender.set_priority(None);
+    sim.guest_writes(100);
+    sim.cut_epoch();
+    sim.settle();
+    assert!(sim.peer_errors.is_empty(), "{:?}", sim.peer_errors);
+}
+
+#[test]
+fn min_rtt_is_the_lowest_ping_sample() {
+    let mut sim = Sim::new(12, 1, 2, 1024, LOSSY, 1);
+    assert_eq!(sim.sender.min_rtt(0), None, "nothing measured yet");
+    for _ in 0..10 {
+        sim.guest_writes(300);
+        sim.cut_epoch();
+        sim.run_for(100);
+    }
+    sim.settle();
+    // LOSSY: 5 ms each way plus up to 25 ms of jitter, so samples lie in 10..=60 ms and the lowest of
+    // many is near the bottom, below the smoothed value.
+    let min = sim.sender.min_rtt(0).expect("pings answered");
+    let smoothed = sim.sender.rtt(0).expect("pings answered");
+    assert!(min >= std::time::Duration::from_millis(10), "{min:?}");
+    assert!(min < smoothed, "min {min:?}, smoothed {smoothed:?}");
+}

@@ -363,7 +363,7 @@ impl Sim {
             .begin_switchover(target, format!("b{target}"), request, timeouts, now);
     }
 
-    fn send(&mut self, b: usize, p: usize, to_backup: bool, msg: &Message) {
+    pub fn send(&mut self, b: usize, p: usize, to_backup: bool, msg: &Message) {
         let (up, life) = self.paths[b][p];
         if !up || self.rng.chance(self.link.loss) || (!to_backup && self.replicas[b].dead) {
             return;
