@@ -25,6 +25,24 @@ pub struct VmHost {
     shutdown_cv: Condvar,
     gate: Option<ConsoleGate>,
     throttle: bool,
+    /// A VM built ahead of a restore (`prepare`), with the identity (device, inode) of its RAM file.
+    prepared: Mutex<Option<(Vm, (u64, u64))>>,
+}
+
+/// The (device, inode) of `f`: which file a RAM descriptor is, to match a restore with its preparation.
+fn file_identity(f: &File) -> Result<(u64, u64), TargetError> {
+    use std::os::unix::fs::MetadataExt;
+    let m = f
+        .metadata()
+        .map_err(|e| TargetError::internal(format!("reading the RAM file's metadata: {e}")))?;
+    Ok((m.dev(), m.ino()))
+}
+
+fn parse_state(state: serde_json::Value) -> Result<VmState, TargetError> {
+    serde_json::from_value(state).map_err(|e| TargetError {
+        code: ErrorCode::BadRequest,
+        message: format!("not a testvm state: {e}"),
+    })
 }
 
 /// A console sink with output commit: it prints through its inner sink, except while held, when it
@@ -111,6 +129,7 @@ impl VmHost {
             shutdown_cv: Condvar::new(),
             gate: None,
             throttle: true,
+            prepared: Mutex::new(None),
         }
     }
 
@@ -196,6 +215,7 @@ impl AttachTarget for VmHost {
                 dirty_log: true,
                 throttle: self.throttle,
                 hold_console: self.gate.is_some(),
+                prepare: true,
             },
         };
         let mut regions = Vec::new();
@@ -273,13 +293,38 @@ impl AttachTarget for VmHost {
                 "this VMM already runs a VM; restore needs one on standby",
             ));
         }
-        let state: VmState = serde_json::from_value(state).map_err(|e| TargetError {
-            code: ErrorCode::BadRequest,
-            message: format!("not a testvm state: {e}"),
-        })?;
-        let vm = Vm::restore(&state, ram, self.dirty_source, (self.console)())
-            .map_err(to_target_error)?;
+        let state = parse_state(state)?;
+        let id = file_identity(&ram)?;
+        let prepared = self
+            .prepared
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .take();
+        let vm = match prepared {
+            // Built at the warm-up on this very file: only the vCPU and device state is left to load.
+            Some((mut vm, pid)) if pid == id && vm.layout() == &state.layout => {
+                vm.load_state(&state).map_err(to_target_error)?;
+                vm
+            }
+            // None, or one for another file or layout (dropped here): build it now.
+            _ => Vm::restore(&state, ram, self.dirty_source, (self.console)())
+                .map_err(to_target_error)?,
+        };
         *g = Some(vm);
+        Ok(())
+    }
+
+    fn prepare(&self, state: serde_json::Value, ram: File) -> Result<(), TargetError> {
+        if self.vm.read().unwrap_or_else(|e| e.into_inner()).is_some() {
+            return Err(TargetError::bad_state(
+                "this VMM already runs a VM; prepare needs one on standby",
+            ));
+        }
+        let state = parse_state(state)?;
+        let id = file_identity(&ram)?;
+        let vm = Vm::prepare(&state, ram, self.dirty_source, (self.console)())
+            .map_err(to_target_error)?;
+        *self.prepared.lock().unwrap_or_else(|e| e.into_inner()) = Some((vm, id));
         Ok(())
     }
 

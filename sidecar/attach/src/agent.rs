@@ -85,6 +85,15 @@ pub trait AttachTarget: Send + Sync {
     fn restore(&self, state: serde_json::Value, ram: File) -> Result<(), TargetError>;
     /// Stops the VM; the VMM exits once the agent returns.
     fn shutdown(&self);
+    /// Builds the VM `state` describes on `ram` ahead of a restore (a VMM on standby only; see
+    /// [`crate::proto::Request::Prepare`]). VMMs that cannot refuse it (the default).
+    fn prepare(&self, state: serde_json::Value, ram: File) -> Result<(), TargetError> {
+        let _ = (state, ram);
+        Err(TargetError {
+            code: ErrorCode::BadRequest,
+            message: "this VMM cannot prepare a VM ahead of a restore".into(),
+        })
+    }
     /// Output commit: while `hold` is true, guest console output is buffered for the client instead of
     /// printed, and handed over with each harvest ([`AttachTarget::take_console`]); `false` prints whatever is
     /// still buffered and goes back to printing directly. VMMs without a console gate refuse it (the default).
@@ -415,6 +424,16 @@ impl Connection {
                     });
                 };
                 t.restore(state, File::from(fd))?;
+                Response::Ok
+            }
+            Request::Prepare { state } => {
+                let Some(fd) = fds.pop() else {
+                    return Err(TargetError {
+                        code: ErrorCode::BadRequest,
+                        message: "prepare needs the RAM file descriptor".into(),
+                    });
+                };
+                t.prepare(state, File::from(fd))?;
                 Response::Ok
             }
             Request::Status => Response::Status { vm: t.describe().0 },

@@ -420,6 +420,21 @@ impl AttachClient {
         }
     }
 
+    /// Asks a VMM on standby to build the VM `state` describes on `ram` ahead of a [`AttachClient::restore`]
+    /// (see [`Request::Prepare`]).
+    ///
+    /// # Errors
+    /// [`ClientError`]; a VMM without [`crate::proto::Features::prepare`] refuses it.
+    pub fn prepare(&self, state: serde_json::Value, ram: &File) -> Result<(), ClientError> {
+        match self.call("prepare", &Request::Prepare { state }, &[ram.as_raw_fd()])? {
+            Response::Ok => Ok(()),
+            other => Err(ClientError::Unexpected {
+                request: "prepare",
+                got: format!("{other:?}"),
+            }),
+        }
+    }
+
     /// Current VM info.
     ///
     /// # Errors

@@ -109,6 +109,11 @@ pub struct Features {
     pub throttle: bool,
     /// `hold_console` works (output commit).
     pub hold_console: bool,
+    /// A VMM on standby takes `prepare`: it builds the VM (KVM VM, memory slot, vCPUs) ahead of the
+    /// restore, so that the switchover's restore only loads the vCPU and device state. Absent (false)
+    /// from an older agent.
+    #[serde(default)]
+    pub prepare: bool,
 }
 
 impl Default for Features {
@@ -117,6 +122,7 @@ impl Default for Features {
             dirty_log: true,
             throttle: true,
             hold_console: true,
+            prepare: false,
         }
     }
 }
@@ -170,6 +176,14 @@ pub enum Request {
     /// copied). Reconnect afterwards to see the new VM.
     Restore {
         /// State from [`Response::State`].
+        state: serde_json::Value,
+    },
+    /// To a VMM on standby, ahead of a [`Request::Restore`] (a migration's warm-up): build the VM that
+    /// `state` describes on the RAM file sent with this frame (mapped, not copied), with nothing loaded
+    /// into its vCPUs and nothing running. A later restore on the same file and layout only loads the
+    /// state; any other restore builds afresh. Offered when [`Features::prepare`] is set.
+    Prepare {
+        /// State from [`Response::State`]: its layout is what is built.
         state: serde_json::Value,
     },
     /// Current [`VmInfo`] (no descriptors).

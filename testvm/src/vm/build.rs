@@ -110,6 +110,36 @@ impl Vm {
         dirty_source: DirtySource,
         console: Box<dyn std::io::Write + Send>,
     ) -> Result<Self, VmError> {
+        let mut vm = Self::prepare(state, ram_file, dirty_source, console)?;
+        vm.load_state(state)?;
+        Ok(vm)
+    }
+
+    /// The first half of [`Vm::restore`], for a standby ahead of a switchover: the KVM VM, its memory slot
+    /// on `ram_file` and its vCPUs, for `state`'s layout, with nothing loaded and no vCPU thread. Finish
+    /// with [`Vm::load_state`].
+    ///
+    /// # Errors
+    /// As [`Vm::restore`].
+    pub fn prepare(
+        state: &VmState,
+        ram_file: File,
+        dirty_source: DirtySource,
+        console: Box<dyn std::io::Write + Send>,
+    ) -> Result<Self, VmError> {
+        Self::check_state(state)?;
+        let page_size = crate::memory::host_page_size();
+        let ram = GuestRam::from_file(ram_file, state.layout.mem_bytes, page_size)?;
+        Self::create(
+            ram,
+            state.layout.clone(),
+            state.workload.clone(),
+            dirty_source,
+            console,
+        )
+    }
+
+    fn check_state(state: &VmState) -> Result<(), VmError> {
         if state.format != STATE_FORMAT || state.version != STATE_VERSION {
             return Err(VmError::BadState(format!(
                 "format {:?} version {} (expected {STATE_FORMAT:?} version {STATE_VERSION})",
@@ -130,14 +160,23 @@ impl Vm {
                 state.layout.vcpus
             )));
         }
-        let ram = GuestRam::from_file(ram_file, state.layout.mem_bytes, page_size)?;
-        let mut vm = Self::create(
-            ram,
-            state.layout.clone(),
-            state.workload.clone(),
-            dirty_source,
-            console,
-        )?;
+        Ok(())
+    }
+
+    /// The second half of [`Vm::restore`]: loads `state` into a VM from [`Vm::prepare`] whose layout it
+    /// has, and starts its vCPU threads parked.
+    ///
+    /// # Errors
+    /// [`VmError::BadState`] for state of another layout or format; [`VmError`] for a failing KVM call.
+    pub fn load_state(&mut self, state: &VmState) -> Result<(), VmError> {
+        Self::check_state(state)?;
+        if state.layout != self.layout || !self.threads.is_empty() {
+            return Err(VmError::BadState(
+                "the state is of another layout than the prepared VM, or the VM already runs"
+                    .into(),
+            ));
+        }
+        let vm = self;
         for (i, s) in state.vcpus.iter().enumerate() {
             let fd = vm.vcpus[i].fd.lock().unwrap_or_else(|e| e.into_inner());
             let verr = |op, source| VmError::Vcpu {
@@ -183,7 +222,7 @@ impl Vm {
             .map_err(|e| VmError::BadState(format!("serial state: {e:?}")))?;
         }
         vm.spawn_threads()?;
-        Ok(vm)
+        Ok(())
     }
 
     fn create(

@@ -119,6 +119,17 @@ pub struct AttachTargetVm {
     name: String,
 }
 
+fn open_replica(replica: &Path) -> Result<std::fs::File, VmmError> {
+    std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(replica)
+        .map_err(|source| VmmError::Process {
+            op: format!("opening the replica {}", replica.display()),
+            source,
+        })
+}
+
 fn failed(op: &'static str) -> impl FnOnce(endophyte_attach::ClientError) -> VmmError {
     move |e| VmmError::Failed {
         op,
@@ -135,16 +146,24 @@ impl TargetVm for AttachTargetVm {
         self.socket.display().to_string()
     }
 
+    /// A VMM that declares [`endophyte_attach::proto::Features::prepare`] builds the VM (KVM VM, memory
+    /// slot on the replica, vCPUs) now, at the warm-up, so that the switchover's restore only loads the
+    /// state. The replica is mapped shared, so what later epochs write into it is already there.
+    fn preload(&mut self, replica: &Path, state: &VmState) -> Result<bool, VmmError> {
+        if !self.client.info().features.prepare {
+            return Ok(false);
+        }
+        let json = unwrap_state(state, &self.name)?;
+        let ram = open_replica(replica)?;
+        self.client
+            .prepare(json, &ram)
+            .map_err(failed("preparing the VM ahead of the switchover"))?;
+        Ok(true)
+    }
+
     fn restore(&mut self, replica: &Path, state: &VmState) -> Result<(), VmmError> {
         let json = unwrap_state(state, &self.name)?;
-        let ram = std::fs::OpenOptions::new()
-            .read(true)
-            .write(true)
-            .open(replica)
-            .map_err(|source| VmmError::Process {
-                op: format!("opening the replica {}", replica.display()),
-                source,
-            })?;
+        let ram = open_replica(replica)?;
         self.client
             .restore(json, &ram)
             .map_err(failed("restoring the VM"))?;

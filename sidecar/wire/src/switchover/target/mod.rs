@@ -9,8 +9,9 @@
 //! Rules it keeps:
 //! - a generation at or below the fence's is refused ([`ErrorCode::Fenced`]);
 //! - the replica must hold exactly the final epoch of the right session;
-//! - the `prepared` fence (with the VMM's pid) is recorded before any VM exists in that VMM, and the
-//!   `running` fence is recorded durably before the guest resumes;
+//! - the `prepared` fence (with the VMM's pid) is recorded before the VM in that VMM gets its vCPU state
+//!   (a standby may have built the VM on the replica at warm-up, but nothing can run in it before the
+//!   restore), and the `running` fence is recorded durably before the guest resumes;
 //! - a prepared VM never resumes without the commit: an abort, a failure, a minute without a commit, or the
 //!   VMM dying stop it and record the generation as aborted;
 //! - while a VM is prepared or runs here, replication into its replica is refused
