@@ -15,6 +15,11 @@ use endophyte_wire::{EpochEnd, Message, PageChunk};
 
 use super::StoreError;
 
+/// How many chunk body bytes an epoch keeps in memory for its commit: an ordinary epoch's delta fits; a
+/// resync epoch (all of guest RAM) does not, and is applied from its journal instead, so that a backup's
+/// memory does not grow with the guest's.
+pub(super) const HELD_BYTES_MAX: usize = 64 << 20;
+
 /// Appends to a file through io_uring, or pwritev when io_uring is unavailable.
 pub(super) struct Appender {
     file: File,
@@ -24,8 +29,13 @@ pub(super) struct Appender {
     /// Where each chunk frame lies: seq -> (offset, length).
     pub(super) index: BTreeMap<u32, (u64, usize)>,
     /// The verified chunks themselves, by seq, until the commit applies them (a retransmitted chunk
-    /// replaces its first copy, as good as it).
+    /// replaces its first copy, as good as it); emptied for good once they exceed [`HELD_BYTES_MAX`]
+    /// (`spilled`): the commit then reads them back from the journal.
     pub(super) chunks: BTreeMap<u32, PageChunk>,
+    /// Body bytes in `chunks`.
+    pub(super) held_bytes: usize,
+    /// The epoch outgrew [`HELD_BYTES_MAX`] (a resync: up to all of guest RAM).
+    pub(super) spilled: bool,
     /// The session whose Hello opens the journal.
     pub(super) session: u64,
     ring: Option<io_uring::IoUring>,
@@ -55,6 +65,8 @@ impl Appender {
             len: 0,
             index: BTreeMap::new(),
             chunks: BTreeMap::new(),
+            held_bytes: 0,
+            spilled: false,
             session: 0,
             ring,
         })

@@ -14,7 +14,8 @@
 //! Write-ahead logging with checkpoints, as databases do:
 //! - chunks are appended to the epoch's journal as they arrive;
 //! - at commit the EpochEnd frame is appended and the journal fsynced: **the commit point**;
-//! - the chunks are then written into `replica.img` in seq order ([`apply`]), without waiting for the disk;
+//! - the chunks, verified on arrival and held in memory since, are then written into `replica.img` in seq
+//!   order ([`apply`]), without waiting for the disk (a redo after a crash reads them back from the journal);
 //! - a checkpoint (every 2 s, or when the VM is idle for 300 ms) fdatasyncs the replica in a background
 //!   thread, records its epoch in `state.json`, and deletes the journals it covers.
 //!
@@ -174,6 +175,8 @@ pub struct ReplicaStore {
     use_uring: bool,
     crash: CrashPoint,
     durability: Durability,
+    /// Chunk bytes an epoch keeps in memory for its commit ([`journal::HELD_BYTES_MAX`]).
+    held_max: usize,
     /// vCPU and device state of the committed epoch, when its end marker carried one.
     vm_state: Option<VmState>,
 }
@@ -263,6 +266,7 @@ impl ReplicaStore {
             use_uring,
             crash,
             durability: Durability::Disk,
+            held_max: journal::HELD_BYTES_MAX,
             vm_state,
         };
         if fresh {
@@ -344,7 +348,16 @@ impl ReplicaStore {
         j.append(&[&frame.head, &frame.body])?;
         // A retransmitted chunk journaled twice: the later copy is as good as the first.
         j.index.insert(seq, (offset, frame.len()));
-        j.chunks.insert(seq, chunk.clone());
+        if !j.spilled {
+            j.held_bytes += chunk.body.len();
+            if let Some(old) = j.chunks.insert(seq, chunk.clone()) {
+                j.held_bytes -= old.body.len();
+            }
+            if j.held_bytes > self.held_max {
+                j.chunks.clear();
+                j.spilled = true;
+            }
+        }
         Ok(())
     }
 
@@ -375,7 +388,11 @@ impl ReplicaStore {
         }
         let synced = t0.elapsed();
         let session = j.session;
-        let chunks: Vec<PageChunk> = std::mem::take(&mut j.chunks).into_values().collect();
+        let chunks: Vec<PageChunk> = if j.spilled {
+            apply::read_chunks(&path, &j.index)?
+        } else {
+            std::mem::take(&mut j.chunks).into_values().collect()
+        };
         drop(j);
         let pages = self.apply(&path, end, &chunks, session)?;
         tracing::debug!(epoch, ?synced, total = ?t0.elapsed(), dir = %self.dir.display(), "epoch committed");
@@ -575,6 +592,54 @@ mod tests {
             state,
         };
         (c, end)
+    }
+
+    #[test]
+    fn an_epoch_applied_from_its_journal_writes_what_one_held_in_memory_does() {
+        // held_max 0: every epoch spills to its journal, as a resync epoch does; the default holds them.
+        let mut images = vec![];
+        for held_max in [journal::HELD_BYTES_MAX, 0] {
+            let dir = tempfile::tempdir().unwrap();
+            let mut s =
+                ReplicaStore::open(dir.path(), "vm", 1 << 20, PS, CrashPoint::default()).unwrap();
+            s.held_max = held_max;
+            for e in 1..=3u64 {
+                let mut chunks = vec![];
+                for seq in 0..3u32 {
+                    let mut b = ChunkBuilder::new(e, PS as usize, 4);
+                    for i in 0..4u64 {
+                        let page = u64::from(seq) * 4 + i + e;
+                        b.push(page * PS, &[(e as u8) * 16 + page as u8; PS as usize]);
+                    }
+                    let c = b.finish(true);
+                    s.store_chunk(seq, &c, 9).unwrap();
+                    chunks.push(c);
+                }
+                let end = EpochEnd {
+                    epoch: e,
+                    base_epoch: e - 1,
+                    chunk_count: 3,
+                    page_count: 12,
+                    epoch_hash: epoch_hash(12, chunks.iter().map(|c| &c.content_hash)),
+                    state: None,
+                };
+                s.commit(&end, 9).unwrap();
+            }
+            assert_eq!(s.committed_epoch(), 3);
+            drop(s);
+            let img = std::fs::read(dir.path().join("replica.img")).unwrap();
+            // Epoch e writes pages e..e+12: page 1 only in epoch 1, page 3 last in epoch 3, page 14 only
+            // in epoch 3, page 15 never.
+            assert_eq!(img[PS as usize], 16 + 1);
+            assert_eq!(img[(3 * PS) as usize], 48 + 3);
+            assert_eq!(img[(14 * PS) as usize], 48 + 14);
+            assert_eq!(img[(15 * PS) as usize], 0);
+            images.push(img);
+        }
+        assert!(
+            images[0] == images[1],
+            "the two ways wrote different replicas"
+        );
     }
 
     #[test]
