@@ -148,8 +148,7 @@ pub fn serve(listener: UnixListener, target: Arc<dyn AttachTarget>) -> std::io::
                 revents: 0,
             },
         ];
-        // SAFETY: `fds` is a valid array of two pollfd structs that outlives the call, and its length is
-        // passed with it.
+        // SAFETY: `fds` is a valid array of two pollfds that outlives the call; its length is passed with it.
         let n = unsafe { libc::poll(fds.as_mut_ptr(), fds.len() as libc::nfds_t, -1) };
         if n < 0 {
             let e = std::io::Error::last_os_error();
@@ -184,6 +183,14 @@ pub fn serve(listener: UnixListener, target: Arc<dyn AttachTarget>) -> std::io::
             Err(e) => return Err(e),
         }
     }
+}
+
+/// The RAM file descriptor sent with a `request` frame (restore, prepare).
+fn ram_fd(fds: &mut Vec<OwnedFd>, request: &str) -> Result<File, TargetError> {
+    fds.pop().map(File::from).ok_or_else(|| TargetError {
+        code: ErrorCode::BadRequest,
+        message: format!("{request} needs the RAM file descriptor"),
+    })
 }
 
 struct Connection {
@@ -417,23 +424,11 @@ impl Connection {
                 state: t.save_state()?,
             },
             Request::Restore { state } => {
-                let Some(fd) = fds.pop() else {
-                    return Err(TargetError {
-                        code: ErrorCode::BadRequest,
-                        message: "restore needs the RAM file descriptor".into(),
-                    });
-                };
-                t.restore(state, File::from(fd))?;
+                t.restore(state, ram_fd(fds, "restore")?)?;
                 Response::Ok
             }
             Request::Prepare { state } => {
-                let Some(fd) = fds.pop() else {
-                    return Err(TargetError {
-                        code: ErrorCode::BadRequest,
-                        message: "prepare needs the RAM file descriptor".into(),
-                    });
-                };
-                t.prepare(state, File::from(fd))?;
+                t.prepare(state, ram_fd(fds, "prepare")?)?;
                 Response::Ok
             }
             Request::Status => Response::Status { vm: t.describe().0 },

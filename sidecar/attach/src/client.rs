@@ -216,7 +216,16 @@ impl AttachClient {
     }
 
     fn expect_ok(&self, request: &'static str, req: &Request) -> Result<(), ClientError> {
-        match self.call(request, req, &[])? {
+        self.expect_ok_with_fds(request, req, &[])
+    }
+
+    fn expect_ok_with_fds(
+        &self,
+        request: &'static str,
+        req: &Request,
+        fds: &[i32],
+    ) -> Result<(), ClientError> {
+        match self.call(request, req, fds)? {
             Response::Ok => Ok(()),
             other => Err(ClientError::Unexpected {
                 request,
@@ -411,13 +420,7 @@ impl AttachClient {
     /// # Errors
     /// [`ClientError`].
     pub fn restore(&self, state: serde_json::Value, ram: &File) -> Result<(), ClientError> {
-        match self.call("restore", &Request::Restore { state }, &[ram.as_raw_fd()])? {
-            Response::Ok => Ok(()),
-            other => Err(ClientError::Unexpected {
-                request: "restore",
-                got: format!("{other:?}"),
-            }),
-        }
+        self.expect_ok_with_fds("restore", &Request::Restore { state }, &[ram.as_raw_fd()])
     }
 
     /// Asks a VMM on standby to build the VM `state` describes on `ram` ahead of a [`AttachClient::restore`]
@@ -426,13 +429,7 @@ impl AttachClient {
     /// # Errors
     /// [`ClientError`]; a VMM without [`crate::proto::Features::prepare`] refuses it.
     pub fn prepare(&self, state: serde_json::Value, ram: &File) -> Result<(), ClientError> {
-        match self.call("prepare", &Request::Prepare { state }, &[ram.as_raw_fd()])? {
-            Response::Ok => Ok(()),
-            other => Err(ClientError::Unexpected {
-                request: "prepare",
-                got: format!("{other:?}"),
-            }),
-        }
+        self.expect_ok_with_fds("prepare", &Request::Prepare { state }, &[ram.as_raw_fd()])
     }
 
     /// Current VM info.

@@ -6,12 +6,11 @@
 //! gets its own upstream socket, so the backup sees one peer per path; a client silent for 60 s is forgotten.
 
 use std::collections::HashMap;
+use std::io::IoSliceMut;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
-
-use std::io::IoSliceMut;
 
 use quinn_udp::RecvMeta;
 use tokio::io::Interest;

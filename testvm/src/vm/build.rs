@@ -176,9 +176,8 @@ impl Vm {
                     .into(),
             ));
         }
-        let vm = self;
         for (i, s) in state.vcpus.iter().enumerate() {
-            let fd = vm.vcpus[i].fd.lock().unwrap_or_else(|e| e.into_inner());
+            let fd = self.vcpus[i].fd.lock().unwrap_or_else(|e| e.into_inner());
             let verr = |op, source| VmError::Vcpu {
                 op,
                 vcpu: i as u32,
@@ -198,7 +197,7 @@ impl Vm {
             fd.set_msrs(&msrs).map_err(|e| verr("KVM_SET_MSRS", e))?;
         }
         {
-            let mut c = vm.console.lock().unwrap_or_else(|e| e.into_inner());
+            let mut c = self.console.lock().unwrap_or_else(|e| e.into_inner());
             let r = &state.serial.regs;
             let st = vm_superio::serial::SerialState {
                 baud_divisor_low: r[0],
@@ -221,7 +220,7 @@ impl Vm {
             )
             .map_err(|e| VmError::BadState(format!("serial state: {e:?}")))?;
         }
-        vm.spawn_threads()?;
+        self.spawn_threads()?;
         Ok(())
     }
 
