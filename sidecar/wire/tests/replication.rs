@@ -167,6 +167,54 @@ fn a_prioritized_backup_is_served_first_and_the_others_still_get_their_epochs() 
 }
 
 #[test]
+fn a_backup_served_alone_commits_its_epoch_before_the_others_get_a_chunk_of_it() {
+    let mut sim = Sim::new(13, 2, 2, 2048, CLEAN, 2);
+    sim.guest_writes(500);
+    sim.cut_epoch();
+    sim.settle();
+    sim.sender.set_priority(Some(1));
+    let e = sim.epoch + 1;
+    sim.sender.serve_alone_until(1, e);
+    sim.guest_writes(1500);
+    assert!(sim.cut_epoch());
+    let mut committed_at = None;
+    for _ in 0..10_000 {
+        sim.step();
+        if sim.sender.committed(1) >= e {
+            committed_at = Some(sim.now);
+            break;
+        }
+    }
+    let committed_at = committed_at.expect("backup 1 commits the epoch it is served alone");
+    let to = |sim: &Sim, b: usize| {
+        sim.chunks_sent
+            .iter()
+            .filter(|(_, x, ep)| *x == b && *ep == e)
+            .map(|(t, _, _)| *t)
+            .collect::<Vec<_>>()
+    };
+    assert!(!to(&sim, 1).is_empty());
+    // Chunks go out in the step that delivered the commit at the earliest.
+    assert!(
+        to(&sim, 0).iter().all(|t| *t >= committed_at),
+        "backup 0 got chunks of {e} before 1 committed it at {committed_at:?}: {:?}",
+        to(&sim, 0)
+    );
+    // Then backup 0 gets the epoch too, and both hold it.
+    sim.settle();
+    let later = to(&sim, 0);
+    assert!(!later.is_empty() && later.iter().all(|t| *t >= committed_at));
+    assert_eq!(sim.sender.committed(0), e);
+    // The hold is over: with the priority lifted, backup 0 is served in index order again.
+    sim.sender.set_priority(None);
+    sim.guest_writes(1500);
+    sim.cut_epoch();
+    assert_eq!(first_chunks(&mut sim, 1), vec![0]);
+    sim.settle();
+    assert!(sim.peer_errors.is_empty(), "{:?}", sim.peer_errors);
+}
+
+#[test]
 fn min_rtt_is_the_lowest_ping_sample() {
     let mut sim = Sim::new(12, 1, 2, 1024, LOSSY, 1);
     assert_eq!(sim.sender.min_rtt(0), None, "nothing measured yet");

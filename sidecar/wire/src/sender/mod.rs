@@ -178,6 +178,8 @@ pub struct Sender {
     switchover: Option<(BackupId, SourceSwitchover)>,
     /// Served first (see [`Sender::set_priority`]).
     priority: Option<BackupId>,
+    /// Served alone until it commits the epoch (see [`Sender::serve_alone_until`]).
+    alone: Option<(BackupId, u64)>,
     next_token: u64,
 }
 
@@ -194,6 +196,7 @@ impl Sender {
             pending: VecDeque::new(),
             switchover: None,
             priority: None,
+            alone: None,
             next_token: 1,
         }
     }
@@ -225,6 +228,17 @@ impl Sender {
     /// target is the downtime, and the other backups are not on that path.
     pub fn set_priority(&mut self, b: Option<BackupId>) {
         self.priority = b;
+        if b.is_none() {
+            self.alone = None;
+        }
+    }
+
+    /// Sends chunks to backup `b` alone until it has committed `epoch` (or stops streaming); the other
+    /// backups' chunks wait, their messages and pings do not. A switchover sets it for the final epoch,
+    /// with the guest paused: the target's commit of that epoch is the downtime, and on a shared link
+    /// or CPU the others' copies of it would only slow it down. `set_priority(None)` lifts it.
+    pub fn serve_alone_until(&mut self, b: BackupId, epoch: u64) {
+        self.alone = Some((b, epoch));
     }
 
     /// The phase of the switchover in progress, if one was begun.
@@ -688,11 +702,18 @@ impl Sender {
             let path = self.up_path(backup).expect("checked");
             return Some(Transmit { backup, path, msg });
         }
-        // A migration's target goes first (see `set_priority`); the others take what its paths leave.
-        let first = self.priority;
+        // A migration's target goes first (see `set_priority`); the others take what its paths leave,
+        // and nothing while the final epoch goes to it alone (see `serve_alone_until`).
+        if let Some((b, e)) = self.alone {
+            if self.backups[b].committed >= e || !self.backups[b].streaming {
+                self.alone = None;
+            }
+        }
+        let first = self.alone.map(|(b, _)| b).or(self.priority);
+        let alone = self.alone.is_some();
         let order = first
             .into_iter()
-            .chain((0..self.backups.len()).filter(|b| Some(*b) != first));
+            .chain((0..self.backups.len()).filter(|b| !alone && Some(*b) != first));
         for bi in order {
             let b = &mut self.backups[bi];
             if let Some(t) = b.poll_transmit(bi, now, &self.cfg, &mut self.next_token) {

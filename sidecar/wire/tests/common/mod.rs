@@ -160,6 +160,8 @@ pub struct Sim {
     pub generation: u64,
     /// The sender's standby answers: (backup, generation, preloaded).
     pub standby_ready: Vec<(usize, u64, bool)>,
+    /// Every chunk put on the wire to a backup: (sim time, backup, epoch).
+    pub chunks_sent: Vec<(Duration, usize, u64)>,
 }
 
 impl Sim {
@@ -206,6 +208,7 @@ impl Sim {
             drop_rule: None,
             generation: 0,
             standby_ready: vec![],
+            chunks_sent: vec![],
         };
         s.snapshots.insert(0, s.mem.clone());
         for b in 0..backups {
@@ -375,6 +378,9 @@ impl Sim {
                     return;
                 }
             }
+        }
+        if let (true, Message::Chunk { chunk, .. }) = (to_backup, msg) {
+            self.chunks_sent.push((self.now, b, chunk.epoch));
         }
         let delay = self.link.delay_ms + self.rng.below(self.link.jitter_ms + 1);
         self.wire.push(Packet {
