@@ -295,7 +295,9 @@ impl Target {
                     },
                     fence: f,
                 };
+                let t0 = Instant::now();
                 let r = fence::record(&self.dir, &record, durable).map_err(|e| e.to_string());
+                tracing::debug!(vm = %self.vm_id, state = ?record.fence.state, durable, took = ?t0.elapsed(), "fence recorded");
                 self.machine.handle_fence_recorded(r, Instant::now());
             }
             TargetAction::Restore { state } => {
@@ -320,10 +322,12 @@ impl Target {
                 self.machine.handle_hashed(r, Instant::now());
             }
             TargetAction::Resume => {
+                let t0 = Instant::now();
                 let r = match self.vm.as_mut() {
                     Some(vm) => vm.resume().map_err(|e| e.to_string()),
                     None => Err("no VM to resume".to_string()),
                 };
+                tracing::debug!(vm = %self.vm_id, took = ?t0.elapsed(), "resumed");
                 self.machine.handle_resumed(r, Instant::now());
             }
             TargetAction::StopVm => {

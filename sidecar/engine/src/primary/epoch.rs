@@ -279,6 +279,10 @@ impl EpochLoop {
     /// migration converged, this is the final epoch and the switchover to that backup follows.
     fn epoch(&mut self, last: bool, switch_to: Option<usize>) -> anyhow::Result<()> {
         let (e, starts) = self.open();
+        if let Some(target) = switch_to {
+            // The guest stays paused until the target commits this epoch: it goes there alone.
+            self.shared.lock().sender.serve_alone_until(target, e);
+        }
         let targets: Vec<usize> = starts
             .iter()
             .enumerate()
