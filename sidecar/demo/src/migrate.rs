@@ -30,9 +30,14 @@ pub struct MigrateArgs {
     /// Guest workload (testvm syntax).
     #[arg(long, default_value = "hotset:size=256M,rate=12800,print=50000")]
     pub workload: String,
-    /// How long to replicate after the initial copy before migrating.
+    /// How long to replicate after the initial copy before migrating (then, until the replica is current:
+    /// the RPO below `--current-rpo`).
     #[arg(long, default_value = "5s", value_parser = humantime::parse_duration)]
     pub replicate_for: Duration,
+    /// The replica counts as current, and the migration starts, once the sidecar's RPO is below this
+    /// (after the initial copy the backups may still be committing the epochs that piled up behind it).
+    #[arg(long, default_value = "500ms", value_parser = humantime::parse_duration)]
+    pub current_rpo: Duration,
     /// How long to let the guest run on the target before checking it.
     #[arg(long, default_value = "2s", value_parser = humantime::parse_duration)]
     pub run_after: Duration,
@@ -86,6 +91,9 @@ pub struct MigrateSummary {
     pub guest_pages: [u64; 3],
     /// Initial full copy, ms.
     pub initial_sync_ms: f64,
+    /// From the initial copy's durability until the migration request: `replicate_for`, then until the
+    /// RPO was below `current_rpo`, ms.
+    pub replicated_ms: f64,
     /// The backup the VM moved to.
     pub target: String,
 }
@@ -108,9 +116,10 @@ pub fn migrate(args: MigrateArgs) -> anyhow::Result<()> {
                 args.paths
             );
             println!(
-                "  initial full copy   durable after {:.1} s, then replicated for {:?}",
+                "  initial full copy   durable after {:.1} s, then replicated for {:.1} s (until the RPO was below {:?})",
                 s.initial_sync_ms / 1e3,
-                args.replicate_for
+                s.replicated_ms / 1e3,
+                args.current_rpo
             );
             println!(
                 "  converge            {:.0} ms (predicted downtime {:.1} ms, budget {:?})",
@@ -197,6 +206,27 @@ fn migrate_in(args: &MigrateArgs, dir: &Path) -> anyhow::Result<MigrateSummary> 
         std::thread::sleep(Duration::from_millis(50));
     };
     std::thread::sleep(args.replicate_for);
+    // The replica is current once the RPO is low: epochs queued behind the initial copy are committed.
+    loop {
+        let s = endophyte_engine::control::request(&control, "GET", "/v1/status", None)?;
+        if s["rpo_ms"]
+            .as_f64()
+            .is_some_and(|r| r < args.current_rpo.as_secs_f64() * 1e3)
+        {
+            break;
+        }
+        if sidecar.is_finished() {
+            bail!("the sidecar stopped before the migration");
+        }
+        if t.elapsed() > Duration::from_secs(900) {
+            bail!(
+                "the replica was not current (RPO below {:?}) 15 min after the start",
+                args.current_rpo
+            );
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let replicated_ms = t.elapsed().as_secs_f64() * 1e3 - initial_sync_ms;
     let target = "backup-2".to_string();
     let req = endophyte_engine::migrate::MigrateRequest {
         to: target.clone(),
@@ -257,6 +287,7 @@ fn migrate_in(args: &MigrateArgs, dir: &Path) -> anyhow::Result<MigrateSummary> 
         target_vm_running: source_gone && p2 > p1,
         guest_pages: [p0, p1, p2],
         initial_sync_ms,
+        replicated_ms,
         target,
     })
 }
