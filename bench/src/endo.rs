@@ -9,6 +9,7 @@ use std::time::{Duration, Instant};
 
 use endophyte_attach::client::AttachClient;
 
+use crate::link::LinkProfile;
 use crate::procs::{tail, wait_for_file, Procs};
 use crate::report::{percentile, MigrationRuns, Row};
 use crate::topology::Topology;
@@ -416,6 +417,14 @@ pub fn replication(
     row.set("dirty_rate_mb_s", mb_s((p1 - p0) as f64 / dt), "MB/s");
     row.set("guest_free_rate_mb_s", mb_s(free), "MB/s");
     copy_report_figures(&mut row, &rep);
+    if let Some(p) = topo.profile() {
+        // No write can be committed sooner than its trip to the backup and the acknowledgement's back.
+        let rtt_ms = 2.0 * p.one_way_delay.as_secs_f64() * 1e3;
+        row.set_limit("rpo_ms_p50", rtt_ms, "ms");
+        row.set_limit("rpo_ms_p99", rtt_ms, "ms");
+        row.notes
+            .push("limit: RPO can be no less than one round trip on the link".into());
+    }
     row.set("initial_copy_s", initial.as_secs_f64(), "s");
     row.set(
         "initial_copy_mb_s",
@@ -442,6 +451,37 @@ pub fn replication(
         );
     }
     Ok(row)
+}
+
+/// The least downtime a switchover can have on link `p`: its `bytes` (final delta and vCPU/device state)
+/// at the link's rate, one round trip (the target's answer) and the target's measured `restore_ms`; ms.
+/// NaN on a link without a rate limit.
+fn switchover_limit_ms(p: &LinkProfile, bytes: f64, restore_ms: f64) -> f64 {
+    let Some(bits) = p.rate_bits_per_s else {
+        return f64::NAN;
+    };
+    bytes / (bits as f64 / 8.0) * 1e3 + 2.0 * p.one_way_delay.as_secs_f64() * 1e3 + restore_ms
+}
+
+/// Records the physical limits of a migration row's figures from each run's: downtime (at the same
+/// percentile of the runs' limits), total time (with the replica current, the switchover is all that
+/// must happen), and bytes on the wire (the final delta and the state).
+fn record_limits(row: &mut Row, limit_ms: &[f64], limit_bytes: &[f64]) {
+    for (fig, p) in [
+        ("downtime_ms_p50", 50.0),
+        ("downtime_ms_p99", 99.0),
+        ("downtime_ms_max", 100.0),
+    ] {
+        row.set_limit(fig, percentile(limit_ms, p), "ms");
+    }
+    row.set_limit("total_ms_p50", percentile(limit_ms, 50.0), "ms");
+    row.set_limit("wire_bytes_p50", percentile(limit_bytes, 50.0), "bytes");
+    if !limit_ms.is_empty() {
+        row.notes.push(
+            "limit: per run, the final delta and the state at the link's rate, plus one round trip and the target's measured restore; for bytes, the final delta and the state"
+                .into(),
+        );
+    }
 }
 
 /// Migration on `topo`: `runs` live migrations back and forth between hosts `a` and `b`, each host running
@@ -483,6 +523,8 @@ pub fn migration(
         ..MigrationRuns::default()
     };
     let (mut converge, mut initial) = (vec![], vec![]);
+    // Per run, the physical limit of its downtime and its bytes (see `record_limits`).
+    let (mut limit_ms, mut limit_bytes) = (vec![], vec![]);
     for run in 0..runs {
         let name = format!("s{here}{run}");
         let node = format!("n{there}");
@@ -538,6 +580,13 @@ pub fn migration(
         m.downtime_ms
             .push(r["downtime_ms"].as_f64().unwrap_or(f64::NAN));
         converge.push(r["converge_ms"].as_f64().unwrap_or(f64::NAN));
+        let delta = r["final_epoch_bytes"].as_f64().unwrap_or(f64::NAN);
+        let state = r["state_bytes"].as_f64().unwrap_or(f64::NAN);
+        let restore = r["breakdown"]["restore_ms"].as_f64().unwrap_or(f64::NAN);
+        if let Some(p) = topo.profile() {
+            limit_ms.push(switchover_limit_ms(p, delta + state, restore));
+        }
+        limit_bytes.push(delta + state);
         m.total_ms.push(r["total_ms"].as_f64().unwrap_or(f64::NAN));
         m.wire_bytes.push(if topo.profile().is_some() {
             (w1 - w0) as f64
@@ -553,6 +602,7 @@ pub fn migration(
         std::mem::swap(&mut here, &mut there);
     }
     m.record(&mut row);
+    record_limits(&mut row, &limit_ms, &limit_bytes);
     row.set("converge_ms_p50", percentile(&converge, 50.0), "ms");
     row.set("replica_build_s_p50", percentile(&initial, 50.0), "s");
     row.notes.push(

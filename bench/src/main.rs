@@ -64,6 +64,10 @@ struct RunArgs {
     /// The QEMU peer's accelerator: `kvm` (the same emulating KVM as Endophyte's guest) or `tcg`.
     #[arg(long, value_enum, default_value_t = endophyte_bench::qemu::Accel::Kvm)]
     qemu_accel: endophyte_bench::qemu::Accel,
+    /// How long one QEMU migration may take before it is cancelled and counted as not converged
+    /// (default: the mode's, 60 s quick, 300 s full).
+    #[arg(long, value_parser = humantime::parse_duration)]
+    qemu_limit: Option<Duration>,
 }
 
 fn plan(mut p: Plan, a: &RunArgs) -> Plan {
@@ -85,6 +89,9 @@ fn plan(mut p: Plan, a: &RunArgs) -> Plan {
     }
     p.no_qemu = a.no_qemu;
     p.qemu_accel = a.qemu_accel;
+    if let Some(l) = a.qemu_limit {
+        p.qemu_limit = l;
+    }
     p
 }
 

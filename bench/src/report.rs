@@ -34,6 +34,11 @@ pub struct Row {
     pub params: BTreeMap<String, Figure>,
     /// What was measured.
     pub figures: BTreeMap<String, Figure>,
+    /// The physical limit of some figures, in their units: what the link and this machine allow at all
+    /// (e.g. a switchover's downtime can be no less than its final delta at the link's rate, plus a round
+    /// trip, plus the restore). The report shows each next to the figure with the ratio figure / limit.
+    #[serde(default)]
+    pub limits: BTreeMap<String, Figure>,
     /// What a reader needs to know about this row (a rate the emulator could not reach, a run that failed).
     pub notes: Vec<String>,
 }
@@ -75,6 +80,24 @@ impl Row {
     /// A figure's value, if measured.
     pub fn get(&self, name: &str) -> Option<f64> {
         self.figures.get(name).map(|f| f.value)
+    }
+
+    /// Records the physical limit of figure `name` (in the figure's unit; NaN is not recorded).
+    pub fn set_limit(&mut self, name: &str, value: f64, unit: &str) {
+        if value.is_finite() {
+            self.limits.insert(
+                name.into(),
+                Figure {
+                    value,
+                    unit: unit.into(),
+                },
+            );
+        }
+    }
+
+    /// The physical limit of figure `name`, if known.
+    pub fn limit(&self, name: &str) -> Option<f64> {
+        self.limits.get(name).map(|f| f.value)
     }
 
     /// The parameters as one short key, e.g. `mem_gib=1 dirty_rate_target_mb_s=50`.
@@ -226,9 +249,9 @@ impl Report {
             if has_peer {
                 let _ = writeln!(
                     s,
-                    "| profile | parameters | figure | unit | endophyte | qemu-defaults | ratio | qemu-tuned | ratio |"
+                    "| profile | parameters | figure | unit | endophyte | limit | endophyte / limit | qemu-defaults | qemu / endophyte | qemu-tuned | qemu / endophyte |"
                 );
-                let _ = writeln!(s, "|---|---|---|---|---|---|---|---|---|");
+                let _ = writeln!(s, "|---|---|---|---|---|---|---|---|---|---|---|");
             }
             // Group by (profile, parameters), in order of first appearance.
             let mut groups: Vec<(String, String)> = vec![];
@@ -257,9 +280,12 @@ impl Report {
                     for (name, unit) in names {
                         let cell = |r: Option<&&Row>| r.and_then(|r| r.get(name));
                         let o = cell(ours);
+                        let limit = in_group.iter().find_map(|r| r.limit(name));
                         let mut line = format!(
-                            "| {profile} | {key} | {name} | {unit} | {} ",
-                            o.map_or("-".into(), fmt_num)
+                            "| {profile} | {key} | {name} | {unit} | {} | {} | {} ",
+                            o.map_or("-".into(), fmt_num),
+                            limit.map_or("-".into(), fmt_num),
+                            ratio_to_limit(o, limit)
                         );
                         for peer in PEERS {
                             let p = cell(by(peer));
@@ -311,9 +337,16 @@ impl Report {
                     let cells: Vec<String> = names
                         .iter()
                         .map(|(n, _)| {
-                            same.iter()
-                                .find_map(|r| r.get(n))
-                                .map_or("-".into(), fmt_num)
+                            let v = same.iter().find_map(|r| r.get(n));
+                            match (v, same.iter().find_map(|r| r.limit(n))) {
+                                (Some(v), Some(l)) => format!(
+                                    "{} (limit {}, {})",
+                                    fmt_num(v),
+                                    fmt_num(l),
+                                    ratio_to_limit(Some(v), Some(l))
+                                ),
+                                (v, _) => v.map_or("-".into(), fmt_num),
+                            }
                         })
                         .collect();
                     let _ = writeln!(
@@ -340,6 +373,14 @@ impl Report {
             s.push('\n');
         }
         s
+    }
+}
+
+/// `value / limit` as `12.3x`, or `-` when either is missing or the limit is zero.
+fn ratio_to_limit(value: Option<f64>, limit: Option<f64>) -> String {
+    match (value, limit) {
+        (Some(v), Some(l)) if l > 0.0 && v.is_finite() => format!("{:.1}x", v / l),
+        _ => "-".into(),
     }
 }
 
@@ -418,9 +459,11 @@ mod tests {
 
     #[test]
     fn the_markdown_puts_qemu_next_to_ours_with_the_ratio() {
+        let mut ours = row("endophyte", 20.0);
+        ours.set_limit("downtime_ms_p50", 2.5, "ms");
         let rep = Report {
             mode: "quick".into(),
-            rows: vec![row("endophyte", 20.0), row("qemu-defaults", 300.0)],
+            rows: vec![ours, row("qemu-defaults", 300.0)],
             ..Report::default()
         };
         let md = rep.markdown();
@@ -429,15 +472,17 @@ mod tests {
             .find(|l| l.contains("downtime_ms_p50"))
             .expect("a line for the figure");
         let cells: Vec<&str> = line.split('|').map(str::trim).collect();
-        // | lan | mem_gib=1 | downtime_ms_p50 | ms | 20 | 300 | 15.00 | - | - |
+        // | lan | mem_gib=1 | downtime_ms_p50 | ms | 20 | 2.50 | 8.0x | 300 | 15.00 | - | - |
         assert_eq!(
-            cells[1..10],
+            cells[1..12],
             [
                 "lan",
                 "mem_gib=1",
                 "downtime_ms_p50",
                 "ms",
                 "20",
+                "2.50",
+                "8.0x",
                 "300",
                 "15.00",
                 "-",
@@ -470,6 +515,29 @@ mod tests {
     }
 
     #[test]
+    fn a_figure_without_a_peer_shows_its_limit_and_the_ratio_in_its_cell() {
+        let mut r = Row::new("replication", "lan", "endophyte");
+        r.set("rpo_ms_p99", 90.0, "ms");
+        r.set("epoch_pause_ms_p99", 1.5, "ms");
+        r.set_limit("rpo_ms_p99", 0.2, "ms");
+        r.set_limit("epoch_pause_ms_p99", f64::NAN, "ms");
+        let rep = Report {
+            rows: vec![r],
+            ..Report::default()
+        };
+        let md = rep.markdown();
+        let body = md
+            .lines()
+            .find(|l| l.starts_with("| lan | endophyte"))
+            .unwrap();
+        // Figures in name order: epoch_pause_ms_p99 (no limit: NaN is not recorded), rpo_ms_p99.
+        assert_eq!(
+            body, "| lan | endophyte |  | 1.50 | 90 (limit 0.200, 450.0x) |",
+            "{md}"
+        );
+    }
+
+    #[test]
     fn the_json_round_trips_with_units() {
         let rep = Report {
             rows: vec![row("endophyte", 12.5)],
@@ -477,8 +545,13 @@ mod tests {
         };
         let mut rep = rep;
         rep.rows[0].set("downtime_ms_p99", f64::NAN, "ms");
+        rep.rows[0].set_limit("downtime_ms_p50", 3.0, "ms");
         let back: Report = serde_json::from_str(&serde_json::to_string(&rep).unwrap()).unwrap();
         assert_eq!(back.rows[0].figures["downtime_ms_p50"].unit, "ms");
+        assert_eq!(back.rows[0].limit("downtime_ms_p50"), Some(3.0));
+        // A report written before limits existed still reads.
+        let old = r#"{"scenario":"migration","profile":"lan","system":"endophyte","params":{},"figures":{},"notes":[]}"#;
+        assert!(serde_json::from_str::<Row>(old).unwrap().limits.is_empty());
         assert_eq!(back.rows[0].figures["downtime_ms_p50"].value, 12.5);
         // NaN (not measured) goes out as null and comes back as NaN.
         assert!(back.rows[0].figures["downtime_ms_p99"].value.is_nan());
