@@ -74,7 +74,7 @@ pub(super) fn start(o: Opening) -> Result<(std::sync::mpsc::Sender<VmIn>, u64), 
     } else {
         let mut s = ReplicaStore::open(&o.dir, &o.vm_id, o.mem_bytes, o.page_size, o.crash)?;
         s.set_durability(o.durability);
-        tracing::info!(vm = %o.vm_id, committed = s.committed_epoch(), io_uring = s.uses_io_uring(), "replica opened");
+        tracing::info!(vm = %o.vm_id, committed = s.committed_epoch(), "replica opened");
         Some(s)
     };
     // What a crash left (a prepared VM to stop, a departed VM to record).

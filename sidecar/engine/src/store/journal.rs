@@ -1,7 +1,11 @@
 //! Per-epoch journals: `journal/<epoch>.ejl`, the epoch's frames as they arrived (a Hello naming the
-//! sending session, the Chunk frames, then the EpochEnd frame at commit), appended through io_uring
-//! (writev, fdatasync) or pwritev where io_uring is refused; and the scan that tells a complete,
-//! verifiable journal from a torn one.
+//! sending session, the Chunk frames, then the EpochEnd frame at commit), appended with pwritev and made
+//! durable with fdatasync; and the scan that tells a complete, verifiable journal from a torn one.
+//!
+//! Each append waits for its write anyway, so io_uring (used before 2026-12-02, one ring per epoch)
+//! bought nothing, and once left a backup's replica thread waiting 20 minutes for a buffered write's
+//! completion that never came (a bench run on this project's nested kernel); a plain system call
+//! cannot be stranded that way.
 
 use std::collections::BTreeMap;
 use std::fs::{File, OpenOptions};
@@ -20,7 +24,7 @@ use super::StoreError;
 /// memory does not grow with the guest's.
 pub(super) const HELD_BYTES_MAX: usize = 64 << 20;
 
-/// Appends to a file through io_uring, or pwritev when io_uring is unavailable.
+/// Appends to a file with pwritev.
 pub(super) struct Appender {
     file: File,
     path: PathBuf,
@@ -38,11 +42,10 @@ pub(super) struct Appender {
     pub(super) spilled: bool,
     /// The session whose Hello opens the journal.
     pub(super) session: u64,
-    ring: Option<io_uring::IoUring>,
 }
 
 impl Appender {
-    pub(super) fn create(path: PathBuf, use_uring: bool) -> Result<Self, StoreError> {
+    pub(super) fn create(path: PathBuf) -> Result<Self, StoreError> {
         let file = OpenOptions::new()
             .create(true)
             .write(true)
@@ -54,11 +57,6 @@ impl Appender {
                 path: path.clone(),
                 source,
             })?;
-        let ring = if use_uring {
-            io_uring::IoUring::new(8).ok()
-        } else {
-            None
-        };
         Ok(Self {
             file,
             path,
@@ -68,7 +66,6 @@ impl Appender {
             held_bytes: 0,
             spilled: false,
             session: 0,
-            ring,
         })
     }
 
@@ -78,38 +75,6 @@ impl Appender {
             path: self.path.clone(),
             source,
         }
-    }
-
-    /// Submits one SQE and waits for its completion; returns the CQE result.
-    fn submit(&mut self, sqe: io_uring::squeue::Entry) -> std::io::Result<i32> {
-        let ring = self.ring.as_mut().expect("ring present");
-        // SAFETY: the buffers the SQE names (iovecs and their data) are borrowed by our caller for this whole call, and we return only after the completion arrived (below), so the kernel never touches freed memory.
-        unsafe { ring.submission().push(&sqe) }
-            .map_err(|_| std::io::Error::other("io_uring submission queue full"))?;
-        // An interrupted wait leaves the SQE in flight: keep waiting for its completion. Other errors of
-        // io_uring_enter (EFAULT, EINVAL, ...) come before anything is submitted.
-        loop {
-            match ring.submit_and_wait(1) {
-                Ok(_) => break,
-                Err(e)
-                    if matches!(
-                        e.kind(),
-                        std::io::ErrorKind::Interrupted | std::io::ErrorKind::ResourceBusy
-                    ) || e.raw_os_error() == Some(libc::EBUSY) =>
-                {
-                    continue
-                }
-                Err(e) => return Err(e),
-            }
-        }
-        let cqe = ring
-            .completion()
-            .next()
-            .ok_or_else(|| std::io::Error::other("io_uring completion missing"))?;
-        if cqe.result() < 0 {
-            return Err(std::io::Error::from_raw_os_error(-cqe.result()));
-        }
-        Ok(cqe.result())
     }
 
     pub(super) fn append(&mut self, parts: &[&[u8]]) -> Result<(), StoreError> {
@@ -131,31 +96,23 @@ impl Appender {
                 skip = 0;
             }
             let off = self.len + done as u64;
-            let n = if self.ring.is_some() {
-                let sqe = io_uring::opcode::Writev::new(
-                    io_uring::types::Fd(self.file.as_raw_fd()),
+            // SAFETY: the iovecs point into `parts`, alive for this call; the fd is ours and open.
+            let r = unsafe {
+                libc::pwritev(
+                    self.file.as_raw_fd(),
                     iov.as_ptr(),
-                    iov.len() as u32,
+                    iov.len() as i32,
+                    off as libc::off_t,
                 )
-                .offset(off)
-                .build();
-                self.submit(sqe)
-                    .map_err(|e| self.io_err("writing journal", e))? as usize
-            } else {
-                // SAFETY: the iovecs point into `parts`, alive for this call; the fd is ours and open.
-                let r = unsafe {
-                    libc::pwritev(
-                        self.file.as_raw_fd(),
-                        iov.as_ptr(),
-                        iov.len() as i32,
-                        off as libc::off_t,
-                    )
-                };
-                if r < 0 {
-                    return Err(self.io_err("writing journal", std::io::Error::last_os_error()));
-                }
-                r as usize
             };
+            if r < 0 {
+                let e = std::io::Error::last_os_error();
+                if e.kind() == std::io::ErrorKind::Interrupted {
+                    continue;
+                }
+                return Err(self.io_err("writing journal", e));
+            }
+            let n = r as usize;
             if n == 0 {
                 return Err(self.io_err("writing journal", std::io::ErrorKind::WriteZero.into()));
             }
@@ -166,18 +123,9 @@ impl Appender {
     }
 
     pub(super) fn sync(&mut self) -> Result<(), StoreError> {
-        if self.ring.is_some() {
-            let sqe = io_uring::opcode::Fsync::new(io_uring::types::Fd(self.file.as_raw_fd()))
-                .flags(io_uring::types::FsyncFlags::DATASYNC)
-                .build();
-            self.submit(sqe)
-                .map_err(|e| self.io_err("syncing journal", e))?;
-            Ok(())
-        } else {
-            self.file
-                .sync_data()
-                .map_err(|e| self.io_err("syncing journal", e))
-        }
+        self.file
+            .sync_data()
+            .map_err(|e| self.io_err("syncing journal", e))
     }
 }
 
