@@ -352,3 +352,62 @@ fn a_guest_migrates_there_back_and_there_again_under_rising_generations() {
     assert_eq!(fence_b()["state"], "running");
     on_b.shutdown().unwrap();
 }
+
+#[test]
+fn a_migration_to_a_target_that_stopped_committing_fails_at_its_deadline() {
+    if !kvm_available() {
+        return;
+    }
+    // b2's replica thread hangs at the commit of epoch 30 and after, its process and paths still up (as
+    // a write that never completes left a backup in a bench run): the sidecar's epochs wait on it.
+    let Setup {
+        tmp: _tmp,
+        b: [_b1, _b2],
+        source_vmm: _vmm,
+        sock,
+        ctl,
+        sidecar,
+        ..
+    } = setup(&["--hang-at-commit", "30"]);
+    status_until(&ctl, Duration::from_secs(60), "b2 reaching epoch 29", |s| {
+        s["backups"][1]["committed_epoch"].as_u64() >= Some(29)
+    });
+    // Before the fix the migration waited for the back-pressure to end, that is for ever: the command is
+    // given 30 s.
+    let t = std::time::Instant::now();
+    let mut cmd = Command::new(EXE)
+        .args([
+            "migrate",
+            "vm1",
+            "--to",
+            "b2",
+            "--deadline",
+            "3s",
+            "--output",
+            "json",
+        ])
+        .arg("--control")
+        .arg(&ctl)
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    while cmd.try_wait().unwrap().is_none() && t.elapsed() < Duration::from_secs(30) {
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let ended = cmd.try_wait().unwrap();
+    let _ = cmd.kill();
+    let out = cmd.wait_with_output().unwrap();
+    let st = String::from_utf8_lossy(&out.stdout);
+    let status = ended.unwrap_or_else(|| panic!("the migration still ran after 30 s: {st}"));
+    assert!(!status.success(), "the migration succeeded: {st}");
+    let mig = endophyte_engine::control::request(&ctl, "GET", "/v1/migration", None).unwrap();
+    assert_eq!(mig["phase"], "failed", "{mig}");
+    let why = mig["error"].as_str().unwrap();
+    assert!(why.contains("not current"), "{why}");
+    // The guest still runs on the source (throttled, maybe: a backup still holds every epoch back).
+    let probe = AttachClient::connect(&sock, "probe").unwrap();
+    let p0 = guest_pages(&probe);
+    std::thread::sleep(Duration::from_millis(500));
+    assert!(guest_pages(&probe) > p0, "the source guest does not run");
+    drop(sidecar);
+}

@@ -52,6 +52,9 @@ pub struct BackupArgs {
     /// Test hook: abort with a switchover prepared (VMM started, VM restored, not yet answered).
     #[arg(long, hide = true)]
     crash_during_switchover: bool,
+    /// Test hook: hang for good at the commit of the first epoch at or above this one.
+    #[arg(long, hide = true)]
+    hang_at_commit: Option<u64>,
     /// Serve the control API on this Unix socket (`endophyte status`, `endophyte promote`).
     #[arg(long)]
     control_socket: Option<PathBuf>,
@@ -107,6 +110,7 @@ pub fn run(a: BackupArgs) -> anyhow::Result<()> {
         crash: CrashPoint {
             during_apply: a.crash_during_apply,
             during_switchover: a.crash_during_switchover,
+            hang_at_commit: a.hang_at_commit,
         },
         durability: a.durability,
         control_socket: a.control_socket,

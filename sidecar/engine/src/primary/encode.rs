@@ -131,7 +131,8 @@ impl EpochLoop {
 
     /// Hands `chunk` to the sender for every backup in `targets`, then waits while any of them holds more
     /// unacknowledged bytes than the budget (back-pressure). A stop request ends the wait, so that a stuck
-    /// backup cannot keep the sidecar from cutting its final epoch and exiting.
+    /// backup cannot keep the sidecar from cutting its final epoch and exiting; so does a converging
+    /// migration's deadline, so that the migration fails then instead of waiting on a stuck target.
     fn push(&mut self, targets: &[usize], chunk: PageChunk) -> anyhow::Result<()> {
         self.stats.raw_bytes += u64::from(chunk.n_pages) * self.page_size as u64;
         self.stats.body_bytes += chunk.body.len() as u64;
@@ -149,6 +150,7 @@ impl EpochLoop {
                 .iter()
                 .all(|&b| g.sender.unacked_bytes(b) < budget || !g.sender.is_streaming(b))
                 || shared.stopping()
+                || g.migration.as_ref().is_some_and(|m| m.overdue())
         });
         self.control_mid_send()
     }

@@ -232,9 +232,12 @@ impl EpochLoop {
         if switch_to.is_some() {
             return;
         }
+        // A converging migration's deadline ends the wait too: the backups may take nothing for ever
+        // (one stopped committing), and only the next `converge` fails the migration (or forces it).
         shared.wait_until(Duration::from_secs(3600), |g| {
             (g.sender.can_begin_epoch() && g.sender.max_unacked_bytes() < budget)
                 || shared.stopping()
+                || g.migration.as_ref().is_some_and(|m| m.overdue())
         });
     }
 

@@ -29,6 +29,14 @@ pub(super) struct MigrationCtl {
     pub report: Option<MigrationReport>,
 }
 
+impl MigrationCtl {
+    /// Converging past the request's deadline.
+    pub(super) fn overdue(&self) -> bool {
+        self.phase == Phase::Converging
+            && self.started.elapsed() >= Duration::from_millis(self.request.deadline_ms)
+    }
+}
+
 /// How long a converged migration waits for the target's standby VMM to be ready before it switches
 /// over anyway.
 const STANDBY_WAIT: Duration = Duration::from_secs(30);

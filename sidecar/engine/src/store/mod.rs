@@ -154,6 +154,9 @@ pub struct CrashPoint {
     pub during_apply: Option<u64>,
     /// Abort with a switchover prepared (VMM started, VM restored, not yet answered).
     pub during_switchover: bool,
+    /// Hang for good at the commit of the first epoch at or above this one, as a write that never
+    /// completes would: the process and its paths stay up, no commit follows.
+    pub hang_at_commit: Option<u64>,
 }
 
 /// One VM's replica on a backup. See the module docs.
@@ -172,7 +175,6 @@ pub struct ReplicaStore {
     applied: Vec<PathBuf>,
     last_checkpoint: std::time::Instant,
     checkpointing: Option<std::thread::JoinHandle<Result<u64, StoreError>>>,
-    use_uring: bool,
     crash: CrashPoint,
     durability: Durability,
     /// Chunk bytes an epoch keeps in memory for its commit ([`journal::HELD_BYTES_MAX`]).
@@ -245,10 +247,6 @@ impl ReplicaStore {
                 std::io::Error::last_os_error()
             );
         }
-        let use_uring = io_uring::IoUring::new(2).is_ok();
-        if !use_uring {
-            tracing::warn!("io_uring unavailable here; the journal uses pwritev/fdatasync");
-        }
         let mut store = Self {
             dir: dir.to_owned(),
             image: img.clone(),
@@ -263,7 +261,6 @@ impl ReplicaStore {
             applied: Vec::new(),
             last_checkpoint: std::time::Instant::now(),
             checkpointing: None,
-            use_uring,
             crash,
             durability: Durability::Disk,
             held_max: journal::HELD_BYTES_MAX,
@@ -298,18 +295,13 @@ impl ReplicaStore {
         self.vm_state.as_ref()
     }
 
-    /// Whether journal writes go through io_uring.
-    pub fn uses_io_uring(&self) -> bool {
-        self.use_uring
-    }
-
     fn journal_path(&self, epoch: u64) -> PathBuf {
         self.dir.join("journal").join(format!("{epoch:020}.ejl"))
     }
 
     fn open_journal(&mut self, epoch: u64, session: u64) -> Result<(), StoreError> {
         if !self.journals.contains_key(&epoch) {
-            let mut a = Appender::create(self.journal_path(epoch), self.use_uring)?;
+            let mut a = Appender::create(self.journal_path(epoch))?;
             let hello = Message::Hello(Hello {
                 session,
                 path: 0,
@@ -376,6 +368,12 @@ impl ReplicaStore {
     /// [`StoreError`]; if it fails before the fsync the replica still holds the previous epoch.
     pub fn commit(&mut self, end: &EpochEnd, session: u64) -> Result<Vec<u64>, StoreError> {
         let epoch = end.epoch;
+        if self.crash.hang_at_commit.is_some_and(|h| epoch >= h) {
+            tracing::error!(epoch, "test hook: hanging at this commit for good");
+            loop {
+                std::thread::sleep(std::time::Duration::from_secs(3600));
+            }
+        }
         let path = self.journal_path(epoch);
         // An epoch with no dirty pages has no chunks, hence no journal yet.
         self.open_journal(epoch, session)?;
