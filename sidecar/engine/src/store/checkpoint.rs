@@ -133,7 +133,8 @@ pub(super) fn write(
     journals: &[PathBuf],
 ) -> Result<u64, StoreError> {
     let t0 = std::time::Instant::now();
-    // fdatasync writes back every dirty page-cache page of the replica.
+    // Paced writeback first, then fdatasync for what is left and the device's cache.
+    write_back_paced(file).map_err(io("writing back", img))?;
     file.sync_data().map_err(io("syncing", img))?;
     let kept = match vm_state {
         Some(vs) => {
@@ -169,6 +170,50 @@ pub(super) fn write(
     }
     tracing::debug!(epoch = state.checkpoint_epoch, took = ?t0.elapsed(), "checkpoint");
     Ok(state.checkpoint_epoch)
+}
+
+/// Bytes of the replica written back (and waited for) at a time by [`write_back_paced`].
+const WRITEBACK_RANGE: u64 = 256 << 10;
+
+/// Writes back the replica's dirty page-cache pages a [`WRITEBACK_RANGE`] at a time with
+/// `sync_file_range(2)` (wait before, write, wait after), idling after each range that did I/O as long
+/// as it took. A single fdatasync of a replica with seconds of scattered dirty pages fills the device's
+/// queue for hundreds of ms, and every other write on the disk waits behind it; one such write is a
+/// switchover's durable fence, the guest paused meanwhile. Measured on this project's machines (4 KiB
+/// O_DIRECT|O_DSYNC writes during a checkpoint-sized flood of 100 MB of random 4 KiB pages): 44 ms p50
+/// and 321 ms max behind one fdatasync, 5.5 ms and 47 ms behind this; idle, 1.2 ms. Clean ranges cost a
+/// system call each. The checkpoint takes longer, which costs nothing: its journals stay until it ends.
+fn write_back_paced(file: &File) -> std::io::Result<()> {
+    use std::os::fd::AsRawFd;
+    let len = file.metadata()?.len();
+    let flags = libc::SYNC_FILE_RANGE_WAIT_BEFORE
+        | libc::SYNC_FILE_RANGE_WRITE
+        | libc::SYNC_FILE_RANGE_WAIT_AFTER;
+    let mut off = 0u64;
+    while off < len {
+        let n = WRITEBACK_RANGE.min(len - off);
+        let t = std::time::Instant::now();
+        // SAFETY: a plain system call on a descriptor `file` owns; no memory is passed.
+        let r = unsafe { libc::sync_file_range(file.as_raw_fd(), off as i64, n as i64, flags) };
+        if r != 0 {
+            // A filesystem without it (the fdatasync that follows writes back everything anyway).
+            let e = std::io::Error::last_os_error();
+            if matches!(
+                e.raw_os_error(),
+                Some(libc::EINVAL | libc::ENOSYS | libc::ESPIPE)
+            ) {
+                return Ok(());
+            }
+            return Err(e);
+        }
+        let took = t.elapsed();
+        // A clean range returns in microseconds; one that went to the disk leaves it as long idle.
+        if took > std::time::Duration::from_micros(200) {
+            std::thread::sleep(took);
+        }
+        off += n;
+    }
+    Ok(())
 }
 
 /// Writes `dir/name` atomically and durably: a temporary file, fsync, rename, fsync of the directory.
