@@ -143,7 +143,7 @@ pub fn check(
     let t = Topology::build(Some(&p), &["a", "b"], &[("a", "b", 1)])?;
     let mut row = Row::new("emulator", &p.name, "emulator");
     row = row
-        .param("rtt_ms", 2.0 * p.one_way_delay.as_secs_f64() * 1e3, "ms")
+        .param("rtt_ms", p.rtt_ms(), "ms")
         .param("loss_pct", p.loss * 100.0, "%")
         .param(
             "rate_mbit_s",

@@ -419,9 +419,8 @@ pub fn replication(
     copy_report_figures(&mut row, &rep);
     if let Some(p) = topo.profile() {
         // No write can be committed sooner than its trip to the backup and the acknowledgement's back.
-        let rtt_ms = 2.0 * p.one_way_delay.as_secs_f64() * 1e3;
-        row.set_limit("rpo_ms_p50", rtt_ms, "ms");
-        row.set_limit("rpo_ms_p99", rtt_ms, "ms");
+        row.set_limit("rpo_ms_p50", p.rtt_ms(), "ms");
+        row.set_limit("rpo_ms_p99", p.rtt_ms(), "ms");
         row.notes
             .push("limit: RPO can be no less than one round trip on the link".into());
     }
@@ -460,7 +459,7 @@ fn switchover_limit_ms(p: &LinkProfile, bytes: f64, restore_ms: f64) -> f64 {
     let Some(bits) = p.rate_bits_per_s else {
         return f64::NAN;
     };
-    bytes / (bits as f64 / 8.0) * 1e3 + 2.0 * p.one_way_delay.as_secs_f64() * 1e3 + restore_ms
+    bytes / (bits as f64 / 8.0) * 1e3 + p.rtt_ms() + restore_ms
 }
 
 /// Records the physical limits of a migration row's figures from each run's: downtime (at the same
@@ -476,9 +475,9 @@ fn record_limits(row: &mut Row, limit_ms: &[f64], limit_bytes: &[f64]) {
     }
     row.set_limit("total_ms_p50", percentile(limit_ms, 50.0), "ms");
     row.set_limit("wire_bytes_p50", percentile(limit_bytes, 50.0), "bytes");
-    if !limit_ms.is_empty() {
+    if !limit_bytes.is_empty() {
         row.notes.push(
-            "limit: per run, the final delta and the state at the link's rate, plus one round trip and the target's measured restore; for bytes, the final delta and the state"
+            "limit: per run, the final delta and the state at the link's rate, plus one round trip and the target's measured restore (none without a link rate); for bytes, the final delta and the state"
                 .into(),
         );
     }

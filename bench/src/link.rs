@@ -36,6 +36,11 @@ pub struct LinkProfile {
 }
 
 impl LinkProfile {
+    /// The round trip the propagation delay makes, without jitter or queueing, ms.
+    pub fn rtt_ms(&self) -> f64 {
+        2.0 * self.one_way_delay.as_secs_f64() * 1e3
+    }
+
     /// The issue's `lan`: 10 Gbit/s, 0.2 ms RTT, no loss.
     pub fn lan() -> Self {
         Self {

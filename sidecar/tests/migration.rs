@@ -374,32 +374,24 @@ fn a_migration_to_a_target_that_stopped_committing_fails_at_its_deadline() {
     });
     // Before the fix the migration waited for the back-pressure to end, that is for ever: the command is
     // given 30 s.
-    let t = std::time::Instant::now();
-    let mut cmd = Command::new(EXE)
-        .args([
+    let ctl_arg = ctl.display().to_string();
+    let mut cmd = Proc::spawn(
+        "migrate",
+        &[
             "migrate",
             "vm1",
             "--to",
             "b2",
             "--deadline",
             "3s",
-            "--output",
-            "json",
-        ])
-        .arg("--control")
-        .arg(&ctl)
-        .stdout(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
-    while cmd.try_wait().unwrap().is_none() && t.elapsed() < Duration::from_secs(30) {
-        std::thread::sleep(Duration::from_millis(100));
-    }
-    let ended = cmd.try_wait().unwrap();
-    let _ = cmd.kill();
-    let out = cmd.wait_with_output().unwrap();
-    let st = String::from_utf8_lossy(&out.stdout);
-    let status = ended.unwrap_or_else(|| panic!("the migration still ran after 30 s: {st}"));
-    assert!(!status.success(), "the migration succeeded: {st}");
+            "--control",
+            &ctl_arg,
+        ],
+    );
+    let status = cmd
+        .wait_exit(Duration::from_secs(30))
+        .expect("the migration still ran after 30 s");
+    assert!(!status.success(), "the migration succeeded");
     let mig = endophyte_engine::control::request(&ctl, "GET", "/v1/migration", None).unwrap();
     assert_eq!(mig["phase"], "failed", "{mig}");
     let why = mig["error"].as_str().unwrap();

@@ -153,6 +153,34 @@ pub fn migrate(args: MigrateArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// Polls the sidecar's `/v1/status` on `control` every 50 ms until `ok` holds; returns the ms since `t`.
+///
+/// # Errors
+/// The sidecar stopped, the control socket failed, or `limit` passed since `t` without `what`.
+fn wait_for_status<T>(
+    control: &Path,
+    sidecar: &std::thread::JoinHandle<T>,
+    (t, limit): (Instant, Duration),
+    what: &str,
+    ok: impl Fn(&serde_json::Value) -> bool,
+) -> anyhow::Result<f64> {
+    loop {
+        if sidecar.is_finished() {
+            bail!("the sidecar stopped before the migration");
+        }
+        if control.exists() {
+            let s = endophyte_engine::control::request(control, "GET", "/v1/status", None)?;
+            if ok(&s) {
+                return Ok(t.elapsed().as_secs_f64() * 1e3);
+            }
+        }
+        if t.elapsed() > limit {
+            bail!("waited {limit:?} for {what}");
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
 fn migrate_in(args: &MigrateArgs, dir: &Path) -> anyhow::Result<MigrateSummary> {
     let Cluster {
         mut kids,
@@ -190,42 +218,24 @@ fn migrate_in(args: &MigrateArgs, dir: &Path) -> anyhow::Result<MigrateSummary> 
     });
     // Replicate: the initial copy, then `replicate_for` of steady state.
     let t = Instant::now();
-    let initial_sync_ms = loop {
-        if sidecar.is_finished() {
-            bail!("the sidecar stopped before the migration");
-        }
-        if control.exists() {
-            let s = endophyte_engine::control::request(&control, "GET", "/v1/status", None)?;
-            if s["rpo_ms"].is_number() {
-                break t.elapsed().as_secs_f64() * 1e3;
-            }
-        }
-        if t.elapsed() > Duration::from_secs(600) {
-            bail!("the initial copy was not durable after 10 min");
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    };
+    let initial_sync_ms = wait_for_status(
+        &control,
+        &sidecar,
+        (t, Duration::from_secs(600)),
+        "the initial copy to be durable",
+        |s| s["rpo_ms"].is_number(),
+    )?;
     std::thread::sleep(args.replicate_for);
     // The replica is current once the RPO is low: epochs queued behind the initial copy are committed.
-    loop {
-        let s = endophyte_engine::control::request(&control, "GET", "/v1/status", None)?;
-        if s["rpo_ms"]
-            .as_f64()
-            .is_some_and(|r| r < args.current_rpo.as_secs_f64() * 1e3)
-        {
-            break;
-        }
-        if sidecar.is_finished() {
-            bail!("the sidecar stopped before the migration");
-        }
-        if t.elapsed() > Duration::from_secs(900) {
-            bail!(
-                "the replica was not current (RPO below {:?}) 15 min after the start",
-                args.current_rpo
-            );
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    let rpo_ms = args.current_rpo.as_secs_f64() * 1e3;
+    let what = format!("the RPO to fall below {:?}", args.current_rpo);
+    wait_for_status(
+        &control,
+        &sidecar,
+        (t, Duration::from_secs(900)),
+        &what,
+        |s| s["rpo_ms"].as_f64().is_some_and(|r| r < rpo_ms),
+    )?;
     let replicated_ms = t.elapsed().as_secs_f64() * 1e3 - initial_sync_ms;
     let target = "backup-2".to_string();
     let req = endophyte_engine::migrate::MigrateRequest {
