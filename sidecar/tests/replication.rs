@@ -129,6 +129,10 @@ fn a_backup_acknowledging_from_memory_loses_nothing_in_a_process_crash() {
     crashed_backup_and_killed_path("memory");
 }
 
+/// How long each step of [`crashed_backup_and_killed_path`] may take: on this project's machines a step
+/// takes seconds; only a hang takes this long.
+const STEP_LIMIT: Duration = Duration::from_secs(240);
+
 /// b2 (durability `durability`) aborts halfway through applying epoch 8 and recovers exactly epoch 8;
 /// meanwhile b1's relayed paths die and its direct ones carry on; b2 restarts and catches up by a delta.
 fn crashed_backup_and_killed_path(durability: &str) {
@@ -153,6 +157,7 @@ fn crashed_backup_and_killed_path(durability: &str) {
     let sock = tmp.path().join("vm.sock");
     let _vm = vmm(&sock, "64MiB", "hotset:size=16M,rate=5000");
     let hashes = tmp.path().join("hashes.jsonl");
+    let ctl = tmp.path().join("ctl.sock");
     let mut args = base_args(&sock, &certs, &hashes);
     args.extend([
         "--epoch-ms=100".into(),
@@ -160,17 +165,31 @@ fn crashed_backup_and_killed_path(durability: &str) {
         "--paths=4".into(),
         format!("--backup=name=b1,addr={a1},via={relay_addr}"),
         format!("--backup=name=b2,addr={a2}"),
-        // Long enough to reach epoch 8 on a loaded machine: in a fresh-clone CI run b2 never crashed
-        // within 60 s and no path was lost, which a sidecar done with 20 s before epoch 8 explains.
-        "--duration=40s".into(),
+        format!("--control-socket={}", ctl.display()),
     ]);
-    let sidecar = std::thread::spawn(move || common::sidecar(&args));
+    // No --duration: the test stops the sidecar once each step has happened, so a slow machine only makes
+    // it slower (fresh-clone CI runs twice missed epoch 8 within a fixed 20 s and 40 s).
+    let mut sidecar = sidecar_start(&args);
+    let t0 = std::time::Instant::now();
 
     // The crash.
-    let status = b2
-        .wait_exit(Duration::from_secs(60))
-        .expect("b2 did not crash at epoch 8");
-    assert!(!status.success(), "b2 exited cleanly instead of aborting");
+    let exit = loop {
+        if let Some(s) = b2.child.try_wait().unwrap() {
+            break s;
+        }
+        if let Some(s) = sidecar.try_wait().unwrap() {
+            panic!("the sidecar exited ({s}) before b2 reached epoch 8");
+        }
+        assert!(
+            t0.elapsed() < STEP_LIMIT,
+            "b2 did not crash at epoch 8 within {STEP_LIMIT:?}; its replica: {:?}",
+            std::fs::read_dir(d2.join("vm1"))
+                .map(|d| d.flatten().map(|e| e.file_name()).collect::<Vec<_>>())
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    eprintln!("b2 crashed at epoch 8 after {:?}", t0.elapsed());
+    assert!(!exit.success(), "b2 exited cleanly instead of aborting");
     // Recovery alone, before anything can catch it up: the replica must be exactly its committed epoch.
     let out = std::process::Command::new(EXE)
         .args([
@@ -206,14 +225,31 @@ fn crashed_backup_and_killed_path(durability: &str) {
     relay.kill();
     // Restart b2 on its old data; it resumes from epoch 8 and catches up.
     let _b2 = backup(&certs, "b2", a2, &d2, &["--durability", durability]);
-
-    let report = sidecar.join().unwrap();
+    // Replicate on until the sidecar has seen b1's relayed paths die and b1 (on its direct paths) and b2
+    // (caught up) are both 20 epochs past the kill.
+    let t1 = std::time::Instant::now();
+    loop {
+        if let Some(s) = sidecar.try_wait().unwrap() {
+            panic!("the sidecar exited ({s}) while replicating after the path died");
+        }
+        let st = status(&ctl);
+        let b = &st["backups"];
+        let committed = |i: usize| b[i]["committed_epoch"].as_u64().unwrap();
+        if b[0]["paths_up"].as_u64() == Some(2)
+            && committed(0) >= at_kill + 20
+            && committed(1) >= at_kill + 20
+        {
+            break;
+        }
+        assert!(
+            t1.elapsed() < STEP_LIMIT,
+            "replication stalled after the path died (b1 at {at_kill} then): {st}"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let report = sidecar_stop(sidecar);
     let last = report["last_epoch"].as_u64().unwrap();
     let h = ram_hashes(&hashes);
-    assert!(
-        last >= at_kill + 20,
-        "replication stalled after the path died: {at_kill} -> {last}: {report}"
-    );
     assert!(report["path_failures"].as_u64().unwrap() >= 2, "{report}");
     // Both backups got all 64 MiB once; b2's catch-up after its restart was a delta from epoch 8 (the
     // sidecar's dirty-page history), not all of RAM again.
