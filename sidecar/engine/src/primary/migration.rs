@@ -41,6 +41,13 @@ impl MigrationCtl {
 /// over anyway.
 const STANDBY_WAIT: Duration = Duration::from_secs(30);
 
+/// The least downtime a switchover over a path with round trip `rtt_ms` can be predicted at, ms: three
+/// round trips (the final epoch to the target and its `Committed` back, `Switchover`/`Ready`,
+/// `Commit`/`SwitchedOver`; see docs/migration.md). A downtime budget below it is refused.
+pub(super) fn downtime_floor_ms(rtt_ms: f64) -> f64 {
+    3.0 * rtt_ms
+}
+
 /// Timings of a switchover's pause at the source, from its start.
 #[derive(Clone, Copy, Debug)]
 pub(super) struct SwitchTimes {
@@ -142,6 +149,19 @@ impl EpochLoop {
         let m = g.migration.as_mut().expect("checked above");
         m.predicted_ms = Some(predicted);
         let budget = req.downtime_ms as f64;
+        // The prediction is never below three round trips (the final epoch's commit needs one), so a
+        // budget under that can never be met: a permanent error, not one to throttle the guest for until
+        // the deadline (a 50 ms budget over a 50 ms RTT did that for 300 s at a 99 % throttle).
+        if rtt_ms > 0.0 && budget < downtime_floor_ms(rtt_ms) {
+            let why = format!(
+                "the downtime budget of {budget} ms is below what the path to {} allows: {:.1} ms, three round trips of {rtt_ms:.1} ms (the final epoch and its commit, Switchover and Ready, Commit and SwitchedOver); --downtime must exceed it",
+                req.to,
+                downtime_floor_ms(rtt_ms)
+            );
+            drop(g);
+            self.migration_failed(why);
+            return Ok(None);
+        }
         if current && predicted <= budget && standby_ready {
             m.phase = Phase::Switching;
             return Ok(Some(target));
