@@ -68,6 +68,10 @@ struct RunArgs {
     /// (default: the mode's, 60 s quick, 300 s full).
     #[arg(long, value_parser = humantime::parse_duration)]
     qemu_limit: Option<Duration>,
+    /// Downtime budget of every migration, both systems (default 50 ms). A switchover takes at least three
+    /// round trips, so a profile with a long one needs more: `wan`'s 50 ms RTT puts the floor at 150 ms.
+    #[arg(long, value_parser = humantime::parse_duration)]
+    downtime: Option<Duration>,
 }
 
 fn plan(mut p: Plan, a: &RunArgs) -> Plan {
@@ -91,6 +95,9 @@ fn plan(mut p: Plan, a: &RunArgs) -> Plan {
     p.qemu_accel = a.qemu_accel;
     if let Some(l) = a.qemu_limit {
         p.qemu_limit = l;
+    }
+    if let Some(d) = a.downtime {
+        p.downtime = d;
     }
     p
 }

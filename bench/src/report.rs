@@ -278,7 +278,10 @@ impl Report {
                         }
                     }
                     for (name, unit) in names {
-                        let cell = |r: Option<&&Row>| r.and_then(|r| r.get(name));
+                        // A figure not measured (NaN: a peer that never completed a run) has no ratio either.
+                        let cell = |r: Option<&&Row>| {
+                            r.and_then(|r| r.get(name)).filter(|v| v.is_finite())
+                        };
                         let o = cell(ours);
                         let limit = in_group.iter().find_map(|r| r.limit(name));
                         let mut line = format!(
@@ -489,6 +492,20 @@ mod tests {
                 "-"
             ]
         );
+    }
+
+    #[test]
+    fn a_peer_that_never_completed_shows_no_figure_and_no_ratio() {
+        // QEMU's defaults timed out on every wan run: downtime not measured, NaN in the row.
+        let rep = Report {
+            mode: "full".into(),
+            rows: vec![row("endophyte", 314.0), row("qemu-defaults", f64::NAN)],
+            ..Report::default()
+        };
+        let md = rep.markdown();
+        let line = md.lines().find(|l| l.contains("downtime_ms_p50")).unwrap();
+        let cells: Vec<&str> = line.split('|').map(str::trim).collect();
+        assert_eq!(cells[8..10], ["-", "-"], "{line}");
     }
 
     #[test]
