@@ -152,11 +152,11 @@ impl EpochLoop {
         // The prediction is never below three round trips (the final epoch's commit needs one), so a
         // budget under that can never be met: a permanent error, not one to throttle the guest for until
         // the deadline (a 50 ms budget over a 50 ms RTT did that for 300 s at a 99 % throttle).
-        if rtt_ms > 0.0 && budget < downtime_floor_ms(rtt_ms) {
+        let floor = downtime_floor_ms(rtt_ms);
+        if budget < floor {
             let why = format!(
-                "the downtime budget of {budget} ms is below what the path to {} allows: {:.1} ms, three round trips of {rtt_ms:.1} ms (the final epoch and its commit, Switchover and Ready, Commit and SwitchedOver); --downtime must exceed it",
-                req.to,
-                downtime_floor_ms(rtt_ms)
+                "the downtime budget of {budget} ms is below what the path to {} allows: {floor:.1} ms, three round trips of {rtt_ms:.1} ms (the final epoch and its commit, Switchover and Ready, Commit and SwitchedOver); --downtime must exceed it",
+                req.to
             );
             drop(g);
             self.migration_failed(why);
