@@ -47,7 +47,8 @@ impl QemuSource {
         let was_paused = !status.running;
         if was_paused && !self.paused.load(Ordering::SeqCst) {
             // Paused by someone else since `busy` looked: this one epoch is an ordinary migration, which
-            // leaves the VM postmigrate until it runs again.
+            // leaves the VM postmigrate until it runs again; `busy` then names them, not a migration.
+            self.left_stopped.store(true, Ordering::SeqCst);
             tracing::warn!(status = %status.status, "the VM was paused by someone else just now: this epoch is an ordinary migration");
         }
         let background = self.mode == EpochMode::BackgroundSnapshot && !was_paused && !into_pause;
