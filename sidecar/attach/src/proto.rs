@@ -33,7 +33,8 @@ pub const SUPPORTED_VERSIONS: &[u16] = &[1];
 pub const MAX_BODY_BYTES: u32 = 1 << 20;
 /// Most file descriptors accepted with one frame.
 pub const MAX_FDS: usize = 16;
-const HEADER_BYTES: usize = 12;
+/// Length of a frame's header, bytes.
+pub const HEADER_BYTES: usize = 12;
 
 /// Errors of the framing layer.
 #[derive(Debug, thiserror::Error)]
@@ -328,6 +329,17 @@ pub fn recv<T: for<'de> Deserialize<'de>>(
     if n < HEADER_BYTES {
         s.read_exact(&mut header[n..])?;
     }
+    let len = parse_header(&header)?;
+    let mut body = vec![0u8; len as usize];
+    s.read_exact(&mut body)?;
+    Ok((decode_body(&body)?, fds))
+}
+
+/// Checks a frame's 12-byte header (magic, version, length limit) and returns its body length in bytes.
+///
+/// # Errors
+/// [`FrameError::BadMagic`], [`FrameError::BadVersion`] or [`FrameError::TooLarge`].
+pub fn parse_header(header: &[u8; HEADER_BYTES]) -> Result<u32, FrameError> {
     let magic: [u8; 4] = header[0..4].try_into().expect("4 bytes");
     if magic != MAGIC {
         return Err(FrameError::BadMagic(magic));
@@ -340,9 +352,15 @@ pub fn recv<T: for<'de> Deserialize<'de>>(
     if len > MAX_BODY_BYTES {
         return Err(FrameError::TooLarge(len));
     }
-    let mut body = vec![0u8; len as usize];
-    s.read_exact(&mut body)?;
-    Ok((serde_json::from_slice(&body)?, fds))
+    Ok(len)
+}
+
+/// Decodes a frame's JSON body as a `T` ([`Request`] or [`Response`]).
+///
+/// # Errors
+/// [`FrameError::Malformed`], with serde's reason.
+pub fn decode_body<T: for<'de> Deserialize<'de>>(body: &[u8]) -> Result<T, FrameError> {
+    Ok(serde_json::from_slice(body)?)
 }
 
 #[cfg(test)]

@@ -90,16 +90,20 @@ pub fn load(dir: &Path) -> Result<Option<FenceRecord>, FenceError> {
             })
         }
     };
-    let d: OnDisk =
-        serde_json::from_slice(bytes.trim_ascii_end()).map_err(|e| FenceError::Parse {
-            path: path.clone(),
-            why: e.to_string(),
-        })?;
-    let state = FenceState::parse(&d.state).ok_or_else(|| FenceError::Parse {
-        path: path.clone(),
-        why: format!("unknown state {:?}", d.state),
-    })?;
-    Ok(Some(FenceRecord {
+    parse(&bytes)
+        .map(Some)
+        .map_err(|why| FenceError::Parse { path, why })
+}
+
+/// Decodes the bytes of a `fence.json` (trailing whitespace, the file's padding, allowed).
+///
+/// # Errors
+/// Why the bytes are not a fence record.
+pub fn parse(bytes: &[u8]) -> Result<FenceRecord, String> {
+    let d: OnDisk = serde_json::from_slice(bytes.trim_ascii_end()).map_err(|e| e.to_string())?;
+    let state =
+        FenceState::parse(&d.state).ok_or_else(|| format!("unknown state {:?}", d.state))?;
+    Ok(FenceRecord {
         fence: Fence {
             generation: d.generation,
             state,
@@ -108,7 +112,7 @@ pub fn load(dir: &Path) -> Result<Option<FenceRecord>, FenceError> {
             vmm_pid: d.vmm_pid,
         },
         vmm_endpoint: d.vmm_endpoint,
-    }))
+    })
 }
 
 /// Makes sure `dir/fence.json` exists durably at its full size, so that later records overwrite it in
