@@ -46,7 +46,7 @@ pub struct BackupArgs {
     /// loses at most the epochs since the last checkpoint, and the primary resyncs from the older epoch).
     #[arg(long, value_enum, default_value_t = Durability::Disk)]
     durability: Durability,
-    /// Test hook: abort halfway through applying this epoch.
+    /// Test hook: abort halfway through applying the first epoch with pages at or above this one.
     #[arg(long, hide = true)]
     crash_during_apply: Option<u64>,
     /// Test hook: abort with a switchover prepared (VMM started, VM restored, not yet answered).

@@ -150,7 +150,7 @@ pub enum Durability {
 /// Test hooks: abort the process at a chosen point (see `endophyte backup --crash-during-apply`).
 #[derive(Clone, Copy, Debug, Default)]
 pub struct CrashPoint {
-    /// Epoch during whose apply to abort.
+    /// Abort while applying the first epoch with pages at or above this one.
     pub during_apply: Option<u64>,
     /// Abort with a switchover prepared (VMM started, VM restored, not yet answered).
     pub during_switchover: bool,
