@@ -83,6 +83,17 @@ pub(super) fn read(dir: &Path) -> Result<Option<(State, Option<VmState>)>, Store
     let Some(f) = &s.vm_state else {
         return Ok(Some((s, None)));
     };
+    // The name is ours (`vmstate-<epoch>.bin`), but state.json is a file on disk: a name that leaves
+    // the directory would read (and after the next checkpoint, delete) whatever it points at.
+    if !is_plain_name(&f.file) {
+        return Err(StoreError::State {
+            path: dir.join("state.json"),
+            why: format!(
+                "vm_state.file {:?} is not a plain file name in the replica's directory",
+                f.file
+            ),
+        });
+    }
     let p = dir.join(&f.file);
     let data = std::fs::read(&p).map_err(io("reading", &p))?;
     let bad = |why: String| StoreError::State {
@@ -101,6 +112,11 @@ pub(super) fn read(dir: &Path) -> Result<Option<(State, Option<VmState>)>, Store
         .map_err(|e| bad(e.to_string()))?
         .ok_or_else(|| bad("the VM state file holds no state".into()))?;
     Ok(Some((s, Some(state))))
+}
+
+/// Whether `name` names a file directly inside a directory: not empty, no separator, not `.` or `..`.
+fn is_plain_name(name: &str) -> bool {
+    !name.is_empty() && name != "." && name != ".." && !name.contains(['/', '\\', '\0'])
 }
 
 /// Reads `dir/state.json` alone; `None` when there is none.

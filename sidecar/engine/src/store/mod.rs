@@ -704,4 +704,35 @@ mod tests {
         let s = ReplicaStore::open(dir.path(), "vm", 1 << 20, PS, CrashPoint::default()).unwrap();
         assert_eq!((s.committed_epoch(), s.vm_state()), (0, None));
     }
+
+    #[test]
+    fn a_state_json_naming_a_file_outside_the_directory_fails_the_open() {
+        let outside = tempfile::tempdir().unwrap();
+        let inner = outside.path().join("replica");
+        std::fs::create_dir(&inner).unwrap();
+        let mut s = ReplicaStore::open(&inner, "vm", 1 << 20, PS, CrashPoint::default()).unwrap();
+        let (c, end) = epoch(
+            1,
+            5,
+            Some(VmState::new("testvm", 1, b"{}".to_vec()).unwrap()),
+        );
+        s.store_chunk(0, &c, 9).unwrap();
+        s.commit(&end, 9).unwrap();
+        s.checkpoint_now().unwrap();
+        drop(s);
+        // A real VM state file one level up, with the hash state.json records: only the name is wrong.
+        let sj = inner.join("state.json");
+        let json = std::fs::read_to_string(&sj).unwrap();
+        let v: serde_json::Value = serde_json::from_str(&json).unwrap();
+        let name = v["vm_state"]["file"].as_str().unwrap().to_owned();
+        std::fs::copy(inner.join(&name), outside.path().join(&name)).unwrap();
+        let json = json.replace(&format!("\"{name}\""), &format!("\"../{name}\""));
+        std::fs::write(&sj, json).unwrap();
+        let e = ReplicaStore::open(&inner, "vm", 1 << 20, PS, CrashPoint::default())
+            .err()
+            .expect("a name with ../ was followed")
+            .to_string();
+        assert!(e.contains("not a plain file name"), "{e}");
+        assert!(outside.path().join(&name).exists());
+    }
 }
