@@ -19,6 +19,7 @@
 //! congestion = "cubic"               # or "bbr" for lossy WAN paths: the paths' congestion controller
 //! max_bandwidth = "20MB/s"           # optional cap on what the sidecar sends
 //! control_socket = "/run/endophyte/vm-a.ctl"  # optional control API (`endophyte status`, `endophyte set`)
+//! metrics_listen = "0.0.0.0:9400"    # optional: GET /metrics over TCP too (the control socket always has it)
 //!
 //! [[backup]]
 //! name = "backup-1"                  # its certificate's name
@@ -303,6 +304,10 @@ pub struct SidecarConfig {
     /// default.
     #[serde(default)]
     pub control_socket: Option<PathBuf>,
+    /// TCP address serving `GET /metrics` alone (Prometheus text; [`crate::metrics`]), for a Prometheus
+    /// that cannot reach the control socket. None by default.
+    #[serde(default)]
+    pub metrics_listen: Option<SocketAddr>,
     /// The VM's current generation (its fencing token): 0 for a VM that never migrated; a VM started on a
     /// node by a switchover or promote runs under the generation in that node's `fence.json`. A
     /// migration switches over with the next one.

@@ -13,6 +13,7 @@
 //! - [`config`]: the sidecar's TOML configuration.
 //! - [`throttle`]: the controller that turns measured pressure into a vCPU throttle along a curve, and
 //!   LAN/WAN tuning.
+//! - [`metrics`]: Prometheus exposition (`GET /metrics`) shared by the sidecar and the backup.
 //! - [`control`]: the control API's transport, shapes and tables; [`migrate`]: a migration's request,
 //!   status and report, and the CLI's client for it.
 //!
@@ -22,6 +23,7 @@ pub mod backup;
 pub mod config;
 pub mod control;
 pub mod fence;
+pub mod metrics;
 pub mod migrate;
 pub mod primary;
 pub mod relay;

@@ -58,6 +58,10 @@ pub struct BackupArgs {
     /// Serve the control API on this Unix socket (`endophyte status`, `endophyte promote`).
     #[arg(long)]
     control_socket: Option<PathBuf>,
+    /// Also serve `GET /metrics` (Prometheus) on this TCP address, e.g. 0.0.0.0:9401 (the control socket
+    /// serves it too).
+    #[arg(long)]
+    metrics_listen: Option<std::net::SocketAddr>,
     /// Recover every replica (redo interrupted commits), print each VM's committed epoch as JSON, exit.
     #[arg(long)]
     recover_only: bool,
@@ -114,6 +118,7 @@ pub fn run(a: BackupArgs) -> anyhow::Result<()> {
         },
         durability: a.durability,
         control_socket: a.control_socket,
+        metrics_listen: a.metrics_listen,
         launcher,
     };
     let node = BackupNode::new(identity, cfg);

@@ -86,6 +86,10 @@ pub struct SidecarArgs {
     /// /run/endophyte/VM.ctl by default).
     #[arg(long)]
     control_socket: Option<PathBuf>,
+    /// Also serve `GET /metrics` (Prometheus) on this TCP address, e.g. 0.0.0.0:9400 (the control socket
+    /// serves it too).
+    #[arg(long)]
+    metrics_listen: Option<std::net::SocketAddr>,
     /// The VM's current generation (fencing token; see `fence.json` on the node it was started on).
     #[arg(long)]
     generation: Option<u64>,
@@ -153,6 +157,9 @@ fn config(a: &SidecarArgs) -> anyhow::Result<SidecarConfig> {
     }
     if let Some(v) = &a.control_socket {
         c.control_socket = Some(v.clone());
+    }
+    if let Some(v) = a.metrics_listen {
+        c.metrics_listen = Some(v);
     }
     if let Some(v) = a.generation {
         c.generation = v;

@@ -1,5 +1,6 @@
 //! A backup's control API ([`crate::control`]): `GET /v1/status` (each VM's committed epoch, its
-//! primary's lease, its fence) and `POST /v1/promote` ([`PromoteRequest`]).
+//! primary's lease, its fence), `POST /v1/promote` ([`PromoteRequest`]) and `GET /metrics`
+//! ([`super::metrics`]).
 
 use std::sync::Arc;
 
@@ -14,10 +15,16 @@ pub fn router(node: Arc<BackupNode>) -> axum::Router {
     axum::Router::new()
         .route("/v1/status", axum::routing::get(status))
         .route("/v1/promote", axum::routing::post(promote))
+        .route("/metrics", axum::routing::get(super::metrics::get_metrics))
         .with_state(node)
 }
 
 async fn status(State(n): State<Arc<BackupNode>>) -> Json<BackupNodeStatus> {
+    Json(node_status(&n).await)
+}
+
+/// The node's status: each replica thread's answer (a thread that is gone is left out).
+pub(super) async fn node_status(n: &BackupNode) -> BackupNodeStatus {
     let mut vms = vec![];
     for h in n.replica_handles() {
         let (tx, rx) = tokio::sync::oneshot::channel();
@@ -28,12 +35,12 @@ async fn status(State(n): State<Arc<BackupNode>>) -> Json<BackupNodeStatus> {
         }
     }
     vms.sort_by(|a, b| a.vm_id.cmp(&b.vm_id));
-    Json(BackupNodeStatus {
+    BackupNodeStatus {
         node: n.identity.node.clone(),
         lease_ms: LEASE.as_millis() as u64,
         durability: n.cfg.durability,
         vms,
-    })
+    }
 }
 
 async fn promote(

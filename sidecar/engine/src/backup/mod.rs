@@ -6,11 +6,12 @@
 //! - this module: the node, its configuration, accepting paths and routing their frames to replicas;
 //! - [`replica`]: one VM's thread: replication in, commits, the primary's lease;
 //! - [`target`]: one VM's migration target and promote, driving the VMM;
-//! - [`api`]: the control API (`GET /v1/status`, `POST /v1/promote`);
+//! - [`api`]: the control API (`GET /v1/status`, `POST /v1/promote`); [`metrics`]: its `GET /metrics`;
 //! - [`error`]: why a path or a replica was refused.
 
 pub mod api;
 pub mod error;
+mod metrics;
 mod replica;
 mod target;
 
@@ -45,6 +46,8 @@ pub struct BackupConfig {
     pub durability: Durability,
     /// Control API socket (`GET /v1/status`, `POST /v1/promote`); none by default.
     pub control_socket: Option<PathBuf>,
+    /// TCP address serving `GET /metrics` alone ([`crate::metrics`]); none by default.
+    pub metrics_listen: Option<SocketAddr>,
     /// How VMs are started here for a switchover or a promote; `None` refuses both, saying why.
     pub launcher: Option<Arc<dyn Launcher>>,
 }
@@ -161,6 +164,13 @@ impl BackupNode {
                 path.clone(),
                 api::router(self.clone()),
                 std::future::pending(),
+            ));
+        }
+        if let Some(addr) = self.cfg.metrics_listen {
+            let listener = crate::metrics::bind_tcp(addr)?;
+            tokio::spawn(crate::metrics::serve_tcp(
+                listener,
+                metrics::router(self.clone()),
             ));
         }
         tracing::info!(listen = %endpoint.local_addr()?, node = %self.identity.node,

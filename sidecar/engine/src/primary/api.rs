@@ -1,5 +1,5 @@
 //! The sidecar's control API ([`crate::control`]): `GET /v1/status`, `PUT /v1/max-bandwidth`,
-//! `POST /v1/migrate`, `GET /v1/migration`.
+//! `POST /v1/migrate`, `GET /v1/migration`, and `GET /metrics` ([`super::metrics`]).
 
 use std::sync::Arc;
 
@@ -18,6 +18,7 @@ pub(super) fn router(shared: Arc<Shared>) -> axum::Router {
         .route("/v1/max-bandwidth", axum::routing::put(put_max_bandwidth))
         .route("/v1/migrate", axum::routing::post(post_migrate))
         .route("/v1/migration", axum::routing::get(get_migration))
+        .route("/metrics", axum::routing::get(super::metrics::get_metrics))
         .with_state(shared)
 }
 

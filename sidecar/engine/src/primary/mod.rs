@@ -18,6 +18,7 @@ mod driver;
 mod encode;
 mod epoch;
 mod history;
+mod metrics;
 mod migration;
 mod pacing;
 mod report;
@@ -160,6 +161,16 @@ pub fn run_sidecar(
             std::future::pending(),
         ));
     }
+    if let Some(addr) = cfg.metrics_listen {
+        let listener = {
+            let _rt = rt.enter();
+            crate::metrics::bind_tcp(addr)?
+        };
+        rt.spawn(crate::metrics::serve_tcp(
+            listener,
+            metrics::router(shared.clone()),
+        ));
+    }
     {
         let shared = shared.clone();
         rt.spawn(async move {
@@ -194,7 +205,7 @@ pub fn run_sidecar(
         staging: Vec::new(),
         history: history::History::new(session),
         pacing: pacing::Pacing::new(controller, caps.throttle, paths.len()),
-        stats: report::Stats::new(),
+        stats: report::Stats::new(shared.metrics.epoch_pause.clone()),
         hashes_out: None,
         last_pause_at: None,
         output_commit: false,

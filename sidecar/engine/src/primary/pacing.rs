@@ -90,6 +90,10 @@ impl EpochLoop {
         } else {
             (Duration::ZERO, 0)
         };
+        self.shared
+            .metrics
+            .dirty_bytes
+            .inc_by(self.stats.dirty_bytes - dirty_then);
         let d = self.pacing.controller.sample(EpochSample {
             elapsed: now - then,
             dirty_bytes: self.stats.dirty_bytes - dirty_then,

@@ -28,11 +28,14 @@ pub(super) struct Stats {
     /// Dirty bytes of the last pause (or pre-copy round).
     pub last_dirty_bytes: u64,
     pub run_started: std::time::Instant,
+    /// `endophyte_epoch_pause_seconds`, observed with each cut.
+    pause_histogram: prometheus_client::metrics::histogram::Histogram,
 }
 
 impl Stats {
-    pub fn new() -> Self {
+    pub fn new(pause_histogram: prometheus_client::metrics::histogram::Histogram) -> Self {
         Self {
+            pause_histogram,
             epochs: 0,
             pauses_ms: Vec::new(),
             periods_ms: Vec::new(),
@@ -52,6 +55,7 @@ impl Stats {
     /// Records an epoch cut now whose guest pause was `pause`.
     pub fn cut(&mut self, pause: std::time::Duration) {
         let now = std::time::Instant::now();
+        self.pause_histogram.observe(pause.as_secs_f64());
         self.pauses_ms.push(pause.as_secs_f64() * 1e3);
         if let Some(t) = self.last_cut.replace(now) {
             self.periods_ms.push((now - t).as_secs_f64() * 1e3);

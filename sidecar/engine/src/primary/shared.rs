@@ -12,6 +12,7 @@ use endophyte_wire::switchover::SwitchoverOutcome;
 use endophyte_wire::{EncodedFrame, Sender};
 use tokio::sync::mpsc;
 
+use super::metrics::PrimaryMetrics;
 use super::migration::MigrationCtl;
 
 /// Facts fixed for the run.
@@ -56,11 +57,17 @@ pub(super) struct Durability {
     pub initial_sync: Option<Duration>,
     /// Age of the durable epoch, ms, every 10 ms in steady state.
     pub rpo_samples: Vec<f64>,
+    /// The newest durable epoch seen (counts `endophyte_epochs_committed_total`).
+    last_durable: u64,
+    /// Where RPO samples and durable epochs are counted for Prometheus.
+    metrics: PrimaryMetrics,
 }
 
 impl Durability {
-    fn new() -> Self {
+    fn new(metrics: PrimaryMetrics) -> Self {
         Self {
+            last_durable: 0,
+            metrics,
             started: Instant::now(),
             pause_at: BTreeMap::new(),
             handed_at: BTreeMap::new(),
@@ -73,6 +80,13 @@ impl Durability {
 
     /// `epoch` became durable; notes when the initial copy did.
     pub fn on_durable(&mut self, epoch: u64) {
+        // Epochs of this run only: a backup's older commits are not this run's work.
+        let floor = self.first_epoch.map_or(epoch, |f| f.saturating_sub(1));
+        let from = self.last_durable.max(floor);
+        if epoch > from {
+            self.metrics.epochs_committed.inc_by(epoch - from);
+        }
+        self.last_durable = self.last_durable.max(epoch);
         if self.steady_from.is_none() && self.first_epoch.is_some_and(|f| epoch >= f) {
             let cut = self.pause_at.keys().next_back().copied().unwrap_or(epoch);
             self.steady_from = Some(cut + 1);
@@ -97,8 +111,10 @@ impl Durability {
     pub fn sample(&mut self, durable: u64) {
         let steady = self.steady_from.is_some_and(|s| durable >= s);
         if let Some(&at) = self.pause_at.get(&durable).filter(|_| steady) {
+            let age = at.elapsed().as_secs_f64();
+            self.metrics.rpo.observe(age);
             if self.rpo_samples.len() < 4_000_000 {
-                self.rpo_samples.push(at.elapsed().as_secs_f64() * 1e3);
+                self.rpo_samples.push(age * 1e3);
             }
         }
         let floor = self.first_epoch.unwrap_or(0).max(durable);
@@ -212,6 +228,8 @@ pub(super) struct Inner {
 pub(super) struct Shared {
     inner: Mutex<Inner>,
     pub meta: Meta,
+    /// Histograms and event counters for `GET /metrics` (atomic: outside the lock).
+    pub metrics: PrimaryMetrics,
     /// Signalled whenever the driver changed something the epoch loop may wait for.
     pub cv: Condvar,
     /// Wakes the driver (something to send).
@@ -229,11 +247,12 @@ impl Shared {
         max_bandwidth: Option<u64>,
         epoch_ms: u64,
     ) -> Self {
+        let metrics = PrimaryMetrics::new();
         Self {
             inner: Mutex::new(Inner {
                 sender,
                 paths: paths.iter().map(|&n| vec![None; n]).collect(),
-                durability: Durability::new(),
+                durability: Durability::new(metrics.clone()),
                 counters: Counters::default(),
                 output,
                 max_bandwidth,
@@ -248,6 +267,7 @@ impl Shared {
                 commit_lag_ms: vec![None; paths.len()],
             }),
             meta,
+            metrics,
             cv: Condvar::new(),
             wake: tokio::sync::Notify::new(),
             stop: AtomicBool::new(false),
