@@ -156,6 +156,8 @@ fn open_tun(name: &str) -> anyhow::Result<File> {
 /// `subnet`). The emulator thread stops when this is dropped.
 pub struct EmulatedLink {
     stop: Arc<AtomicBool>,
+    /// While set, every packet either side sends is dropped: a network partition.
+    cut: Arc<AtomicBool>,
     thread: Option<JoinHandle<()>>,
     stats: Arc<Mutex<[LinkStats; 2]>>,
     /// Address of side `a`.
@@ -202,21 +204,29 @@ impl EmulatedLink {
             ns.ip(&["link", "set", dev, "mtu", "1500", "up"])?;
         }
         let stop = Arc::new(AtomicBool::new(false));
+        let cut = Arc::new(AtomicBool::new(false));
         let stats = Arc::new(Mutex::new([LinkStats::default(); 2]));
         let thread = {
-            let (stop, stats) = (stop.clone(), stats.clone());
+            let (stop, cut, stats) = (stop.clone(), cut.clone(), stats.clone());
             let links = [Link::new(a_to_b, 1), Link::new(b_to_a, 2)];
             std::thread::Builder::new()
                 .name(format!("emu{subnet}"))
-                .spawn(move || pump([fa, fb], links, &stop, &stats))?
+                .spawn(move || pump([fa, fb], links, &stop, &cut, &stats))?
         };
         Ok(Self {
             stop,
+            cut,
             thread: Some(thread),
             stats,
             addr_a,
             addr_b,
         })
+    }
+
+    /// Partitions the two sides (`true`: from now on every packet is dropped, both ways; what is in
+    /// flight still arrives) or heals them (`false`). Both sides' processes keep running.
+    pub fn set_partitioned(&self, cut: bool) {
+        self.cut.store(cut, Ordering::SeqCst);
     }
 
     /// Counters per direction (`[a→b, b→a]`).
@@ -239,6 +249,7 @@ fn pump(
     mut tun: [File; 2],
     mut links: [Link; 2],
     stop: &AtomicBool,
+    cut: &AtomicBool,
     stats: &Mutex<[LinkStats; 2]>,
 ) {
     let mut buf = vec![0u8; 65536];
@@ -286,6 +297,7 @@ fn pump(
             if fds[i].revents & libc::POLLIN != 0 {
                 for _ in 0..64 {
                     match tun[i].read(&mut buf) {
+                        Ok(_) if cut.load(Ordering::Relaxed) => {}
                         Ok(len) => {
                             links[i].offer(Instant::now(), buf[..len].to_vec());
                         }

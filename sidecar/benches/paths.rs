@@ -45,6 +45,7 @@ async fn sink(certs: std::path::PathBuf, addr_file: std::path::PathBuf) {
                 committed_epoch: 0,
                 committed_session: 0,
                 node: "sink".into(),
+                lease_ms: 3000,
             });
             if write_frame(&mut send, w.encode()).await.is_err() {
                 return;

@@ -71,6 +71,7 @@ fn replies() -> Vec<Message> {
             committed_epoch: 3,
             committed_session: 11,
             node: "b1".into(),
+            lease_ms: 3000,
         }),
         Message::ChunkAck { epoch: 4, seq: 1 },
         Message::Committed { epoch: 4 },

@@ -16,6 +16,8 @@
 //! output_commit = true               # hold guest console output until its epoch is durable
 //! curve = "linear:start=0.5,max=0.9" # pressure -> vCPU throttle (crate throttle-curves)
 //! emergency = "pause"                # or "discard", when an epoch overflows staging
+//! self_fence = "pause"               # or "stop", "off": when no quorum of backups answers in time
+//! fence_after_ms = 2000              # that time; each backup's lease must be safely longer
 //! congestion = "cubic"               # or "bbr" for lossy WAN paths: the paths' congestion controller
 //! max_bandwidth = "20MB/s"           # optional cap on what the sidecar sends
 //! control_socket = "/run/endophyte/vm-a.ctl"  # optional control API (`endophyte status`, `endophyte set`)
@@ -138,6 +140,21 @@ pub enum Emergency {
     Discard,
 }
 
+/// What the sidecar does to its guest when no quorum of backups answered within `fence_after_ms`
+/// ([`endophyte_wire::lease`]): a backup may promote once its lease runs out, and the old copy must have
+/// stopped by then.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum SelfFencePolicy {
+    /// Pause the guest; resume it when a quorum answers again and no newer generation runs elsewhere.
+    #[default]
+    Pause,
+    /// Stop the VM for good.
+    Stop,
+    /// Never fence (a backup's promote after its lease can then leave two copies running).
+    Off,
+}
+
 /// How the sidecar learns which pages changed, for a VMM that offers a choice.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Deserialize, clap::ValueEnum)]
 #[serde(rename_all = "kebab-case")]
@@ -237,6 +254,10 @@ fn d_chunk_pages() -> u32 {
 fn d_unacked() -> u64 {
     16 << 20
 }
+fn d_fence_after_ms() -> u64 {
+    endophyte_wire::lease::DEFAULT_FENCE_AFTER.as_millis() as u64
+}
+
 fn d_curve() -> String {
     "linear:start=0.5,max=0.9".into()
 }
@@ -294,6 +315,18 @@ pub struct SidecarConfig {
     /// Emergency policy when staging overflows.
     #[serde(default)]
     pub emergency: Emergency,
+    /// Self-fencing when the backups go silent (`pause`, the default, `stop` or `off`).
+    #[serde(default)]
+    pub self_fence: SelfFencePolicy,
+    /// The self-fence bound, ms: fence once fewer than `fence_quorum` backups answered a ping sent this
+    /// recently. Each backup's lease (announced in its Welcome) must be safely longer
+    /// ([`endophyte_wire::lease::check_timing`]); the sidecar refuses a backup whose lease is not.
+    #[serde(default = "d_fence_after_ms")]
+    pub fence_after_ms: u64,
+    /// Backups that must keep answering; `quorum` when unset. A promote is safe once more backups than
+    /// `backups - fence_quorum` lost the primary for their lease (docs/migration.md).
+    #[serde(default)]
+    pub fence_quorum: Option<usize>,
     /// Congestion controller of the paths (`cubic`, the default, or `bbr`).
     #[serde(default)]
     pub congestion: crate::tls::Congestion,
@@ -363,6 +396,22 @@ impl SidecarConfig {
         Ok(c)
     }
 
+    /// The self-fence bound.
+    pub fn fence_after(&self) -> std::time::Duration {
+        std::time::Duration::from_millis(self.fence_after_ms)
+    }
+
+    /// How often each path is pinged: a quarter of the fence bound, at most once a second, so that a
+    /// healthy backup answers several times within the bound.
+    pub fn ping_interval(&self) -> std::time::Duration {
+        (self.fence_after() / 4).min(std::time::Duration::from_secs(1))
+    }
+
+    /// Backups that must keep answering for the guest to run.
+    pub fn fence_quorum(&self) -> usize {
+        self.fence_quorum.unwrap_or(self.quorum)
+    }
+
     /// Checks the settings make sense together.
     ///
     /// # Errors
@@ -392,6 +441,22 @@ impl SidecarConfig {
                 self.backups.len()
             ));
         }
+        if let Some(q) = self.fence_quorum {
+            if q == 0 || q > self.backups.len() {
+                return bad(format!(
+                    "fence_quorum {q} must be between 1 and the number of backups ({})",
+                    self.backups.len()
+                ));
+            }
+        }
+        if !(400..=60_000).contains(&self.fence_after_ms) {
+            return bad(format!(
+                "fence_after_ms {} must be in 400..=60000",
+                self.fence_after_ms
+            ));
+        }
+        endophyte_wire::lease::check_pings(self.fence_after(), self.ping_interval())
+            .map_err(|e| ConfigError::Invalid(e.to_string()))?;
         if self.epoch_ms == 0 || self.epoch_ms > 60_000 {
             return bad(format!("epoch_ms {} must be in 1..=60000", self.epoch_ms));
         }

@@ -97,6 +97,25 @@ pub struct BackupStatus {
     pub rtt_ms: Option<f64>,
     /// Encoded bytes sent to it and not yet acknowledged.
     pub unacked_bytes: u64,
+    /// The last error its paths met (a refusal, a failed connection), `null` when none yet. It stays
+    /// after the path recovers, as the latest thing that went wrong.
+    #[serde(default)]
+    pub last_error: Option<String>,
+}
+
+/// The self-fence ([`endophyte_wire::lease`]) as `GET /v1/status` shows it.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct FenceStatusView {
+    /// Self-fencing is on (`self_fence` is not `off`).
+    pub enabled: bool,
+    /// The guest is fenced (paused) now because too few backups answer.
+    pub fenced: bool,
+    /// Times it was fenced in this run.
+    pub fences: u64,
+    /// Backups that answered a ping within the bound at the last check.
+    pub answering: usize,
+    /// The bound, ms.
+    pub after_ms: u64,
 }
 
 /// `GET /v1/status` on a sidecar: where replication of its VM stands now.
@@ -133,6 +152,9 @@ pub struct SidecarStatus {
     /// Why epochs wait, when they do (the VMM cannot take one now: another migration of the VM runs).
     #[serde(default)]
     pub waiting: Option<String>,
+    /// The self-fence.
+    #[serde(default)]
+    pub fence: FenceStatusView,
     /// Backups in configuration order.
     pub backups: Vec<BackupStatus>,
 }
@@ -168,6 +190,13 @@ pub fn status_table(s: &SidecarStatus) -> String {
     if let Some(w) = &s.waiting {
         let _ = writeln!(t, "epochs wait: {w}");
     }
+    if s.fence.fenced {
+        let _ = writeln!(
+            t,
+            "SELF-FENCED: the guest is paused; {} backups answered within {} ms",
+            s.fence.answering, s.fence.after_ms
+        );
+    }
     let _ = writeln!(
         t,
         "{:<20} {:>7} {:>10} {:>10} {:>9} {:>12}",
@@ -185,6 +214,9 @@ pub fn status_table(s: &SidecarStatus) -> String {
                 .map_or_else(|| "-".to_string(), |r| format!("{r:.2}")),
             mb(b.unacked_bytes as f64)
         );
+        if let Some(e) = &b.last_error {
+            let _ = writeln!(t, "  last error: {e}");
+        }
     }
     t
 }

@@ -237,6 +237,15 @@ impl Identity {
                 what: "certificate",
                 why: e.to_string(),
             })?;
+        if chain.is_empty() {
+            // Text without a CERTIFICATE block parses as an empty chain; the handshake would fail later
+            // with "peer sent no certificates", naming nothing.
+            return Err(TlsError::Pem {
+                path: cert_path,
+                what: "certificate",
+                why: "it holds no PEM CERTIFICATE block".into(),
+            });
+        }
         let key_path = dir.join(format!("{node}.key"));
         let key = PrivateKeyDer::from_pem_file(&key_path).map_err(|e| TlsError::Pem {
             path: key_path.clone(),

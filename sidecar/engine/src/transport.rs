@@ -36,9 +36,17 @@ pub enum PathError {
     /// The peer sent a frame we refuse.
     #[error("bad frame from peer: {0}")]
     Frame(#[from] MessageError),
-    /// The peer refused us and said why.
-    #[error("peer refused: {0}")]
-    Refused(String),
+    /// The peer refused the session at its Hello and said why.
+    #[error("peer refused: {message}")]
+    Refused {
+        /// Its code.
+        code: endophyte_wire::ErrorCode,
+        /// Its words.
+        message: String,
+    },
+    /// The peer ended a running session with an error (it restarts from what it holds).
+    #[error("peer ended the session: {0}")]
+    Aborted(String),
     /// The peer broke the protocol.
     #[error("protocol: {0}")]
     Protocol(String),
@@ -48,6 +56,19 @@ pub enum PathError {
 }
 
 impl PathError {
+    /// Whether retrying cannot help: the TLS handshake failed (a QUIC CRYPTO_ERROR, codes 0x100..=0x1ff
+    /// of RFC 9000 section 20.1: one side refused the other's certificate), or the backup refused the
+    /// Hello itself (another VM's replica, another geometry). Timeouts, resets and closes are transient.
+    pub fn is_permanent(&self) -> bool {
+        let crypto = |code: quinn::TransportErrorCode| (0x100..=0x1ff).contains(&u64::from(code));
+        match self {
+            Self::Connection(quinn::ConnectionError::TransportError(e)) => crypto(e.code),
+            Self::Connection(quinn::ConnectionError::ConnectionClosed(c)) => crypto(c.error_code),
+            Self::Refused { .. } => true,
+            _ => false,
+        }
+    }
+
     /// The error with its whole chain of causes on one line. A TLS refusal between networks comes out as
     /// the verifier's message (see [`crate::tls`]), e.g. "... was issued by network "b", not by this node's
     /// network "a": refusing a peer from another network", on whichever side reads it.
@@ -128,6 +149,14 @@ pub enum PathEvent {
     Message(Message),
     /// The connection ended (the path task reconnects by itself).
     Down(String),
+    /// The connection was refused in a way no retry fixes ([`PathError::is_permanent`]); the path task
+    /// still retries, slowly, in case an operator fixes it.
+    Refused {
+        /// The whole reason.
+        why: String,
+        /// The backup's error code, when it refused the Hello with one.
+        code: Option<endophyte_wire::ErrorCode>,
+    },
 }
 
 /// Where a path goes.
@@ -166,11 +195,18 @@ pub async fn run_client_path(
             r = client_session(&endpoint, &target, &hello, tag, &events) => r,
             _ = stop.notified() => return,
         };
-        let why = match r {
-            Ok(()) => "closed by peer".to_string(),
-            Err(e) => e.explain(),
+        let ev = match r {
+            Ok(()) => PathEvent::Down("closed by peer".to_string()),
+            Err(e) if e.is_permanent() => PathEvent::Refused {
+                why: e.explain(),
+                code: match &e {
+                    PathError::Refused { code, .. } => Some(*code),
+                    _ => None,
+                },
+            },
+            Err(e) => PathEvent::Down(e.explain()),
         };
-        if events.send((tag, PathEvent::Down(why))).is_err() {
+        if events.send((tag, ev)).is_err() {
             return;
         }
         if started.elapsed() > Duration::from_secs(10) {
@@ -202,7 +238,7 @@ async fn client_session(
     write_frame(&mut send, Message::Hello(hello.clone()).encode()).await?;
     let welcome = match read_message(&mut recv).await? {
         Message::Welcome(w) => w,
-        Message::Error { message, .. } => return Err(PathError::Refused(message)),
+        Message::Error { code, message } => return Err(PathError::Refused { code, message }),
         other => {
             return Err(PathError::Protocol(format!(
                 "expected Welcome, got {}",
@@ -225,7 +261,7 @@ async fn client_session(
             let m = read_message(&mut recv).await?;
             if let Message::Error { message, .. } = &m {
                 let _ = events.send((tag, PathEvent::Message(m.clone())));
-                return Err(PathError::Refused(message.clone()));
+                return Err(PathError::Aborted(message.clone()));
             }
             if events.send((tag, PathEvent::Message(m))).is_err() {
                 return Ok(());

@@ -62,6 +62,11 @@ pub struct BackupArgs {
     /// serves it too).
     #[arg(long)]
     metrics_listen: Option<std::net::SocketAddr>,
+    /// The primaries' lease, ms: how long a primary may be silent before this backup presumes it dead
+    /// and allows a promote. Sidecars refuse a lease that is not safely above their self-fence bound.
+    #[arg(long, default_value_t = endophyte_engine::backup::DEFAULT_LEASE.as_millis() as u64,
+          value_parser = clap::value_parser!(u64).range(1000..=600_000))]
+    lease_ms: u64,
     /// Recover every replica (redo interrupted commits), print each VM's committed epoch as JSON, exit.
     #[arg(long)]
     recover_only: bool,
@@ -119,6 +124,7 @@ pub fn run(a: BackupArgs) -> anyhow::Result<()> {
         durability: a.durability,
         control_socket: a.control_socket,
         metrics_listen: a.metrics_listen,
+        lease: std::time::Duration::from_millis(a.lease_ms),
         launcher,
     };
     let node = BackupNode::new(identity, cfg);

@@ -63,6 +63,13 @@ pub struct SidecarArgs {
     /// What to do when an epoch overflows the staging buffer.
     #[arg(long, value_enum)]
     emergency: Option<endophyte_engine::config::Emergency>,
+    /// What to do with the guest when no quorum of backups answered within --fence-after-ms: pause
+    /// (default; it resumes when they answer again), stop, or off.
+    #[arg(long, value_enum)]
+    self_fence: Option<endophyte_engine::config::SelfFencePolicy>,
+    /// The self-fence bound, ms (default 2000); each backup's lease must be safely longer.
+    #[arg(long)]
+    fence_after_ms: Option<u64>,
     /// Congestion controller of the paths: cubic (default, loss-based) or bbr (random loss on a long path
     /// does not cut the rate; for lossy WAN paths).
     #[arg(long, value_enum)]
@@ -148,6 +155,12 @@ fn config(a: &SidecarArgs) -> anyhow::Result<SidecarConfig> {
     }
     if let Some(v) = a.congestion {
         c.congestion = v;
+    }
+    if let Some(v) = a.self_fence {
+        c.self_fence = v;
+    }
+    if let Some(v) = a.fence_after_ms {
+        c.fence_after_ms = v;
     }
     if let Some(v) = a.emergency {
         c.emergency = v;

@@ -12,12 +12,14 @@
 //!   half inside it).
 //! - [`receiver`]: one VM's replica on a backup: staging, verification, ordered commit.
 //! - [`switchover`]: a migration's switchover, source and target state machines, and the fence.
+//! - [`lease`]: the backups' lease on a primary and the primary's self-fence that keeps within it.
 //!
 //! The protocol is described, with sequence diagrams, in `docs/replication-protocol.md` and
 //! `docs/migration.md`.
 
 pub mod chunk;
 pub mod frame;
+pub mod lease;
 pub mod msg;
 pub mod receiver;
 pub mod sender;

@@ -171,6 +171,7 @@ impl Receiver {
                 committed_epoch: committed,
                 committed_session,
                 node,
+                lease_ms: crate::lease::DEFAULT_LEASE.as_millis() as u32,
             },
             committed,
             committed_session,
@@ -182,6 +183,13 @@ impl Receiver {
             out: VecDeque::new(),
             actions: VecDeque::new(),
         }
+    }
+
+    /// Announces `lease` (whole ms, at most `u32::MAX`) in every Welcome instead of
+    /// [`crate::lease::DEFAULT_LEASE`]: the backup's lease on its primaries.
+    pub fn with_lease(mut self, lease: std::time::Duration) -> Self {
+        self.welcome.lease_ms = lease.as_millis().min(u128::from(u32::MAX)) as u32;
+        self
     }
 
     /// Newest committed epoch.

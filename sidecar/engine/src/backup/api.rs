@@ -7,7 +7,7 @@ use std::sync::Arc;
 use axum::extract::State;
 use axum::Json;
 
-use super::{BackupNode, VmIn, LEASE};
+use super::{BackupNode, VmIn};
 use crate::control::{ApiError, BackupNodeStatus, PromoteReply, PromoteRequest};
 
 /// The router, served on the backup's `--control-socket`.
@@ -37,7 +37,7 @@ pub(super) async fn node_status(n: &BackupNode) -> BackupNodeStatus {
     vms.sort_by(|a, b| a.vm_id.cmp(&b.vm_id));
     BackupNodeStatus {
         node: n.identity.node.clone(),
-        lease_ms: LEASE.as_millis() as u64,
+        lease_ms: n.cfg.lease.as_millis() as u64,
         durability: n.cfg.durability,
         vms,
     }

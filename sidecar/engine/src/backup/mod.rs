@@ -25,6 +25,7 @@ use endophyte_vmm::Launcher;
 use endophyte_wire::{EncodedFrame, ErrorCode, Hello, Message};
 use tokio::sync::mpsc;
 
+pub use endophyte_wire::lease::DEFAULT_LEASE;
 pub use error::BackupError;
 
 use crate::store::{CrashPoint, Durability};
@@ -48,13 +49,14 @@ pub struct BackupConfig {
     pub control_socket: Option<PathBuf>,
     /// TCP address serving `GET /metrics` alone ([`crate::metrics`]); none by default.
     pub metrics_listen: Option<SocketAddr>,
+    /// How long a VM's primary may stay silent (no frame on any path; sidecars ping several times
+    /// within their fence bound) before this backup presumes it dead: until then its lease is live and
+    /// promote refuses without `force`. Announced to sidecars in every Welcome, which check their
+    /// self-fence bound against it ([`endophyte_wire::lease`]).
+    pub lease: std::time::Duration,
     /// How VMs are started here for a switchover or a promote; `None` refuses both, saying why.
     pub launcher: Option<Arc<dyn Launcher>>,
 }
-
-/// How long a VM's primary may stay silent (no frame on any path; sidecars ping every second) before
-/// this backup presumes it dead: until then its lease is live and promote refuses without `force`.
-pub const LEASE: std::time::Duration = std::time::Duration::from_secs(3);
 
 /// What a replica thread is asked.
 enum VmIn {
@@ -234,6 +236,7 @@ impl BackupNode {
             crash: self.cfg.crash,
             durability: self.cfg.durability,
             launcher: self.cfg.launcher.clone(),
+            lease: self.cfg.lease,
         })?;
         let handle = Arc::new(VmHandle {
             tx,
@@ -350,5 +353,5 @@ async fn refuse(
     let _ = send.finish();
     let _ = tokio::time::timeout(std::time::Duration::from_secs(1), send.stopped()).await;
     conn.close(1u32.into(), b"refused");
-    Err(PathError::Refused(message))
+    Err(PathError::Refused { code, message })
 }

@@ -13,7 +13,7 @@ use endophyte_wire::{Action, EncodedFrame, ErrorCode, Message, Receiver};
 use tokio::sync::mpsc;
 
 use super::target::Target;
-use super::{BackupError, VmIn, LEASE};
+use super::{BackupError, VmIn};
 use crate::control::{FenceStatus, PromoteReply, PromoteRequest, ReplicaStatus};
 use crate::fence;
 use crate::store::{CrashPoint, DirLock, Durability, ReplicaStore};
@@ -33,6 +33,8 @@ pub(super) struct Opening {
     pub crash: CrashPoint,
     pub durability: Durability,
     pub launcher: Option<Arc<dyn Launcher>>,
+    /// The primary's lease ([`BackupConfig::lease`](super::BackupConfig::lease)).
+    pub lease: std::time::Duration,
 }
 
 /// The VM a directory holds a replica of, from its `state.json`: `(vm_id, page_size, mem_bytes)`;
@@ -116,6 +118,7 @@ fn receiver(o: &Opening, store: Option<&ReplicaStore>) -> Receiver {
         o.node.clone(),
         o.max_staged,
     )
+    .with_lease(o.lease)
 }
 
 struct VmThread {
@@ -127,7 +130,7 @@ struct VmThread {
     paths: HashMap<u64, mpsc::UnboundedSender<EncodedFrame>>,
     /// When a frame from the VM's primary last arrived (its lease).
     last_heard: Option<Instant>,
-    /// The primary's silence past [`LEASE`] was logged.
+    /// The primary's silence past its lease was logged.
     silence_reported: bool,
     /// This process's hold on the VM's directory.
     _lock: DirLock,
@@ -338,13 +341,13 @@ impl VmThread {
     }
 
     fn lease_live(&self) -> bool {
-        self.last_heard.is_some_and(|t| t.elapsed() < LEASE)
+        self.last_heard.is_some_and(|t| t.elapsed() < self.o.lease)
     }
 
     /// Reports, once, a primary silent for longer than its lease.
     fn check_lease(&mut self) {
         if let Some(t) = self.last_heard {
-            if !self.silence_reported && t.elapsed() >= LEASE && !self.target.runs_here() {
+            if !self.silence_reported && t.elapsed() >= self.o.lease && !self.target.runs_here() {
                 self.silence_reported = true;
                 tracing::warn!(vm = %self.o.vm_id, silent_ms = t.elapsed().as_millis() as u64,
                     "the primary is silent past its lease: presumed dead; `endophyte promote` can start the VM here");
@@ -383,9 +386,9 @@ impl VmThread {
         }
         if self.lease_live() && !req.force {
             return Err(format!(
-                "the primary of VM {vm:?} was heard {:.1} s ago: its lease ({} s) is live, so it may still run; promote after the lease expires, or with force",
+                "the primary of VM {vm:?} was heard {:.1} s ago: its lease ({:.1} s) is live, so it may still run; promote after the lease expires, or with force",
                 self.last_heard.map_or(0.0, |t| t.elapsed().as_secs_f64()),
-                LEASE.as_secs()
+                self.o.lease.as_secs_f64()
             ));
         }
         let Some(store) = self.store.as_ref() else {

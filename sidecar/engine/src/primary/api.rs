@@ -78,6 +78,13 @@ fn status(s: &Shared) -> SidecarStatus {
         emergency_events: g.live.emergencies,
         max_bandwidth: g.max_bandwidth,
         waiting: g.waiting.clone(),
+        fence: crate::control::FenceStatusView {
+            enabled: m.fence_after.is_some(),
+            fenced: g.fence.fenced,
+            fences: g.fence.fences,
+            answering: g.fence.answering,
+            after_ms: m.fence_after.map_or(0, |d| d.as_millis() as u64),
+        },
         backups: m
             .backups
             .iter()
@@ -90,6 +97,7 @@ fn status(s: &Shared) -> SidecarStatus {
                 committed_epoch: g.sender.committed(b),
                 rtt_ms: g.sender.rtt(b).map(|d| d.as_secs_f64() * 1e3),
                 unacked_bytes: g.sender.unacked_bytes(b) as u64,
+                last_error: g.counters.last_error[b].clone(),
             })
             .collect(),
     }

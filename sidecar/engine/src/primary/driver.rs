@@ -163,6 +163,12 @@ fn step(shared: &Shared, bucket: &mut Option<Bucket>) -> Option<Instant> {
                 g.counters
                     .peer_errors
                     .push(format!("backup {backup} path {path}: {message}"));
+                g.counters.last_error[backup] = Some(format!("{code:?}: {message}"));
+                // The VM runs on that backup now. Outside this sidecar's own switchover, that is a newer
+                // generation: fence for good.
+                if code == endophyte_wire::ErrorCode::Fenced && !own_switchover(g, backup) {
+                    g.superseded.get_or_insert(message);
+                }
             }
             Event::StandbyReady {
                 backup,
@@ -199,7 +205,17 @@ fn on_path_event(shared: &Shared, b: usize, p: usize, ev: PathEvent) {
     match ev {
         PathEvent::Up { welcome, tx } => {
             tracing::info!(backup = b, path = p, node = %welcome.node, committed = welcome.committed_epoch, "path up");
+            if let Some(after) = shared.meta.fence_after {
+                let lease = Duration::from_millis(welcome.lease_ms.into());
+                if let Err(e) = endophyte_wire::lease::check_timing(after, lease, &welcome.node) {
+                    // Permanent: no retry changes either bound.
+                    drop(g);
+                    shared.fail(e.to_string());
+                    return;
+                }
+            }
             g.paths[b][p] = Some(tx);
+            g.counters.refused[b] = false;
             g.sender.handle_path_up(b, p, &welcome, now);
         }
         PathEvent::Message(m) => {
@@ -208,12 +224,54 @@ fn on_path_event(shared: &Shared, b: usize, p: usize, ev: PathEvent) {
                 g.paths[b][p] = None;
             }
         }
+        PathEvent::Refused { why, code } => {
+            if g.paths[b][p].take().is_some() {
+                g.counters.path_failures += 1;
+            }
+            tracing::warn!(backup = b, path = p, "path refused: {why}");
+            g.sender.handle_path_down(b, p, now);
+            g.counters.last_error[b] = Some(format!("path {p}: {why}"));
+            if code == Some(endophyte_wire::ErrorCode::Fenced) && !own_switchover(&g, b) {
+                // The VM runs there now: the self-fence ends the run with that reason.
+                g.superseded.get_or_insert(why);
+                return;
+            }
+            if g.superseded.is_some() {
+                return;
+            }
+            g.counters.refused[b] = true;
+            // Every backup refuses this sidecar (its certificate, its Hello): nothing can replicate, and
+            // retrying will not change that.
+            if g.counters.refused.iter().all(|&r| r) {
+                let why = (0..g.counters.refused.len())
+                    .map(|b| {
+                        format!(
+                            "{}: {}",
+                            shared.meta.backups[b],
+                            g.counters.last_error[b].as_deref().unwrap_or("refused")
+                        )
+                    })
+                    .collect::<Vec<_>>()
+                    .join("; ");
+                drop(g);
+                shared.fail(format!("every backup refused this sidecar: {why}"));
+            }
+        }
         PathEvent::Down(why) => {
             if g.paths[b][p].take().is_some() {
                 g.counters.path_failures += 1;
             }
             tracing::warn!(backup = b, path = p, "path down: {why}");
+            g.counters.last_error[b] = Some(format!("path {p}: {why}"));
             g.sender.handle_path_down(b, p, now);
         }
     }
+}
+
+/// Whether this sidecar's own switchover to `backup` runs (its target holds the VM prepared, then
+/// running, and refuses replication into it with `Fenced`).
+fn own_switchover(g: &super::shared::Inner, backup: usize) -> bool {
+    g.migration
+        .as_ref()
+        .is_some_and(|m| m.target == backup && m.phase != crate::migrate::Phase::Converging)
 }

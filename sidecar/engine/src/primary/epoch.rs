@@ -95,6 +95,9 @@ impl EpochLoop {
         self.start()?;
         let mut last_pause = Instant::now();
         loop {
+            if let Some(why) = self.shared.fatal() {
+                anyhow::bail!(why);
+            }
             // Read each time: the epoch length may follow the measured bandwidth-delay product, and a
             // migration converging shortens it.
             let switch_to = self.converge()?;
@@ -119,6 +122,9 @@ impl EpochLoop {
                     break;
                 }
                 continue;
+            }
+            if let Some(why) = self.shared.fatal() {
+                anyhow::bail!(why);
             }
             last_pause = Instant::now();
             let last = stopping && switch_to.is_none();

@@ -152,6 +152,23 @@ fn scrape(s: &Shared) -> Scrape {
             b as f64,
         );
     }
+    if s.meta.fence_after.is_some() {
+        out.gauge(
+            "endophyte_self_fenced",
+            "1 while the guest is paused because too few backups answer (self-fence)",
+            f64::from(u8::from(g.fence.fenced)),
+        );
+        out.counter(
+            "endophyte_self_fences",
+            "Times the guest was self-fenced",
+            g.fence.fences,
+        );
+        out.gauge(
+            "endophyte_backups_answering",
+            "Backups that answered a ping within the self-fence bound",
+            g.fence.answering as f64,
+        );
+    }
     out.counter(
         "endophyte_path_failures",
         "Paths that failed",

@@ -17,6 +17,8 @@ mod api;
 mod driver;
 mod encode;
 mod epoch;
+mod fencing;
+mod gate;
 mod history;
 mod metrics;
 mod migration;
@@ -92,6 +94,7 @@ pub fn run_sidecar(
         SenderConfig {
             quorum: cfg.quorum,
             session,
+            ping_interval: cfg.ping_interval(),
             ..SenderConfig::default()
         },
         &paths,
@@ -114,6 +117,8 @@ pub fn run_sidecar(
             node: cfg.node.clone(),
             mem_bytes,
             backups: cfg.backups.iter().map(|b| b.name.clone()).collect(),
+            fence_after: (cfg.self_fence != crate::config::SelfFencePolicy::Off)
+                .then(|| cfg.fence_after()),
         },
         shared::HeldOutput::new(console_out),
         cfg.max_bandwidth,
@@ -193,6 +198,24 @@ pub fn run_sidecar(
         });
     }
 
+    // Every pause and resume goes through the gate, so that a fenced guest stays paused.
+    let gate = Arc::new(gate::GatedVmm::new(vmm.clone()));
+    let vmm: Arc<dyn SourceVmm> = gate.clone();
+    let fence_thread = if cfg.self_fence == crate::config::SelfFencePolicy::Off {
+        tracing::warn!("self-fencing is off: a backup that promotes after its lease may leave two copies running");
+        None
+    } else {
+        Some(
+            fencing::spawn(
+                shared.clone(),
+                gate.clone(),
+                cfg.self_fence,
+                cfg.fence_quorum(),
+                cfg.fence_after(),
+            )
+            .context("starting the self-fence thread")?,
+        )
+    };
     let controller = crate::throttle::Controller::new(throttle_curves::Curve::parse(&cfg.curve)?);
     let mut ep = epoch::EpochLoop {
         vmm: vmm.clone(),
@@ -216,6 +239,15 @@ pub fn run_sidecar(
         page_hashes: None,
     };
     let result = ep.run();
+    // A permanent error (a supersession, a backup's refusal no retry can fix) ends the run with it.
+    let result = match shared.fatal() {
+        Some(why) => Err(anyhow::anyhow!(why)),
+        None => result,
+    };
+    shared.request_stop();
+    if let Some(t) = fence_thread {
+        let _ = t.join();
+    }
     if ep.migrated {
         // Whoever asked for the migration learns how it ended before the control socket goes away.
         shared.wait_until(Duration::from_secs(5), |g| g.final_fetched);

@@ -25,6 +25,19 @@ pub(super) struct Meta {
     pub mem_bytes: u64,
     /// Backup names, in configuration order.
     pub backups: Vec<String>,
+    /// The self-fence bound each backup's lease is checked against (`None`: self-fencing is off).
+    pub fence_after: Option<Duration>,
+}
+
+/// The self-fence as the control API and metrics see it.
+#[derive(Clone, Debug, Default)]
+pub(super) struct FenceView {
+    /// The guest is fenced now.
+    pub fenced: bool,
+    /// Times the guest was fenced in this run.
+    pub fences: u64,
+    /// Backups that answered within the bound at the last check.
+    pub answering: usize,
 }
 
 /// The epoch loop's latest figures, published for the control API.
@@ -197,6 +210,10 @@ pub(super) struct Counters {
     pub resyncs: u64,
     /// Errors backups reported.
     pub peer_errors: Vec<String>,
+    /// Per backup: the last error seen on its paths (refusal, path failure), for `endophyte status`.
+    pub last_error: Vec<Option<String>>,
+    /// Per backup: its last connection attempt was refused for good (TLS, Hello), none came up since.
+    pub refused: Vec<bool>,
 }
 
 /// Everything under the lock.
@@ -222,6 +239,12 @@ pub(super) struct Inner {
     /// Per backup, from an epoch's pause until that backup committed it, ms (EWMA, weight 1/4): what a
     /// switchover's final transfer takes.
     pub commit_lag_ms: Vec<Option<f64>>,
+    /// A backup said the VM runs there now (under a newer generation): taken by the self-fence.
+    pub superseded: Option<String>,
+    /// The self-fence's state.
+    pub fence: FenceView,
+    /// A permanent error: the run ends with it (no retry can help).
+    pub fatal: Option<String>,
 }
 
 /// The shared state. See the module docs.
@@ -253,7 +276,11 @@ impl Shared {
                 sender,
                 paths: paths.iter().map(|&n| vec![None; n]).collect(),
                 durability: Durability::new(metrics.clone()),
-                counters: Counters::default(),
+                counters: Counters {
+                    last_error: vec![None; paths.len()],
+                    refused: vec![false; paths.len()],
+                    ..Counters::default()
+                },
                 output,
                 max_bandwidth,
                 live: Live {
@@ -265,6 +292,9 @@ impl Shared {
                 switch_outcome: None,
                 final_fetched: false,
                 commit_lag_ms: vec![None; paths.len()],
+                superseded: None,
+                fence: FenceView::default(),
+                fatal: None,
             }),
             meta,
             metrics,
@@ -284,16 +314,38 @@ impl Shared {
         self.cv.notify_all();
     }
 
+    /// Ends the run with a permanent error `why` (the first one wins): every wait ends, no final epoch
+    /// is cut, the command exits non-zero with it.
+    pub fn fail(&self, why: String) {
+        {
+            let mut g = self.lock();
+            if g.fatal.is_none() {
+                tracing::error!("{why}");
+                g.fatal = Some(why);
+            }
+        }
+        self.request_stop();
+    }
+
+    /// The permanent error the run ends with, if any.
+    pub fn fatal(&self) -> Option<String> {
+        self.lock().fatal.clone()
+    }
+
     /// Whether a stop was asked.
     pub fn stopping(&self) -> bool {
         self.stop.load(Ordering::SeqCst)
     }
 
-    /// Waits (up to `limit`) until `ok` holds; returns whether it does.
+    /// Waits (up to `limit`) until `ok` holds; returns whether it does. A permanent error ends the wait
+    /// (false).
     pub fn wait_until(&self, limit: Duration, mut ok: impl FnMut(&Inner) -> bool) -> bool {
         let deadline = Instant::now() + limit;
         let mut g = self.lock();
         loop {
+            if g.fatal.is_some() {
+                return false;
+            }
             if ok(&g) {
                 return true;
             }

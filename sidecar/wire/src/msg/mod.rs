@@ -3,7 +3,7 @@
 //! | type | message | direction | payload (little-endian) |
 //! |---|---|---|---|
 //! | 1 | Hello | sidecar -> backup, first on each path | session u64, path u32, page_size u32, mem_bytes u64, vm_id (u16 len + UTF-8) |
-//! | 2 | Welcome | backup -> sidecar | instance u64, committed_epoch u64, committed_session u64, node (u16 len + UTF-8) |
+//! | 2 | Welcome | backup -> sidecar | instance u64, committed_epoch u64, committed_session u64, node (u16 len + UTF-8), lease_ms u32 |
 //! | 3 | Chunk | sidecar -> backup | epoch u64, seq u32, n_pages u32, raw_len u32, flags u8, 3 zero bytes, content_hash [32], body |
 //! | 4 | ChunkAck | backup -> sidecar | epoch u64, seq u32 |
 //! | 5 | EpochEnd | sidecar -> backup | epoch u64, base_epoch u64, chunk_count u32, page_count u64, epoch_hash [32], VM state (see [`crate::vmstate`]; one zero byte: none) |
@@ -129,6 +129,10 @@ pub struct Welcome {
     pub committed_session: u64,
     /// The backup's node name.
     pub node: String,
+    /// The backup's lease on its primaries, ms: after this long without a frame from the primary it
+    /// presumes it dead and may promote. The sidecar checks its self-fence bound against it
+    /// ([`crate::lease::check_timing`]).
+    pub lease_ms: u32,
 }
 
 /// The end marker of one epoch on one backup stream.
@@ -396,6 +400,7 @@ impl Message {
                 b.put_u64_le(w.committed_epoch);
                 b.put_u64_le(w.committed_session);
                 put_str(&mut b, &w.node);
+                b.put_u32_le(w.lease_ms);
             }
             Message::Chunk { seq, chunk } => {
                 b.put_u64_le(chunk.epoch);
@@ -513,11 +518,14 @@ impl Message {
                 let committed_epoch = p.get_u64_le();
                 let committed_session = p.get_u64_le();
                 let node = get_str(&mut p, "Welcome")?;
+                need!("Welcome", 4);
+                let lease_ms = p.get_u32_le();
                 Message::Welcome(Welcome {
                     instance,
                     committed_epoch,
                     committed_session,
                     node,
+                    lease_ms,
                 })
             }
             3 => {

@@ -21,6 +21,7 @@ fn all() -> Vec<Message> {
             committed_epoch: 4,
             committed_session: 3,
             node: "b1".into(),
+            lease_ms: 2500,
         }),
         Message::Chunk {
             seq: 3,

@@ -288,6 +288,12 @@ impl Sender {
         self.backups[b].paths.iter().filter_map(|p| p.min_rtt).min()
     }
 
+    /// When the newest ping backup `b` answered was sent: the backup heard this sender at that instant
+    /// or later, so its lease on this primary runs from no earlier than this ([`crate::lease`]).
+    pub fn answered_at(&self, b: BackupId) -> Option<Instant> {
+        self.backups[b].answered
+    }
+
     /// Chunk body bytes held for backup `b` and not yet acknowledged by it.
     pub fn unacked_bytes(&self, b: BackupId) -> usize {
         self.backups[b].unacked_bytes
@@ -331,7 +337,7 @@ impl Sender {
         let path = &mut backup.paths[p];
         path.up = true;
         path.inflight = 0;
-        path.ping = None;
+        path.pings.clear();
         path.min_rtt = None;
         path.next_ping = Some(now);
         if restarted && backup.streaming {
@@ -364,7 +370,7 @@ impl Sender {
         }
         backup.paths[p].up = false;
         backup.paths[p].inflight = 0;
-        backup.paths[p].ping = None;
+        backup.paths[p].pings.clear();
         if backup.paths.iter().all(|p| !p.up) {
             if backup.streaming {
                 backup.drop_streams();
@@ -570,17 +576,18 @@ impl Sender {
                 self.update_durable();
             }
             Message::Pong { token } => {
-                let path = &mut self.backups[b].paths[p];
-                if let Some((t, sent)) = path.ping {
-                    if t == token {
-                        let sample = now.saturating_duration_since(sent);
-                        path.rtt = Some(match path.rtt {
-                            None => sample,
-                            Some(old) => (old * 7 + sample) / 8,
-                        });
-                        path.min_rtt = Some(path.min_rtt.map_or(sample, |m| m.min(sample)));
-                        path.ping = None;
-                    }
+                let backup = &mut self.backups[b];
+                let path = &mut backup.paths[p];
+                if let Some(i) = path.pings.iter().position(|&(t, _)| t == token) {
+                    let sent = path.pings[i].1;
+                    path.pings.drain(..=i);
+                    let sample = now.saturating_duration_since(sent);
+                    path.rtt = Some(match path.rtt {
+                        None => sample,
+                        Some(old) => (old * 7 + sample) / 8,
+                    });
+                    path.min_rtt = Some(path.min_rtt.map_or(sample, |m| m.min(sample)));
+                    backup.answered = Some(backup.answered.map_or(sent, |a| a.max(sent)));
                 }
             }
             Message::Ping { token } => self.control.push_back(Transmit {

@@ -33,12 +33,17 @@ pub(super) struct StreamEpoch {
     pub(super) state: Option<VmState>,
 }
 
+/// Unanswered pings remembered per path: a Pong slower than the ping interval (queued behind chunks)
+/// still proves when the backup last heard this sender.
+pub(super) const PINGS_KEPT: usize = 16;
+
 #[derive(Debug, Default)]
 pub(super) struct PathState {
     pub(super) up: bool,
     pub(super) inflight: usize,
     pub(super) next_ping: Option<Instant>,
-    pub(super) ping: Option<(u64, Instant)>,
+    /// Pings sent and not yet answered, oldest first (token, sent at); at most [`PINGS_KEPT`].
+    pub(super) pings: VecDeque<(u64, Instant)>,
     pub(super) rtt: Option<Duration>,
     /// The lowest RTT sample, as QUIC's `min_rtt` (RFC 9002, section 5.2): the path without queueing.
     pub(super) min_rtt: Option<Duration>,
@@ -47,6 +52,9 @@ pub(super) struct PathState {
 #[derive(Debug)]
 pub(super) struct Backup {
     pub(super) paths: Vec<PathState>,
+    /// When the newest ping this backup answered (on any path) was sent: it heard this sender then or
+    /// later.
+    pub(super) answered: Option<Instant>,
     pub(super) instance: Option<u64>,
     pub(super) committed: u64,
     /// Epoch the backup will hold once everything streamed so far commits.
@@ -70,6 +78,7 @@ impl Backup {
     pub(super) fn new(n: usize) -> Self {
         Self {
             paths: (0..n).map(|_| PathState::default()).collect(),
+            answered: None,
             instance: None,
             committed: 0,
             planned: 0,
@@ -117,7 +126,10 @@ impl Backup {
             if path.up && path.next_ping.is_some_and(|t| t <= now) {
                 let token = *next_token;
                 *next_token += 1;
-                path.ping = Some((token, now));
+                path.pings.push_back((token, now));
+                if path.pings.len() > PINGS_KEPT {
+                    path.pings.pop_front();
+                }
                 path.next_ping = Some(now + ping_interval);
                 return Some(Transmit {
                     backup: bi,

@@ -9,6 +9,7 @@ fn welcome() -> Welcome {
         committed_epoch: 0,
         committed_session: 0,
         node: "b".into(),
+        lease_ms: 3000,
     }
 }
 

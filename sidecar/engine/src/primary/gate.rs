@@ -1,0 +1,135 @@
+//! The run gate: the VMM as the epoch loop sees it, with one more rule, that a fenced guest stays
+//! paused. The epoch loop pauses and resumes the guest at every cut; the self-fence
+//! ([`super::fencing`]) pauses it from another thread. Both go through one lock here, so an epoch's
+//! resume can never undo a fence, and an unfence never resumes a guest paused for a cut.
+
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Duration;
+
+use endophyte_vmm::{Capabilities, DirtyLog, Geometry, Snapshots, SourceVmm, VmState, VmmError};
+
+#[derive(Debug, Default)]
+struct Gate {
+    /// The epoch loop holds the guest paused (a cut, a switchover).
+    paused_by_loop: bool,
+    /// The self-fence holds it paused.
+    fenced: bool,
+    /// The guest was stopped for good (fence policy `stop`, or superseded).
+    stopped: bool,
+}
+
+/// A [`SourceVmm`] whose guest runs only when neither the epoch loop nor the self-fence holds it.
+pub(super) struct GatedVmm {
+    inner: Arc<dyn SourceVmm>,
+    gate: Mutex<Gate>,
+}
+
+impl GatedVmm {
+    pub fn new(inner: Arc<dyn SourceVmm>) -> Self {
+        Self {
+            inner,
+            gate: Mutex::new(Gate::default()),
+        }
+    }
+
+    fn lock(&self) -> MutexGuard<'_, Gate> {
+        self.gate.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Fences: pauses the guest (unless a cut holds it paused already; it then stays paused), or with
+    /// `stop` stops the VM for good. Idempotent.
+    ///
+    /// # Errors
+    /// The VMM failed to pause or stop.
+    pub fn fence(&self, stop: bool) -> Result<(), VmmError> {
+        let mut g = self.lock();
+        if stop && !g.stopped {
+            g.fenced = true;
+            g.stopped = true;
+            return self.inner.shutdown();
+        }
+        if g.fenced {
+            return Ok(());
+        }
+        if !g.paused_by_loop {
+            self.inner.pause()?;
+        }
+        g.fenced = true;
+        Ok(())
+    }
+
+    /// Lifts the fence: the guest runs again unless a cut holds it. A stopped VM stays stopped.
+    ///
+    /// # Errors
+    /// The VMM failed to resume.
+    pub fn unfence(&self) -> Result<(), VmmError> {
+        let mut g = self.lock();
+        if !g.fenced || g.stopped {
+            return Ok(());
+        }
+        g.fenced = false;
+        if !g.paused_by_loop {
+            self.inner.resume()?;
+        }
+        Ok(())
+    }
+
+    /// Whether the fence holds the guest.
+    pub fn is_fenced(&self) -> bool {
+        self.lock().fenced
+    }
+}
+
+impl SourceVmm for GatedVmm {
+    fn name(&self) -> &str {
+        self.inner.name()
+    }
+    fn geometry(&self) -> &Geometry {
+        self.inner.geometry()
+    }
+    fn capabilities(&self) -> Capabilities {
+        self.inner.capabilities()
+    }
+    fn dirty_log(&self) -> Option<&dyn DirtyLog> {
+        self.inner.dirty_log()
+    }
+    fn snapshots(&self) -> Option<&dyn Snapshots> {
+        self.inner.snapshots()
+    }
+    /// Pauses for a cut; a fenced guest is paused already (zero time).
+    fn pause(&self) -> Result<Duration, VmmError> {
+        let mut g = self.lock();
+        let took = if g.fenced {
+            Duration::ZERO
+        } else {
+            self.inner.pause()?
+        };
+        g.paused_by_loop = true;
+        Ok(took)
+    }
+    /// Ends a cut's pause; a fenced guest stays paused.
+    fn resume(&self) -> Result<(), VmmError> {
+        let mut g = self.lock();
+        if !g.fenced {
+            self.inner.resume()?;
+        }
+        g.paused_by_loop = false;
+        Ok(())
+    }
+    fn save_state(&self) -> Result<VmState, VmmError> {
+        self.inner.save_state()
+    }
+    fn set_throttle(&self, fraction: f64) -> Result<(), VmmError> {
+        self.inner.set_throttle(fraction)
+    }
+    fn hold_output(&self, hold: bool) -> Result<(), VmmError> {
+        self.inner.hold_output(hold)
+    }
+    fn ram_hash(&self) -> Result<String, VmmError> {
+        self.inner.ram_hash()
+    }
+    fn shutdown(&self) -> Result<(), VmmError> {
+        self.lock().stopped = true;
+        self.inner.shutdown()
+    }
+}
