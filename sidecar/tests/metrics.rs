@@ -74,6 +74,21 @@ fn promtool_check(text: &str, what: &str) {
     );
 }
 
+/// `GET path` on Prometheus' HTTP API: the status code and the body.
+fn http_get(prom: SocketAddr, path: &str) -> (u16, String) {
+    let mut s = TcpStream::connect(prom).unwrap();
+    write!(s, "GET {path} HTTP/1.0\r\nHost: {prom}\r\n\r\n").unwrap();
+    let mut raw = String::new();
+    s.read_to_string(&mut raw).unwrap();
+    let code = raw
+        .split(' ')
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .unwrap_or(0);
+    let body = raw.split_once("\r\n\r\n").map(|x| x.1).unwrap_or("");
+    (code, body.to_owned())
+}
+
 /// A query against Prometheus' HTTP API: the `data.result` vector.
 fn query(prom: SocketAddr, q: &str) -> Vec<serde_json::Value> {
     let enc: String = q
@@ -83,16 +98,9 @@ fn query(prom: SocketAddr, q: &str) -> Vec<serde_json::Value> {
             _ => format!("%{b:02X}"),
         })
         .collect();
-    let mut s = TcpStream::connect(prom).unwrap();
-    write!(
-        s,
-        "GET /api/v1/query?query={enc} HTTP/1.0\r\nHost: {prom}\r\n\r\n"
-    )
-    .unwrap();
-    let mut raw = String::new();
-    s.read_to_string(&mut raw).unwrap();
-    let body = raw.split_once("\r\n\r\n").map(|x| x.1).unwrap_or("");
-    let v: serde_json::Value = serde_json::from_str(body).unwrap_or_else(|e| panic!("{e}: {raw}"));
+    let (code, body) = http_get(prom, &format!("/api/v1/query?query={enc}"));
+    let v: serde_json::Value =
+        serde_json::from_str(&body).unwrap_or_else(|e| panic!("{q}: {code} {e}: {body}"));
     assert_eq!(v["status"], "success", "{q}: {v}");
     v["data"]["result"].as_array().cloned().unwrap_or_default()
 }
@@ -196,10 +204,11 @@ fn prometheus_scrapes_a_running_sidecar_and_backup_and_promtool_accepts_both() {
     }
     let _prom = KillOnDrop(&mut prom);
     let t = Instant::now();
-    while TcpStream::connect(web).is_err() {
+    // It listens before its storage is up (503 until then): wait until it says it is ready.
+    while TcpStream::connect(web).is_err() || http_get(web, "/-/ready").0 != 200 {
         assert!(
-            t.elapsed() < Duration::from_secs(30),
-            "prometheus did not listen"
+            t.elapsed() < Duration::from_secs(60),
+            "prometheus did not become ready"
         );
         std::thread::sleep(Duration::from_millis(100));
     }
