@@ -258,7 +258,7 @@ fn ran(c: &Counter) -> Option<(Instant, Instant)> {
     let s = c.samples.lock().unwrap();
     let mut changes = s.windows(2).filter(|w| w[1].1 != w[0].1).map(|w| w[1].0);
     let first = changes.next()?;
-    Some((first, changes.last().unwrap_or(first)))
+    Some((first, changes.next_back().unwrap_or(first)))
 }
 
 #[test]

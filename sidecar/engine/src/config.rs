@@ -337,6 +337,9 @@ pub struct SidecarConfig {
     /// default.
     #[serde(default)]
     pub control_socket: Option<PathBuf>,
+    /// Services API socket ([`crate::services`], gRPC, `proto/services_v1.proto`). None by default.
+    #[serde(default)]
+    pub services_socket: Option<PathBuf>,
     /// TCP address serving `GET /metrics` alone (Prometheus text; [`crate::metrics`]), for a Prometheus
     /// that cannot reach the control socket. None by default.
     #[serde(default)]

@@ -155,6 +155,9 @@ pub struct SidecarStatus {
     /// The self-fence.
     #[serde(default)]
     pub fence: FenceStatusView,
+    /// Services registered on its services socket.
+    #[serde(default)]
+    pub services: Vec<crate::services::ServiceStatus>,
     /// Backups in configuration order.
     pub backups: Vec<BackupStatus>,
 }
@@ -218,6 +221,7 @@ pub fn status_table(s: &SidecarStatus) -> String {
             let _ = writeln!(t, "  last error: {e}");
         }
     }
+    t.push_str(&crate::services::services_table(&s.services));
     t
 }
 
@@ -293,6 +297,9 @@ pub struct BackupNodeStatus {
     pub durability: crate::store::Durability,
     /// Its replicas.
     pub vms: Vec<ReplicaStatus>,
+    /// Services registered on its services socket.
+    #[serde(default)]
+    pub services: Vec<crate::services::ServiceStatus>,
 }
 
 /// Renders a backup's `GET /v1/status` for a terminal: one line per VM.
@@ -324,6 +331,7 @@ pub fn backup_table(v: &BackupNodeStatus) -> String {
             if vm.promotable { "yes" } else { "no" }
         );
     }
+    t.push_str(&crate::services::services_table(&v.services));
     t
 }
 

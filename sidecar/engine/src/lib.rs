@@ -7,6 +7,7 @@
 //! - [`backup`]: the backup node: paths in, one replica per VM, the migration target and promote
 //!   (`endophyte backup`); [`store`]: the replica's files (journal, apply, checkpoint); [`fence`]: the
 //!   fence record on disk.
+//! - [`services`]: the versioned gRPC API through which other subsystems take part (docs/services.md).
 //! - [`relay`]: UDP relays that add paths without decrypting them (`endophyte relay`).
 //! - [`tls`]: network CAs and node certificates (`endophyte certs`), mutual TLS configuration.
 //! - [`transport`]: QUIC paths carrying the frames of [`endophyte_wire`].
@@ -27,6 +28,7 @@ pub mod metrics;
 pub mod migrate;
 pub mod primary;
 pub mod relay;
+pub mod services;
 pub mod store;
 pub mod throttle;
 pub mod tls;

@@ -58,6 +58,9 @@ pub struct BackupArgs {
     /// Serve the control API on this Unix socket (`endophyte status`, `endophyte promote`).
     #[arg(long)]
     control_socket: Option<PathBuf>,
+    /// Serve the services API (gRPC, proto/services_v1.proto) on this Unix socket.
+    #[arg(long)]
+    services_socket: Option<PathBuf>,
     /// Also serve `GET /metrics` (Prometheus) on this TCP address, e.g. 0.0.0.0:9401 (the control socket
     /// serves it too).
     #[arg(long)]
@@ -124,6 +127,7 @@ pub fn run(a: BackupArgs) -> anyhow::Result<()> {
         durability: a.durability,
         control_socket: a.control_socket,
         metrics_listen: a.metrics_listen,
+        services_socket: a.services_socket,
         lease: std::time::Duration::from_millis(a.lease_ms),
         launcher,
     };

@@ -93,6 +93,9 @@ pub struct SidecarArgs {
     /// /run/endophyte/VM.ctl by default).
     #[arg(long)]
     control_socket: Option<PathBuf>,
+    /// Serve the services API (gRPC, proto/services_v1.proto) on this Unix socket.
+    #[arg(long)]
+    services_socket: Option<PathBuf>,
     /// Also serve `GET /metrics` (Prometheus) on this TCP address, e.g. 0.0.0.0:9400 (the control socket
     /// serves it too).
     #[arg(long)]
@@ -170,6 +173,9 @@ fn config(a: &SidecarArgs) -> anyhow::Result<SidecarConfig> {
     }
     if let Some(v) = &a.control_socket {
         c.control_socket = Some(v.clone());
+    }
+    if let Some(v) = &a.services_socket {
+        c.services_socket = Some(v.clone());
     }
     if let Some(v) = a.metrics_listen {
         c.metrics_listen = Some(v);

@@ -40,6 +40,7 @@ pub(super) async fn node_status(n: &BackupNode) -> BackupNodeStatus {
         lease_ms: n.cfg.lease.as_millis() as u64,
         durability: n.cfg.durability,
         vms,
+        services: n.services.status(),
     }
 }
 

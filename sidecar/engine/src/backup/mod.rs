@@ -47,6 +47,8 @@ pub struct BackupConfig {
     pub durability: Durability,
     /// Control API socket (`GET /v1/status`, `POST /v1/promote`); none by default.
     pub control_socket: Option<PathBuf>,
+    /// Services API socket ([`crate::services`], gRPC, `proto/services_v1.proto`); none by default.
+    pub services_socket: Option<PathBuf>,
     /// TCP address serving `GET /metrics` alone ([`crate::metrics`]); none by default.
     pub metrics_listen: Option<SocketAddr>,
     /// How long a VM's primary may stay silent (no frame on any path; sidecars ping several times
@@ -94,6 +96,8 @@ pub struct BackupNode {
     instance: u64,
     vms: Mutex<HashMap<String, Arc<VmHandle>>>,
     next_key: AtomicU64,
+    /// Services registered on `services_socket` ([`crate::services`]).
+    services: crate::services::ServiceRegistry,
 }
 
 fn valid_vm_id(id: &str) -> bool {
@@ -114,6 +118,7 @@ impl BackupNode {
             instance: crate::random_u64(),
             vms: Mutex::new(HashMap::new()),
             next_key: AtomicU64::new(1),
+            services: crate::services::ServiceRegistry::new(),
         })
     }
 
@@ -166,6 +171,27 @@ impl BackupNode {
                 path.clone(),
                 api::router(self.clone()),
                 std::future::pending(),
+            ));
+        }
+        if let Some(path) = &self.cfg.services_socket {
+            let listener = crate::control::bind_unix(path)?;
+            let me = Arc::downgrade(&self);
+            let vms: crate::services::grpc::VmList = Arc::new(move || {
+                let Some(n) = me.upgrade() else {
+                    return vec![];
+                };
+                let mut v: Vec<String> = n.vms.lock().expect("vm table").keys().cloned().collect();
+                v.sort();
+                v
+            });
+            tokio::spawn(crate::services::grpc::serve(
+                listener,
+                path.clone(),
+                crate::services::grpc::ServicesServer::new(
+                    self.services.clone(),
+                    self.identity.node.clone(),
+                    vms,
+                ),
             ));
         }
         if let Some(addr) = self.cfg.metrics_listen {

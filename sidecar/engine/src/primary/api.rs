@@ -78,6 +78,7 @@ fn status(s: &Shared) -> SidecarStatus {
         emergency_events: g.live.emergencies,
         max_bandwidth: g.max_bandwidth,
         waiting: g.waiting.clone(),
+        services: s.services.status(),
         fence: crate::control::FenceStatusView {
             enabled: m.fence_after.is_some(),
             fenced: g.fence.fenced,

@@ -166,6 +166,24 @@ pub fn run_sidecar(
             std::future::pending(),
         ));
     }
+    if let Some(path) = &cfg.services_socket {
+        let listener = {
+            let _rt = rt.enter();
+            crate::control::bind_unix(path)?
+        };
+        rt.spawn(crate::services::grpc::serve(
+            listener,
+            path.clone(),
+            crate::services::grpc::ServicesServer::new(
+                shared.services.clone(),
+                cfg.node.clone(),
+                {
+                    let vm = cfg.vm_id.clone();
+                    Arc::new(move || vec![vm.clone()])
+                },
+            ),
+        ));
+    }
     if let Some(addr) = cfg.metrics_listen {
         let listener = {
             let _rt = rt.enter();

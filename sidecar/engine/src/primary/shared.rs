@@ -253,6 +253,8 @@ pub(super) struct Shared {
     pub meta: Meta,
     /// Histograms and event counters for `GET /metrics` (atomic: outside the lock).
     pub metrics: PrimaryMetrics,
+    /// Services registered on the services socket (their own lock).
+    pub services: crate::services::ServiceRegistry,
     /// Signalled whenever the driver changed something the epoch loop may wait for.
     pub cv: Condvar,
     /// Wakes the driver (something to send).
@@ -298,6 +300,7 @@ impl Shared {
             }),
             meta,
             metrics,
+            services: crate::services::ServiceRegistry::new(),
             cv: Condvar::new(),
             wake: tokio::sync::Notify::new(),
             stop: AtomicBool::new(false),

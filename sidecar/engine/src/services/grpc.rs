@@ -1,0 +1,156 @@
+//! The services API's server side: one [`pb::services_server::Services`] per node, serving sessions
+//! on the node's services socket (a Unix socket, mode 0600, bound by [`crate::control::bind_unix`]).
+
+use std::path::PathBuf;
+use std::pin::Pin;
+
+use tokio::sync::mpsc;
+use tokio_stream::wrappers::{ReceiverStream, UnixListenerStream};
+use tokio_stream::Stream;
+use tonic::{Request, Response, Status, Streaming};
+
+use super::{ServiceRegistry, API_VERSIONS};
+
+/// The code generated from `proto/services_v1.proto`.
+#[allow(missing_docs, clippy::all)]
+pub mod pb {
+    tonic::include_proto!("endophyte.services.v1");
+}
+
+use pb::service_message::Msg;
+
+/// The node's side of every session.
+#[derive(Clone)]
+pub struct ServicesServer {
+    registry: ServiceRegistry,
+    node: String,
+    vms: VmList,
+}
+
+/// The VMs a node serves services for, read at each registration (a backup's replicas come and go).
+pub type VmList = std::sync::Arc<dyn Fn() -> Vec<String> + Send + Sync>;
+
+impl ServicesServer {
+    /// A server for node `node`, which serves services for the VMs `vms` lists, registering into
+    /// `registry`.
+    pub fn new(registry: ServiceRegistry, node: String, vms: VmList) -> Self {
+        Self {
+            registry,
+            node,
+            vms,
+        }
+    }
+}
+
+/// Checks a Register: a served version, a name of `[a-z0-9][a-z0-9-]{0,62}`, at least one known hook.
+///
+/// # Errors
+/// `FAILED_PRECONDITION` for a version this node does not serve (naming those it does),
+/// `INVALID_ARGUMENT` for a bad name or hooks.
+pub fn check_register(r: &pb::Register) -> Result<Vec<pb::Hook>, Status> {
+    if !API_VERSIONS.contains(&r.api_version) {
+        return Err(Status::failed_precondition(format!(
+            "services API version {} is not served here: this node serves {:?}",
+            r.api_version, API_VERSIONS
+        )));
+    }
+    let n = r.name.as_bytes();
+    let good = !n.is_empty()
+        && n.len() <= 63
+        && (n[0].is_ascii_lowercase() || n[0].is_ascii_digit())
+        && n.iter()
+            .all(|&c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == b'-');
+    if !good {
+        return Err(Status::invalid_argument(format!(
+            "service name {:?} must match [a-z0-9][a-z0-9-]{{0,62}}",
+            r.name
+        )));
+    }
+    let mut hooks = vec![];
+    for &h in &r.hooks {
+        match pb::Hook::try_from(h) {
+            Ok(pb::Hook::Unspecified) | Err(_) => {
+                return Err(Status::invalid_argument(format!(
+                    "hook {h} is not one of epoch (1), migration (2), restore (3)"
+                )))
+            }
+            Ok(h) if !hooks.contains(&h) => hooks.push(h),
+            Ok(_) => {}
+        }
+    }
+    if hooks.is_empty() {
+        return Err(Status::invalid_argument(
+            "a service must register for at least one hook",
+        ));
+    }
+    Ok(hooks)
+}
+
+type NodeStream = Pin<Box<dyn Stream<Item = Result<pb::NodeMessage, Status>> + Send>>;
+
+#[tonic::async_trait]
+impl pb::services_server::Services for ServicesServer {
+    type SessionStream = NodeStream;
+
+    async fn session(
+        &self,
+        req: Request<Streaming<pb::ServiceMessage>>,
+    ) -> Result<Response<NodeStream>, Status> {
+        let mut inbound = req.into_inner();
+        let first = inbound
+            .message()
+            .await?
+            .ok_or_else(|| Status::invalid_argument("the session ended before its Register"))?;
+        let Some(Msg::Register(reg)) = first.msg else {
+            return Err(Status::invalid_argument(
+                "the first message of a session must be a Register",
+            ));
+        };
+        let hooks = check_register(&reg)?;
+        let (tx, rx) = mpsc::channel(64);
+        let session = self
+            .registry
+            .register(&reg.name, hooks, reg.api_version, tx.clone())
+            .map_err(Status::already_exists)?;
+        let registered = pb::NodeMessage {
+            msg: Some(pb::node_message::Msg::Registered(pb::Registered {
+                node: self.node.clone(),
+                vms: (self.vms)(),
+                api_version: reg.api_version,
+            })),
+        };
+        let _ = tx.send(Ok(registered)).await;
+        let registry = self.registry.clone();
+        tokio::spawn(async move {
+            // The session lives until the service closes its stream or the connection goes.
+            while let Ok(Some(m)) = inbound.message().await {
+                match m.msg {
+                    Some(Msg::Register(_)) => {
+                        let _ = tx
+                            .send(Err(Status::invalid_argument(
+                                "this session is registered already",
+                            )))
+                            .await;
+                        break;
+                    }
+                    // Contributions are taken once epochs ask for them (issue 17's next step).
+                    Some(Msg::Contribution(_)) | None => {}
+                }
+            }
+            registry.unregister(&reg.name, session);
+        });
+        Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
+    }
+}
+
+/// Serves `server` on `listener` (bound at `path`) until the process ends, then removes the socket.
+pub async fn serve(listener: tokio::net::UnixListener, path: PathBuf, server: ServicesServer) {
+    let r = tonic::transport::Server::builder()
+        .add_service(pb::services_server::ServicesServer::new(server))
+        .serve_with_incoming(UnixListenerStream::new(listener))
+        .await;
+    let _ = std::fs::remove_file(&path);
+    if let Err(e) = r {
+        tracing::error!(path = %path.display(), "the services socket failed: {e}");
+    }
+}
