@@ -270,6 +270,11 @@ impl AttachTarget for VmHost {
                 message: "this VMM has no vCPU throttle".into(),
             });
         }
+        // Clearing the throttle of a VMM whose VM left (migrated away, or not restored yet) has nothing
+        // to clear: the agent does that when the client that throttled goes, and it is no error.
+        if fraction == 0.0 && self.vm.read().unwrap_or_else(|e| e.into_inner()).is_none() {
+            return Ok(());
+        }
         self.vm(|vm| {
             vm.set_throttle(fraction);
             Ok(())
