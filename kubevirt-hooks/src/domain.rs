@@ -294,6 +294,13 @@ impl Mutation<'_> {
         for a in e.attributes() {
             let a = a.map_err(|x| self.malformed(&x))?;
             let key = String::from_utf8_lossy(a.key.as_ref()).into_owned();
+            // The reader does not check names; the prefix found here names every element the hook
+            // writes, so a key that is no XML name would make the output malformed.
+            if !is_xml_name(&key) {
+                return Err(self.malformed(&format!(
+                    "the root's attribute name {key:?} is not an XML name"
+                )));
+            }
             let value = a.unescape_value().map_err(|x| self.malformed(&x))?;
             if let Some(p) = key.strip_prefix("xmlns:") {
                 if value == QEMU_NS {
@@ -311,6 +318,24 @@ impl Mutation<'_> {
         start.push_attribute(("xmlns:qemu", QEMU_NS));
         Ok((start, "qemu".into(), true))
     }
+}
+
+/// Whether `s` is an XML `Name` (XML 1.0, fifth edition, section 2.3, productions 4, 4a and 5).
+fn is_xml_name(s: &str) -> bool {
+    fn start(c: char) -> bool {
+        matches!(c, ':' | 'A'..='Z' | '_' | 'a'..='z' | '\u{C0}'..='\u{D6}' | '\u{D8}'..='\u{F6}'
+            | '\u{F8}'..='\u{2FF}' | '\u{370}'..='\u{37D}' | '\u{37F}'..='\u{1FFF}'
+            | '\u{200C}'..='\u{200D}' | '\u{2070}'..='\u{218F}' | '\u{2C00}'..='\u{2FEF}'
+            | '\u{3001}'..='\u{D7FF}' | '\u{F900}'..='\u{FDCF}' | '\u{FDF0}'..='\u{FFFD}'
+            | '\u{10000}'..='\u{EFFFF}')
+    }
+    let mut chars = s.chars();
+    chars.next().is_some_and(start)
+        && chars.all(|c| {
+            start(c)
+                || matches!(c, '-' | '.' | '0'..='9' | '\u{B7}' | '\u{300}'..='\u{36F}'
+                    | '\u{203F}'..='\u{2040}')
+        })
 }
 
 /// One level of indentation as `indent` (a line break then spaces or tabs) shows it.

@@ -180,3 +180,25 @@ fn what_cannot_be_mutated_is_named() {
         DomainError::BadPath(_)
     ));
 }
+
+/// Inputs the fuzzer (`fuzz/fuzz_targets/hook_xml.rs`) found: each is refused, or mutated into a domain
+/// the hook accepts again and leaves as it is.
+#[test]
+fn fuzz_findings_are_refused_or_mutate_into_a_fixed_point() {
+    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/fuzz");
+    for f in std::fs::read_dir(&dir).unwrap().flatten() {
+        let input = std::fs::read(f.path()).unwrap();
+        let Ok(m) = add_monitor(&input, "/var/run/endophyte/qmp.sock") else {
+            continue;
+        };
+        let again = add_monitor(&m.xml, "/var/run/endophyte/qmp.sock").unwrap_or_else(|e| {
+            panic!(
+                "{}: the hook refuses its own output ({e}):\n{}",
+                f.path().display(),
+                String::from_utf8_lossy(&m.xml)
+            )
+        });
+        assert!(!again.changed, "{}", f.path().display());
+        assert_eq!(again.xml, m.xml, "{}", f.path().display());
+    }
+}
