@@ -88,6 +88,7 @@ pub fn add_monitor(xml: &[u8], qmp_path: &str) -> Result<Mutated, DomainError> {
     let (mut have_cmdline, mut have_monitor, mut changed) = (false, false, false);
     loop {
         let ev = m.r.read_event().map_err(|e| m.malformed(&e))?.into_owned();
+        m.check_names(&ev)?;
         match ev {
             Event::Text(t) => {
                 // Held until the next event, so that insertions can go before it.
@@ -213,6 +214,28 @@ struct Mutation<'a> {
 }
 
 impl Mutation<'_> {
+    /// The reader does not check names: an element or attribute name that is no XML name (found by
+    /// the fuzzer: bytes like `<` or 0xff inside one) is refused here, before it is copied to the
+    /// output and makes that malformed.
+    fn check_names(&self, ev: &Event<'_>) -> Result<(), DomainError> {
+        let bad = |what: &str, n: &[u8]| {
+            let n = String::from_utf8_lossy(n);
+            (!is_xml_name(&n)).then(|| self.malformed(&format!("{what} {n:?} is not an XML name")))
+        };
+        let err = match ev {
+            Event::Start(e) | Event::Empty(e) => {
+                bad("element name", e.name().as_ref()).or_else(|| {
+                    e.attributes()
+                        .flatten()
+                        .find_map(|a| bad("attribute name", a.key.as_ref()))
+                })
+            }
+            Event::End(e) => bad("element name", e.name().as_ref()),
+            _ => None,
+        };
+        err.map_or(Ok(()), Err)
+    }
+
     fn malformed(&self, e: &dyn std::fmt::Display) -> DomainError {
         DomainError::Malformed {
             offset: self.r.buffer_position(),
