@@ -326,6 +326,13 @@ impl Mutation<'_> {
             }
             let value = a.unescape_value().map_err(|x| self.malformed(&x))?;
             if let Some(p) = key.strip_prefix("xmlns:") {
+                // A prefix is an NCName (Namespaces in XML 1.0, section 4): "xmlns:2emu" is a name,
+                // but "2emu:commandline" would not be.
+                if !is_xml_name(p) || p.contains(':') {
+                    return Err(
+                        self.malformed(&format!("namespace prefix {p:?} is not an XML NCName"))
+                    );
+                }
                 if value == QEMU_NS {
                     return Ok((e.to_owned(), p.to_string(), false));
                 }
