@@ -71,6 +71,23 @@ pub fn add_monitor(xml: &[u8], qmp_path: &str) -> Result<Mutated, DomainError> {
     if qmp_path.contains(',') || qmp_path.chars().any(char::is_control) {
         return Err(DomainError::BadPath(qmp_path.into()));
     }
+    let m = mutate(xml, qmp_path)?;
+    // The reader is lenient where XML is strict; a domain the hook writes must be one it would accept
+    // and leave as it is, or virt-launcher would define malformed XML. Checked, not assumed: the
+    // fuzzer found three leniencies this way (tests/fixtures/fuzz).
+    if m.changed && !mutate(&m.xml, qmp_path).is_ok_and(|again| !again.changed) {
+        return Err(DomainError::Malformed {
+            offset: 0,
+            message: "the domain is malformed in a way the reader let through: mutated, it is no \
+                      longer a domain the hook accepts"
+                .into(),
+        });
+    }
+    Ok(m)
+}
+
+/// One mutation pass of [`add_monitor`], unchecked.
+fn mutate(xml: &[u8], qmp_path: &str) -> Result<Mutated, DomainError> {
     let mut m = Mutation {
         r: Reader::from_reader(xml),
         w: Writer::new(Vec::with_capacity(xml.len() + 512)),
