@@ -119,10 +119,6 @@ fn discard_keeps_the_guest_at_speed_while_the_rpo_grows_then_catches_up_when_the
     assert_eq!(report["overflow_epochs"].as_u64(), Some(0), "{report}");
     assert!(report["final_epoch_durable"].as_bool().unwrap(), "{report}");
     // The replica is exactly guest RAM at the last epoch's pause.
-    let last = report["last_epoch"].as_u64().unwrap();
-    let h = ram_hashes(&hashes);
-    let vm_dir = d1.join("vm1");
-    assert_eq!(checkpoint_reaching(&vm_dir, last), last, "{report}");
-    assert_eq!(hash_file(&vm_dir.join("replica.img")), h[&last]);
+    assert_replica_exact(&report, &hashes, &d1);
     assert!(!ctl.exists(), "the control socket outlived the sidecar");
 }

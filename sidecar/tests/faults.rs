@@ -12,15 +12,6 @@ use std::time::Duration;
 
 use common::*;
 
-/// The replica of `vm1` in `data` is exactly guest RAM at the sidecar's last epoch.
-fn assert_replica_exact(report: &serde_json::Value, hashes: &Path, data: &Path) {
-    let last = report["last_epoch"].as_u64().unwrap();
-    let h = ram_hashes(hashes);
-    let vm_dir = data.join("vm1");
-    assert_eq!(checkpoint_reaching(&vm_dir, last), last, "{report}");
-    assert_eq!(hash_file(&vm_dir.join("replica.img")), h[&last], "{report}");
-}
-
 #[test]
 fn garbage_datagrams_at_a_backups_port_change_nothing() {
     if !kvm_available() {

@@ -65,9 +65,5 @@ fn a_capped_path_slows_the_guest_along_the_curve_and_the_replica_stays_exact() {
     assert!(throttled_rate > 0.0, "the guest stopped altogether");
     assert_eq!(report["overflow_epochs"].as_u64().unwrap(), 0, "{report}");
     // And the replica is exactly guest RAM at the last epoch.
-    let last = report["last_epoch"].as_u64().unwrap();
-    let h = ram_hashes(&hashes);
-    let vm_dir = d1.join("vm1");
-    assert_eq!(checkpoint_reaching(&vm_dir, last), last, "{report}");
-    assert_eq!(hash_file(&vm_dir.join("replica.img")), h[&last]);
+    assert_replica_exact(&report, &hashes, &d1);
 }

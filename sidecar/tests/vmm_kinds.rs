@@ -44,11 +44,7 @@ fn a_vmm_that_only_hands_over_snapshots_is_replicated_exactly_sending_only_chang
         wire < mem + epochs * (4 << 20) + (8 << 20),
         "{wire} bytes sent for {epochs} snapshots of {mem}: unchanged pages were sent"
     );
-    let last = report["last_epoch"].as_u64().unwrap();
-    let h = ram_hashes(&hashes);
-    let vm_dir = d1.join("vm1");
-    assert_eq!(checkpoint_reaching(&vm_dir, last), last, "{report}");
-    assert_eq!(hash_file(&vm_dir.join("replica.img")), h[&last]);
+    assert_replica_exact(&report, &hashes, &d1);
 }
 
 #[test]
@@ -154,9 +150,5 @@ fn a_vmm_without_a_throttle_meets_the_emergency_policy_and_the_replica_stays_exa
         report["emergency_events"].as_u64() > Some(0),
         "the pressure never met the emergency policy: {report}"
     );
-    let last = report["last_epoch"].as_u64().unwrap();
-    let h = ram_hashes(&hashes);
-    let vm_dir = d1.join("vm1");
-    assert_eq!(checkpoint_reaching(&vm_dir, last), last, "{report}");
-    assert_eq!(hash_file(&vm_dir.join("replica.img")), h[&last]);
+    assert_replica_exact(&report, &hashes, &d1);
 }

@@ -20,7 +20,6 @@ use prometheus_client::encoding::{prometheus_text, text};
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
-use prometheus_client::metrics::histogram::Histogram;
 use prometheus_client::registry::{Metric, Registry};
 
 /// Label pairs of one series, for example `[("backup", "b1")]`.
@@ -44,11 +43,6 @@ pub fn rpo_buckets() -> impl Iterator<Item = f64> {
         5e-3, 1e-2, 2.5e-2, 5e-2, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
     ]
     .into_iter()
-}
-
-/// A new histogram over `buckets` (upper bounds, seconds).
-pub fn histogram(buckets: impl Iterator<Item = f64>) -> Histogram {
-    Histogram::new(buckets)
 }
 
 /// One scrape's registry, filled from a snapshot.

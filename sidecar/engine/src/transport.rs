@@ -150,7 +150,7 @@ pub enum PathEvent {
     /// The connection ended (the path task reconnects by itself).
     Down(String),
     /// The connection was refused in a way no retry fixes ([`PathError::is_permanent`]); the path task
-    /// still retries, slowly, in case an operator fixes it.
+    /// still retries with its backoff, in case an operator fixes it.
     Refused {
         /// The whole reason.
         why: String,

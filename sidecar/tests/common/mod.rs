@@ -192,6 +192,17 @@ pub fn checkpoint_reaching(vm_dir: &Path, epoch: u64) -> u64 {
 
 /// The sidecar flags every test uses: VM `vm1` behind `sock`, node `primary` of the `certs` network, and
 /// the VMM's RAM hash at every pause appended to `hashes`.
+/// The replica of `vm1` under the backup data directory `data` is exactly guest RAM at the run's last
+/// epoch: its checkpoint reaches that epoch, and its bytes hash to what the VMM computed at that
+/// epoch's pause (`hashes`, the sidecar's `--ram-hashes`).
+pub fn assert_replica_exact(report: &serde_json::Value, hashes: &Path, data: &Path) {
+    let last = report["last_epoch"].as_u64().unwrap();
+    let h = ram_hashes(hashes);
+    let vm_dir = data.join("vm1");
+    assert_eq!(checkpoint_reaching(&vm_dir, last), last, "{report}");
+    assert_eq!(hash_file(&vm_dir.join("replica.img")), h[&last], "{report}");
+}
+
 pub fn base_args(sock: &Path, certs: &Path, hashes: &Path) -> Vec<String> {
     vec![
         "--vm-id=vm1".into(),

@@ -164,11 +164,7 @@ fn step(shared: &Shared, bucket: &mut Option<Bucket>) -> Option<Instant> {
                     .peer_errors
                     .push(format!("backup {backup} path {path}: {message}"));
                 g.counters.last_error[backup] = Some(format!("{code:?}: {message}"));
-                // The VM runs on that backup now. Outside this sidecar's own switchover, that is a newer
-                // generation: fence for good.
-                if code == endophyte_wire::ErrorCode::Fenced && !own_switchover(g, backup) {
-                    g.superseded.get_or_insert(message);
-                }
+                note_superseded(g, backup, Some(code), message);
             }
             Event::StandbyReady {
                 backup,
@@ -225,18 +221,11 @@ fn on_path_event(shared: &Shared, b: usize, p: usize, ev: PathEvent) {
             }
         }
         PathEvent::Refused { why, code } => {
-            if g.paths[b][p].take().is_some() {
-                g.counters.path_failures += 1;
-            }
             tracing::warn!(backup = b, path = p, "path refused: {why}");
-            g.sender.handle_path_down(b, p, now);
-            g.counters.last_error[b] = Some(format!("path {p}: {why}"));
-            if code == Some(endophyte_wire::ErrorCode::Fenced) && !own_switchover(&g, b) {
-                // The VM runs there now: the self-fence ends the run with that reason.
-                g.superseded.get_or_insert(why);
-                return;
-            }
+            path_lost(&mut g, b, p, &why, now);
+            note_superseded(&mut g, b, code, why);
             if g.superseded.is_some() {
+                // The self-fence ends the run with that reason.
                 return;
             }
             g.counters.refused[b] = true;
@@ -258,13 +247,31 @@ fn on_path_event(shared: &Shared, b: usize, p: usize, ev: PathEvent) {
             }
         }
         PathEvent::Down(why) => {
-            if g.paths[b][p].take().is_some() {
-                g.counters.path_failures += 1;
-            }
             tracing::warn!(backup = b, path = p, "path down: {why}");
-            g.counters.last_error[b] = Some(format!("path {p}: {why}"));
-            g.sender.handle_path_down(b, p, now);
+            path_lost(&mut g, b, p, &why, now);
         }
+    }
+}
+
+/// Path `p` of backup `b` ended (`why`): counted, kept as the backup's last error, told to the sender.
+fn path_lost(g: &mut super::shared::Inner, b: usize, p: usize, why: &str, now: Instant) {
+    if g.paths[b][p].take().is_some() {
+        g.counters.path_failures += 1;
+    }
+    g.counters.last_error[b] = Some(format!("path {p}: {why}"));
+    g.sender.handle_path_down(b, p, now);
+}
+
+/// Backup `backup` answered with `code`: `Fenced` means the VM runs there now, which outside this
+/// sidecar's own switchover is a newer generation; the self-fence then fences for good.
+fn note_superseded(
+    g: &mut super::shared::Inner,
+    backup: usize,
+    code: Option<endophyte_wire::ErrorCode>,
+    message: String,
+) {
+    if code == Some(endophyte_wire::ErrorCode::Fenced) && !own_switchover(g, backup) {
+        g.superseded.get_or_insert(message);
     }
 }
 

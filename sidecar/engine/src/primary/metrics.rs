@@ -35,8 +35,8 @@ pub(super) struct PrimaryMetrics {
 impl PrimaryMetrics {
     pub fn new() -> Self {
         Self {
-            epoch_pause: metrics::histogram(metrics::pause_buckets()),
-            rpo: metrics::histogram(metrics::rpo_buckets()),
+            epoch_pause: Histogram::new(metrics::pause_buckets()),
+            rpo: Histogram::new(metrics::rpo_buckets()),
             epochs_committed: Counter::default(),
             dirty_bytes: Counter::default(),
         }

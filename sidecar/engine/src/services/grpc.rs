@@ -110,7 +110,7 @@ impl pb::services_server::Services for ServicesServer {
         let (tx, rx) = mpsc::channel(64);
         let session = self
             .registry
-            .register(&reg.name, hooks, reg.api_version, tx.clone())
+            .register(&reg.name, hooks, reg.api_version)
             .map_err(Status::already_exists)?;
         let registered = pb::NodeMessage {
             msg: Some(pb::node_message::Msg::Registered(pb::Registered {

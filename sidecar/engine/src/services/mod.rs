@@ -18,7 +18,6 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Instant;
 
 use serde::{Deserialize, Serialize};
-use tokio::sync::mpsc;
 
 pub use grpc::pb;
 
@@ -36,12 +35,6 @@ pub struct ServiceStatus {
     pub api_version: u32,
     /// Since it registered, ms.
     pub registered_ms_ago: f64,
-    /// Bytes of its last epoch contribution, once there was one.
-    pub last_contribution_bytes: Option<u64>,
-    /// How long its last contribution took to arrive, ms.
-    pub last_contribution_ms: Option<f64>,
-    /// The last thing that went wrong with it (late, too large, gone).
-    pub last_error: Option<String>,
 }
 
 /// One registered service.
@@ -51,11 +44,6 @@ struct Entry {
     since: Instant,
     /// Which session holds the name (a newer session of the same name is refused while it lives).
     session: u64,
-    /// Where messages to the service go.
-    #[allow(dead_code)]
-    tx: mpsc::Sender<Result<pb::NodeMessage, tonic::Status>>,
-    last_contribution: Option<(u64, f64)>,
-    last_error: Option<String>,
 }
 
 /// The services registered with one node. Cheap to clone (shared).
@@ -79,13 +67,7 @@ impl ServiceRegistry {
     ///
     /// # Errors
     /// A service of that name is registered (its session still lives): the message says so.
-    fn register(
-        &self,
-        name: &str,
-        hooks: Vec<pb::Hook>,
-        api_version: u32,
-        tx: mpsc::Sender<Result<pb::NodeMessage, tonic::Status>>,
-    ) -> Result<u64, String> {
+    fn register(&self, name: &str, hooks: Vec<pb::Hook>, api_version: u32) -> Result<u64, String> {
         let mut g = self.lock();
         if g.contains_key(name) {
             return Err(format!(
@@ -102,9 +84,6 @@ impl ServiceRegistry {
                 api_version,
                 since: Instant::now(),
                 session,
-                tx,
-                last_contribution: None,
-                last_error: None,
             },
         );
         tracing::info!(service = name, "service registered");
@@ -129,9 +108,6 @@ impl ServiceRegistry {
                 hooks: e.hooks.iter().map(|h| hook_name(*h).to_owned()).collect(),
                 api_version: e.api_version,
                 registered_ms_ago: e.since.elapsed().as_secs_f64() * 1e3,
-                last_contribution_bytes: e.last_contribution.map(|c| c.0),
-                last_contribution_ms: e.last_contribution.map(|c| c.1),
-                last_error: e.last_error.clone(),
             })
             .collect()
     }
@@ -146,20 +122,17 @@ pub fn services_table(services: &[ServiceStatus]) -> String {
     }
     let _ = writeln!(
         t,
-        "{:<20} {:<24} {:>12} {:>10}  LAST ERROR",
-        "SERVICE", "HOOKS", "CONTRIB B", "CONTRIB ms"
+        "{:<20} {:<24} {:>4} {:>14}",
+        "SERVICE", "HOOKS", "API", "REGISTERED"
     );
     for s in services {
         let _ = writeln!(
             t,
-            "{:<20} {:<24} {:>12} {:>10}  {}",
+            "{:<20} {:<24} {:>4} {:>14}",
             s.name,
             s.hooks.join(","),
-            s.last_contribution_bytes
-                .map_or_else(|| "-".into(), |b| b.to_string()),
-            s.last_contribution_ms
-                .map_or_else(|| "-".into(), |ms| format!("{ms:.1}")),
-            s.last_error.as_deref().unwrap_or("-")
+            s.api_version,
+            format!("{:.1} s ago", s.registered_ms_ago / 1e3)
         );
     }
     t
