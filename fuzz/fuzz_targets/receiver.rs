@@ -63,6 +63,7 @@ fuzz_target!(|data: &[u8]| {
                     page_count: e.pages,
                     epoch_hash: epoch_hash(e.pages, e.hashes.values()),
                     state: None,
+                    contributions: vec![],
                 };
                 if c & 0x80 != 0 {
                     end.page_count += 1;

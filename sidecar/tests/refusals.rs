@@ -262,6 +262,7 @@ async fn commit_one_page_epoch(p: &mut Path1, fill: u8) {
             page_count: 1,
             epoch_hash: epoch_hash(1, [&h]),
             state: Default::default(),
+            contributions: vec![],
         })
         .encode(),
     )

@@ -130,10 +130,13 @@ fn services_register_with_a_sidecar_and_a_backup_and_bad_registrations_are_refus
         .block_on(open(&b_svc, register(1, "kv-store", &[pb::Hook::Restore])))
         .unwrap();
     assert_eq!(reg_b.node, "b1");
+    // The sidecar lists it beside its own console gate, an in-process service (API version 0).
     let s = services_in(&ctl);
-    assert_eq!(s.len(), 1, "{s:?}");
-    assert_eq!(s[0]["name"], "kv-store");
-    assert_eq!(s[0]["hooks"], serde_json::json!(["epoch", "migration"]));
+    assert_eq!(s.len(), 2, "{s:?}");
+    assert_eq!(s[0]["name"], "console");
+    assert_eq!(s[0]["api_version"], 0);
+    assert_eq!(s[1]["name"], "kv-store");
+    assert_eq!(s[1]["hooks"], serde_json::json!(["epoch", "migration"]));
     let sb = services_in(&b_ctl);
     assert_eq!(sb[0]["hooks"], serde_json::json!(["restore"]), "{sb:?}");
 
@@ -158,15 +161,16 @@ fn services_register_with_a_sidecar_and_a_backup_and_bad_registrations_are_refus
         msg: Some(pb::service_message::Msg::Contribution(pb::Contribution {
             epoch: 1,
             data: vec![1],
+            ..Default::default()
         })),
     });
     assert!(e.message().contains("must be a Register"), "{e}");
-    assert_eq!(services_in(&ctl).len(), 1);
+    assert_eq!(services_in(&ctl).len(), 2);
 
     // The service goes: its registration with it.
     drop((keep, _in));
     let t = Instant::now();
-    while !services_in(&ctl).is_empty() {
+    while services_in(&ctl).iter().any(|s| s["name"] == "kv-store") {
         assert!(
             t.elapsed() < Duration::from_secs(10),
             "the service is still listed"

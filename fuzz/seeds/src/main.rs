@@ -60,6 +60,7 @@ fn epoch(epoch: u64, base: u64, with_state: bool) -> Vec<Message> {
         page_count: pages,
         epoch_hash: epoch_hash(pages, hashes.iter()),
         state,
+        contributions: vec![],
     }));
     msgs
 }

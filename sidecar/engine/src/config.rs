@@ -22,6 +22,11 @@
 //! max_bandwidth = "20MB/s"           # optional cap on what the sidecar sends
 //! control_socket = "/run/endophyte/vm-a.ctl"  # optional control API (`endophyte status`, `endophyte set`)
 //! metrics_listen = "0.0.0.0:9400"    # optional: GET /metrics over TCP too (the control socket always has it)
+//! services_socket = "/run/endophyte/vm-a.svc"  # optional services API (docs/services.md)
+//! service_deadline_ms = 50           # how long a service has to contribute, inside the epoch's pause
+//! service_max_bytes = "256KiB"       # the most one service contributes to one epoch (at most 1 MiB)
+//! service_policy = "skip"            # or "fail", "pause": a late or failing service's epoch
+//! service_hold_ms = 5000             # how long a service may hold a switchover
 //!
 //! [[backup]]
 //! name = "backup-1"                  # its certificate's name
@@ -258,6 +263,16 @@ fn d_fence_after_ms() -> u64 {
     endophyte_wire::lease::DEFAULT_FENCE_AFTER.as_millis() as u64
 }
 
+fn d_service_deadline_ms() -> u64 {
+    50
+}
+fn d_service_max_bytes() -> u64 {
+    256 << 10
+}
+fn d_service_hold_ms() -> u64 {
+    5000
+}
+
 fn d_curve() -> String {
     "linear:start=0.5,max=0.9".into()
 }
@@ -340,6 +355,19 @@ pub struct SidecarConfig {
     /// Services API socket ([`crate::services`], gRPC, `proto/services_v1.proto`). None by default.
     #[serde(default)]
     pub services_socket: Option<PathBuf>,
+    /// How long a service has to answer an epoch's ContributeRequest, ms (1-10000). It is part of the
+    /// epoch's pause while any service takes part in epochs.
+    #[serde(default = "d_service_deadline_ms")]
+    pub service_deadline_ms: u64,
+    /// The most bytes one service contributes to one epoch (at most 1 MiB).
+    #[serde(default = "d_service_max_bytes", deserialize_with = "de_bytes")]
+    pub service_max_bytes: u64,
+    /// What a late or failing contribution does to its epoch ([`crate::services::ServicePolicy`]).
+    #[serde(default)]
+    pub service_policy: crate::services::ServicePolicy,
+    /// How long services may hold a converged migration's switchover before it fails, ms.
+    #[serde(default = "d_service_hold_ms")]
+    pub service_hold_ms: u64,
     /// TCP address serving `GET /metrics` alone (Prometheus text; [`crate::metrics`]), for a Prometheus
     /// that cannot reach the control socket. None by default.
     #[serde(default)]
@@ -410,6 +438,16 @@ impl SidecarConfig {
         (self.fence_after() / 4).min(std::time::Duration::from_secs(1))
     }
 
+    /// How long a service has to contribute.
+    pub fn service_deadline(&self) -> std::time::Duration {
+        std::time::Duration::from_millis(self.service_deadline_ms)
+    }
+
+    /// How long services may hold a switchover.
+    pub fn service_hold(&self) -> std::time::Duration {
+        std::time::Duration::from_millis(self.service_hold_ms)
+    }
+
     /// Backups that must keep answering for the guest to run.
     pub fn fence_quorum(&self) -> usize {
         self.fence_quorum.unwrap_or(self.quorum)
@@ -443,6 +481,22 @@ impl SidecarConfig {
                 self.quorum,
                 self.backups.len()
             ));
+        }
+        if !(1..=10_000).contains(&self.service_deadline_ms) {
+            return bad(format!(
+                "service_deadline_ms {} must be between 1 and 10000",
+                self.service_deadline_ms
+            ));
+        }
+        let cap = endophyte_wire::contrib::MAX_CONTRIBUTION_BYTES as u64;
+        if self.service_max_bytes > cap {
+            return bad(format!(
+                "service_max_bytes {} exceeds the wire's cap of {cap} bytes per contribution",
+                self.service_max_bytes
+            ));
+        }
+        if self.service_hold_ms == 0 {
+            return bad("service_hold_ms must be above 0".into());
         }
         if let Some(q) = self.fence_quorum {
             if q == 0 || q > self.backups.len() {

@@ -61,6 +61,10 @@ pub struct BackupArgs {
     /// Serve the services API (gRPC, proto/services_v1.proto) on this Unix socket.
     #[arg(long)]
     services_socket: Option<PathBuf>,
+    /// How long services have to restore their state before a VM started here (switchover, promote)
+    /// resumes, ms; one that takes longer is reported and the VM resumes.
+    #[arg(long, default_value_t = 2000)]
+    service_restore_ms: u64,
     /// Also serve `GET /metrics` (Prometheus) on this TCP address, e.g. 0.0.0.0:9401 (the control socket
     /// serves it too).
     #[arg(long)]
@@ -130,6 +134,7 @@ pub fn run(a: BackupArgs) -> anyhow::Result<()> {
         services_socket: a.services_socket,
         lease: std::time::Duration::from_millis(a.lease_ms),
         launcher,
+        service_restore: std::time::Duration::from_millis(a.service_restore_ms),
     };
     let node = BackupNode::new(identity, cfg);
     let recovered = node.recover_all()?;

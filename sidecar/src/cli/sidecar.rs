@@ -96,6 +96,16 @@ pub struct SidecarArgs {
     /// Serve the services API (gRPC, proto/services_v1.proto) on this Unix socket.
     #[arg(long)]
     services_socket: Option<PathBuf>,
+    /// How long a service has to contribute to an epoch, ms (default 50; part of the epoch's pause).
+    #[arg(long)]
+    service_deadline_ms: Option<u64>,
+    /// What a late or failing service contribution does to its epoch: skip (default; the epoch commits
+    /// without it), fail (the cut is abandoned and retried), pause (the guest waits for the service).
+    #[arg(long, value_enum)]
+    service_policy: Option<endophyte_engine::services::ServicePolicy>,
+    /// How long services may hold a converged migration's switchover, ms (default 5000).
+    #[arg(long)]
+    service_hold_ms: Option<u64>,
     /// Also serve `GET /metrics` (Prometheus) on this TCP address, e.g. 0.0.0.0:9400 (the control socket
     /// serves it too).
     #[arg(long)]
@@ -176,6 +186,15 @@ fn config(a: &SidecarArgs) -> anyhow::Result<SidecarConfig> {
     }
     if let Some(v) = &a.services_socket {
         c.services_socket = Some(v.clone());
+    }
+    if let Some(v) = a.service_deadline_ms {
+        c.service_deadline_ms = v;
+    }
+    if let Some(v) = a.service_policy {
+        c.service_policy = v;
+    }
+    if let Some(v) = a.service_hold_ms {
+        c.service_hold_ms = v;
     }
     if let Some(v) = a.metrics_listen {
         c.metrics_listen = Some(v);

@@ -18,6 +18,7 @@
 //! `docs/migration.md`.
 
 pub mod chunk;
+pub mod contrib;
 pub mod frame;
 pub mod lease;
 pub mod msg;
@@ -27,6 +28,7 @@ pub mod switchover;
 pub mod vmstate;
 
 pub use chunk::{ChunkBuilder, ChunkError, DecodedChunk, PageChunk};
+pub use contrib::Contribution;
 pub use frame::{FrameDecoder, FrameError, FrameHeader};
 pub use msg::{
     EncodedFrame, EpochEnd, ErrorCode, Hello, Message, MessageError, Switchover, SwitchoverReady,

@@ -587,6 +587,7 @@ mod tests {
             page_count: 1,
             epoch_hash: [0; 32],
             state: None,
+            contributions: vec![],
         };
         let e = rx.handle_message(0, Message::EpochEnd(end)).unwrap_err();
         assert!(matches!(e, ReceiverError::BadEpoch { .. }), "{e}");

@@ -98,5 +98,6 @@ fn scrape(st: &BackupNodeStatus) -> Scrape {
         "1 when the committed epoch carries the VM state a promote needs",
         st.vms.iter().map(|v| (vm(v), flag(v.promotable))),
     );
+    crate::services::scrape_into(&mut out, &st.services);
     out
 }

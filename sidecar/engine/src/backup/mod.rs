@@ -58,6 +58,9 @@ pub struct BackupConfig {
     pub lease: std::time::Duration,
     /// How VMs are started here for a switchover or a promote; `None` refuses both, saying why.
     pub launcher: Option<Arc<dyn Launcher>>,
+    /// How long services with `HOOK_RESTORE` have to restore their state before a VM started here
+    /// resumes (docs/services.md); one that takes longer is reported and the VM resumes.
+    pub service_restore: std::time::Duration,
 }
 
 /// What a replica thread is asked.
@@ -263,6 +266,8 @@ impl BackupNode {
             durability: self.cfg.durability,
             launcher: self.cfg.launcher.clone(),
             lease: self.cfg.lease,
+            services: self.services.clone(),
+            service_restore: self.cfg.service_restore,
         })?;
         let handle = Arc::new(VmHandle {
             tx,

@@ -35,6 +35,10 @@ pub(super) struct Opening {
     pub launcher: Option<Arc<dyn Launcher>>,
     /// The primary's lease ([`BackupConfig::lease`](super::BackupConfig::lease)).
     pub lease: std::time::Duration,
+    /// The node's services, restored before a VM started here resumes.
+    pub services: crate::services::ServiceRegistry,
+    /// How long they have for it.
+    pub service_restore: std::time::Duration,
 }
 
 /// The VM a directory holds a replica of, from its `state.json`: `(vm_id, page_size, mem_bytes)`;
@@ -66,6 +70,7 @@ pub(super) fn start(o: Opening) -> Result<(std::sync::mpsc::Sender<VmIn>, u64), 
         record,
         o.launcher.clone(),
         o.crash.during_switchover,
+        (o.services.clone(), o.service_restore),
     );
     // A VM running here (its VMM outlived an earlier run of this backup) owns the replica file: no journal
     // may be redone over its RAM, so the store stays closed until it leaves.
@@ -197,6 +202,10 @@ impl VmThread {
             .store
             .as_ref()
             .map(|s| (s.image_path(), s.committed_epoch(), s.committed_session()));
+        if let Some(s) = &self.store {
+            self.target
+                .set_restore_point(s.committed_epoch(), s.service_states().clone());
+        }
         let (taken, events) = self.target.handle_message(key, &msg, replica, now);
         self.handle_events(events);
         if taken {
@@ -402,6 +411,8 @@ impl VmThread {
         };
         let img = store.image_path().to_owned();
         let session = store.committed_session();
+        self.target
+            .set_restore_point(epoch, store.service_states().clone());
         let (r, events) = self
             .target
             .promote(&img, (epoch, session), state, req.verify);

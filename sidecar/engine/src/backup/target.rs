@@ -13,6 +13,7 @@ use endophyte_wire::switchover::{TargetAction, TargetEvent, TargetSwitchover};
 use endophyte_wire::{FenceState, Message};
 
 use crate::fence::{self, FenceRecord};
+use crate::store::ServiceStates;
 
 /// The VM's target side: the state machine, the VMM processes it started and where they are reached.
 pub(super) struct Target {
@@ -34,6 +35,10 @@ pub(super) struct Target {
     /// The source has not yet been told that the standby is ready.
     announce: bool,
     crash_during_switchover: bool,
+    /// The node's services and how long they have to restore before the VM resumes.
+    services: (crate::services::ServiceRegistry, std::time::Duration),
+    /// The committed epoch the VM is restored from and the services' contributions as of it.
+    restore_point: Option<(u64, ServiceStates)>,
 }
 
 impl Target {
@@ -45,6 +50,7 @@ impl Target {
         record: Option<FenceRecord>,
         launcher: Option<Arc<dyn Launcher>>,
         crash_during_switchover: bool,
+        services: (crate::services::ServiceRegistry, std::time::Duration),
     ) -> Self {
         let record = record.unwrap_or_default();
         let alive = fence::process_alive(record.fence.vmm_pid);
@@ -65,7 +71,15 @@ impl Target {
             preload_tried: false,
             announce: false,
             crash_during_switchover,
+            services,
+            restore_point: None,
         }
+    }
+
+    /// The replica holds committed epoch `epoch` with the services' contributions `states`: what a
+    /// switchover or promote restores them to before the VM resumes.
+    pub(super) fn set_restore_point(&mut self, epoch: u64, states: ServiceStates) {
+        self.restore_point = Some((epoch, states));
     }
 
     /// Whether the VM is prepared or runs here (replication into its replica is refused).
@@ -322,6 +336,11 @@ impl Target {
                 self.machine.handle_hashed(r, Instant::now());
             }
             TargetAction::Resume => {
+                // The services' twins take the committed epoch's state before the guest runs.
+                if let Some((epoch, states)) = &self.restore_point {
+                    let (services, deadline) = &self.services;
+                    services.restore(&self.vm_id, *epoch, states, *deadline);
+                }
                 let t0 = Instant::now();
                 let r = match self.vm.as_mut() {
                     Some(vm) => vm.resume().map_err(|e| e.to_string()),

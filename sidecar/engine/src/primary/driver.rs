@@ -127,7 +127,8 @@ fn step(shared: &Shared, bucket: &mut Option<Bucket>) -> Option<Instant> {
         match ev {
             Event::Durable { epoch } => {
                 tracing::debug!(epoch, "durable");
-                g.output.release_through(epoch);
+                // The console gate releases what this epoch held; remote services are told.
+                shared.services.durable(epoch);
                 g.durability.on_durable(epoch);
             }
             Event::NeedsResync { backup, committed } => {

@@ -25,7 +25,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::Context;
 use endophyte_vmm::{DirtyBitmap, DirtyLog, Harvest, SourceVmm, VmState};
-use endophyte_wire::EpochStart;
+use endophyte_wire::{Contribution, EpochStart};
 
 use super::encode::{stage_dirty, Pages, StagedRange};
 use super::history::{History, PageSet};
@@ -60,8 +60,11 @@ pub(super) struct EpochLoop {
     pub last_pause_at: Option<Instant>,
     /// Whether guest output is held until its epoch is durable (output commit).
     pub output_commit: bool,
-    /// Guest output of the epoch being cut.
-    pub epoch_output: Vec<u8>,
+    /// The services' contributions taken at the last pause, for its end marker.
+    pub contributions: Vec<Contribution>,
+    /// Why the switchover being cut cannot go ahead (a service gave no contribution to its final epoch
+    /// within the hold bound): the guest resumes and the migration fails with it.
+    pub switch_veto: Option<String>,
     /// Guest output released at exit without a durable epoch.
     pub output_at_exit: u64,
     /// The VM runs on the migration target now; this sidecar is done.
@@ -87,6 +90,9 @@ pub(super) struct Cut {
     pub bytes: u64,
     /// Whether the pages fit the staging buffer.
     pub fits: bool,
+    /// Whether the services' contributions are in (under the `fail` policy, a cut without them is
+    /// abandoned).
+    pub contributed: bool,
 }
 
 impl EpochLoop {
@@ -131,10 +137,10 @@ impl EpochLoop {
             self.epoch(last, switch_to)?;
             if self.migrated {
                 // The VM runs on the target; its VMM here is gone, and everything it held is durable.
-                let mut g = self.shared.lock();
-                let d = g.sender.durable_epoch();
-                g.output.release_through(d);
-                g.output.release_all();
+                let d = self.shared.lock().sender.durable_epoch();
+                let mut console = self.shared.console.lock();
+                console.release_through(d);
+                console.release_all();
                 return Ok(());
             }
             if last {
@@ -161,7 +167,18 @@ impl EpochLoop {
         }
         if self.cfg.output_commit {
             match self.vmm.hold_output(true) {
-                Ok(()) => self.output_commit = true,
+                Ok(()) => {
+                    self.output_commit = true;
+                    // The console gate is a service on the epoch hook like any other.
+                    self.shared
+                        .services
+                        .register_local(
+                            "console",
+                            vec![crate::services::pb::Hook::Epoch],
+                            Box::new(self.shared.console.clone()),
+                        )
+                        .map_err(anyhow::Error::msg)?;
+                }
                 Err(e) => {
                     tracing::warn!("output commit unavailable, guest output is not held: {e}")
                 }
@@ -200,10 +217,10 @@ impl EpochLoop {
         }
         if self.output_commit {
             // Replication stops but the VM goes on: what is still held belongs to it and is released.
-            let mut g = self.shared.lock();
-            let durable = g.sender.durable_epoch();
-            g.output.release_through(durable);
-            let rest = g.output.release_all();
+            let durable = self.shared.lock().sender.durable_epoch();
+            let mut console = self.shared.console.lock();
+            console.release_through(durable);
+            let rest = console.release_all();
             if rest > 0 {
                 tracing::warn!(
                     bytes = rest,
@@ -211,7 +228,7 @@ impl EpochLoop {
                 );
                 self.output_at_exit = rest;
             }
-            drop(g);
+            drop(console);
             let _ = self.vmm.hold_output(false);
         }
         if let Some(log) = self.vmm.dirty_log() {
@@ -367,7 +384,13 @@ impl EpochLoop {
             if wanted && !self.stopping() && !switching {
                 self.precopy(log, e, targets, &mut precopied)?;
             }
-            let cut = self.pause(log, e, last)?;
+            let cut = self.pause(log, e, last, switching)?;
+            // A service failed its contribution under the `fail` policy: nothing of this cut commits.
+            if !cut.contributed {
+                self.abandon(log, e, cut)?;
+                discarded = true;
+                continue;
+            }
             // Stopping: the final epoch is cut even when it overflows (as under `pause`), so that the
             // sidecar can exit with the replica consistent rather than discard forever.
             if !cut.fits
@@ -448,7 +471,7 @@ impl EpochLoop {
         for _ in 0..MAX_PRECOPY_ROUNDS {
             let h = log.harvest().context("harvesting dirty pages")?;
             // Guest output handed over with any harvest belongs to this epoch.
-            self.epoch_output.extend_from_slice(&h.output);
+            self.shared.console.lock().push(&h.output);
             let bytes = h.bitmaps.iter().map(|b| b.count()).sum::<u64>() * self.page_size as u64;
             // Small enough for the pause: leave it to the pause. Not converging (the guest dirtied nearly
             // as much as the last round sent) with the throttle spent: more rounds only delay the pause and
@@ -485,7 +508,13 @@ impl EpochLoop {
     /// Step 4: the pause. The vCPUs stop, the last dirty pages are harvested, the VMM's RAM hash is
     /// recorded (`--ram-hashes`), the vCPU and device state is saved (every epoch's end marker carries it,
     /// so that a backup can promote the epoch).
-    fn pause(&mut self, log: &dyn DirtyLog, e: u64, last: bool) -> anyhow::Result<Cut> {
+    fn pause(
+        &mut self,
+        log: &dyn DirtyLog,
+        e: u64,
+        last: bool,
+        switching: bool,
+    ) -> anyhow::Result<Cut> {
         let t0 = Instant::now();
         self.last_pause_at = Some(t0);
         let vmm_pause = self.vmm.pause().context("pausing the guest")?;
@@ -503,7 +532,7 @@ impl EpochLoop {
             let _ = self.vmm.resume();
             return Err(err);
         }
-        self.epoch_output.extend_from_slice(&harvest.output);
+        self.shared.console.lock().push(&harvest.output);
         self.pause_state = match self.vmm.save_state() {
             Ok(s) => Some(s),
             Err(err) => {
@@ -514,6 +543,8 @@ impl EpochLoop {
                 None
             }
         };
+        // The services' state is cut while the guest stands still, as its RAM is.
+        let contributed = self.contribute_at_pause(e, switching);
         let harvested = t0.elapsed();
         let pages: u64 = harvest.bitmaps.iter().map(|b| b.count()).sum();
         let bytes = pages * self.page_size as u64;
@@ -528,6 +559,7 @@ impl EpochLoop {
             pages,
             bytes,
             fits: bytes <= self.cfg.staging,
+            contributed,
         })
     }
 
@@ -617,15 +649,15 @@ impl EpochLoop {
         (r, switch)
     }
 
-    /// Step 7: ends the epoch on every backup it went to, with the state saved at its pause; holds its
-    /// guest output until it is durable; records what it changed.
+    /// Step 7: ends the epoch on every backup it went to, with the state and the services'
+    /// contributions taken at its pause; records what it changed.
     pub(super) fn close(&mut self, e: u64, targets: &[usize], changed: Vec<DirtyBitmap>) {
         {
+            let contributions = std::mem::take(&mut self.contributions);
             let mut g = self.shared.lock();
-            g.output.hold(e, std::mem::take(&mut self.epoch_output));
             for &b in targets {
                 g.sender
-                    .end_epoch_with_state(b, e, self.pause_state.clone());
+                    .end_epoch_with(b, e, self.pause_state.clone(), contributions.clone());
             }
         }
         self.shared.wake.notify_one();

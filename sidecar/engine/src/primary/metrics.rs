@@ -182,7 +182,7 @@ fn scrape(s: &Shared) -> Scrape {
     out.counter(
         "endophyte_output_released_bytes",
         "Guest console bytes released once their epoch was durable",
-        g.output.released,
+        s.console.lock().released,
     );
 
     out.gauges(
@@ -258,5 +258,6 @@ fn scrape(s: &Shared) -> Scrape {
             secs_ms(r.downtime_ms),
         );
     }
+    crate::services::scrape_into(&mut out, &s.services.status());
     out
 }

@@ -12,6 +12,7 @@ use super::epoch::EpochLoop;
 use super::shared::{Inner, Shared};
 use crate::control::ApiError;
 use crate::migrate::{DowntimeBreakdown, MigrateRequest, MigrationReport, MigrationStatus, Phase};
+use crate::services::{pb, SwitchoverVerdict};
 
 /// A migration's state, shared by the epoch loop (which runs it) and the control API (which reports it).
 pub(super) struct MigrationCtl {
@@ -27,6 +28,8 @@ pub(super) struct MigrationCtl {
     pub wire_at_start: u64,
     pub error: Option<String>,
     pub report: Option<MigrationReport>,
+    /// When the services were asked whether the switchover may go ahead, and which were.
+    pub services_asked: Option<(Instant, Vec<String>)>,
 }
 
 impl MigrationCtl {
@@ -97,6 +100,9 @@ impl EpochLoop {
         let warmed = match m.warmed {
             Some(at) => at,
             None => {
+                self.shared
+                    .services
+                    .phase(pb::Phase::Converge, &req.to, generation, "");
                 // Let the target start what the switchover will need while the guest still runs here.
                 g.sender
                     .queue_message(target, Message::SwitchoverWarmup { generation });
@@ -163,8 +169,8 @@ impl EpochLoop {
             return Ok(None);
         }
         if current && predicted <= budget && standby_ready {
-            m.phase = Phase::Switching;
-            return Ok(Some(target));
+            drop(g);
+            return Ok(self.services_agree(generation, &req.to).then_some(target));
         }
         if started.elapsed() < Duration::from_millis(req.deadline_ms) {
             // As QEMU's auto-converge: slow the guest a step more each epoch it does not fit, but only
@@ -183,8 +189,8 @@ impl EpochLoop {
                 budget_ms = budget,
                 "migration deadline: switching over anyway (--force)"
             );
-            m.phase = Phase::Switching;
-            return Ok(Some(target));
+            drop(g);
+            return Ok(self.services_agree(generation, &req.to).then_some(target));
         }
         let why = if current {
             format!(
@@ -204,6 +210,41 @@ impl EpochLoop {
         Ok(None)
     }
 
+    /// The migration converged: whether the services let the switchover go ahead now. The first call
+    /// asks them (the guest runs on meanwhile); a veto, or a hold past `service_hold_ms`, fails the
+    /// migration with the service's name and reason. Sets the phase to switching when they agree.
+    fn services_agree(&mut self, generation: u64, to: &str) -> bool {
+        let services = self.shared.services.clone();
+        let hold = self.cfg.service_hold();
+        let asked = {
+            let mut g = self.shared.lock();
+            let m = g.migration.as_mut().expect("a migration converges");
+            m.services_asked
+                .get_or_insert_with(|| {
+                    (
+                        Instant::now(),
+                        services.ask_switchover(generation, to, hold),
+                    )
+                })
+                .clone()
+        };
+        match services.switchover_verdict(generation, &asked.1, asked.0, hold) {
+            SwitchoverVerdict::Pending => false,
+            SwitchoverVerdict::Veto { service, reason } => {
+                self.migration_failed(format!(
+                    "service {service:?} vetoed the switchover: {reason}"
+                ));
+                false
+            }
+            SwitchoverVerdict::Ready => {
+                services.phase(pb::Phase::Prepared, to, generation, "");
+                let mut g = self.shared.lock();
+                g.migration.as_mut().expect("a migration converges").phase = Phase::Switching;
+                true
+            }
+        }
+    }
+
     fn migration_failed(&mut self, why: String) {
         tracing::warn!("migration failed: {why}");
         self.pacing.floor = 0.0;
@@ -211,6 +252,12 @@ impl EpochLoop {
         g.sender.set_priority(None);
         if let Some(m) = g.migration.as_mut() {
             m.phase = Phase::Failed;
+            self.shared.services.phase(
+                pb::Phase::Aborted,
+                &m.request.to,
+                self.cfg.generation + 1,
+                &why,
+            );
             m.error = Some(why);
         }
     }
@@ -228,6 +275,11 @@ impl EpochLoop {
 
     /// As [`EpochLoop::save_for_switch`], with the times given.
     pub(super) fn save_for_switch_at(&mut self, times: SwitchTimes) -> Option<SwitchTimes> {
+        if let Some(why) = self.switch_veto.take() {
+            let _ = self.vmm.resume();
+            self.migration_failed(why);
+            return None;
+        }
         if self.pause_state.is_none() {
             let _ = self.vmm.resume();
             self.migration_failed(
@@ -346,6 +398,9 @@ impl EpochLoop {
                 m.phase = Phase::Done;
                 m.report = Some(report);
                 drop(g);
+                self.shared
+                    .services
+                    .phase(pb::Phase::Committed, &name, generation, "");
                 self.cfg.generation = generation;
                 self.migrated = true;
                 Ok(())
@@ -425,6 +480,7 @@ pub(super) fn start_migration(
         wire_at_start,
         error: None,
         report: None,
+        services_asked: None,
     });
     let st = migration_status(&g).expect("just set");
     drop(g);

@@ -14,6 +14,7 @@
 //! is an [`endophyte_vmm::SourceVmm`]: nothing here knows which kind.
 
 mod api;
+mod contribute;
 mod driver;
 mod encode;
 mod epoch;
@@ -120,7 +121,7 @@ pub fn run_sidecar(
             fence_after: (cfg.self_fence != crate::config::SelfFencePolicy::Off)
                 .then(|| cfg.fence_after()),
         },
-        shared::HeldOutput::new(console_out),
+        crate::services::console::Console::new(console_out),
         cfg.max_bandwidth,
         cfg.epoch_ms,
     ));
@@ -250,8 +251,9 @@ pub fn run_sidecar(
         hashes_out: None,
         last_pause_at: None,
         output_commit: false,
-        epoch_output: Vec::new(),
         output_at_exit: 0,
+        contributions: Vec::new(),
+        switch_veto: None,
         migrated: false,
         pause_state: None,
         page_hashes: None,

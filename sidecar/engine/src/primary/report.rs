@@ -28,6 +28,12 @@ pub(super) struct Stats {
     /// Dirty bytes of the last pause (or pre-copy round).
     pub last_dirty_bytes: u64,
     pub run_started: std::time::Instant,
+    /// Contribution rounds that asked a remote service, from the ask to the last answer, ms.
+    pub contribution_ms: Vec<f64>,
+    /// Contributions that were late, failed or out of bounds.
+    pub service_failures: u64,
+    /// Cuts abandoned (or snapshots put off) because a service failed under the `fail` policy.
+    pub abandoned_cuts: u64,
     /// `endophyte_epoch_pause_seconds`, observed with each cut.
     pause_histogram: prometheus_client::metrics::histogram::Histogram,
 }
@@ -47,6 +53,9 @@ impl Stats {
             overflow_epochs: 0,
             discards: 0,
             precopy_rounds: 0,
+            contribution_ms: Vec::new(),
+            service_failures: 0,
+            abandoned_cuts: 0,
             last_dirty_bytes: 0,
             run_started: std::time::Instant::now(),
         }
@@ -177,6 +186,14 @@ pub struct SidecarReport {
     pub console_bytes_released_at_exit: u64,
     /// The migration this run ended with, if it did.
     pub migration: Option<crate::migrate::MigrationReport>,
+    /// Contribution rounds that asked a remote service: ask to last answer, ms (inside the pause).
+    pub service_contribution_ms_p50: f64,
+    /// 99th percentile of the same.
+    pub service_contribution_ms_p99: f64,
+    /// Contributions that were late, failed or out of bounds.
+    pub service_failures: u64,
+    /// Cuts abandoned because a service failed under `service_policy = "fail"`.
+    pub service_abandoned_cuts: u64,
 }
 
 impl EpochLoop {
@@ -188,6 +205,7 @@ impl EpochLoop {
         let last = self.next_epoch.saturating_sub(1);
         let mut rpo = std::mem::take(&mut g.durability.rpo_samples);
         let mut pauses = self.stats.pauses_ms.clone();
+        let mut contribution_ms = self.stats.contribution_ms.clone();
         let mut periods = self.stats.periods_ms.clone();
         let st = &self.stats;
         let secs = st.run_started.elapsed().as_secs_f64();
@@ -263,9 +281,13 @@ impl EpochLoop {
                 .collect(),
             final_epoch_durable: durable >= last && last > 0,
             output_commit: self.output_commit,
-            console_bytes_released: g.output.released,
+            console_bytes_released: self.shared.console.lock().released,
             console_bytes_released_at_exit: self.output_at_exit,
             migration: g.migration.as_ref().and_then(|m| m.report.clone()),
+            service_contribution_ms_p50: percentile(&mut contribution_ms.clone(), 0.5),
+            service_contribution_ms_p99: percentile(&mut contribution_ms, 0.99),
+            service_failures: st.service_failures,
+            service_abandoned_cuts: st.abandoned_cuts,
         }
     }
 }

@@ -3,7 +3,6 @@
 //! the driver.
 
 use std::collections::BTreeMap;
-use std::io::Write;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Condvar, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
@@ -148,57 +147,6 @@ impl Durability {
     }
 }
 
-/// Output commit: guest output by the epoch that produced it, released once that epoch is durable.
-pub(super) struct HeldOutput {
-    held: BTreeMap<u64, Vec<u8>>,
-    out: Box<dyn Write + Send>,
-    /// Bytes released once their epoch was durable.
-    pub released: u64,
-}
-
-impl HeldOutput {
-    pub fn new(out: Box<dyn Write + Send>) -> Self {
-        Self {
-            held: BTreeMap::new(),
-            out,
-            released: 0,
-        }
-    }
-
-    /// Holds `bytes`, produced in `epoch`.
-    pub fn hold(&mut self, epoch: u64, bytes: Vec<u8>) {
-        if !bytes.is_empty() {
-            self.held.entry(epoch).or_default().extend(bytes);
-        }
-    }
-
-    /// Releases what epochs up to `durable` produced.
-    pub fn release_through(&mut self, durable: u64) {
-        while self
-            .held
-            .first_key_value()
-            .is_some_and(|(&e, _)| e <= durable)
-        {
-            let (_, bytes) = self.held.pop_first().expect("non-empty");
-            self.released += bytes.len() as u64;
-            let _ = self.out.write_all(&bytes);
-        }
-        let _ = self.out.flush();
-    }
-
-    /// Releases everything still held, durable or not (replication stops, the VM goes on or left);
-    /// returns how many bytes that was.
-    pub fn release_all(&mut self) -> u64 {
-        let rest: Vec<u8> = std::mem::take(&mut self.held)
-            .into_values()
-            .flatten()
-            .collect();
-        let _ = self.out.write_all(&rest);
-        let _ = self.out.flush();
-        rest.len() as u64
-    }
-}
-
 /// Counters the driver keeps.
 #[derive(Default)]
 pub(super) struct Counters {
@@ -223,7 +171,6 @@ pub(super) struct Inner {
     pub paths: Vec<Vec<Option<mpsc::UnboundedSender<EncodedFrame>>>>,
     pub durability: Durability,
     pub counters: Counters,
-    pub output: HeldOutput,
     /// Bandwidth cap in force (`--max-bandwidth`, changed at run time through the control API).
     pub max_bandwidth: Option<u64>,
     /// What the epoch loop last measured and decided.
@@ -253,8 +200,10 @@ pub(super) struct Shared {
     pub meta: Meta,
     /// Histograms and event counters for `GET /metrics` (atomic: outside the lock).
     pub metrics: PrimaryMetrics,
-    /// Services registered on the services socket (their own lock).
+    /// Services registered on the services socket, and the console gate (their own lock).
     pub services: crate::services::ServiceRegistry,
+    /// The console output commit (a service; its own lock).
+    pub console: crate::services::console::Console,
     /// Signalled whenever the driver changed something the epoch loop may wait for.
     pub cv: Condvar,
     /// Wakes the driver (something to send).
@@ -268,7 +217,7 @@ impl Shared {
         sender: Sender,
         paths: &[usize],
         meta: Meta,
-        output: HeldOutput,
+        console: crate::services::console::Console,
         max_bandwidth: Option<u64>,
         epoch_ms: u64,
     ) -> Self {
@@ -283,7 +232,6 @@ impl Shared {
                     refused: vec![false; paths.len()],
                     ..Counters::default()
                 },
-                output,
                 max_bandwidth,
                 live: Live {
                     epoch_ms,
@@ -301,6 +249,7 @@ impl Shared {
             meta,
             metrics,
             services: crate::services::ServiceRegistry::new(),
+            console,
             cv: Condvar::new(),
             wake: tokio::sync::Notify::new(),
             stop: AtomicBool::new(false),

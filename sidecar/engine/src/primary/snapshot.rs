@@ -90,8 +90,9 @@ impl EpochLoop {
             })
             .collect();
 
-        let started = Instant::now();
         let switching = switch_to.is_some();
+        self.contribute_before_snapshot(e, switching);
+        let started = Instant::now();
         // The switchover's snapshot: streamed while the guest runs, the VMM pausing it for the last
         // changes, where it can; else the guest is paused first and all of it is downtime.
         let live = switching && self.vmm.capabilities().pause_in_snapshot;

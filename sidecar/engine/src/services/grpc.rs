@@ -54,13 +54,7 @@ pub fn check_register(r: &pb::Register) -> Result<Vec<pb::Hook>, Status> {
             r.api_version, API_VERSIONS
         )));
     }
-    let n = r.name.as_bytes();
-    let good = !n.is_empty()
-        && n.len() <= 63
-        && (n[0].is_ascii_lowercase() || n[0].is_ascii_digit())
-        && n.iter()
-            .all(|&c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == b'-');
-    if !good {
+    if !endophyte_wire::contrib::valid_name(r.name.as_bytes()) {
         return Err(Status::invalid_argument(format!(
             "service name {:?} must match [a-z0-9][a-z0-9-]{{0,62}}",
             r.name
@@ -110,7 +104,7 @@ impl pb::services_server::Services for ServicesServer {
         let (tx, rx) = mpsc::channel(64);
         let session = self
             .registry
-            .register(&reg.name, hooks, reg.api_version)
+            .register(&reg.name, hooks, reg.api_version, tx.clone())
             .map_err(Status::already_exists)?;
         let registered = pb::NodeMessage {
             msg: Some(pb::node_message::Msg::Registered(pb::Registered {
@@ -133,8 +127,8 @@ impl pb::services_server::Services for ServicesServer {
                             .await;
                         break;
                     }
-                    // Contributions are taken once epochs ask for them (issue 17's next step).
-                    Some(Msg::Contribution(_)) | None => {}
+                    Some(m) => registry.on_message(&reg.name, session, m),
+                    None => {}
                 }
             }
             registry.unregister(&reg.name, session);

@@ -13,7 +13,8 @@
 //! file, named by epoch and written durably before `state.json` names it, so that a crash between the two
 //! leaves the previous pair intact. Its bytes are those of the wire encoding ([`endophyte_wire::vmstate`]),
 //! checked against the BLAKE3 in `state.json` when read: a state that cannot be kept or read back is an
-//! error, never dropped.
+//! error, never dropped. The services' committed contributions ([`super::services`]) go the same way
+//! into `services-<epoch>.bin`, named in `state.json` under `services` (absent: none).
 
 use std::fs::File;
 use std::io::Write;
@@ -24,6 +25,7 @@ use endophyte_wire::vmstate;
 use endophyte_wire::VmState;
 use serde::{Deserialize, Serialize};
 
+use super::services::{self, ServiceStates};
 use super::StoreError;
 
 /// Where the VM state of the checkpointed epoch is kept.
@@ -51,6 +53,26 @@ pub(super) struct State {
     pub checkpoint_session: u64,
     #[serde(default)]
     vm_state: Option<StateFile>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    services: Option<ServicesFile>,
+}
+
+/// Where the services' committed contributions of the checkpointed epoch are kept.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+struct ServicesFile {
+    /// File name in the VM's directory.
+    file: String,
+    /// Its length.
+    bytes: u64,
+    /// BLAKE3 of the file, hex.
+    blake3: String,
+}
+
+/// What a checkpoint recorded: `state.json`, the VM state and the services' contributions it names.
+pub(super) struct Checkpointed {
+    pub state: State,
+    pub vm_state: Option<VmState>,
+    pub services: ServiceStates,
 }
 
 impl State {
@@ -62,6 +84,7 @@ impl State {
             checkpoint_epoch: epoch,
             checkpoint_session: session,
             vm_state: None,
+            services: None,
         }
     }
 }
@@ -71,47 +94,73 @@ fn io(op: &'static str, path: &Path) -> impl FnOnce(std::io::Error) -> StoreErro
     move |source| StoreError::Io { op, path, source }
 }
 
-/// Reads `dir/state.json` and the VM state it names; `None` when there is no state.json.
+/// Reads `dir/state.json` and the VM state and services' contributions it names; `None` when there is
+/// no state.json.
 ///
 /// # Errors
-/// Unreadable files, a state.json that does not parse, a VM state file that is missing, damaged (its
-/// BLAKE3 differs) or not a VM state.
-pub(super) fn read(dir: &Path) -> Result<Option<(State, Option<VmState>)>, StoreError> {
+/// Unreadable files, a state.json that does not parse, a VM state or services file that is missing,
+/// damaged (its BLAKE3 differs) or not what it should hold.
+pub(super) fn read(dir: &Path) -> Result<Option<Checkpointed>, StoreError> {
     let Some(s) = read_json(dir)? else {
         return Ok(None);
     };
-    let Some(f) = &s.vm_state else {
-        return Ok(Some((s, None)));
+    let vm_state = match &s.vm_state {
+        None => None,
+        Some(f) => {
+            let (p, data) = read_named(dir, "vm_state", &f.file, &f.blake3)?;
+            let mut b = bytes::Bytes::from(data);
+            let bad = |why: String| StoreError::State {
+                path: p.clone(),
+                why,
+            };
+            Some(
+                vmstate::decode_opt(&mut b)
+                    .map_err(|e| bad(e.to_string()))?
+                    .ok_or_else(|| bad("the VM state file holds no state".into()))?,
+            )
+        }
     };
+    let services = match &s.services {
+        None => ServiceStates::new(),
+        Some(f) => {
+            let (p, data) = read_named(dir, "services", &f.file, &f.blake3)?;
+            services::decode(data).map_err(|why| StoreError::State { path: p, why })?
+        }
+    };
+    Ok(Some(Checkpointed {
+        state: s,
+        vm_state,
+        services,
+    }))
+}
+
+/// Reads the file `state.json` names under `field`, checked against its BLAKE3.
+fn read_named(
+    dir: &Path,
+    field: &str,
+    name: &str,
+    blake3_hex: &str,
+) -> Result<(PathBuf, Vec<u8>), StoreError> {
     // The name is ours (`vmstate-<epoch>.bin`), but state.json is a file on disk: a name that leaves
     // the directory would read (and after the next checkpoint, delete) whatever it points at.
-    if !is_plain_name(&f.file) {
+    if !is_plain_name(name) {
         return Err(StoreError::State {
             path: dir.join("state.json"),
             why: format!(
-                "vm_state.file {:?} is not a plain file name in the replica's directory",
-                f.file
+                "{field}.file {name:?} is not a plain file name in the replica's directory"
             ),
         });
     }
-    let p = dir.join(&f.file);
+    let p = dir.join(name);
     let data = std::fs::read(&p).map_err(io("reading", &p))?;
-    let bad = |why: String| StoreError::State {
-        path: p.clone(),
-        why,
-    };
     let h = blake3::hash(&data).to_hex().to_string();
-    if h != f.blake3 {
-        return Err(bad(format!(
-            "the VM state file is damaged: BLAKE3 {h}, state.json says {}",
-            f.blake3
-        )));
+    if h != blake3_hex {
+        return Err(StoreError::State {
+            path: p,
+            why: format!("the {field} file is damaged: BLAKE3 {h}, state.json says {blake3_hex}"),
+        });
     }
-    let mut b = bytes::Bytes::from(data);
-    let state = vmstate::decode_opt(&mut b)
-        .map_err(|e| bad(e.to_string()))?
-        .ok_or_else(|| bad("the VM state file holds no state".into()))?;
-    Ok(Some((s, Some(state))))
+    Ok((p, data))
 }
 
 /// Whether `name` names a file directly inside a directory: not empty, no separator, not `.` or `..`.
@@ -138,14 +187,16 @@ pub(super) fn read_json(dir: &Path) -> Result<Option<State>, StoreError> {
         })
 }
 
-/// Makes `file` (the replica, at `img`) durable, records `state` (with `vm_state`) in `dir` atomically,
-/// then deletes `journals` (all covered by it) and older VM state files. Returns the checkpointed epoch.
+/// Makes `file` (the replica, at `img`) durable, records `state` (with `vm_state` and `services`) in
+/// `dir` atomically, then deletes `journals` (all covered by it) and older VM state and services files.
+/// Returns the checkpointed epoch.
 pub(super) fn write(
     file: &File,
     img: &Path,
     dir: &Path,
     mut state: State,
     vm_state: Option<&VmState>,
+    services: &ServiceStates,
     journals: &[PathBuf],
 ) -> Result<u64, StoreError> {
     let t0 = std::time::Instant::now();
@@ -169,6 +220,19 @@ pub(super) fn write(
         }
         None => None,
     };
+    let kept_services = if services.is_empty() {
+        None
+    } else {
+        let name = format!("services-{:020}.bin", state.checkpoint_epoch);
+        let b = services::encode(services);
+        write_durably(dir, &name, &b)?;
+        state.services = Some(ServicesFile {
+            file: name.clone(),
+            bytes: b.len() as u64,
+            blake3: blake3::hash(&b).to_hex().to_string(),
+        });
+        Some(name)
+    };
     let json = serde_json::to_vec(&state).expect("state serializes");
     write_durably(dir, "state.json", &json)?;
     for j in journals {
@@ -179,7 +243,9 @@ pub(super) fn write(
         for e in entries.flatten() {
             let n = e.file_name();
             let n = n.to_string_lossy();
-            if n.starts_with("vmstate-") && Some(n.as_ref()) != kept.as_deref() {
+            let old = (n.starts_with("vmstate-") && Some(n.as_ref()) != kept.as_deref())
+                || (n.starts_with("services-") && Some(n.as_ref()) != kept_services.as_deref());
+            if old {
                 let _ = std::fs::remove_file(e.path());
             }
         }

@@ -7,6 +7,7 @@
 //! | `replica.img` | guest RAM as of the committed epoch, `mem_bytes` long, allocated at open |
 //! | `state.json` | the epoch `replica.img` holds durably and where its VM state is ([`checkpoint`]); replaced atomically |
 //! | `vmstate-<epoch>.bin` | that epoch's vCPU and device state, as its end marker carried it |
+//! | `services-<epoch>.bin` | the services' committed contributions as of that epoch ([`services`]) |
 //! | `journal/<epoch>.ejl` | the epoch's frames: a Hello naming the sending session, the Chunk frames as received, then its EpochEnd frame ([`journal`]) |
 //! | `fence.json` | the VM's fence on this node ([`crate::fence`]) |
 //! | `lock` | held by the one process using the directory ([`DirLock`]) |
@@ -29,6 +30,7 @@ mod apply;
 pub mod checkpoint;
 mod journal;
 mod lock;
+pub mod services;
 
 use std::collections::BTreeMap;
 use std::fs::{File, OpenOptions};
@@ -39,6 +41,7 @@ use endophyte_wire::{EncodedFrame, EpochEnd, Hello, Message, PageChunk, VmState}
 
 use journal::Appender;
 pub use lock::DirLock;
+pub use services::{ServiceState, ServiceStates};
 
 /// Errors of the replica store. Each names the file and what failed.
 #[derive(Debug, thiserror::Error)]
@@ -181,6 +184,8 @@ pub struct ReplicaStore {
     held_max: usize,
     /// vCPU and device state of the committed epoch, when its end marker carried one.
     vm_state: Option<VmState>,
+    /// The services' newest contributions among the committed epochs.
+    services: ServiceStates,
 }
 
 impl ReplicaStore {
@@ -201,8 +206,12 @@ impl ReplicaStore {
         };
         std::fs::create_dir_all(dir.join("journal")).map_err(io("creating", dir))?;
         let found = checkpoint::read(dir)?;
-        let (committed, committed_session, vm_state) = match found {
-            Some((s, vm_state)) => {
+        let (committed, committed_session, vm_state, services) = match found {
+            Some(checkpoint::Checkpointed {
+                state: s,
+                vm_state,
+                services,
+            }) => {
                 if s.vm_id != vm_id || s.mem_bytes != mem_bytes || s.page_size != page_size {
                     return Err(StoreError::Mismatch {
                         path: dir.join("state.json"),
@@ -214,9 +223,9 @@ impl ReplicaStore {
                         want_page: page_size,
                     });
                 }
-                (s.checkpoint_epoch, s.checkpoint_session, vm_state)
+                (s.checkpoint_epoch, s.checkpoint_session, vm_state, services)
             }
-            None => (0, 0, None),
+            None => (0, 0, None, ServiceStates::new()),
         };
         let fresh = !dir.join("state.json").exists();
         let img = dir.join("replica.img");
@@ -265,6 +274,7 @@ impl ReplicaStore {
             durability: Durability::Disk,
             held_max: journal::HELD_BYTES_MAX,
             vm_state,
+            services,
         };
         if fresh {
             store.checkpoint_now()?;
@@ -293,6 +303,12 @@ impl ReplicaStore {
     /// with `replica.img`, what starting the VM from this epoch needs (promote).
     pub fn vm_state(&self) -> Option<&VmState> {
         self.vm_state.as_ref()
+    }
+
+    /// The services' contributions as of the committed epoch: what each service's twin restores when
+    /// the VM resumes from this epoch (a migration's target, a promote).
+    pub fn service_states(&self) -> &ServiceStates {
+        &self.services
     }
 
     fn journal_path(&self, epoch: u64) -> PathBuf {
@@ -423,6 +439,7 @@ impl ReplicaStore {
         self.committed = 0;
         self.committed_session = 0;
         self.vm_state = None;
+        self.services.clear();
         self.checkpoint_now()
     }
 
@@ -443,6 +460,7 @@ impl ReplicaStore {
         self.committed = end.epoch;
         self.committed_session = session;
         self.vm_state = end.state.clone();
+        services::merge(&mut self.services, end.epoch, &end.contributions);
         self.applied.push(journal.to_owned());
         Ok(pages)
     }
@@ -494,16 +512,25 @@ impl ReplicaStore {
                 return;
             }
         };
-        let (dir, state, vm_state, journals) = (
+        let (dir, state, vm_state, services, journals) = (
             self.dir.clone(),
             self.state(),
             self.vm_state.clone(),
+            self.services.clone(),
             std::mem::take(&mut self.applied),
         );
         let img = self.image.clone();
         self.last_checkpoint = std::time::Instant::now();
         self.checkpointing = Some(std::thread::spawn(move || {
-            checkpoint::write(&file, &img, &dir, state, vm_state.as_ref(), &journals)
+            checkpoint::write(
+                &file,
+                &img,
+                &dir,
+                state,
+                vm_state.as_ref(),
+                &services,
+                &journals,
+            )
         }));
     }
 
@@ -520,6 +547,7 @@ impl ReplicaStore {
             &self.dir,
             self.state(),
             self.vm_state.as_ref(),
+            &self.services,
             &journals,
         );
         match r {
@@ -588,6 +616,7 @@ mod tests {
             page_count: 1,
             epoch_hash: epoch_hash(1, [&c.content_hash]),
             state,
+            contributions: vec![],
         };
         (c, end)
     }
@@ -620,6 +649,7 @@ mod tests {
                     page_count: 12,
                     epoch_hash: epoch_hash(12, chunks.iter().map(|c| &c.content_hash)),
                     state: None,
+                    contributions: vec![],
                 };
                 s.commit(&end, 9).unwrap();
             }

@@ -6,7 +6,7 @@
 //! | 2 | Welcome | backup -> sidecar | instance u64, committed_epoch u64, committed_session u64, node (u16 len + UTF-8), lease_ms u32 |
 //! | 3 | Chunk | sidecar -> backup | epoch u64, seq u32, n_pages u32, raw_len u32, flags u8, 3 zero bytes, content_hash [32], body |
 //! | 4 | ChunkAck | backup -> sidecar | epoch u64, seq u32 |
-//! | 5 | EpochEnd | sidecar -> backup | epoch u64, base_epoch u64, chunk_count u32, page_count u64, epoch_hash [32], VM state (see [`crate::vmstate`]; one zero byte: none) |
+//! | 5 | EpochEnd | sidecar -> backup | epoch u64, base_epoch u64, chunk_count u32, page_count u64, epoch_hash [32], VM state (see [`crate::vmstate`]; one zero byte: none), service contributions (see [`crate::contrib`]; absent: none) |
 //! | 6 | Committed | backup -> sidecar | epoch u64 |
 //! | 7 | Error | either | code u16, message (u16 len + UTF-8) |
 //! | 8 | Ping | either | token u64 |
@@ -25,6 +25,7 @@
 use bytes::{Buf, BufMut, Bytes, BytesMut};
 
 use crate::chunk::PageChunk;
+use crate::contrib::{self, ContribError, Contribution};
 use crate::frame::{encode_header, FrameError, FrameHeader, RawFrame, HEADER_BYTES};
 use crate::vmstate::{self, VmState, VmStateError};
 
@@ -53,6 +54,9 @@ pub enum MessageError {
         /// What is wrong with the state.
         source: VmStateError,
     },
+    /// The service contributions an end marker carries are malformed.
+    #[error("malformed EpochEnd message: {0}")]
+    Contributions(#[from] ContribError),
 }
 
 /// Error codes carried by [`Message::Error`].
@@ -152,6 +156,9 @@ pub struct EpochEnd {
     /// VMM could not save it (such an epoch cannot be promoted). Journaled with the epoch, so that a backup
     /// can promote its committed epoch.
     pub state: Option<VmState>,
+    /// The registered services' contributions at the epoch's pause ([`crate::contrib`]), committed with
+    /// it: what each service's twin receives when the VM resumes from this epoch elsewhere.
+    pub contributions: Vec<Contribution>,
 }
 
 /// Every message of the replication protocol.
@@ -424,6 +431,9 @@ impl Message {
                 b.put_slice(&e.epoch_hash);
                 // In the head, not the body: journals append the head of this frame.
                 vmstate::encode_opt(&mut b, e.state.as_ref());
+                if !e.contributions.is_empty() {
+                    contrib::encode(&mut b, &e.contributions);
+                }
             }
             Message::Committed { epoch } => b.put_u64_le(*epoch),
             Message::Error { code, message } => {
@@ -576,6 +586,7 @@ impl Message {
                     msg: "EpochEnd",
                     source,
                 })?;
+                let contributions = contrib::decode(&mut p)?;
                 Message::EpochEnd(EpochEnd {
                     epoch,
                     base_epoch,
@@ -583,6 +594,7 @@ impl Message {
                     page_count,
                     epoch_hash,
                     state,
+                    contributions,
                 })
             }
             6 => {

@@ -22,6 +22,7 @@ use std::collections::VecDeque;
 use std::time::{Duration, Instant};
 
 use crate::chunk::PageChunk;
+use crate::contrib::Contribution;
 use crate::msg::{ErrorCode, Message, Switchover, Welcome};
 use crate::switchover::{SourcePhase, SourceSwitchover, SwitchoverOutcome, Timeouts};
 use crate::vmstate::VmState;
@@ -432,6 +433,7 @@ impl Sender {
             ended: false,
             end_sent: None,
             state: None,
+            contributions: Vec::new(),
         });
         match backup.resync_from.take() {
             Some((from, from_session)) => EpochStart::Resync { from, from_session },
@@ -465,16 +467,18 @@ impl Sender {
 
     /// Closes the open epoch of backup `b`: no more chunks; the end marker goes out once every chunk was sent.
     pub fn end_epoch(&mut self, b: BackupId, epoch: u64) -> bool {
-        self.end_epoch_with_state(b, epoch, None)
+        self.end_epoch_with(b, epoch, None, Vec::new())
     }
 
-    /// Like [`Sender::end_epoch`], with the VM's vCPU and device state at the epoch's pause, which the end
-    /// marker carries (see [`EpochEnd::state`]).
-    pub fn end_epoch_with_state(
+    /// Like [`Sender::end_epoch`], with the VM's vCPU and device state at the epoch's pause and the
+    /// services' contributions, which the end marker carries (see [`EpochEnd::state`],
+    /// [`EpochEnd::contributions`]; the contributions must pass [`crate::contrib::check`]).
+    pub fn end_epoch_with(
         &mut self,
         b: BackupId,
         epoch: u64,
         state: Option<VmState>,
+        contributions: Vec<Contribution>,
     ) -> bool {
         let backup = &mut self.backups[b];
         let Some(e) = backup.epochs.back_mut() else {
@@ -485,6 +489,7 @@ impl Sender {
         }
         e.ended = true;
         e.state = state;
+        e.contributions = contributions;
         backup.planned = epoch;
         true
     }

@@ -6,6 +6,7 @@ use std::time::{Duration, Instant};
 
 use super::{BackupId, PathId, SenderConfig, Transmit};
 use crate::chunk::PageChunk;
+use crate::contrib::Contribution;
 use crate::msg::{epoch_hash, EpochEnd, Message};
 use crate::vmstate::VmState;
 
@@ -31,6 +32,8 @@ pub(super) struct StreamEpoch {
     pub(super) end_sent: Option<Instant>,
     /// vCPU and device state at the epoch's pause, carried by its end marker.
     pub(super) state: Option<VmState>,
+    /// The services' contributions at the epoch's pause, carried by its end marker.
+    pub(super) contributions: Vec<Contribution>,
 }
 
 /// Unanswered pings remembered per path: a Pong slower than the ping interval (queued behind chunks)
@@ -212,6 +215,7 @@ impl Backup {
                     page_count,
                     epoch_hash: epoch_hash(page_count, e.slots.iter().map(|s| &s.hash)),
                     state: e.state.clone(),
+                    contributions: e.contributions.clone(),
                 }),
             });
         }
