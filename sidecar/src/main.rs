@@ -60,6 +60,10 @@ enum Cmd {
     #[cfg(feature = "demo")]
     #[command(hide = true)]
     TestvmServe(endophyte_demo::serve::ServeArgs),
+    /// Run the example key-value service of `examples/kv-service` (what the services demo and tests run).
+    #[cfg(feature = "demo")]
+    #[command(hide = true)]
+    ExampleKv(endophyte_demo::kv::Opts),
     /// Self-contained demonstrations on loopback; with no subcommand, the migration demo.
     #[cfg(feature = "demo")]
     Demo {
@@ -79,6 +83,10 @@ enum DemoCmd {
     /// Start a QEMU/KVM guest and two backups that start VMs as QEMUs; replicate; migrate the guest to
     /// one backup; kill it there and promote the replica on the other; check each guest goes on.
     Qemu(endophyte_demo::qemu::QemuArgs),
+    /// Start testvm, a sidecar, two backups and the example key-value service with a twin on each
+    /// backup; replicate while writing to the service; migrate, then kill and promote; check the twins
+    /// restored exactly the committed epoch's service state.
+    Services(endophyte_demo::services::ServicesArgs),
 }
 
 fn main() -> anyhow::Result<()> {
@@ -104,10 +112,13 @@ fn main() -> anyhow::Result<()> {
         #[cfg(feature = "demo")]
         Cmd::TestvmServe(a) => endophyte_demo::serve::run(a),
         #[cfg(feature = "demo")]
+        Cmd::ExampleKv(o) => endophyte_demo::kv::run(o),
+        #[cfg(feature = "demo")]
         Cmd::Demo { cmd } => match cmd {
             Some(DemoCmd::Replicate(args)) => endophyte_demo::replicate::replicate(args),
             Some(DemoCmd::Migrate(args)) => endophyte_demo::migrate::migrate(args),
             Some(DemoCmd::Qemu(args)) => endophyte_demo::qemu::demo(args),
+            Some(DemoCmd::Services(args)) => endophyte_demo::services::demo(args),
             None => {
                 // The migration demo with every default.
                 use clap::FromArgMatches;

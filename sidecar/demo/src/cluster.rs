@@ -70,6 +70,8 @@ pub struct Backups {
     pub data_dirs: Vec<PathBuf>,
     /// Each backup's control socket.
     pub controls: Vec<PathBuf>,
+    /// Each backup's services socket.
+    pub services: Vec<PathBuf>,
 }
 
 /// Starts, in `dir`, the certificates and two backups (`backup-1`, `backup-2`) given `extra` flags, each
@@ -88,10 +90,12 @@ pub fn start_backups(dir: &Path, paths: usize, extra: &[String]) -> anyhow::Resu
     let mut backups = vec![];
     let mut data_dirs: Vec<PathBuf> = vec![];
     let mut controls = vec![];
+    let mut services = vec![];
     for (i, name) in ["backup-1", "backup-2"].iter().enumerate() {
         let addr = free_udp_port()?;
         let data = dir.join(format!("data-{}", i + 1));
         let control = dir.join(format!("{name}.ctl"));
+        let svc = dir.join(format!("{name}.svc"));
         kids.0.push(
             Command::new(&exe)
                 .args(["backup", "--listen", &addr.to_string(), "--node", name])
@@ -101,6 +105,8 @@ pub fn start_backups(dir: &Path, paths: usize, extra: &[String]) -> anyhow::Resu
                 .arg(&data)
                 .arg("--control-socket")
                 .arg(&control)
+                .arg("--services-socket")
+                .arg(&svc)
                 .args(extra)
                 .stdin(Stdio::null())
                 .spawn()
@@ -124,6 +130,7 @@ pub fn start_backups(dir: &Path, paths: usize, extra: &[String]) -> anyhow::Resu
         });
         data_dirs.push(data.join("demo-vm"));
         controls.push(control);
+        services.push(svc);
     }
     Ok(Backups {
         kids,
@@ -131,6 +138,7 @@ pub fn start_backups(dir: &Path, paths: usize, extra: &[String]) -> anyhow::Resu
         backups,
         data_dirs,
         controls,
+        services,
     })
 }
 
@@ -146,6 +154,10 @@ pub struct Cluster {
     pub data_dirs: Vec<PathBuf>,
     /// The VMM's attach socket.
     pub socket: PathBuf,
+    /// Each backup's control socket.
+    pub controls: Vec<PathBuf>,
+    /// Each backup's services socket.
+    pub services: Vec<PathBuf>,
 }
 
 /// Starts the cluster in `dir`: certificates, backups (committing with `durability`), relays, and a VMM
@@ -166,7 +178,8 @@ pub fn start_cluster(
         certs,
         backups,
         data_dirs,
-        controls: _,
+        controls,
+        services,
     } = start_backups(
         dir,
         paths,
@@ -197,5 +210,7 @@ pub fn start_cluster(
         backups,
         data_dirs,
         socket,
+        controls,
+        services,
     })
 }

@@ -188,6 +188,7 @@ fn migrate_in(args: &MigrateArgs, dir: &Path) -> anyhow::Result<MigrateSummary> 
         backups,
         data_dirs,
         socket,
+        ..
     } = start_cluster(dir, args.paths, args.mem, &args.workload, args.durability)?;
     let control = dir.join("sidecar.ctl");
     // The demo's own view of the source guest: a second attach connection whose mapping of guest RAM

@@ -206,6 +206,7 @@ fn replicate_in(args: &ReplicateArgs, dir: &Path) -> anyhow::Result<ReplicateSum
         backups,
         data_dirs,
         socket,
+        ..
     } = start_cluster(dir, args.paths, args.mem, &args.workload, args.durability)?;
     // The guest's own counter: its free write rate first, then (below) its rate in steady state.
     let guest_free_rate_pages_per_s = {

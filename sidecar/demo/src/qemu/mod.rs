@@ -227,6 +227,7 @@ fn demo_in(args: &QemuArgs, dir: &Path) -> anyhow::Result<QemuSummary> {
         backups,
         data_dirs,
         controls,
+        ..
     } = start_backups(
         dir,
         args.paths,

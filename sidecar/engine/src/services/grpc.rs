@@ -148,3 +148,27 @@ pub async fn serve(listener: tokio::net::UnixListener, path: PathBuf, server: Se
         tracing::error!(path = %path.display(), "the services socket failed: {e}");
     }
 }
+
+/// A client of the services API on the Unix socket `path` (for services written in Rust, the
+/// example in `examples/kv-service` and the tests).
+///
+/// # Errors
+/// The socket cannot be connected to.
+pub async fn connect(
+    path: &std::path::Path,
+) -> Result<pb::services_client::ServicesClient<tonic::transport::Channel>, tonic::transport::Error>
+{
+    let path = path.to_owned();
+    // The URI is required by the API and unused: the connector reaches the socket.
+    let ch = tonic::transport::Endpoint::from_static("http://[::]:50051")
+        .connect_with_connector(tower::service_fn(move |_: tonic::transport::Uri| {
+            let p = path.clone();
+            async move {
+                Ok::<_, std::io::Error>(hyper_util::rt::TokioIo::new(
+                    tokio::net::UnixStream::connect(p).await?,
+                ))
+            }
+        }))
+        .await?;
+    Ok(pb::services_client::ServicesClient::new(ch))
+}
