@@ -60,7 +60,21 @@ fn epoch(epoch: u64, base: u64, with_state: bool) -> Vec<Message> {
         page_count: pages,
         epoch_hash: epoch_hash(pages, hashes.iter()),
         state,
-        contributions: vec![],
+        // The services' contributions ride in the end marker: seed the decoder with some.
+        contributions: if with_state {
+            vec![
+                endophyte_wire::Contribution {
+                    service: "kv".into(),
+                    data: bytes::Bytes::from_static(br#"{"map":{"a":"1"},"writes":1}"#),
+                },
+                endophyte_wire::Contribution {
+                    service: "disk-journal".into(),
+                    data: bytes::Bytes::new(),
+                },
+            ]
+        } else {
+            vec![]
+        },
     }));
     msgs
 }
