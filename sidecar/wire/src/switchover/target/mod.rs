@@ -155,6 +155,8 @@ enum Phase {
         since: Instant,
         generation: u64,
         path: PathKey,
+        /// What the source was told once the standby was ready (`Some(preloaded)`).
+        loaded: Option<bool>,
     },
     Preparing {
         job: Job,

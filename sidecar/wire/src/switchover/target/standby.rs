@@ -9,13 +9,41 @@ use crate::receiver::PathKey;
 
 impl TargetSwitchover {
     pub(super) fn warm_up(&mut self, path: PathKey, generation: u64, now: Instant) {
-        if matches!(self.phase, Phase::Idle) && generation > self.fence.generation {
-            self.phase = Phase::Standby {
-                since: now,
-                generation,
-                path,
-            };
-            self.actions.push_back(TargetAction::StartStandby);
+        if generation <= self.fence.generation {
+            return;
+        }
+        match &mut self.phase {
+            Phase::Idle => {
+                self.phase = Phase::Standby {
+                    since: now,
+                    generation,
+                    path,
+                    loaded: None,
+                };
+                self.actions.push_back(TargetAction::StartStandby);
+            }
+            // The source tries again (its last migration failed before the switchover): the standby
+            // still waits, for longer now, and the source hears again that it is ready, on its new path.
+            // Without this answer it would wait its whole standby bound.
+            Phase::Standby {
+                since,
+                generation: g,
+                path: p,
+                loaded,
+            } if *g == generation => {
+                *since = now;
+                *p = path;
+                if let Some(preloaded) = *loaded {
+                    self.out.push_back((
+                        path,
+                        Message::SwitchoverStandby {
+                            generation,
+                            preloaded,
+                        },
+                    ));
+                }
+            }
+            _ => {}
         }
     }
 
@@ -36,9 +64,13 @@ impl TargetSwitchover {
     /// may have held the switchover back for it.
     pub fn handle_standby_loaded(&mut self, preloaded: bool) {
         if let Phase::Standby {
-            generation, path, ..
-        } = &self.phase
+            generation,
+            path,
+            loaded,
+            ..
+        } = &mut self.phase
         {
+            *loaded = Some(preloaded);
             self.out.push_back((
                 *path,
                 Message::SwitchoverStandby {

@@ -255,3 +255,50 @@ fn an_unused_prepared_vm_is_given_up_after_a_minute() {
     assert_eq!(m.poll_action(), Some(TargetAction::StopVm));
     assert_eq!(m.fence().state, FenceState::Aborted);
 }
+
+#[test]
+fn a_warm_up_asked_again_for_the_same_generation_is_answered_again_on_the_new_path() {
+    // A migration that failed before its switchover (a veto, a missed deadline) leaves the standby
+    // waiting; the retry's warm-up must hear that it is ready, or the source waits its whole bound.
+    let mut now = Instant::now();
+    let mut m = TargetSwitchover::new("vm".into(), Fence::default(), false);
+    let warm = Message::SwitchoverWarmup { generation: 1 };
+    assert!(m.handle_message(3, &warm, (9, 5), now));
+    assert!(matches!(
+        drive(&mut m, &mut now)[..],
+        [TargetAction::StartStandby]
+    ));
+    // Still loading: a repeated warm-up is answered once the standby is ready, on the newest path.
+    assert!(m.handle_message(4, &warm, (9, 5), now));
+    assert!(m.poll_transmit().is_none());
+    m.handle_standby_loaded(true);
+    assert!(matches!(
+        m.poll_transmit(),
+        Some((
+            4,
+            Message::SwitchoverStandby {
+                generation: 1,
+                preloaded: true
+            }
+        ))
+    ));
+    // Ready: the next warm-up gets its answer at once, and starts no second VMM.
+    now += STANDBY_TIMEOUT / 2;
+    assert!(m.handle_message(5, &warm, (9, 5), now));
+    assert!(drive(&mut m, &mut now).is_empty());
+    assert!(matches!(
+        m.poll_transmit(),
+        Some((
+            5,
+            Message::SwitchoverStandby {
+                generation: 1,
+                preloaded: true
+            }
+        ))
+    ));
+    // The standby waits a full bound from the last warm-up.
+    m.handle_timeout(now + STANDBY_TIMEOUT / 2 + Duration::from_millis(1));
+    assert!(m.has_standby());
+    m.handle_timeout(now + STANDBY_TIMEOUT);
+    assert!(!m.has_standby());
+}
