@@ -157,6 +157,9 @@ fn services_register_with_a_sidecar_and_a_backup_and_bad_registrations_are_refus
     assert!(e.message().contains("at least one hook"), "{e}");
     let e = refused(register(1, "kv-store", &hooks));
     assert_eq!(e.code(), tonic::Code::AlreadyExists, "{e}");
+    // A hook this node never calls: restores happen on backups.
+    let e = refused(register(1, "twin", &[pb::Hook::Restore]));
+    assert!(e.message().contains("restore is a backup's"), "{e}");
     let e = refused(pb::ServiceMessage {
         msg: Some(pb::service_message::Msg::Contribution(pb::Contribution {
             epoch: 1,

@@ -194,6 +194,7 @@ impl BackupNode {
                     self.services.clone(),
                     self.identity.node.clone(),
                     vms,
+                    crate::services::grpc::NodeRole::Backup,
                 ),
             ));
         }

@@ -182,6 +182,7 @@ pub fn run_sidecar(
                     let vm = cfg.vm_id.clone();
                     Arc::new(move || vec![vm.clone()])
                 },
+                crate::services::grpc::NodeRole::Sidecar,
             ),
         ));
     }

@@ -25,19 +25,51 @@ pub struct ServicesServer {
     registry: ServiceRegistry,
     node: String,
     vms: VmList,
+    role: NodeRole,
+}
+
+/// Which hooks a node serves: a sidecar asks for contributions and runs migrations; a backup
+/// restores. A Register for a hook the node never calls is refused rather than left silent.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum NodeRole {
+    /// `HOOK_EPOCH` and `HOOK_MIGRATION`.
+    Sidecar,
+    /// `HOOK_RESTORE`.
+    Backup,
+}
+
+impl NodeRole {
+    fn serves(self, h: pb::Hook) -> bool {
+        match self {
+            NodeRole::Sidecar => matches!(h, pb::Hook::Epoch | pb::Hook::Migration),
+            NodeRole::Backup => h == pb::Hook::Restore,
+        }
+    }
+
+    fn describe(self) -> &'static str {
+        match self {
+            NodeRole::Sidecar => {
+                "a sidecar serves the epoch and migration hooks (restore is a backup's)"
+            }
+            NodeRole::Backup => {
+                "a backup serves the restore hook (epoch and migration are a sidecar's)"
+            }
+        }
+    }
 }
 
 /// The VMs a node serves services for, read at each registration (a backup's replicas come and go).
 pub type VmList = std::sync::Arc<dyn Fn() -> Vec<String> + Send + Sync>;
 
 impl ServicesServer {
-    /// A server for node `node`, which serves services for the VMs `vms` lists, registering into
-    /// `registry`.
-    pub fn new(registry: ServiceRegistry, node: String, vms: VmList) -> Self {
+    /// A server for node `node` in `role`, which serves services for the VMs `vms` lists,
+    /// registering into `registry`.
+    pub fn new(registry: ServiceRegistry, node: String, vms: VmList, role: NodeRole) -> Self {
         Self {
             registry,
             node,
             vms,
+            role,
         }
     }
 }
@@ -101,6 +133,13 @@ impl pb::services_server::Services for ServicesServer {
             ));
         };
         let hooks = check_register(&reg)?;
+        if let Some(h) = hooks.iter().find(|h| !self.role.serves(**h)) {
+            return Err(Status::invalid_argument(format!(
+                "hook {} is not served here: {}",
+                super::hook_name(*h),
+                self.role.describe()
+            )));
+        }
         let (tx, rx) = mpsc::channel(64);
         let session = self
             .registry
