@@ -60,9 +60,11 @@ fn a_users_stop_is_left_alone(vm: &mut Vm, ctl: &Path) {
     assert!(pages(&mut vm.test) > counter, "the resumed guest");
 }
 
-/// Replicates the guest to one backup (QEMU allowed userfaultfd or not), stops and resumes it as its
-/// user, and stops the sidecar: its final epoch, cut with the guest paused, is hashed from QEMU's
-/// `pmemsave` and must be the replica's RAM on the backup's disk. Returns the sidecar's report.
+/// Replicates the guest to one backup (QEMU allowed userfaultfd or not), with the example key-value
+/// service taking part in the epochs, stops and resumes it as its user, and stops the sidecar: its
+/// final epoch, cut with the guest paused, is hashed from QEMU's `pmemsave` and must be the replica's
+/// RAM on the backup's disk, and the service's contribution to it must be in the backup's checkpoint.
+/// Returns the sidecar's report.
 fn replicate_and_check(userfaultfd: bool) -> Value {
     let tmp = tempfile::tempdir().unwrap();
     let certs = certs(tmp.path(), "test", &["primary", "b1"]);
@@ -75,7 +77,23 @@ fn replicate_and_check(userfaultfd: bool) -> Value {
     let mut args = sidecar_args(&vm.sidecar_qmp, &certs, &ctl);
     args.push(format!("--backup=name=b1,addr={a1}"));
     args.push(format!("--ram-hashes={}", hashes.display()));
+    let svc = tmp.path().join("sidecar.svc");
+    args.push(format!("--services-socket={}", svc.display()));
     let sidecar = sidecar_start(&args);
+    let t = Instant::now();
+    while !svc.exists() {
+        assert!(t.elapsed() < Duration::from_secs(30), "no services socket");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let kv_log = tmp.path().join("kv.jsonl");
+    let _kv = Proc::spawn(
+        "kv",
+        &[
+            "example-kv",
+            &format!("--services={}", svc.display()),
+            &format!("--log={}", kv_log.display()),
+        ],
+    );
     status_until(&ctl, Duration::from_secs(90), "replication", |s| {
         s["backups"][0]["committed_epoch"].as_u64() > Some(3)
     });
@@ -85,6 +103,25 @@ fn replicate_and_check(userfaultfd: bool) -> Value {
     assert_eq!(report["tracking"], "full_snapshot", "{report}");
     let (_, _, in_replica) = final_epoch_is_pmemsave(&hashes, &d1.join("vm1"), MEM_MIB << 20);
     assert!(in_replica >= before_stop && in_replica <= pages(&mut vm.test));
+    // The service was asked at every snapshot epoch, and its contribution to the final one is what
+    // the backup checkpointed with it.
+    let last = report["last_epoch"].as_u64().unwrap();
+    let contributed = endophyte_demo::kv::store::read_log(&kv_log)
+        .unwrap()
+        .into_iter()
+        .find_map(|e| match e {
+            endophyte_demo::kv::store::Event::Contributed { epoch, state, .. } if epoch == last => {
+                Some(state.encode())
+            }
+            _ => None,
+        })
+        .expect("a contribution to the final epoch");
+    let kept = std::fs::read(d1.join("vm1").join(format!("services-{last:020}.bin"))).unwrap();
+    assert!(
+        kept.windows(contributed.len()).any(|w| w == contributed),
+        "the backup's checkpoint lacks the final epoch's contribution"
+    );
+    assert_eq!(report["service_failures"], 0, "{report}");
     report
 }
 

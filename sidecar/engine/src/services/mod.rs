@@ -280,6 +280,17 @@ impl ServiceRegistry {
         self.inner.1.notify_all();
     }
 
+    /// Ends every remote session with `UNAVAILABLE` and `why` (the node stops serving them), so that
+    /// services learn the reason instead of seeing their connection drop.
+    pub fn close_all(&self, why: &str) {
+        let g = self.lock();
+        for e in g.entries.values() {
+            if let Link::Remote(tx) = &e.link {
+                let _ = tx.try_send(Err(tonic::Status::unavailable(why.to_owned())));
+            }
+        }
+    }
+
     /// The registered services, by name.
     pub fn status(&self) -> Vec<ServiceStatus> {
         self.lock()
