@@ -345,3 +345,175 @@ impl ServiceRegistry {
         failed
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::services::pb::service_message::Msg as SMsg;
+
+    type Rx = tokio::sync::mpsc::Receiver<Result<pb::NodeMessage, tonic::Status>>;
+
+    fn remote(r: &ServiceRegistry, name: &str, hooks: &[pb::Hook]) -> (u64, Rx) {
+        let (tx, rx) = tokio::sync::mpsc::channel(8);
+        (r.register(name, hooks.to_vec(), 1, tx).unwrap(), rx)
+    }
+
+    fn contribution(epoch: u64, data: &[u8], error: &str) -> SMsg {
+        SMsg::Contribution(pb::Contribution {
+            epoch,
+            data: data.to_vec(),
+            error: error.into(),
+        })
+    }
+
+    /// Answers the next request on `rx` with `answer(epoch)` after `delay`, from another thread.
+    fn answer_later(
+        r: &ServiceRegistry,
+        name: &'static str,
+        session: u64,
+        mut rx: Rx,
+        delay: Duration,
+        answer: impl FnOnce(u64) -> SMsg + Send + 'static,
+    ) -> std::thread::JoinHandle<Rx> {
+        let r = r.clone();
+        std::thread::spawn(move || {
+            let m = rx.blocking_recv().unwrap().unwrap();
+            let Some(Msg::Contribute(req)) = m.msg else {
+                panic!("{m:?}")
+            };
+            std::thread::sleep(delay);
+            r.on_message(name, session, answer(req.epoch));
+            rx
+        })
+    }
+
+    #[test]
+    fn a_round_takes_timely_answers_and_names_late_failed_and_oversized_ones() {
+        let r = ServiceRegistry::new();
+        let services = [
+            ("fast", 0, b"f".as_slice(), ""),
+            ("late", 2000, b"l", ""),
+            ("broken", 0, b"", "disk gone"),
+            ("big", 0, &[0u8; 64][..], ""),
+        ];
+        let mut threads = vec![];
+        for (name, ms, data, err) in services {
+            let (s, rx) = remote(&r, name, &[pb::Hook::Epoch]);
+            let data = data.to_vec();
+            threads.push(answer_later(
+                &r,
+                name,
+                s,
+                rx,
+                Duration::from_millis(ms),
+                move |e| contribution(e, &data, err),
+            ));
+        }
+        let t0 = Instant::now();
+        let round = r.contribute(7, Duration::from_millis(100), 16);
+        assert!(
+            t0.elapsed() < Duration::from_millis(250),
+            "{:?}",
+            t0.elapsed()
+        );
+        let names: Vec<&str> = round
+            .contributions
+            .iter()
+            .map(|c| c.service.as_str())
+            .collect();
+        assert_eq!(names, ["fast"]);
+        let why = |n: &str| {
+            round
+                .failures
+                .iter()
+                .find(|(s, _)| s == n)
+                .unwrap()
+                .1
+                .clone()
+        };
+        assert!(
+            why("late").contains("deadline of 100 ms"),
+            "{}",
+            why("late")
+        );
+        assert!(why("broken").contains("disk gone"), "{}", why("broken"));
+        assert!(
+            why("big").contains("64 bytes exceeds the bound of 16"),
+            "{}",
+            why("big")
+        );
+        assert_eq!(round.remote, 4);
+        for t in threads {
+            t.join().unwrap();
+        }
+        // The late answer for epoch 7 does not count for epoch 8.
+        let st = r.status();
+        let late = st.iter().find(|s| s.name == "late").unwrap();
+        assert_eq!((late.failures, late.contributions), (1, 0));
+        let round = r.contribute(8, Duration::from_millis(20), 16);
+        assert!(round.contributions.is_empty());
+        assert_eq!(round.failures.len(), 4);
+    }
+
+    #[test]
+    fn a_service_whose_session_ends_is_not_waited_for() {
+        let r = ServiceRegistry::new();
+        let (s, _rx) = remote(&r, "dies", &[pb::Hook::Epoch]);
+        let r2 = r.clone();
+        let t = std::thread::spawn(move || {
+            std::thread::sleep(Duration::from_millis(50));
+            r2.unregister("dies", s);
+        });
+        let t0 = Instant::now();
+        let round = r.contribute(1, Duration::from_secs(10), 1024);
+        assert!(t0.elapsed() < Duration::from_secs(2), "{:?}", t0.elapsed());
+        assert!(round.failures[0].1.contains("session ended"), "{round:?}");
+        t.join().unwrap();
+    }
+
+    #[test]
+    fn the_switchover_waits_for_every_verdict_and_a_veto_or_a_hold_past_the_bound_fails_it() {
+        let r = ServiceRegistry::new();
+        let (a, _ra) = remote(&r, "a", &[pb::Hook::Migration]);
+        let (_b, _rb) = remote(&r, "b", &[pb::Hook::Migration]);
+        let (_c, _rc) = remote(&r, "c", &[pb::Hook::Epoch]);
+        let hold = Duration::from_secs(5);
+        let asked = r.ask_switchover(3, "t", hold);
+        assert_eq!(asked, ["a", "b"]);
+        let since = Instant::now();
+        assert_eq!(
+            r.switchover_verdict(3, &asked, since, hold),
+            SwitchoverVerdict::Pending
+        );
+        let verdict = |g: u64, veto: &str| {
+            SMsg::Verdict(pb::SwitchoverVerdict {
+                generation: g,
+                veto: veto.into(),
+            })
+        };
+        r.on_message("a", a, verdict(3, ""));
+        assert_eq!(
+            r.switchover_verdict(3, &asked, since, hold),
+            SwitchoverVerdict::Pending
+        );
+        // b has not answered within the bound: that is a veto, naming it.
+        let long_ago = since - Duration::from_secs(6);
+        let v = r.switchover_verdict(3, &asked, long_ago, hold);
+        assert!(
+            matches!(&v, SwitchoverVerdict::Veto { service, reason } if service == "b" && reason.contains("past its bound")),
+            "{v:?}"
+        );
+        // A new request: a's answer to the old one does not count; a veto does.
+        let asked = r.ask_switchover(4, "t", hold);
+        r.on_message("a", a, verdict(3, ""));
+        r.on_message("a", a, verdict(4, "journal not flushed"));
+        let v = r.switchover_verdict(4, &asked, Instant::now(), hold);
+        assert_eq!(
+            v,
+            SwitchoverVerdict::Veto {
+                service: "a".into(),
+                reason: "journal not flushed".into()
+            }
+        );
+    }
+}
