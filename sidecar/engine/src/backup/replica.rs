@@ -202,7 +202,8 @@ impl VmThread {
             .store
             .as_ref()
             .map(|s| (s.image_path(), s.committed_epoch(), s.committed_session()));
-        if let Some(s) = &self.store {
+        // A switchover restores the committed epoch: the services' state as of it goes with it.
+        if let (Message::Switchover(_), Some(s)) = (&msg, &self.store) {
             self.target
                 .set_restore_point(s.committed_epoch(), s.service_states().clone());
         }

@@ -273,12 +273,12 @@ pub fn run_sidecar(
         // Whoever asked for the migration learns how it ended before the control socket goes away.
         shared.wait_until(Duration::from_secs(5), |g| g.final_fetched);
     }
-    shared.services.close_all(&if ep.migrated {
+    let closed = shared.services.close_all(&if ep.migrated {
         format!("VM {:?} migrated away: this sidecar stopped", cfg.vm_id)
     } else {
         format!("the sidecar of VM {:?} stopped", cfg.vm_id)
     });
-    if shared.services.status().iter().any(|s| s.api_version > 0) {
+    if closed > 0 {
         // The sessions' tasks send that status before the runtime goes.
         std::thread::sleep(Duration::from_millis(100));
     }

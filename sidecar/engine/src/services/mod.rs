@@ -99,7 +99,6 @@ struct Answer<T> {
 /// One registered service.
 struct Entry {
     hooks: Vec<pb::Hook>,
-    api_version: u32,
     since: Instant,
     /// Which session holds the name (a newer session of the same name is refused while it lives).
     session: u64,
@@ -186,7 +185,6 @@ impl ServiceRegistry {
             name.to_owned(),
             Entry {
                 hooks,
-                api_version,
                 since: Instant::now(),
                 session,
                 link,
@@ -281,14 +279,17 @@ impl ServiceRegistry {
     }
 
     /// Ends every remote session with `UNAVAILABLE` and `why` (the node stops serving them), so that
-    /// services learn the reason instead of seeing their connection drop.
-    pub fn close_all(&self, why: &str) {
+    /// services learn the reason instead of seeing their connection drop. Returns how many it ended.
+    pub fn close_all(&self, why: &str) -> usize {
         let g = self.lock();
+        let mut n = 0;
         for e in g.entries.values() {
             if let Link::Remote(tx) = &e.link {
                 let _ = tx.try_send(Err(tonic::Status::unavailable(why.to_owned())));
+                n += 1;
             }
         }
+        n
     }
 
     /// The registered services, by name.
@@ -298,7 +299,6 @@ impl ServiceRegistry {
             .values()
             .map(|e| ServiceStatus {
                 registered_ms_ago: e.since.elapsed().as_secs_f64() * 1e3,
-                api_version: e.api_version,
                 ..e.status.clone()
             })
             .collect()

@@ -70,11 +70,6 @@ impl ServiceRegistry {
         g
     }
 
-    /// Whether any registered service takes part in epochs.
-    pub fn any_epoch_service(&self) -> bool {
-        self.lock().entries.values().any(|e| e.has(pb::Hook::Epoch))
-    }
-
     /// At epoch `epoch`'s pause: asks every service with `HOOK_EPOCH` for its contribution (at most
     /// `max_bytes`, capped at [`MAX_CONTRIBUTION_BYTES`]) and waits until each answered or `deadline`
     /// passed. In-process services answer at once. The epoch's total is held within
@@ -83,7 +78,7 @@ impl ServiceRegistry {
         let max_bytes = max_bytes.min(MAX_CONTRIBUTION_BYTES);
         let t0 = Instant::now();
         let mut asked = vec![];
-        let remote;
+        let mut remote = 0;
         {
             let mut g = self.lock();
             for (name, e) in g.entries.iter_mut().filter(|(_, e)| e.has(pb::Hook::Epoch)) {
@@ -97,19 +92,17 @@ impl ServiceRegistry {
                         });
                         Ok(())
                     }
-                    Link::Remote(_) => e.send(Msg::Contribute(pb::ContributeRequest {
-                        epoch,
-                        deadline_ms: deadline.as_millis() as u32,
-                        max_bytes: max_bytes as u32,
-                    })),
+                    Link::Remote(_) => {
+                        remote += 1;
+                        e.send(Msg::Contribute(pb::ContributeRequest {
+                            epoch,
+                            deadline_ms: deadline.as_millis() as u32,
+                            max_bytes: max_bytes as u32,
+                        }))
+                    }
                 };
                 asked.push((name.clone(), sent.err()));
             }
-            remote = g
-                .entries
-                .values()
-                .filter(|e| e.has(pb::Hook::Epoch) && matches!(e.link, Link::Remote(_)))
-                .count();
         }
         let answered = |e: &Entry| e.contribution.as_ref().is_some_and(|a| a.key == epoch);
         let mut g = self.wait_while(t0 + deadline, |g| {
