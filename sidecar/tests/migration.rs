@@ -5,26 +5,13 @@
 mod common;
 
 use std::path::Path;
-use std::process::Command;
 use std::time::Duration;
 
 use common::*;
 use endophyte_attach::client::AttachClient;
 
 fn migrate(ctl: &Path, to: &str, extra: &[&str]) -> (bool, serde_json::Value) {
-    let out = Command::new(EXE)
-        .args(["migrate", "vm1", "--to", to, "--verify", "--output", "json"])
-        .arg("--control")
-        .arg(ctl)
-        .args(extra)
-        .env("RUST_LOG", log_level())
-        .output()
-        .unwrap();
-    eprintln!("{}", String::from_utf8_lossy(&out.stderr));
-    (
-        out.status.success(),
-        serde_json::from_slice(&out.stdout).unwrap_or(serde_json::Value::Null),
-    )
+    migrate_cli(ctl, to, &[&["--verify"], extra].concat())
 }
 
 /// A guest replicated by a sidecar to backups b1 and b2 (b2 started with `b2_flags`), past its first

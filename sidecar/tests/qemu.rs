@@ -80,20 +80,8 @@ fn replicate_and_check(userfaultfd: bool) -> Value {
     let svc = tmp.path().join("sidecar.svc");
     args.push(format!("--services-socket={}", svc.display()));
     let sidecar = sidecar_start(&args);
-    let t = Instant::now();
-    while !svc.exists() {
-        assert!(t.elapsed() < Duration::from_secs(30), "no services socket");
-        std::thread::sleep(Duration::from_millis(50));
-    }
     let kv_log = tmp.path().join("kv.jsonl");
-    let _kv = Proc::spawn(
-        "kv",
-        &[
-            "example-kv",
-            &format!("--services={}", svc.display()),
-            &format!("--log={}", kv_log.display()),
-        ],
-    );
+    let _kv = common::kv::kv(&svc, &[&format!("--log={}", kv_log.display())]);
     status_until(&ctl, Duration::from_secs(90), "replication", |s| {
         s["backups"][0]["committed_epoch"].as_u64() > Some(3)
     });
@@ -106,16 +94,7 @@ fn replicate_and_check(userfaultfd: bool) -> Value {
     // The service was asked at every snapshot epoch, and its contribution to the final one is what
     // the backup checkpointed with it.
     let last = report["last_epoch"].as_u64().unwrap();
-    let contributed = endophyte_demo::kv::store::read_log(&kv_log)
-        .unwrap()
-        .into_iter()
-        .find_map(|e| match e {
-            endophyte_demo::kv::store::Event::Contributed { epoch, state, .. } if epoch == last => {
-                Some(state.encode())
-            }
-            _ => None,
-        })
-        .expect("a contribution to the final epoch");
+    let contributed = common::kv::contributed(&kv_log, last).encode();
     let kept = std::fs::read(d1.join("vm1").join(format!("services-{last:020}.bin"))).unwrap();
     assert!(
         kept.windows(contributed.len()).any(|w| w == contributed),

@@ -11,23 +11,13 @@ use std::time::{Duration, Instant};
 use common::*;
 use endophyte_engine::services::pb;
 use endophyte_engine::services::pb::services_client::ServicesClient;
-use hyper_util::rt::TokioIo;
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 
 async fn client(path: &Path) -> ServicesClient<tonic::transport::Channel> {
-    let path = path.to_owned();
-    let ch = tonic::transport::Endpoint::try_from("http://[::]:50051")
-        .unwrap()
-        .connect_with_connector(tower::service_fn(move |_: tonic::transport::Uri| {
-            let p = path.clone();
-            async move {
-                Ok::<_, std::io::Error>(TokioIo::new(tokio::net::UnixStream::connect(p).await?))
-            }
-        }))
+    endophyte_engine::services::grpc::connect(path)
         .await
-        .unwrap();
-    ServicesClient::new(ch)
+        .unwrap()
 }
 
 fn register(version: u32, name: &str, hooks: &[pb::Hook]) -> pb::ServiceMessage {
@@ -60,18 +50,6 @@ async fn open(
     match inbound.message().await?.and_then(|m| m.msg) {
         Some(pb::node_message::Msg::Registered(r)) => Ok((tx, r, inbound)),
         other => panic!("the first answer is not Registered: {other:?}"),
-    }
-}
-
-fn wait_socket(p: &Path) {
-    let t = Instant::now();
-    while !p.exists() {
-        assert!(
-            t.elapsed() < Duration::from_secs(30),
-            "no socket {}",
-            p.display()
-        );
-        std::thread::sleep(Duration::from_millis(50));
     }
 }
 
@@ -113,8 +91,8 @@ fn services_register_with_a_sidecar_and_a_backup_and_bad_registrations_are_refus
         format!("--services-socket={}", svc.display()),
     ]);
     let sidecar = sidecar_start(&args);
-    wait_socket(&svc);
-    wait_socket(&b_svc);
+    wait_path(&svc);
+    wait_path(&b_svc);
     let rt = tokio::runtime::Runtime::new().unwrap();
 
     // A service and its twin register; both nodes list them.

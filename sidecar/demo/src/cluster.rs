@@ -160,6 +160,23 @@ pub struct Cluster {
     pub services: Vec<PathBuf>,
 }
 
+impl Cluster {
+    /// The demos' sidecar for this cluster: VM `demo-vm` on its VMM, node `primary`, both backups
+    /// over `paths` paths each, durable once both committed.
+    pub fn sidecar_config(&self, paths: usize) -> endophyte_engine::config::SidecarConfig {
+        endophyte_engine::config::SidecarConfig {
+            vm_id: "demo-vm".into(),
+            attach_socket: self.socket.clone(),
+            certs: self.certs.clone(),
+            node: "primary".into(),
+            paths_per_backup: paths,
+            quorum: 2,
+            backups: self.backups.clone(),
+            ..Default::default()
+        }
+    }
+}
+
 /// Starts the cluster in `dir`: certificates, backups (committing with `durability`), relays, and a VMM
 /// with `mem` bytes running `workload`; returns once the VMM's attach socket is there.
 ///

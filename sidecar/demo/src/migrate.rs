@@ -182,14 +182,14 @@ fn wait_for_status<T>(
 }
 
 fn migrate_in(args: &MigrateArgs, dir: &Path) -> anyhow::Result<MigrateSummary> {
+    let cluster = start_cluster(dir, args.paths, args.mem, &args.workload, args.durability)?;
+    let base = cluster.sidecar_config(args.paths);
     let Cluster {
         mut kids,
-        certs,
-        backups,
         data_dirs,
         socket,
         ..
-    } = start_cluster(dir, args.paths, args.mem, &args.workload, args.durability)?;
+    } = cluster;
     let control = dir.join("sidecar.ctl");
     // The demo's own view of the source guest: a second attach connection whose mapping of guest RAM
     // outlives the source VMM, so that the guest's counter at the final pause can be read after the
@@ -197,15 +197,8 @@ fn migrate_in(args: &MigrateArgs, dir: &Path) -> anyhow::Result<MigrateSummary> 
     let source_probe = AttachClient::connect(&socket, "demo-check")?;
     let vmm = Arc::new(AttachSource::connect(&socket, Tracking::DirtyLog)?);
     let cfg = SidecarConfig {
-        vm_id: "demo-vm".into(),
-        attach_socket: socket.clone(),
-        certs,
-        node: "primary".into(),
-        paths_per_backup: args.paths,
-        quorum: 2,
         control_socket: Some(control.clone()),
-        backups,
-        ..SidecarConfig::default()
+        ..base
     };
     let sidecar = std::thread::spawn(move || {
         run_sidecar(

@@ -195,21 +195,22 @@ fn check(node: &str, twin_log: &Path, contributed: &[Event]) -> anyhow::Result<R
 }
 
 fn run_in(args: &ServicesArgs, dir: &Path) -> anyhow::Result<ServicesSummary> {
-    let Cluster {
-        mut kids,
-        certs,
-        backups,
-        data_dirs,
-        socket,
-        controls,
-        services,
-    } = start_cluster(
+    let cluster = start_cluster(
         dir,
         args.paths,
         args.mem,
         &args.workload,
         endophyte_engine::store::Durability::Disk,
     )?;
+    let base = cluster.sidecar_config(args.paths);
+    let Cluster {
+        mut kids,
+        data_dirs,
+        socket,
+        controls,
+        services,
+        ..
+    } = cluster;
     let names = ["backup-1", "backup-2"];
     let twin_logs: Vec<PathBuf> = names
         .iter()
@@ -228,16 +229,9 @@ fn run_in(args: &ServicesArgs, dir: &Path) -> anyhow::Result<ServicesSummary> {
     let svc = dir.join("sidecar.svc");
     let vmm = Arc::new(AttachSource::connect(&socket, Tracking::DirtyLog)?);
     let cfg = SidecarConfig {
-        vm_id: "demo-vm".into(),
-        attach_socket: socket.clone(),
-        certs,
-        node: "primary".into(),
-        paths_per_backup: args.paths,
-        quorum: 2,
         control_socket: Some(control.clone()),
         services_socket: Some(svc.clone()),
-        backups,
-        ..SidecarConfig::default()
+        ..base
     };
     let sidecar = std::thread::spawn(move || run_sidecar(cfg, vmm, RunOptions::default()));
     wait_for(&svc, Duration::from_secs(30))?;

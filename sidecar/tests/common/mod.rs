@@ -1,6 +1,7 @@
 //! Helpers for multi-process tests: certificates, backup/relay/VMM processes, hashes.
 #![allow(dead_code)]
 
+pub mod kv;
 pub mod libvirt;
 pub mod qemu;
 
@@ -158,6 +159,33 @@ pub fn vmm_with(
         std::thread::sleep(Duration::from_millis(50));
     }
     p
+}
+
+/// Waits up to 30 s for `p` (a socket a process binds) to appear.
+pub fn wait_path(p: &Path) {
+    let t = Instant::now();
+    while !p.exists() {
+        assert!(t.elapsed() < Duration::from_secs(30), "no {}", p.display());
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// `endophyte migrate vm1 --to TO --output json --control CTL EXTRA...`: whether it succeeded, and
+/// its JSON.
+pub fn migrate_cli(ctl: &Path, to: &str, extra: &[&str]) -> (bool, serde_json::Value) {
+    let out = Command::new(EXE)
+        .args(["migrate", "vm1", "--to", to, "--output", "json"])
+        .arg("--control")
+        .arg(ctl)
+        .args(extra)
+        .env("RUST_LOG", log_level())
+        .output()
+        .unwrap();
+    eprintln!("{}", String::from_utf8_lossy(&out.stderr));
+    (
+        out.status.success(),
+        serde_json::from_slice(&out.stdout).unwrap_or(serde_json::Value::Null),
+    )
 }
 
 pub fn hash_file(p: &Path) -> String {
