@@ -12,11 +12,14 @@
 //!   half inside it).
 //! - [`receiver`]: one VM's replica on a backup: staging, verification, ordered commit.
 //! - [`switchover`]: a migration's switchover, source and target state machines, and the fence.
+//! - [`authority`]: the fencing authority (etcd): who may run a VM, claims, promotes and hand-overs
+//!   as compare-and-set plans, and the holder's keeper of its lease.
 //! - [`lease`]: the backups' lease on a primary and the primary's self-fence that keeps within it.
 //!
 //! The protocol is described, with sequence diagrams, in `docs/replication-protocol.md` and
 //! `docs/migration.md`.
 
+pub mod authority;
 pub mod chunk;
 pub mod contrib;
 pub mod frame;
