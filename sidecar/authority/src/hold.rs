@@ -7,7 +7,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use endophyte_wire::authority::{HoldAction, HoldKeeper, HoldTiming};
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 use tokio::sync::{mpsc, oneshot};
 
 use crate::clock::boot_now;
@@ -28,7 +28,7 @@ pub trait Fencer: Send + Sync + 'static {
 }
 
 /// A hold as `endophyte status` shows it.
-#[derive(Clone, Debug, Default, Serialize, PartialEq)]
+#[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq)]
 pub struct HoldStatus {
     /// Where the authority is.
     pub authority: String,
@@ -267,7 +267,7 @@ impl Keeper {
                 });
             }
             HoldAction::Reclaim => {
-                tracing::warn!(vm = %self.vm, "the authority lease may be gone: claiming the VM again");
+                tracing::info!(vm = %self.vm, "the authority lease may be gone: claiming the VM again");
                 let (auth, done, vm, node) = (
                     self.auth.clone(),
                     done.clone(),

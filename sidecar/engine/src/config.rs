@@ -377,6 +377,11 @@ pub struct SidecarConfig {
     /// migration switches over with the next one.
     #[serde(default)]
     pub generation: u64,
+    /// The fencing authority (etcd; docs/fencing.md). With one, the sidecar claims the VM at start (its
+    /// generation comes from there, not from `generation`), keeps the hold alive, and pauses the guest
+    /// once it cannot show an acknowledged keep-alive; the backups' lease self-fence is then off.
+    #[serde(default)]
+    pub authority: Option<endophyte_authority::AuthorityConfig>,
     /// The backups.
     #[serde(default, rename = "backup")]
     pub backups: Vec<BackupSpec>,
@@ -461,6 +466,9 @@ impl SidecarConfig {
         let bad = |m: String| Err(ConfigError::Invalid(m));
         if self.vm_id.is_empty() {
             return bad("vm_id is required".into());
+        }
+        if let Some(a) = &self.authority {
+            a.validate().map_err(ConfigError::Invalid)?;
         }
         match (self.attach_socket.as_os_str().is_empty(), &self.qmp) {
             (true, None) => {

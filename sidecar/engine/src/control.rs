@@ -155,6 +155,9 @@ pub struct SidecarStatus {
     /// The self-fence.
     #[serde(default)]
     pub fence: FenceStatusView,
+    /// The hold at the fencing authority (`null`: no authority; promotes are then not fenced).
+    #[serde(default)]
+    pub authority: Option<endophyte_authority::HoldStatus>,
     /// Services registered on its services socket.
     #[serde(default)]
     pub services: Vec<crate::services::ServiceStatus>,
@@ -192,6 +195,27 @@ pub fn status_table(s: &SidecarStatus) -> String {
     );
     if let Some(w) = &s.waiting {
         let _ = writeln!(t, "epochs wait: {w}");
+    }
+    match &s.authority {
+        Some(a) => {
+            let _ = writeln!(
+                t,
+                "authority {}: generation {} {} by {}, lease {} ({:.1} s of {:.0} s left)",
+                a.authority,
+                a.generation,
+                a.state,
+                a.node,
+                a.lease_id,
+                a.remaining_ms / 1e3,
+                a.ttl_ms as f64 / 1e3
+            );
+        }
+        None => {
+            let _ = writeln!(
+                t,
+                "authority: NONE: no fencing authority; a promote elsewhere is not fenced against this copy"
+            );
+        }
     }
     if s.fence.fenced {
         let _ = writeln!(

@@ -20,6 +20,8 @@
 //!
 //! `docs/architecture.md` has the module map and the data path of one epoch and one switchover.
 
+pub use endophyte_authority::{self as authority, AuthorityConfig};
+
 pub mod backup;
 pub mod config;
 pub mod control;

@@ -74,6 +74,10 @@ pub struct BackupArgs {
     #[arg(long, default_value_t = endophyte_engine::backup::DEFAULT_LEASE.as_millis() as u64,
           value_parser = clap::value_parser!(u64).range(1000..=600_000))]
     lease_ms: u64,
+    /// The fencing authority: etcd v3 endpoints, comma-separated (`http://127.0.0.1:2379`). A promote then
+    /// needs the VM's holder to have lost its lease there; `--force` is refused.
+    #[arg(long, value_delimiter = ',')]
+    etcd: Vec<String>,
     /// Recover every replica (redo interrupted commits), print each VM's committed epoch as JSON, exit.
     #[arg(long)]
     recover_only: bool,
@@ -135,7 +139,12 @@ pub fn run(a: BackupArgs) -> anyhow::Result<()> {
         lease: std::time::Duration::from_millis(a.lease_ms),
         launcher,
         service_restore: std::time::Duration::from_millis(a.service_restore_ms),
+        authority: (!a.etcd.is_empty())
+            .then(|| endophyte_engine::AuthorityConfig::new(a.etcd.clone())),
     };
+    if let Some(auth) = &cfg.authority {
+        auth.validate().map_err(|e| anyhow::anyhow!(e))?;
+    }
     let node = BackupNode::new(identity, cfg);
     let recovered = node.recover_all()?;
     if a.recover_only {

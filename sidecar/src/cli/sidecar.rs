@@ -67,6 +67,13 @@ pub struct SidecarArgs {
     /// (default; it resumes when they answer again), stop, or off.
     #[arg(long, value_enum)]
     self_fence: Option<endophyte_engine::config::SelfFencePolicy>,
+    /// The fencing authority: etcd v3 endpoints, comma-separated (`http://127.0.0.1:2379`). The sidecar
+    /// claims the VM there and pauses the guest once its hold cannot be shown to be alive.
+    #[arg(long, value_delimiter = ',')]
+    etcd: Vec<String>,
+    /// The authority lease's TTL, ms (default 5000; whole seconds at etcd).
+    #[arg(long)]
+    authority_ttl_ms: Option<u64>,
     /// The self-fence bound, ms (default 2000); each backup's lease must be safely longer.
     #[arg(long)]
     fence_after_ms: Option<u64>,
@@ -174,6 +181,12 @@ fn config(a: &SidecarArgs) -> anyhow::Result<SidecarConfig> {
     }
     if let Some(v) = a.fence_after_ms {
         c.fence_after_ms = v;
+    }
+    if !a.etcd.is_empty() {
+        c.authority = Some(endophyte_engine::AuthorityConfig::new(a.etcd.clone()));
+    }
+    if let (Some(v), Some(auth)) = (a.authority_ttl_ms, c.authority.as_mut()) {
+        auth.ttl_ms = v;
     }
     if let Some(v) = a.emergency {
         c.emergency = v;

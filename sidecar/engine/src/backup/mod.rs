@@ -61,6 +61,18 @@ pub struct BackupConfig {
     /// How long services with `HOOK_RESTORE` have to restore their state before a VM started here
     /// resumes (docs/services.md); one that takes longer is reported and the VM resumes.
     pub service_restore: std::time::Duration,
+    /// The fencing authority (docs/fencing.md): with one, a promote happens only once the VM's holder has
+    /// lost its lease there, by a compare-and-set of its generation that names this node; without one,
+    /// promotes are fenced by this backup's own lease alone.
+    pub authority: Option<endophyte_authority::AuthorityConfig>,
+}
+
+/// The authority as a replica thread uses it: the client, its settings, and the runtime its calls run on.
+#[derive(Clone)]
+pub(super) struct BackupAuthority {
+    pub auth: Arc<dyn endophyte_authority::Authority>,
+    pub cfg: endophyte_authority::AuthorityConfig,
+    pub rt: tokio::runtime::Handle,
 }
 
 /// What a replica thread is asked.
@@ -83,6 +95,10 @@ enum VmIn {
         req: crate::control::PromoteRequest,
         reply: tokio::sync::oneshot::Sender<Result<crate::control::PromoteReply, String>>,
     },
+    /// The hold on a VM running here could not be kept, or another node holds it now: stop it.
+    AuthorityFence {
+        why: String,
+    },
 }
 
 struct VmHandle {
@@ -101,6 +117,8 @@ pub struct BackupNode {
     next_key: AtomicU64,
     /// Services registered on `services_socket` ([`crate::services`]).
     services: crate::services::ServiceRegistry,
+    /// The fencing authority's client, made once the node serves (inside its runtime).
+    authority: Arc<std::sync::OnceLock<BackupAuthority>>,
 }
 
 fn valid_vm_id(id: &str) -> bool {
@@ -122,6 +140,7 @@ impl BackupNode {
             vms: Mutex::new(HashMap::new()),
             next_key: AtomicU64::new(1),
             services: crate::services::ServiceRegistry::new(),
+            authority: Arc::new(std::sync::OnceLock::new()),
         })
     }
 
@@ -165,6 +184,17 @@ impl BackupNode {
     /// # Errors
     /// If the endpoint cannot be set up.
     pub async fn serve(self: Arc<Self>) -> anyhow::Result<()> {
+        if let Some(a) = &self.cfg.authority {
+            let auth = endophyte_authority::EtcdAuthority::connect(a)?;
+            tracing::info!(authority = %endophyte_authority::Authority::describe(&auth), "promotes go through the fencing authority");
+            let _ = self.authority.set(BackupAuthority {
+                auth: Arc::new(auth),
+                cfg: a.clone(),
+                rt: tokio::runtime::Handle::current(),
+            });
+        } else {
+            tracing::warn!("no fencing authority (--etcd): promotes are fenced by this backup's own lease only; see docs/fencing.md");
+        }
         let server = self.identity.server_config()?;
         let endpoint = quinn::Endpoint::server(server, self.cfg.listen)?;
         if let Some(path) = &self.cfg.control_socket {
@@ -269,6 +299,7 @@ impl BackupNode {
             lease: self.cfg.lease,
             services: self.services.clone(),
             service_restore: self.cfg.service_restore,
+            authority: self.authority.clone(),
         })?;
         let handle = Arc::new(VmHandle {
             tx,

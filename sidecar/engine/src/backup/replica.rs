@@ -39,6 +39,8 @@ pub(super) struct Opening {
     pub services: crate::services::ServiceRegistry,
     /// How long they have for it.
     pub service_restore: std::time::Duration,
+    /// The fencing authority, once the node serves (none configured: never set).
+    pub authority: Arc<std::sync::OnceLock<super::BackupAuthority>>,
 }
 
 /// The VM a directory holds a replica of, from its `state.json`: `(vm_id, page_size, mem_bytes)`;
@@ -96,11 +98,14 @@ pub(super) fn start(o: Opening) -> Result<(std::sync::mpsc::Sender<VmIn>, u64), 
         // show up before a promote goes through unforced.
         last_heard: Some(Instant::now()),
         silence_reported: false,
+        hold: None,
+        inbox_tx: None,
         _lock: lock,
     };
     thread.handle_events(events);
     let committed = thread.store.as_ref().map_or(0, |s| s.committed_epoch());
     let (tx, inbox) = std::sync::mpsc::channel();
+    thread.inbox_tx = Some(tx.clone());
     let name = format!("replica-{}", thread.o.vm_id);
     let vm_id = thread.o.vm_id.clone();
     std::thread::Builder::new()
@@ -137,6 +142,10 @@ struct VmThread {
     last_heard: Option<Instant>,
     /// The primary's silence past its lease was logged.
     silence_reported: bool,
+    /// The hold at the fencing authority on the VM this node promoted and runs.
+    hold: Option<endophyte_authority::Hold>,
+    /// This thread's own inbox, for the hold's fencer.
+    inbox_tx: Option<std::sync::mpsc::Sender<VmIn>>,
     /// This process's hold on the VM's directory.
     _lock: DirLock,
 }
@@ -177,6 +186,14 @@ impl VmThread {
                 }
                 VmIn::Promote { req, reply } => {
                     let _ = reply.send(self.promote(&req));
+                    continue;
+                }
+                VmIn::AuthorityFence { why } => {
+                    if self.target.runs_here() {
+                        tracing::error!(vm = %self.o.vm_id, "stopping the VM that runs here, failing closed: {why}");
+                        self.target.stop_running();
+                    }
+                    self.hold = None;
                     continue;
                 }
                 VmIn::PathUp { key, tx } => {
@@ -394,7 +411,13 @@ impl VmThread {
                 self.target.fence().generation
             ));
         }
-        if self.lease_live() && !req.force {
+        let authority = self.o.authority.get().cloned();
+        if authority.is_some() && req.force {
+            return Err(format!(
+                "VM {vm:?}: force is refused under a fencing authority: only the authority's lease says the holder is gone"
+            ));
+        }
+        if authority.is_none() && self.lease_live() && !req.force {
             return Err(format!(
                 "the primary of VM {vm:?} was heard {:.1} s ago: its lease ({:.1} s) is live, so it may still run; promote after the lease expires, or with force",
                 self.last_heard.map_or(0.0, |t| t.elapsed().as_secs_f64()),
@@ -412,12 +435,38 @@ impl VmThread {
         };
         let img = store.image_path().to_owned();
         let session = store.committed_session();
+        // The commit point of a promote under an authority: the generation's compare-and-set, which of
+        // two concurrent promotes only one wins. The VM starts only after it.
+        let claimed = match &authority {
+            Some(a) => Some(
+                a.rt.block_on(endophyte_authority::promote(
+                    &*a.auth,
+                    &vm,
+                    &self.o.node,
+                    a.cfg.ttl(),
+                ))
+                .map_err(|e| {
+                    format!("the fencing authority ({}) refused: {e}", a.auth.describe())
+                })?,
+            ),
+            None => None,
+        };
         self.target
             .set_restore_point(epoch, store.service_states().clone());
-        let (r, events) = self
-            .target
-            .promote(&img, (epoch, session), state, req.verify);
-        let generation = r?;
+        let (r, events) = self.target.promote(
+            &img,
+            (epoch, session),
+            state,
+            req.verify,
+            claimed.map(|c| c.generation),
+        );
+        let generation = match r {
+            Ok(g) => g,
+            Err(e) => {
+                self.release_claim(authority.as_ref(), claimed);
+                return Err(e);
+            }
+        };
         let mut outcome = Err(format!("VM {vm:?} did not start (no outcome)"));
         for e in &events {
             match e {
@@ -445,9 +494,70 @@ impl VmThread {
             }
         }
         self.handle_events(events);
+        match (&outcome, authority, claimed) {
+            (Ok(_), Some(a), Some(c)) => self.keep_hold(a, c),
+            (Err(_), a, c) => self.release_claim(a.as_ref(), c),
+            _ => {}
+        }
         if outcome.is_ok() {
             tracing::warn!(%vm, epoch, generation, forced = req.force, "promoted: the VM runs on this node from its last committed epoch");
         }
         outcome
+    }
+
+    /// A promote won at the authority but the VM did not start: the lease goes, so another node may try.
+    fn release_claim(
+        &self,
+        a: Option<&super::BackupAuthority>,
+        c: Option<endophyte_authority::Claimed>,
+    ) {
+        if let (Some(a), Some(c)) = (a, c) {
+            if let Err(e) = a.rt.block_on(a.auth.revoke(c.lease)) {
+                tracing::warn!(vm = %self.o.vm_id, "revoking the authority lease of a promote that did not start: {e}");
+            }
+        }
+    }
+
+    /// The promoted VM runs here: this node keeps its hold alive, and stops the VM (fails closed) once
+    /// the hold cannot be shown alive or another node holds it.
+    fn keep_hold(&mut self, a: super::BackupAuthority, c: endophyte_authority::Claimed) {
+        let Some(tx) = self.inbox_tx.clone() else {
+            return;
+        };
+        let fencer = Arc::new(StopOnFence(std::sync::Mutex::new(tx)));
+        self.hold = Some(endophyte_authority::Hold::spawn(
+            &a.rt,
+            a.auth.clone(),
+            (self.o.vm_id.clone(), self.o.node.clone()),
+            a.cfg.timing(),
+            c,
+            fencer,
+        ));
+    }
+}
+
+/// The fencer of a VM this backup runs: it has no pause through [`endophyte_vmm::TargetVm`], so a fence
+/// stops it (fail closed); it never comes back by itself.
+struct StopOnFence(std::sync::Mutex<std::sync::mpsc::Sender<VmIn>>);
+
+impl endophyte_authority::Fencer for StopOnFence {
+    fn fence(&self, why: &str) {
+        let _ = self
+            .0
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .send(VmIn::AuthorityFence {
+                why: format!("its hold at the fencing authority could not be kept: {why}"),
+            });
+    }
+    fn unfence(&self) {}
+    fn superseded(&self, why: &str) {
+        let _ = self
+            .0
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .send(VmIn::AuthorityFence {
+                why: format!("another node holds it at the fencing authority: {why}"),
+            });
     }
 }

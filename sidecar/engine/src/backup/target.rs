@@ -103,6 +103,14 @@ impl Target {
         self.machine.fence()
     }
 
+    /// Stops the VM running here: its hold at the fencing authority could not be kept (fail closed). The
+    /// next tick sees its VMM gone and records the departure.
+    pub(super) fn stop_running(&mut self) {
+        if let Some(vm) = self.vm.as_mut() {
+            vm.stop();
+        }
+    }
+
     /// Where the VMM holding the VM is reached; empty when none does.
     pub(super) fn endpoint(&self) -> &str {
         &self.endpoint
@@ -125,22 +133,29 @@ impl Target {
     }
 
     /// Promote: start the VM here from the committed epoch (`epoch`, `session`) with `state`, and resume
-    /// it. Returns its generation and the machine's report, or why it did not start.
+    /// it, under the generation the fencing authority `granted` (the fence's next without one). Returns
+    /// its generation and the machine's report, or why it did not start.
     pub(super) fn promote(
         &mut self,
         replica: &Path,
         (epoch, session): (u64, u64),
         state: VmState,
         verify: bool,
+        granted: Option<u64>,
     ) -> (Result<u64, String>, Vec<TargetEvent>) {
-        let generation =
-            match self
+        let now = Instant::now();
+        let r = match granted {
+            Some(g) => self
                 .machine
-                .handle_promote((epoch, session), state, verify, Instant::now())
-            {
-                Ok(g) => g,
-                Err(e) => return (Err(e), vec![]),
-            };
+                .handle_promote_at((epoch, session), state, verify, g, now),
+            None => self
+                .machine
+                .handle_promote((epoch, session), state, verify, now),
+        };
+        let generation = match r {
+            Ok(g) => g,
+            Err(e) => return (Err(e), vec![]),
+        };
         (Ok(generation), self.run(Some(replica)))
     }
 

@@ -79,6 +79,7 @@ fn status(s: &Shared) -> SidecarStatus {
         max_bandwidth: g.max_bandwidth,
         waiting: g.waiting.clone(),
         services: s.services.status(),
+        authority: s.hold.get().map(|h| h.status()),
         fence: crate::control::FenceStatusView {
             enabled: m.fence_after.is_some(),
             fenced: g.fence.fenced,

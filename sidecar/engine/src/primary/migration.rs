@@ -445,6 +445,15 @@ pub(super) fn start_migration(
             "downtime_ms and deadline_ms must be above 0",
         ));
     }
+    if s.hold.get().is_some() {
+        // The switchover's commit point must become the authority's hand-over (g -> g+1 for the target);
+        // a switchover that bypassed it would leave the authority naming this node while the VM runs on
+        // the target, and a promote after this sidecar's lease could start a second copy.
+        return Err(ApiError::conflict(
+            "migration under a fencing authority is not supported yet (its commit point, the hand-over at \
+             the authority, is not built): refusing rather than switching over around the authority",
+        ));
+    }
     let mut g = s.lock();
     if let Some(m) = &g.migration {
         match m.phase {

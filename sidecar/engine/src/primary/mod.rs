@@ -14,6 +14,7 @@
 //! is an [`endophyte_vmm::SourceVmm`]: nothing here knows which kind.
 
 mod api;
+mod authority;
 mod contribute;
 mod driver;
 mod encode;
@@ -221,7 +222,23 @@ pub fn run_sidecar(
     // Every pause and resume goes through the gate, so that a fenced guest stays paused.
     let gate = Arc::new(gate::GatedVmm::new(vmm.clone()));
     let vmm: Arc<dyn SourceVmm> = gate.clone();
-    let fence_thread = if cfg.self_fence == crate::config::SelfFencePolicy::Off {
+    let mut cfg = cfg;
+    if let Some(a) = &cfg.authority {
+        cfg.generation = authority::start(
+            &rt,
+            a,
+            (&cfg.vm_id, &cfg.node),
+            gate.clone(),
+            shared.clone(),
+            cfg.self_fence,
+        )?;
+    } else {
+        tracing::warn!("no fencing authority (--etcd): a promote on a backup is not fenced against this copy; see docs/fencing.md");
+    }
+    let fence_thread = if cfg.authority.is_some() {
+        // The authority's hold is the fence: the backups' answers no longer decide whether the guest runs.
+        None
+    } else if cfg.self_fence == crate::config::SelfFencePolicy::Off {
         tracing::warn!("self-fencing is off: a backup that promotes after its lease may leave two copies running");
         None
     } else {
@@ -281,6 +298,9 @@ pub fn run_sidecar(
     if closed > 0 {
         // The sessions' tasks send that status before the runtime goes.
         std::thread::sleep(Duration::from_millis(100));
+    }
+    if !ep.migrated {
+        authority::end(&rt, &shared, &gate);
     }
     path_stop.notify_waiters();
     let report = ep.report(&cfg, &paths);

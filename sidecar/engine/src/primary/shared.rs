@@ -4,6 +4,7 @@
 
 use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
 use std::sync::{Condvar, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
@@ -202,6 +203,8 @@ pub(super) struct Shared {
     pub metrics: PrimaryMetrics,
     /// Services registered on the services socket, and the console gate (their own lock).
     pub services: crate::services::ServiceRegistry,
+    /// The hold on the VM at the fencing authority, once claimed (none without an authority).
+    pub hold: std::sync::OnceLock<Arc<endophyte_authority::Hold>>,
     /// The console output commit (a service; its own lock).
     pub console: crate::services::console::Console,
     /// Signalled whenever the driver changed something the epoch loop may wait for.
@@ -249,6 +252,7 @@ impl Shared {
             meta,
             metrics,
             services: crate::services::ServiceRegistry::new(),
+            hold: std::sync::OnceLock::new(),
             console,
             cv: Condvar::new(),
             wake: tokio::sync::Notify::new(),

@@ -311,6 +311,30 @@ impl TargetSwitchover {
         verify: bool,
         now: Instant,
     ) -> Result<u64, String> {
+        let generation = self.fence.generation + 1;
+        self.handle_promote_at(replica, state, verify, generation, now)
+    }
+
+    /// Promote under `generation`, which a fencing authority granted this node
+    /// ([`crate::authority::promote`]): as [`TargetSwitchover::handle_promote`], but the generation is the
+    /// authority's, and must be above every generation this node has seen.
+    ///
+    /// # Errors
+    /// As [`TargetSwitchover::handle_promote`]; a generation at or below the fence's.
+    pub fn handle_promote_at(
+        &mut self,
+        replica: (u64, u64),
+        state: VmState,
+        verify: bool,
+        generation: u64,
+        now: Instant,
+    ) -> Result<u64, String> {
+        if generation <= self.fence.generation {
+            return Err(format!(
+                "generation {generation} is stale: this node has seen generation {} ({}) of VM {:?}",
+                self.fence.generation, self.fence.state, self.vm_id
+            ));
+        }
         if self.runs_here() || self.fence.state == FenceState::Running {
             return Err(format!(
                 "VM {:?} already runs on this node (generation {})",
@@ -323,7 +347,6 @@ impl TargetSwitchover {
                 self.vm_id
             ));
         }
-        let generation = self.fence.generation + 1;
         let request = Switchover {
             generation,
             session: replica.1,
