@@ -49,6 +49,16 @@ pub enum AuthorityError {
         /// Why.
         refusal: Refusal,
     },
+    /// A hand-over did not land, and the record still names this node at its generation (read back).
+    #[error("VM {vm:?}: the hand-over did not land; this node still holds generation {generation}: {why}")]
+    NotLanded {
+        /// The VM.
+        vm: String,
+        /// The generation still held.
+        generation: u64,
+        /// Why it did not land.
+        why: String,
+    },
     /// A lease of this same node still guards the record and did not expire in time.
     #[error("VM {vm:?}: an earlier lease of node {node:?} still guards generation {generation} after {waited:?}; another process of this node may hold it")]
     StillHeld {

@@ -172,6 +172,35 @@ impl Hold {
     }
 }
 
+/// Gets the hold back after the keeper lost track of it: its own lease, if it still lives at the server
+/// and still guards the record at `generation`, is simply renewed; otherwise the VM is claimed afresh
+/// (which succeeds only if nobody promoted it meanwhile).
+async fn reclaim(
+    auth: &dyn Authority,
+    (vm, node): (&str, &str),
+    ttl: Duration,
+    generation: u64,
+    lease: i64,
+) -> Result<Claimed, AuthorityError> {
+    let asked = boot_now();
+    if auth.keep_alive(lease).await.is_ok_and(|t| !t.is_zero()) {
+        let seen = auth.observe(vm).await?;
+        let ours = seen
+            .record
+            .as_ref()
+            .is_some_and(|(r, _)| r.holder == node && r.generation == generation)
+            && seen.lease.as_ref().is_some_and(|l| l.lease_id == lease);
+        if ours {
+            return Ok(Claimed {
+                generation,
+                lease,
+                asked,
+            });
+        }
+    }
+    ops::claim(auth, vm, node, ttl, Some(generation), Duration::ZERO).await
+}
+
 struct Keeper {
     auth: Arc<dyn Authority>,
     vm: String,
@@ -239,7 +268,8 @@ impl Keeper {
                 self.lease = c.lease;
                 self.keeper.handle_claimed(c.generation, c.asked);
             }
-            Done::Reclaim(Err(e)) if e.is_permanent() => {
+            // Only a refusal means another node holds the VM; anything else is tried again.
+            Done::Reclaim(Err(e)) if e.refusal().is_some() => {
                 self.error(&e);
                 self.keeper.handle_superseded(e.to_string());
             }
@@ -274,9 +304,9 @@ impl Keeper {
                     self.vm.clone(),
                     self.node.clone(),
                 );
-                let (ttl, g) = (self.timing.ttl, self.keeper.generation());
+                let (ttl, g, lease) = (self.timing.ttl, self.keeper.generation(), self.lease);
                 tokio::spawn(async move {
-                    let r = ops::claim(&*auth, &vm, &node, ttl, Some(g), Duration::ZERO).await;
+                    let r = reclaim(&*auth, (&vm, &node), ttl, g, lease).await;
                     let _ = done.send(Done::Reclaim(r));
                 });
             }

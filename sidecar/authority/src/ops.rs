@@ -188,7 +188,22 @@ pub async fn hand_over(
     }
     // A lost answer or a lost compare: the record says which.
     let after = auth.observe(vm).await?;
+    let why = match &applied {
+        Ok(_) => "its compare failed (the lease key is no longer this node's)".to_string(),
+        Err(e) => e.to_string(),
+    };
     match after.record {
+        Some((r, _))
+            if r.generation == generation
+                && r.holder == node
+                && r.state == RecordState::Running =>
+        {
+            Err(AuthorityError::NotLanded {
+                vm: vm.into(),
+                generation,
+                why,
+            })
+        }
         Some((r, _))
             if r.generation == plan.record.generation
                 && r.holder == to

@@ -300,6 +300,7 @@ impl BackupNode {
             services: self.services.clone(),
             service_restore: self.cfg.service_restore,
             authority: self.authority.clone(),
+            authority_required: self.cfg.authority.is_some(),
         })?;
         let handle = Arc::new(VmHandle {
             tx,

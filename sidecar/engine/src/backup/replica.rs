@@ -41,6 +41,8 @@ pub(super) struct Opening {
     pub service_restore: std::time::Duration,
     /// The fencing authority, once the node serves (none configured: never set).
     pub authority: Arc<std::sync::OnceLock<super::BackupAuthority>>,
+    /// Whether one is configured (switchovers then claim their generation there before resuming).
+    pub authority_required: bool,
 }
 
 /// The VM a directory holds a replica of, from its `state.json`: `(vm_id, page_size, mem_bytes)`;
@@ -66,6 +68,7 @@ pub(super) fn start(o: Opening) -> Result<(std::sync::mpsc::Sender<VmIn>, u64), 
     // The fence file at full size now, so that a switchover's records are single in-place writes: creating
     // it (write, fsync, rename, fsync) inside a switchover would add tens of ms to the guest's downtime.
     fence::ensure_file(&o.dir)?;
+    let (tx, inbox) = std::sync::mpsc::channel();
     let mut target = Target::new(
         &o.vm_id,
         &o.dir,
@@ -73,6 +76,12 @@ pub(super) fn start(o: Opening) -> Result<(std::sync::mpsc::Sender<VmIn>, u64), 
         o.launcher.clone(),
         o.crash.during_switchover,
         (o.services.clone(), o.service_restore),
+        o.authority_required
+            .then(|| super::target::TargetAuthority {
+                cell: o.authority.clone(),
+                node: o.node.clone(),
+                inbox: tx.clone(),
+            }),
     );
     // A VM running here (its VMM outlived an earlier run of this backup) owns the replica file: no journal
     // may be redone over its RAM, so the store stays closed until it leaves.
@@ -98,14 +107,11 @@ pub(super) fn start(o: Opening) -> Result<(std::sync::mpsc::Sender<VmIn>, u64), 
         // show up before a promote goes through unforced.
         last_heard: Some(Instant::now()),
         silence_reported: false,
-        hold: None,
-        inbox_tx: None,
         _lock: lock,
     };
     thread.handle_events(events);
     let committed = thread.store.as_ref().map_or(0, |s| s.committed_epoch());
-    let (tx, inbox) = std::sync::mpsc::channel();
-    thread.inbox_tx = Some(tx.clone());
+
     let name = format!("replica-{}", thread.o.vm_id);
     let vm_id = thread.o.vm_id.clone();
     std::thread::Builder::new()
@@ -142,10 +148,6 @@ struct VmThread {
     last_heard: Option<Instant>,
     /// The primary's silence past its lease was logged.
     silence_reported: bool,
-    /// The hold at the fencing authority on the VM this node promoted and runs.
-    hold: Option<endophyte_authority::Hold>,
-    /// This thread's own inbox, for the hold's fencer.
-    inbox_tx: Option<std::sync::mpsc::Sender<VmIn>>,
     /// This process's hold on the VM's directory.
     _lock: DirLock,
 }
@@ -189,11 +191,7 @@ impl VmThread {
                     continue;
                 }
                 VmIn::AuthorityFence { why } => {
-                    if self.target.runs_here() {
-                        tracing::error!(vm = %self.o.vm_id, "stopping the VM that runs here, failing closed: {why}");
-                        self.target.stop_running();
-                    }
-                    self.hold = None;
+                    self.target.hold_lost(&why);
                     continue;
                 }
                 VmIn::PathUp { key, tx } => {
@@ -411,7 +409,7 @@ impl VmThread {
                 self.target.fence().generation
             ));
         }
-        let authority = self.o.authority.get().cloned();
+        let authority = self.target.authority().map(|(a, _)| a);
         if authority.is_some() && req.force {
             return Err(format!(
                 "VM {vm:?}: force is refused under a fencing authority: only the authority's lease says the holder is gone"
@@ -495,7 +493,7 @@ impl VmThread {
         }
         self.handle_events(events);
         match (&outcome, authority, claimed) {
-            (Ok(_), Some(a), Some(c)) => self.keep_hold(a, c),
+            (Ok(_), Some(a), Some(c)) => self.target.keep_hold(&a, c),
             (Err(_), a, c) => self.release_claim(a.as_ref(), c),
             _ => {}
         }
@@ -516,48 +514,5 @@ impl VmThread {
                 tracing::warn!(vm = %self.o.vm_id, "revoking the authority lease of a promote that did not start: {e}");
             }
         }
-    }
-
-    /// The promoted VM runs here: this node keeps its hold alive, and stops the VM (fails closed) once
-    /// the hold cannot be shown alive or another node holds it.
-    fn keep_hold(&mut self, a: super::BackupAuthority, c: endophyte_authority::Claimed) {
-        let Some(tx) = self.inbox_tx.clone() else {
-            return;
-        };
-        let fencer = Arc::new(StopOnFence(std::sync::Mutex::new(tx)));
-        self.hold = Some(endophyte_authority::Hold::spawn(
-            &a.rt,
-            a.auth.clone(),
-            (self.o.vm_id.clone(), self.o.node.clone()),
-            a.cfg.timing(),
-            c,
-            fencer,
-        ));
-    }
-}
-
-/// The fencer of a VM this backup runs: it has no pause through [`endophyte_vmm::TargetVm`], so a fence
-/// stops it (fail closed); it never comes back by itself.
-struct StopOnFence(std::sync::Mutex<std::sync::mpsc::Sender<VmIn>>);
-
-impl endophyte_authority::Fencer for StopOnFence {
-    fn fence(&self, why: &str) {
-        let _ = self
-            .0
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .send(VmIn::AuthorityFence {
-                why: format!("its hold at the fencing authority could not be kept: {why}"),
-            });
-    }
-    fn unfence(&self) {}
-    fn superseded(&self, why: &str) {
-        let _ = self
-            .0
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .send(VmIn::AuthorityFence {
-                why: format!("another node holds it at the fencing authority: {why}"),
-            });
     }
 }

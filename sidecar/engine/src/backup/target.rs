@@ -12,6 +12,7 @@ use endophyte_wire::receiver::PathKey;
 use endophyte_wire::switchover::{TargetAction, TargetEvent, TargetSwitchover};
 use endophyte_wire::{FenceState, Message};
 
+use super::{BackupAuthority, VmIn};
 use crate::fence::{self, FenceRecord};
 use crate::store::ServiceStates;
 
@@ -39,6 +40,18 @@ pub(super) struct Target {
     services: (crate::services::ServiceRegistry, std::time::Duration),
     /// The committed epoch the VM is restored from and the services' contributions as of it.
     restore_point: Option<(u64, ServiceStates)>,
+    /// The fencing authority, when one is configured.
+    authority: Option<TargetAuthority>,
+    /// The hold at the authority on the VM running here (promoted or switched over to this node).
+    hold: Option<endophyte_authority::Hold>,
+}
+
+/// What the target needs of the fencing authority: the client (set once the node serves), this node's
+/// name, and the VM thread's inbox, where a lost hold stops the VM.
+pub(super) struct TargetAuthority {
+    pub cell: Arc<std::sync::OnceLock<BackupAuthority>>,
+    pub node: String,
+    pub inbox: std::sync::mpsc::Sender<VmIn>,
 }
 
 impl Target {
@@ -51,10 +64,14 @@ impl Target {
         launcher: Option<Arc<dyn Launcher>>,
         crash_during_switchover: bool,
         services: (crate::services::ServiceRegistry, std::time::Duration),
+        authority: Option<TargetAuthority>,
     ) -> Self {
         let record = record.unwrap_or_default();
         let alive = fence::process_alive(record.fence.vmm_pid);
-        let machine = TargetSwitchover::new(vm_id.to_string(), record.fence, alive);
+        let mut machine = TargetSwitchover::new(vm_id.to_string(), record.fence, alive);
+        if authority.is_some() {
+            machine = machine.with_authority();
+        }
         Self {
             vm_id: vm_id.to_string(),
             dir: dir.to_owned(),
@@ -73,7 +90,59 @@ impl Target {
             crash_during_switchover,
             services,
             restore_point: None,
+            authority,
+            hold: None,
         }
+    }
+
+    /// The authority's client, once the node serves.
+    pub(super) fn authority(&self) -> Option<(BackupAuthority, String)> {
+        let a = self.authority.as_ref()?;
+        Some((a.cell.get()?.clone(), a.node.clone()))
+    }
+
+    /// The VM runs here under `claimed`: this node keeps the hold alive, and a lost hold stops the VM
+    /// (fails closed; a [`TargetVm`] cannot be paused from here).
+    pub(super) fn keep_hold(&mut self, a: &BackupAuthority, claimed: endophyte_authority::Claimed) {
+        let Some(t) = &self.authority else {
+            return;
+        };
+        let fencer = Arc::new(StopOnFence(std::sync::Mutex::new(t.inbox.clone())));
+        self.hold = Some(endophyte_authority::Hold::spawn(
+            &a.rt,
+            a.auth.clone(),
+            (self.vm_id.clone(), t.node.clone()),
+            a.cfg.timing(),
+            claimed,
+            fencer,
+        ));
+    }
+
+    /// The hold is lost (or another node holds the VM): stop the VM running here.
+    pub(super) fn hold_lost(&mut self, why: &str) {
+        if self.runs_here() {
+            tracing::error!(vm = %self.vm_id, "stopping the VM that runs here, failing closed: {why}");
+            self.stop_running();
+        }
+        self.hold = None;
+    }
+
+    fn claim_hold(&mut self, generation: u64) -> Result<(), String> {
+        let Some((a, node)) = self.authority() else {
+            return Err("the fencing authority is not connected".into());
+        };
+        let claimed =
+            a.rt.block_on(endophyte_authority::claim(
+                &*a.auth,
+                &self.vm_id,
+                &node,
+                a.cfg.ttl(),
+                Some(generation),
+                std::time::Duration::from_secs(2),
+            ))
+            .map_err(|e| e.to_string())?;
+        self.keep_hold(&a, claimed);
+        Ok(())
     }
 
     /// The replica holds committed epoch `epoch` with the services' contributions `states`: what a
@@ -371,6 +440,13 @@ impl Target {
                 self.preloaded = false;
                 self.endpoint.clear();
             }
+            TargetAction::ClaimHold { generation } => {
+                let t0 = Instant::now();
+                let r = self.claim_hold(generation);
+                tracing::info!(vm = %self.vm_id, generation, ok = r.is_ok(), took = ?t0.elapsed(),
+                    "claimed the handed-over generation at the fencing authority");
+                self.machine.handle_hold_claimed(r, Instant::now());
+            }
             TargetAction::KillLeftover { pid } => fence::kill(pid),
         }
     }
@@ -403,5 +479,31 @@ impl Target {
         !self.machine.holds_vm()
             && !self.machine.in_progress()
             && self.fence().state != FenceState::Running
+    }
+}
+
+/// The fencer of a VM this backup runs: it has no pause through [`TargetVm`], so a fence stops it (fail
+/// closed); it never comes back by itself.
+struct StopOnFence(std::sync::Mutex<std::sync::mpsc::Sender<VmIn>>);
+
+impl endophyte_authority::Fencer for StopOnFence {
+    fn fence(&self, why: &str) {
+        let _ = self
+            .0
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .send(VmIn::AuthorityFence {
+                why: format!("its hold at the fencing authority could not be kept: {why}"),
+            });
+    }
+    fn unfence(&self) {}
+    fn superseded(&self, why: &str) {
+        let _ = self
+            .0
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .send(VmIn::AuthorityFence {
+                why: format!("another node holds it at the fencing authority: {why}"),
+            });
     }
 }

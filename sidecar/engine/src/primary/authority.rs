@@ -114,6 +114,14 @@ pub(super) fn start(
     Ok(claimed.generation)
 }
 
+/// The VM migrated away: the target claimed its generation before resuming it, so this node's lease
+/// guards nothing now and goes.
+pub(super) fn migrated(rt: &tokio::runtime::Runtime, shared: &Shared) {
+    if let Some(hold) = shared.hold.get() {
+        rt.block_on(hold.release());
+    }
+}
+
 /// The run ends with the VM still here: the guest is paused (it fails closed: no replication and no hold
 /// guard it any more), then the hold is released so that a backup may promote at once.
 pub(super) fn end(rt: &tokio::runtime::Runtime, shared: &Shared, gate: &GatedVmm) {

@@ -71,8 +71,12 @@ pub(super) async fn drive(
 ) {
     let mut rpo_tick = tokio::time::interval(Duration::from_millis(10));
     let mut bucket: Option<Bucket> = None;
+    let mut hand_overs = Vec::new();
     loop {
-        let timeout = step(&shared, &mut bucket);
+        let timeout = step(&shared, &mut bucket, &mut hand_overs);
+        for (generation, target) in hand_overs.drain(..) {
+            hand_over(&shared, generation, target);
+        }
         let sleep = async {
             match timeout {
                 Some(t) => tokio::time::sleep_until(t.into()).await,
@@ -95,8 +99,13 @@ pub(super) async fn drive(
     }
 }
 
-/// One round: timeouts, transmits (within the cap), events. Returns when to come back.
-fn step(shared: &Shared, bucket: &mut Option<Bucket>) -> Option<Instant> {
+/// One round: timeouts, transmits (within the cap), events. Returns when to come back, and the hand-overs
+/// the fencing authority is to be asked for (after the lock is released).
+fn step(
+    shared: &Shared,
+    bucket: &mut Option<Bucket>,
+    hand_overs: &mut Vec<(u64, String)>,
+) -> Option<Instant> {
     let mut g = shared.lock();
     let g = &mut *g;
     let now = Instant::now();
@@ -183,6 +192,7 @@ fn step(shared: &Shared, bucket: &mut Option<Bucket>) -> Option<Instant> {
                 }
             }
             Event::Switchover(outcome) => g.switch_outcome = Some(outcome),
+            Event::HandOver { generation, target } => hand_overs.push((generation, target)),
         }
     }
     shared.cv.notify_all();
@@ -194,6 +204,42 @@ fn step(shared: &Shared, bucket: &mut Option<Bucket>) -> Option<Instant> {
         (Some(a), Some(b)) => Some(a.min(b)),
         (a, b) => a.or(b),
     }
+}
+
+/// The switchover's commit point under a fencing authority: asks it to hand `generation` to `target` (off
+/// this task, which must not wait on etcd), and tells the sender its verdict.
+fn hand_over(shared: &Arc<Shared>, generation: u64, target: String) {
+    use endophyte_authority::AuthorityError;
+    use endophyte_wire::switchover::AuthorityVerdict;
+    let Some(hold) = shared.hold.get().cloned() else {
+        let why = "no fencing authority hold to hand over".to_string();
+        shared
+            .lock()
+            .sender
+            .handle_switchover_authority(AuthorityVerdict::NotHandedOver { why }, Instant::now());
+        return;
+    };
+    let shared = shared.clone();
+    tokio::spawn(async move {
+        let t0 = Instant::now();
+        let verdict = match hold.hand_over(&target).await {
+            Ok(g) => {
+                tracing::info!(generation = g, %target, took_ms = t0.elapsed().as_secs_f64() * 1e3,
+                    "the fencing authority handed the VM over: the switchover's commit point");
+                AuthorityVerdict::HandedOver
+            }
+            Err(e @ AuthorityError::NotLanded { .. }) => {
+                AuthorityVerdict::NotHandedOver { why: e.to_string() }
+            }
+            Err(e) => AuthorityVerdict::Unknown { why: e.to_string() },
+        };
+        tracing::debug!(generation, "hand-over verdict in");
+        shared
+            .lock()
+            .sender
+            .handle_switchover_authority(verdict, Instant::now());
+        shared.wake.notify_one();
+    });
 }
 
 fn on_path_event(shared: &Shared, b: usize, p: usize, ev: PathEvent) {

@@ -315,8 +315,16 @@ impl EpochLoop {
                     .expect("checked by save_for_switch"),
             };
             g.switch_outcome = None;
-            g.sender
-                .begin_switchover(target, name.clone(), request, Timeouts::default(), times.t0);
+            // Under a fencing authority the commit point is its hand-over of the next generation.
+            let authority = self.shared.hold.get().is_some();
+            g.sender.begin_switchover_with(
+                target,
+                name.clone(),
+                request,
+                Timeouts::default(),
+                authority,
+                times.t0,
+            );
             verify
         };
         self.shared.wake.notify_one();
@@ -443,15 +451,6 @@ pub(super) fn start_migration(
     if req.downtime_ms == 0 || req.deadline_ms == 0 {
         return Err(ApiError::bad_request(
             "downtime_ms and deadline_ms must be above 0",
-        ));
-    }
-    if s.hold.get().is_some() {
-        // The switchover's commit point must become the authority's hand-over (g -> g+1 for the target);
-        // a switchover that bypassed it would leave the authority naming this node while the VM runs on
-        // the target, and a promote after this sidecar's lease could start a second copy.
-        return Err(ApiError::conflict(
-            "migration under a fencing authority is not supported yet (its commit point, the hand-over at \
-             the authority, is not built): refusing rather than switching over around the authority",
         ));
     }
     let mut g = s.lock();

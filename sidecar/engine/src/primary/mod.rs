@@ -299,7 +299,9 @@ pub fn run_sidecar(
         // The sessions' tasks send that status before the runtime goes.
         std::thread::sleep(Duration::from_millis(100));
     }
-    if !ep.migrated {
+    if ep.migrated {
+        authority::migrated(&rt, &shared);
+    } else {
         authority::end(&rt, &shared, &gate);
     }
     path_stop.notify_waiters();

@@ -148,6 +148,14 @@ pub enum Event {
     },
     /// The switchover begun with [`Sender::begin_switchover`] ended; the driver acts on the guest.
     Switchover(SwitchoverOutcome),
+    /// The switchover's target is ready: ask the fencing authority to hand `generation` to `target`, and
+    /// answer with [`Sender::handle_switchover_authority`].
+    HandOver {
+        /// The generation to hand over.
+        generation: u64,
+        /// The target's name.
+        target: String,
+    },
 }
 
 /// Why a message from a backup was not accepted.
@@ -214,7 +222,24 @@ impl Sender {
         timeouts: Timeouts,
         now: Instant,
     ) {
+        self.begin_switchover_with(target, target_name, request, timeouts, false, now);
+    }
+
+    /// As [`Sender::begin_switchover`]; with `authority`, the commit waits for the fencing authority's
+    /// hand-over ([`Event::HandOver`], answered by [`Sender::handle_switchover_authority`]).
+    pub fn begin_switchover_with(
+        &mut self,
+        target: BackupId,
+        target_name: String,
+        request: Switchover,
+        timeouts: Timeouts,
+        authority: bool,
+        now: Instant,
+    ) {
         let mut m = SourceSwitchover::new(request, target_name, timeouts, now);
+        if authority {
+            m = m.with_authority();
+        }
         let b = &self.backups[target];
         if !b.streaming {
             m.handle_target_lost(now);
@@ -240,6 +265,17 @@ impl Sender {
     /// or CPU the others' copies of it would only slow it down. `set_priority(None)` lifts it.
     pub fn serve_alone_until(&mut self, b: BackupId, epoch: u64) {
         self.alone = Some((b, epoch));
+    }
+
+    /// The fencing authority's verdict on the hand-over an [`Event::HandOver`] asked for.
+    pub fn handle_switchover_authority(
+        &mut self,
+        verdict: crate::switchover::AuthorityVerdict,
+        now: Instant,
+    ) {
+        if let Some((_, m)) = &mut self.switchover {
+            m.handle_authority(verdict, now);
+        }
     }
 
     /// The phase of the switchover in progress, if one was begun.
@@ -680,6 +716,9 @@ impl Sender {
             return Some(e);
         }
         let (_, m) = self.switchover.as_mut()?;
+        if let Some((generation, target)) = m.poll_authority() {
+            return Some(Event::HandOver { generation, target });
+        }
         m.poll_outcome().map(Event::Switchover)
     }
 

@@ -31,7 +31,9 @@
 pub mod source;
 pub mod target;
 
-pub use source::{SourcePhase, SourceSwitchover, SourceTimeline, SwitchoverOutcome, Timeouts};
+pub use source::{
+    AuthorityVerdict, SourcePhase, SourceSwitchover, SourceTimeline, SwitchoverOutcome, Timeouts,
+};
 pub use target::{Origin, TargetAction, TargetEvent, TargetSwitchover};
 
 /// Where a VM stands on one node, as its fence record says (`fence.json` on a backup).

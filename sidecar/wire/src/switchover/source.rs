@@ -42,7 +42,11 @@ pub enum SourcePhase {
     AwaitingFinalCommit,
     /// `Switchover` was sent; the target is preparing the VM.
     AwaitingReady,
-    /// `SwitchoverCommit` was sent: the source never resumes unless the target gives up the generation.
+    /// The target is ready; the fencing authority is handing the next generation to it (the commit point
+    /// under an authority): nothing is sent and nothing ends the switchover until its verdict.
+    AwaitingAuthority,
+    /// `SwitchoverCommit` was sent: the source never resumes unless the target gives up the generation
+    /// (and, under an authority, not even then: the generation was handed over).
     AwaitingSwitched,
     /// The outcome is out.
     Finished,
@@ -93,6 +97,24 @@ pub enum SwitchoverOutcome {
     },
 }
 
+/// What the fencing authority made of a switchover's hand-over ([`crate::authority::hand_over`]).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum AuthorityVerdict {
+    /// The next generation is the target's: commit.
+    HandedOver,
+    /// It did not land, and this node still holds its generation: the switchover is abandoned and the
+    /// source may resume.
+    NotHandedOver {
+        /// Why.
+        why: String,
+    },
+    /// Whether it landed is unknown, or someone else holds the VM now: the guest stays paused.
+    Unknown {
+        /// Why.
+        why: String,
+    },
+}
+
 /// The source's switchover state machine. See the module docs.
 #[derive(Debug)]
 pub struct SourceSwitchover {
@@ -106,6 +128,14 @@ pub struct SourceSwitchover {
     ready: Option<SwitchoverReady>,
     out: VecDeque<Message>,
     outcome: Option<SwitchoverOutcome>,
+    /// The commit point is the fencing authority's hand-over ([`SourceSwitchover::with_authority`]).
+    authority: bool,
+    /// The hand-over was asked for and not yet reported by [`SourceSwitchover::poll_authority`].
+    ask_authority: bool,
+    /// The authority handed the generation over: the source never resumes.
+    handed_over: bool,
+    /// A refusal or loss of the target that came while the authority decided.
+    pending_failure: Option<String>,
 }
 
 impl SourceSwitchover {
@@ -128,6 +158,74 @@ impl SourceSwitchover {
             ready: None,
             out: VecDeque::new(),
             outcome: None,
+            authority: false,
+            ask_authority: false,
+            handed_over: false,
+            pending_failure: None,
+        }
+    }
+
+    /// Under a fencing authority: once the target is ready, the commit waits for the authority to hand
+    /// the next generation to it ([`SourceSwitchover::poll_authority`], answered by
+    /// [`SourceSwitchover::handle_authority`]); after that the source never resumes.
+    pub fn with_authority(mut self) -> Self {
+        self.authority = true;
+        self
+    }
+
+    /// The hand-over to ask the authority for, once: `(generation, target)`.
+    pub fn poll_authority(&mut self) -> Option<(u64, String)> {
+        if std::mem::take(&mut self.ask_authority) {
+            Some((self.request.generation, self.target.clone()))
+        } else {
+            None
+        }
+    }
+
+    /// The authority's verdict on the hand-over.
+    pub fn handle_authority(&mut self, verdict: AuthorityVerdict, now: Instant) {
+        if self.phase != SourcePhase::AwaitingAuthority {
+            return;
+        }
+        match verdict {
+            AuthorityVerdict::HandedOver => {
+                self.handed_over = true;
+                if let Some(why) = self.pending_failure.take() {
+                    // The target gave up while the authority handed it the generation: nobody may run it.
+                    let why = self.in_doubt_why(&format!(
+                        "the authority handed it the generation, but it had already failed: {why}"
+                    ));
+                    self.out.push_back(Message::SwitchoverAbort {
+                        generation: self.request.generation,
+                    });
+                    return self.finish(SwitchoverOutcome::InDoubt {
+                        generation: self.request.generation,
+                        why,
+                    });
+                }
+                self.phase = SourcePhase::AwaitingSwitched;
+                self.deadline = now + self.timeouts.switched;
+                self.send(
+                    Message::SwitchoverCommit {
+                        generation: self.request.generation,
+                    },
+                    now,
+                );
+            }
+            AuthorityVerdict::NotHandedOver { why } => self.abandon(
+                format!("the fencing authority did not hand the VM over: {why}"),
+                true,
+            ),
+            AuthorityVerdict::Unknown { why } => {
+                let why = self.in_doubt_why(&format!("the fencing authority's hand-over: {why}"));
+                self.out.push_back(Message::SwitchoverAbort {
+                    generation: self.request.generation,
+                });
+                self.finish(SwitchoverOutcome::InDoubt {
+                    generation: self.request.generation,
+                    why,
+                });
+            }
         }
     }
 
@@ -165,6 +263,13 @@ impl SourceSwitchover {
         }
         self.timeline.ready = Some(now);
         self.ready = Some(ready);
+        if self.authority {
+            self.phase = SourcePhase::AwaitingAuthority;
+            self.ask_authority = true;
+            self.deadline = now + self.timeouts.ready;
+            self.resend_at = None;
+            return;
+        }
         self.phase = SourcePhase::AwaitingSwitched;
         self.deadline = now + self.timeouts.switched;
         self.send(
@@ -207,6 +312,9 @@ impl SourceSwitchover {
                 let why = format!("target {target} refused the switchover: {message}");
                 self.abandon(why, true);
             }
+            SourcePhase::AwaitingAuthority => {
+                self.pending_failure = Some(format!("target {target} said: {message}"));
+            }
             SourcePhase::AwaitingSwitched if code == ErrorCode::SwitchoverFailed => {
                 let why = format!(
                     "target {target} gave up generation {} after the commit, without running it: {message}",
@@ -246,6 +354,10 @@ impl SourceSwitchover {
                 );
                 self.abandon(why, true);
             }
+            SourcePhase::AwaitingAuthority => {
+                self.pending_failure =
+                    Some(format!("every path to target {} went down", self.target));
+            }
             SourcePhase::AwaitingSwitched | SourcePhase::Finished => {}
         }
     }
@@ -271,6 +383,16 @@ impl SourceSwitchover {
                         self.timeouts.ready
                     );
                     self.abandon(why, true);
+                }
+                SourcePhase::AwaitingAuthority => {
+                    let why = self.in_doubt_why(&format!(
+                        "the fencing authority gave no verdict on the hand-over within {:?}",
+                        self.timeouts.ready
+                    ));
+                    self.finish(SwitchoverOutcome::InDoubt {
+                        generation: self.request.generation,
+                        why,
+                    });
                 }
                 SourcePhase::AwaitingSwitched => {
                     let why = self
@@ -330,6 +452,14 @@ impl SourceSwitchover {
     }
 
     fn abandon(&mut self, why: String, tell_target: bool) {
+        if self.handed_over {
+            // The generation is the target's at the authority: this copy must never run again.
+            let why = self.in_doubt_why(&why);
+            return self.finish(SwitchoverOutcome::InDoubt {
+                generation: self.request.generation,
+                why,
+            });
+        }
         if tell_target {
             self.out.push_back(Message::SwitchoverAbort {
                 generation: self.request.generation,
@@ -493,5 +623,70 @@ mod tests {
         m.handle_ready(ready(), t + Duration::from_secs(11));
         assert_eq!(m.poll_transmit(), None);
         assert_eq!(m.poll_outcome(), None);
+    }
+
+    /// Under an authority the commit waits for the hand-over; once handed over, nothing resumes the
+    /// source, not even a target that gives the generation up.
+    #[test]
+    fn under_an_authority_the_commit_waits_for_the_hand_over_and_never_resumes_after_it() {
+        let t = Instant::now();
+        let mut m = machine(t).with_authority();
+        m.handle_committed(20, t);
+        assert!(matches!(m.poll_transmit(), Some(Message::Switchover(_))));
+        m.handle_ready(ready(), t);
+        assert_eq!(m.poll_transmit(), None, "no commit before the authority");
+        assert_eq!(m.poll_authority(), Some((4, "b2".to_string())));
+        assert_eq!(m.poll_authority(), None);
+        // A target error while the authority decides ends nothing yet.
+        m.handle_target_lost(t);
+        assert_eq!(m.poll_outcome(), None);
+        m.handle_authority(AuthorityVerdict::HandedOver, t);
+        // It failed meanwhile: in doubt, and the target is told to drop what it prepared.
+        assert_eq!(
+            m.poll_transmit(),
+            Some(Message::SwitchoverAbort { generation: 4 })
+        );
+        assert!(matches!(
+            m.poll_outcome(),
+            Some(SwitchoverOutcome::InDoubt { .. })
+        ));
+
+        let mut m = machine(t).with_authority();
+        m.handle_committed(20, t);
+        m.handle_ready(ready(), t);
+        m.poll_transmit();
+        m.handle_authority(AuthorityVerdict::HandedOver, t);
+        assert_eq!(
+            m.poll_transmit(),
+            Some(Message::SwitchoverCommit { generation: 4 })
+        );
+        m.handle_error(ErrorCode::SwitchoverFailed, "gave it up", t);
+        assert!(
+            matches!(m.poll_outcome(), Some(SwitchoverOutcome::InDoubt { .. })),
+            "a handed-over source must not resume"
+        );
+    }
+
+    #[test]
+    fn a_hand_over_that_did_not_land_abandons_and_tells_the_target() {
+        let t = Instant::now();
+        let mut m = machine(t).with_authority();
+        m.handle_committed(20, t);
+        m.handle_ready(ready(), t);
+        m.poll_transmit();
+        m.handle_authority(
+            AuthorityVerdict::NotHandedOver {
+                why: "etcd unreachable".into(),
+            },
+            t,
+        );
+        assert_eq!(
+            m.poll_transmit(),
+            Some(Message::SwitchoverAbort { generation: 4 })
+        );
+        assert!(matches!(
+            m.poll_outcome(),
+            Some(SwitchoverOutcome::Abandoned { why, .. }) if why.contains("etcd unreachable")
+        ));
     }
 }

@@ -408,6 +408,11 @@ impl Sim {
                     self.durable_seen = epoch;
                 }
                 Event::PeerError { message, .. } => self.peer_errors.push(message),
+                // An authority that always hands over at once (these simulations model none).
+                Event::HandOver { .. } => self.sender.handle_switchover_authority(
+                    endophyte_wire::switchover::AuthorityVerdict::HandedOver,
+                    now,
+                ),
                 Event::Switchover(o) => {
                     match &o {
                         SwitchoverOutcome::SwitchedOver { .. } => {
@@ -487,6 +492,7 @@ impl Sim {
                         r.target.handle_restored(res, t)
                     }
                     TargetAction::HashRam => r.target.handle_hashed(Ok("h".into()), t),
+                    TargetAction::ClaimHold { .. } => r.target.handle_hold_claimed(Ok(()), t),
                     TargetAction::Resume => {
                         r.vmm.running = true;
                         r.target.handle_resumed(Ok(()), t)

@@ -55,6 +55,19 @@ impl TargetSwitchover {
         };
         debug_assert_eq!(job.request.generation, generation);
         job.step_at = now;
+        if self.authority && matches!(job.origin, Origin::Switchover(_)) {
+            self.actions
+                .push_back(TargetAction::ClaimHold { generation });
+            self.phase = Phase::Committing {
+                job,
+                step: CommitStep::Claiming,
+            };
+            return;
+        }
+        self.record_running(job);
+    }
+
+    fn record_running(&mut self, job: super::Job) {
         self.fence.state = FenceState::Running;
         self.recording.push_back(FenceState::Running);
         self.actions.push_back(TargetAction::RecordFence {
@@ -65,6 +78,30 @@ impl TargetSwitchover {
             job,
             step: CommitStep::RecordingRunning,
         };
+    }
+
+    /// The fencing authority's claim of the handed-over generation ([`TargetAction::ClaimHold`]) landed,
+    /// or not (then the generation is given up here and the VM never resumes).
+    pub fn handle_hold_claimed(&mut self, result: Result<(), String>, now: Instant) {
+        let Phase::Committing { job, step } = &self.phase else {
+            return;
+        };
+        if *step != CommitStep::Claiming {
+            return;
+        }
+        if let Err(e) = result {
+            let why = format!(
+                "claiming generation {} at the fencing authority failed, so it was given up here without running: {e}",
+                job.request.generation
+            );
+            return self.fail_committing(why);
+        }
+        let Phase::Committing { mut job, .. } = std::mem::replace(&mut self.phase, Phase::Idle)
+        else {
+            unreachable!();
+        };
+        job.step_at = now;
+        self.record_running(job);
     }
 
     /// The prepared VM was resumed ([`TargetAction::Resume`]), or not.

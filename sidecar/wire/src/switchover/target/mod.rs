@@ -67,6 +67,13 @@ pub enum TargetAction {
     Resume,
     /// Stop the VMM of a prepared VM that never ran, and forget it.
     StopVm,
+    /// Under a fencing authority, the source's commit arrived: claim `generation` there (the source
+    /// handed it to this node) before anything records or resumes it. Answer with
+    /// [`TargetSwitchover::handle_hold_claimed`].
+    ClaimHold {
+        /// The generation handed over.
+        generation: u64,
+    },
     /// After a restart: a VMM a crash left behind with a prepared VM (pid from the fence) must die.
     KillLeftover {
         /// Its process id.
@@ -134,6 +141,7 @@ enum PrepStep {
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum CommitStep {
+    Claiming,
     RecordingRunning,
     Resuming,
 }
@@ -187,6 +195,8 @@ pub struct TargetSwitchover {
     events: VecDeque<TargetEvent>,
     /// Fence writes asked and not yet answered, oldest first, to know what each answer is about.
     recording: VecDeque<FenceState>,
+    /// A switchover's commit claims the generation at a fencing authority first.
+    authority: bool,
 }
 
 fn us(d: Duration) -> u64 {
@@ -207,6 +217,7 @@ impl TargetSwitchover {
             out: VecDeque::new(),
             events: VecDeque::new(),
             recording: VecDeque::new(),
+            authority: false,
         };
         match m.fence.state {
             FenceState::Prepared => {
@@ -238,6 +249,13 @@ impl TargetSwitchover {
             _ => {}
         }
         m
+    }
+
+    /// Under a fencing authority: a switchover's commit claims the handed-over generation there
+    /// ([`TargetAction::ClaimHold`]) before the `running` fence is recorded and the VM resumed.
+    pub fn with_authority(mut self) -> Self {
+        self.authority = true;
+        self
     }
 
     /// The fence in force.

@@ -302,3 +302,50 @@ fn a_warm_up_asked_again_for_the_same_generation_is_answered_again_on_the_new_pa
     m.handle_timeout(now + STANDBY_TIMEOUT);
     assert!(!m.has_standby());
 }
+
+/// Under a fencing authority the commit claims the generation first; a refused claim gives the generation
+/// up (the VM never resumes, the source hears `SwitchoverFailed`), a landed one records `running` and
+/// resumes.
+#[test]
+fn under_an_authority_the_commit_claims_before_recording_running_and_a_refusal_never_resumes() {
+    for claim_ok in [true, false] {
+        let mut now = Instant::now();
+        let mut m = TargetSwitchover::new("vm".into(), Fence::default(), false).with_authority();
+        m.handle_message(3, &sw(1), (9, 5), now);
+        drive(&mut m, &mut now);
+        assert!(matches!(
+            m.poll_transmit(),
+            Some((3, Message::SwitchoverReady(_)))
+        ));
+        m.handle_message(3, &Message::SwitchoverCommit { generation: 1 }, (9, 5), now);
+        assert_eq!(
+            m.poll_action(),
+            Some(TargetAction::ClaimHold { generation: 1 })
+        );
+        // Nothing is recorded or resumed before the claim's answer.
+        assert_eq!(m.poll_action(), None);
+        let r = if claim_ok {
+            Ok(())
+        } else {
+            Err("the authority says node \"b2\" holds it".to_string())
+        };
+        m.handle_hold_claimed(r, now);
+        let done = drive(&mut m, &mut now);
+        if claim_ok {
+            assert!(matches!(
+                &done[0],
+                TargetAction::RecordFence { fence, durable: true } if fence.state == FenceState::Running
+            ));
+            assert_eq!(done[1], TargetAction::Resume);
+            assert!(m.runs_here());
+        } else {
+            assert!(done.contains(&TargetAction::StopVm), "{done:?}");
+            assert!(!done.contains(&TargetAction::Resume), "{done:?}");
+            assert!(!m.holds_vm());
+            assert!(matches!(
+                m.poll_transmit(),
+                Some((3, Message::Error { code: ErrorCode::SwitchoverFailed, message })) if message.contains("b2")
+            ));
+        }
+    }
+}
