@@ -40,6 +40,7 @@ fuzz_target!(|data: &[u8]| {
                 page_size: if b & 0x80 == 0 { PAGE as u32 } else { 512 },
                 mem_bytes: MEM,
                 vm_id: if b & 0x40 == 0 { VM.into() } else { "other".into() },
+                generation: 0,
             }),
             1 | 2 => {
                 let seq = u32::from(b % 4);

@@ -105,6 +105,7 @@ async fn run_paths(id: Arc<Identity>, addr: SocketAddr, paths: usize, secs: u64)
                 page_size: ps as u32,
                 mem_bytes: 1 << 30,
                 vm_id: "bench".into(),
+                generation: 0,
             });
             write_frame(&mut send, hello.encode()).await.unwrap();
             let _ = read_message(&mut recv).await.unwrap();

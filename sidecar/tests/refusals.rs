@@ -45,6 +45,18 @@ async fn connect_vm(
     vm_id: &str,
     mem_bytes: u64,
 ) -> Result<(Path1, Message), PathError> {
+    connect_at(id, addr, session, vm_id, mem_bytes, 0).await
+}
+
+/// A path whose Hello carries `generation` (the sender's fencing token).
+async fn connect_at(
+    id: &Identity,
+    addr: SocketAddr,
+    session: u64,
+    vm_id: &str,
+    mem_bytes: u64,
+    generation: u64,
+) -> Result<(Path1, Message), PathError> {
     let ep = client_endpoint(id.client_config().unwrap(), addr)?;
     let conn = ep
         .connect(addr, "b1")
@@ -59,6 +71,7 @@ async fn connect_vm(
             page_size: page_size() as u32,
             mem_bytes,
             vm_id: vm_id.into(),
+            generation,
         })
         .encode(),
     )
@@ -278,4 +291,136 @@ async fn commit_one_page_epoch(p: &mut Path1, fill: u8) {
 
 fn certs_other(dir: &Path) -> std::path::PathBuf {
     certs(dir, "net-b", &["client"])
+}
+
+fn fence_of(vm_dir: &Path) -> Option<serde_json::Value> {
+    let b = std::fs::read(vm_dir.join("fence.json")).ok()?;
+    serde_json::from_slice(b.trim_ascii_end()).ok()
+}
+
+/// Without an authority a path still acts only for its own generation: a `SwitchoverAbort` or a
+/// `Switchover` for another generation is refused and the fence is untouched (an abort of `u64::MAX`
+/// used to record that generation as aborted, so that no switchover could ever happen again).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_switchover_message_for_another_generation_poisons_nothing() {
+    let tmp = tempfile::tempdir().unwrap();
+    let certs = certs(tmp.path(), "net-a", &["client", "b1"]);
+    let addr = free_udp();
+    let data = tmp.path().join("data");
+    let _b1 = backup(&certs, "b1", addr, &data, &[]);
+    let id = Identity::load(&certs, "client").unwrap();
+    let (mut p, welcome) = connect_at(&id, addr, 1, "vm1", MEM, 3).await.unwrap();
+    assert!(matches!(welcome, Message::Welcome(_)), "{welcome:?}");
+    write_frame(
+        &mut p.send,
+        Message::SwitchoverAbort {
+            generation: u64::MAX,
+        }
+        .encode(),
+    )
+    .await
+    .unwrap();
+    let (code, message) = expect_error(&mut p).await;
+    assert_eq!(code, ErrorCode::PermissionDenied, "{message}");
+    assert!(
+        message.contains("generation 3") && message.contains("4"),
+        "{message}"
+    );
+    let fence = fence_of(&data.join("vm1"));
+    assert!(
+        fence
+            .as_ref()
+            .is_none_or(|f| f["generation"] == 0 && f["state"] == "none"),
+        "the fence changed: {fence:?}"
+    );
+    // A stale primary (below the newest generation this backup has seen) is refused.
+    let (mut stale, welcome) = connect_at(&id, addr, 2, "vm1", MEM, 2).await.unwrap();
+    match welcome {
+        Message::Error { code, message } => {
+            assert_eq!(code, ErrorCode::Fenced, "{message}");
+            assert!(message.contains("stale"), "{message}");
+        }
+        other => panic!("a stale primary was welcomed: {other:?}"),
+    }
+    let _ = &mut stale;
+}
+
+/// Under a fencing authority only the VM's holder, at its generation, may open a path: another node
+/// with a valid certificate of the network is refused at its Hello, naming node and VM, whatever
+/// generation it claims, and nothing of the VM is created on disk.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn under_etcd_a_node_that_does_not_hold_the_vm_is_refused() {
+    let tmp = tempfile::tempdir().unwrap();
+    // Started off the test's runtime: it waits for etcd on a runtime of its own.
+    let dir = tmp.path().join("etcd");
+    let etcd = std::thread::spawn(move || endophyte_authority::local::LocalEtcd::start(&dir))
+        .join()
+        .unwrap()
+        .expect("etcd (apt-get install etcd-server)");
+    let certs = certs(tmp.path(), "net-a", &["primary", "mallory", "b1"]);
+    let addr = free_udp();
+    let data = tmp.path().join("data");
+    let _b1 = backup(
+        &certs,
+        "b1",
+        addr,
+        &data,
+        &[&format!("--etcd={}", etcd.url)],
+    );
+    // "primary" holds vm1 at generation 1.
+    let auth = endophyte_authority::EtcdAuthority::connect(&etcd.config()).unwrap();
+    let held = endophyte_authority::claim(
+        &auth,
+        "vm1",
+        "primary",
+        Duration::from_secs(30),
+        None,
+        Duration::ZERO,
+    )
+    .await
+    .unwrap();
+    assert_eq!(held.generation, 1);
+    let mallory = Identity::load(&certs, "mallory").unwrap();
+    for generation in [0, 1, 2, u64::MAX] {
+        let (_p, answer) = connect_at(&mallory, addr, 7, "vm1", MEM, generation)
+            .await
+            .unwrap();
+        match answer {
+            Message::Error { code, message } => {
+                assert_eq!(code, ErrorCode::PermissionDenied, "{message}");
+                assert!(
+                    message.contains("\"mallory\"")
+                        && message.contains("\"vm1\"")
+                        && message.contains("\"primary\""),
+                    "{message}"
+                );
+            }
+            other => panic!("mallory was let in at generation {generation}: {other:?}"),
+        }
+    }
+    // A VM nobody claimed is refused too.
+    let (_p, answer) = connect_at(&mallory, addr, 7, "vm2", MEM, 0).await.unwrap();
+    assert!(
+        matches!(&answer, Message::Error { code: ErrorCode::PermissionDenied, message } if message.contains("no record")),
+        "{answer:?}"
+    );
+    assert!(
+        !data.join("vm1").exists() && !data.join("vm2").exists(),
+        "the refusals touched the disk"
+    );
+    // The holder, at its generation, is welcomed; at another one it is refused.
+    let primary = Identity::load(&certs, "primary").unwrap();
+    let (_p, answer) = connect_at(&primary, addr, 8, "vm1", MEM, 2).await.unwrap();
+    assert!(
+        matches!(
+            answer,
+            Message::Error {
+                code: ErrorCode::PermissionDenied,
+                ..
+            }
+        ),
+        "{answer:?}"
+    );
+    let (_p, answer) = connect_at(&primary, addr, 8, "vm1", MEM, 1).await.unwrap();
+    assert!(matches!(answer, Message::Welcome(_)), "{answer:?}");
 }

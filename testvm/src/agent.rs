@@ -216,6 +216,8 @@ impl AttachTarget for VmHost {
                 throttle: self.throttle,
                 hold_console: self.gate.is_some(),
                 prepare: true,
+                // The attach agent's own; it says so at the handshake.
+                guard: false,
             },
         };
         let mut regions = Vec::new();

@@ -36,6 +36,7 @@ fn epoch(epoch: u64, base: u64, with_state: bool) -> Vec<Message> {
         page_size: PAGE as u32,
         mem_bytes: MEM,
         vm_id: "vm".into(),
+        generation: 0,
     })];
     let mut hashes = Vec::new();
     let mut pages = 0u64;

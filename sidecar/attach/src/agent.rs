@@ -9,6 +9,10 @@
 //! closes (the sidecar exited, crashed or was killed), the throttle goes back to 0, and when the one
 //! holding console output closes, the held output is printed and output flows again. A killed sidecar
 //! thus never leaves its guest slowed down or its console silent.
+//!
+//! It does leave it paused, when it armed the run guard ([`crate::proto::Request::ArmGuard`]): a sidecar
+//! that dies or hangs stops guarding its guest, and a guest nobody guards may be promoted elsewhere, so
+//! the agent pauses it (fails closed) and refuses to resume it until a sidecar arms the guard again.
 
 use std::fs::File;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
@@ -121,6 +125,19 @@ struct Holders {
     throttle: Option<u64>,
     /// The connection holding console output.
     console: Option<u64>,
+    /// The run guard.
+    guard: crate::guard::Guard,
+}
+
+/// How often the guard's watchdog looks.
+const GUARD_TICK: Duration = Duration::from_millis(50);
+
+/// Pauses the guest for the run guard, logging why.
+fn trip(target: &dyn AttachTarget, why: &str) {
+    match target.pause() {
+        Ok(_) => tracing::error!("run guard: guest paused, failing closed: {why}"),
+        Err(e) => tracing::error!("run guard: pausing the guest failed ({e}): {why}"),
+    }
 }
 
 /// Serves `target` on `listener` until [`AttachTarget::shutdown`] is requested by a client; each
@@ -134,6 +151,27 @@ pub fn serve(listener: UnixListener, target: Arc<dyn AttachTarget>) -> std::io::
     let stop = Arc::new(EventFd::new(libc::EFD_NONBLOCK)?);
     let owner: Arc<Mutex<Holders>> = Arc::default();
     let mut next_id = 1u64;
+    let watchdog_stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    {
+        let (owner, target, done) = (owner.clone(), target.clone(), watchdog_stop.clone());
+        std::thread::Builder::new()
+            .name("attach-guard".into())
+            .spawn(move || {
+                while !done.load(std::sync::atomic::Ordering::SeqCst) {
+                    std::thread::sleep(GUARD_TICK);
+                    let why = owner
+                        .lock()
+                        .unwrap_or_else(|e| e.into_inner())
+                        .guard
+                        .check(Instant::now());
+                    if let Some(why) = why {
+                        trip(&*target, &why);
+                    }
+                }
+            })?;
+    }
+    let _stop_watchdog =
+        scopeguard(move || watchdog_stop.store(true, std::sync::atomic::Ordering::SeqCst));
     listener.set_nonblocking(true)?;
     loop {
         let mut fds = [
@@ -183,6 +221,19 @@ pub fn serve(listener: UnixListener, target: Arc<dyn AttachTarget>) -> std::io::
             Err(e) => return Err(e),
         }
     }
+}
+
+/// Runs `f` when dropped.
+fn scopeguard(f: impl FnOnce()) -> impl Drop {
+    struct Guard<F: FnOnce()>(Option<F>);
+    impl<F: FnOnce()> Drop for Guard<F> {
+        fn drop(&mut self) {
+            if let Some(f) = self.0.take() {
+                f();
+            }
+        }
+    }
+    Guard(Some(f))
 }
 
 /// The RAM file descriptor sent with a `request` frame (restore, prepare).
@@ -257,6 +308,10 @@ impl Connection {
         }
         // Logging goes on (so no write is missed); the next consumer takes the log over. A throttle or a
         // console hold this connection set ends with it.
+        let closed_guard = self.holders().guard.closed(self.id);
+        if let Some(why) = closed_guard {
+            trip(&*self.target, &why);
+        }
         let (throttled, held) = {
             let mut o = self.holders();
             if o.dirty_log.as_ref().is_some_and(|(id, _)| *id == self.id) {
@@ -295,6 +350,7 @@ impl Connection {
                     return Ok(false);
                 };
                 let (mut vm, regions) = self.target.describe();
+                vm.features.guard = true;
                 let bitmap_bytes: u64 = vm
                     .regions
                     .iter()
@@ -327,12 +383,13 @@ impl Connection {
                 Err(e) => return Err(e),
             };
             let shutdown = matches!(req, Request::Shutdown);
-            let resp = self
-                .handle(req, &mut fds)
-                .unwrap_or_else(|e| Response::Error {
-                    code: e.code,
-                    message: e.message,
-                });
+            self.holders().guard.touch(self.id, true, Instant::now());
+            let resp = self.handle(req, &mut fds);
+            self.holders().guard.touch(self.id, false, Instant::now());
+            let resp = resp.unwrap_or_else(|e| Response::Error {
+                code: e.code,
+                message: e.message,
+            });
             proto::send(&self.stream, &resp, &[])?;
             if shutdown {
                 return Ok(true);
@@ -403,7 +460,31 @@ impl Connection {
                 pause_us: t.pause()?.as_micros() as u64,
             },
             Request::Resume => {
+                self.holders().guard.may_resume(self.id)?;
                 t.resume()?;
+                Response::Ok
+            }
+            Request::ArmGuard {
+                timeout_ms,
+                generation,
+            } => {
+                let client = self.client.clone();
+                self.holders().guard.arm(
+                    self.id,
+                    &client,
+                    Duration::from_millis(timeout_ms),
+                    generation,
+                    Instant::now(),
+                )?;
+                tracing::info!(%client, timeout_ms, generation, "run guard armed");
+                Response::Ok
+            }
+            Request::DisarmGuard => {
+                self.holders().guard.disarm(self.id);
+                Response::Ok
+            }
+            Request::KeepAlive => {
+                self.holders().guard.keep_alive(self.id)?;
                 Response::Ok
             }
             Request::SetThrottle { fraction } => {
@@ -431,7 +512,11 @@ impl Connection {
                 t.prepare(state, ram_fd(fds, "prepare")?)?;
                 Response::Ok
             }
-            Request::Status => Response::Status { vm: t.describe().0 },
+            Request::Status => {
+                let mut vm = t.describe().0;
+                vm.features.guard = true;
+                Response::Status { vm }
+            }
             Request::HoldConsole { hold } => {
                 t.hold_console(hold)?;
                 self.holders().console = hold.then_some(self.id);

@@ -85,6 +85,9 @@ pub struct Harvest {
 /// A connection to a VMM's attach agent.
 pub struct AttachClient {
     stream: UnixStream,
+    /// One request and its answer at a time: the epoch loop, the self-fence and the guard's keep-alive
+    /// share the connection.
+    calls: std::sync::Mutex<()>,
     version: u16,
     info: VmInfo,
     regions: Vec<MappedRegion>,
@@ -180,6 +183,7 @@ impl AttachClient {
         })?;
         Ok(Self {
             stream,
+            calls: std::sync::Mutex::new(()),
             version,
             info,
             regions,
@@ -203,6 +207,7 @@ impl AttachClient {
         req: &Request,
         fds: &[i32],
     ) -> Result<Response, ClientError> {
+        let _one = self.calls.lock().unwrap_or_else(|e| e.into_inner());
         proto::send(&self.stream, req, fds)?;
         let (resp, _fds): (Response, Vec<OwnedFd>) = proto::recv(&self.stream)?;
         match resp {
@@ -335,6 +340,37 @@ impl AttachClient {
                 got: format!("{other:?}"),
             }),
         }
+    }
+
+    /// Arms the agent's run guard on this connection (see [`Request::ArmGuard`]): the agent pauses the
+    /// guest itself if this client sends nothing for `timeout` or goes away.
+    ///
+    /// # Errors
+    /// [`ClientError::Refused`]: another connection holds the guard, or an agent without one.
+    pub fn arm_guard(&self, timeout: Duration, generation: u64) -> Result<(), ClientError> {
+        self.expect_ok(
+            "arm_guard",
+            &Request::ArmGuard {
+                timeout_ms: timeout.as_millis() as u64,
+                generation,
+            },
+        )
+    }
+
+    /// Disarms the run guard this connection holds: the guest is left as it is.
+    ///
+    /// # Errors
+    /// [`ClientError`].
+    pub fn disarm_guard(&self) -> Result<(), ClientError> {
+        self.expect_ok("disarm_guard", &Request::DisarmGuard)
+    }
+
+    /// Proof of life for the run guard.
+    ///
+    /// # Errors
+    /// [`ClientError::Refused`] naming the trip when the guard tripped (the guest was paused).
+    pub fn keep_alive(&self) -> Result<(), ClientError> {
+        self.expect_ok("keep_alive", &Request::KeepAlive)
     }
 
     /// Lets the vCPUs run.

@@ -10,12 +10,14 @@
 //! - [`proto`]: messages and framing.
 //! - [`agent`]: the VMM side, serving any [`agent::AttachTarget`].
 //! - [`client`]: the sidecar side.
+//! - `guard`: the agent's run guard, which pauses the guest when its sidecar goes silent or away.
 //! - [`inspect`]: a check that a client's view of guest RAM is the VMM's.
 //! - [`socket`]: Unix sockets that appear only once they accept.
 
 pub mod agent;
 pub mod bitmap;
 pub mod client;
+mod guard;
 pub mod inspect;
 pub mod proto;
 pub mod socket;

@@ -115,6 +115,10 @@ pub struct Features {
     /// from an older agent.
     #[serde(default)]
     pub prepare: bool,
+    /// The agent has a run guard ([`Request::ArmGuard`]): it pauses the guest itself when the sidecar
+    /// that armed it goes silent or away. Absent (false) from an older agent.
+    #[serde(default)]
+    pub guard: bool,
 }
 
 impl Default for Features {
@@ -124,6 +128,7 @@ impl Default for Features {
             throttle: true,
             hold_console: true,
             prepare: false,
+            guard: false,
         }
     }
 }
@@ -187,6 +192,21 @@ pub enum Request {
         /// State from [`Response::State`]: its layout is what is built.
         state: serde_json::Value,
     },
+    /// Arms the run guard on this connection: from now on the agent pauses the guest by itself when no
+    /// request arrives on it for `timeout_ms` (a hung sidecar) or it closes (a dead one), and then refuses
+    /// every resume until a sidecar arms the guard again. One connection holds the guard; arming while
+    /// another does (and is alive) is refused. `generation` is the VM's generation the arming sidecar
+    /// holds, for the logs.
+    ArmGuard {
+        /// Silence after which the guest is paused, milliseconds.
+        timeout_ms: u64,
+        /// The VM's generation the sidecar holds.
+        generation: u64,
+    },
+    /// Disarms the guard this connection holds (a sidecar leaving the guest to run on, on purpose).
+    DisarmGuard,
+    /// Nothing but proof of life for the guard (any request is one).
+    KeepAlive,
     /// Current [`VmInfo`] (no descriptors).
     Status,
     /// Stop the VM and exit the VMM.

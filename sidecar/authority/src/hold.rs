@@ -75,7 +75,15 @@ enum FenceCall {
 /// at the server); [`Hold::release`] revokes it at once.
 pub struct Hold {
     status: Arc<Mutex<HoldStatus>>,
+    live: Arc<Mutex<Live>>,
     cmd: mpsc::UnboundedSender<Cmd>,
+}
+
+/// What [`Hold::may_run_now`] reads: a bound that stays true until its instant, whatever the task is doing.
+#[derive(Clone, Copy, Debug, Default)]
+struct Live {
+    safe_until: Option<endophyte_wire::authority::BootInstant>,
+    blocked: bool,
 }
 
 impl Hold {
@@ -112,7 +120,9 @@ impl Hold {
             })
             .expect("spawning the hold's fencer thread");
         let (cmd, cmd_rx) = mpsc::unbounded_channel();
+        let live = Arc::new(Mutex::new(Live::default()));
         let task = Keeper {
+            live: live.clone(),
             auth,
             vm,
             node,
@@ -124,7 +134,21 @@ impl Hold {
             handed_over: false,
         };
         rt.spawn(task.run(claimed, cmd_rx));
-        Hold { status, cmd }
+        Hold { status, live, cmd }
+    }
+
+    /// Whether the guest may run at this instant: the hold is neither fenced nor superseded, and the last
+    /// acknowledged keep-alive still covers now (read against the boot clock now, not from a status the
+    /// keeper wrote earlier).
+    pub fn may_run_now(&self) -> bool {
+        self.may_run_for(Duration::ZERO)
+    }
+
+    /// Whether the guest may run for `d` from now without another acknowledged keep-alive (what a VMM's
+    /// run guard, which pauses the guest `d` after the sidecar's last word, may be told).
+    pub fn may_run_for(&self, d: Duration) -> bool {
+        let l = *self.live.lock().unwrap_or_else(|e| e.into_inner());
+        !l.blocked && l.safe_until.is_some_and(|u| boot_now() + d < u)
     }
 
     /// The hold as it stands.
@@ -202,6 +226,7 @@ async fn reclaim(
 }
 
 struct Keeper {
+    live: Arc<Mutex<Live>>,
     auth: Arc<dyn Authority>,
     vm: String,
     node: String,
@@ -220,6 +245,7 @@ impl Keeper {
             .handle_claimed(claimed.generation, claimed.asked);
         // The claim's own unfence: whoever claimed runs the guest already.
         while self.keeper.poll_action().is_some() {}
+        self.update_status();
         loop {
             tokio::select! {
                 Some(d) = done.recv() => self.handle_done(d),
@@ -329,6 +355,10 @@ impl Keeper {
     }
 
     fn update_status(&self) {
+        *self.live.lock().unwrap_or_else(|e| e.into_inner()) = Live {
+            safe_until: self.keeper.safe_until(),
+            blocked: self.keeper.is_fenced() || self.keeper.is_superseded(),
+        };
         let now = boot_now();
         let mut s = self.status.lock().unwrap_or_else(|e| e.into_inner());
         s.generation = self.keeper.generation();

@@ -50,7 +50,8 @@ fn free_port() -> Result<u16, LocalEtcdError> {
 
 impl LocalEtcd {
     /// Starts etcd with its data (and `etcd.log`) under `dir`, on free loopback ports, and waits until it
-    /// answers. `ETCD_BIN` overrides the binary (`etcd` on `PATH`).
+    /// answers (on a tokio runtime of its own: call it outside any runtime). `ETCD_BIN` overrides the
+    /// binary (`etcd` on `PATH`).
     ///
     /// # Errors
     /// [`LocalEtcdError`], naming the binary or the log.

@@ -238,6 +238,10 @@ impl BackupSpec {
     }
 }
 
+fn d_guard_ms() -> u64 {
+    1500
+}
+
 fn d_epoch_ms() -> u64 {
     100
 }
@@ -382,6 +386,10 @@ pub struct SidecarConfig {
     /// once it cannot show an acknowledged keep-alive; the backups' lease self-fence is then off.
     #[serde(default)]
     pub authority: Option<endophyte_authority::AuthorityConfig>,
+    /// The VMM's run guard, ms: the VMM pauses the guest by itself once this sidecar sends nothing for
+    /// this long or dies (fail closed). With an authority it must end well within the hold.
+    #[serde(default = "d_guard_ms")]
+    pub guard_ms: u64,
     /// The backups.
     #[serde(default, rename = "backup")]
     pub backups: Vec<BackupSpec>,
@@ -469,6 +477,22 @@ impl SidecarConfig {
         }
         if let Some(a) = &self.authority {
             a.validate().map_err(ConfigError::Invalid)?;
+            // A hung sidecar renews nothing: its guard must pause the guest (watchdog tick and the pause
+            // included) before its last renewal's lease can end.
+            let t = a.timing();
+            let guard = std::time::Duration::from_millis(self.guard_ms + 50) + t.action_bound;
+            if guard + t.keepalive_every >= t.safe_for() {
+                return bad(format!(
+                    "guard_ms {} is too long for the authority's TTL {:?}: a hung sidecar's guest must be \
+                     paused (guard, watchdog, pause) within {:?}",
+                    self.guard_ms,
+                    t.ttl,
+                    t.safe_for().saturating_sub(t.keepalive_every)
+                ));
+            }
+        }
+        if self.guard_ms < 100 {
+            return bad(format!("guard_ms {} is under 100", self.guard_ms));
         }
         match (self.attach_socket.as_os_str().is_empty(), &self.qmp) {
             (true, None) => {

@@ -201,6 +201,19 @@ fn organization(der: &[u8], issuer: bool) -> Option<String> {
     org.as_str().ok().map(str::to_owned)
 }
 
+/// The node name a peer proved with its certificate on `conn`: the subject's common name (what
+/// [`issue_node`] writes, equal to its DNS name). `None` when the peer sent no certificate (the TLS
+/// verifier refuses that before any stream opens) or it has no common name.
+pub fn peer_node(conn: &quinn::Connection) -> Option<String> {
+    let certs = conn
+        .peer_identity()?
+        .downcast::<Vec<CertificateDer<'static>>>()
+        .ok()?;
+    let (_, cert) = x509_parser::parse_x509_certificate(certs.first()?.as_ref()).ok()?;
+    let cn = cert.subject().iter_common_name().next()?;
+    cn.as_str().ok().map(str::to_owned)
+}
+
 /// A node's identity in its network: the CA it trusts and its own certificate and key.
 #[derive(Debug)]
 pub struct Identity {

@@ -74,6 +74,10 @@ pub struct SidecarArgs {
     /// The authority lease's TTL, ms (default 5000; whole seconds at etcd).
     #[arg(long)]
     authority_ttl_ms: Option<u64>,
+    /// The VMM's run guard, ms (default 1500): the VMM pauses the guest once the sidecar is silent this
+    /// long or dies.
+    #[arg(long)]
+    guard_ms: Option<u64>,
     /// The self-fence bound, ms (default 2000); each backup's lease must be safely longer.
     #[arg(long)]
     fence_after_ms: Option<u64>,
@@ -187,6 +191,9 @@ fn config(a: &SidecarArgs) -> anyhow::Result<SidecarConfig> {
     }
     if let (Some(v), Some(auth)) = (a.authority_ttl_ms, c.authority.as_mut()) {
         auth.ttl_ms = v;
+    }
+    if let Some(v) = a.guard_ms {
+        c.guard_ms = v;
     }
     if let Some(v) = a.emergency {
         c.emergency = v;

@@ -71,6 +71,10 @@ pub enum VmmError {
     /// A snapshot was cut short by its consumer (the engine stopping, a send failing).
     #[error("snapshot abandoned: {0}")]
     Abandoned(String),
+    /// The VMM's run guard tripped: it paused the guest because this sidecar was silent or away
+    /// ([`SourceVmm::arm_guard`]).
+    #[error("the VMM's run guard tripped: {0}")]
+    GuardTripped(String),
 }
 
 /// A guest RAM region in the replica's address space (for a VMM with one flat guest address space, its
@@ -284,6 +288,35 @@ pub trait SourceVmm: Send + Sync {
     /// # Errors
     /// The VMM failed.
     fn shutdown(&self) -> Result<(), VmmError>;
+
+    /// Arms the VMM's run guard (fail closed): the VMM pauses the guest by itself once this sidecar
+    /// sends nothing for `timeout` ([`SourceVmm::keep_alive`]) or goes away, and resumes it only for a
+    /// sidecar that arms the guard again. `generation` is the VM's generation this sidecar holds. Returns
+    /// `false` for a VMM without a guard (the default), which a dead sidecar leaves running.
+    ///
+    /// # Errors
+    /// The VMM refused (another sidecar guards the guest) or failed.
+    fn arm_guard(&self, timeout: Duration, generation: u64) -> Result<bool, VmmError> {
+        let _ = (timeout, generation);
+        Ok(false)
+    }
+
+    /// Proof of life for an armed guard.
+    ///
+    /// # Errors
+    /// The guard tripped (the guest was paused; the message says why) or the VMM failed.
+    fn keep_alive(&self) -> Result<(), VmmError> {
+        Ok(())
+    }
+
+    /// Disarms the guard: the guest is left as it is when this sidecar goes (a clean stop without an
+    /// authority).
+    ///
+    /// # Errors
+    /// The VMM failed.
+    fn disarm_guard(&self) -> Result<(), VmmError> {
+        Ok(())
+    }
 }
 
 /// A VMM process a backup started for a switchover or a promote: it first holds no VM, then the restored

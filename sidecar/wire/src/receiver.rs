@@ -556,6 +556,7 @@ mod tests {
                 page_size: PS as u32,
                 mem_bytes: 1 << 20,
                 vm_id: "vm".into(),
+                generation: 0,
             }),
         )
         .unwrap();

@@ -80,6 +80,10 @@ enum VmIn {
     PathUp {
         key: u64,
         tx: mpsc::UnboundedSender<EncodedFrame>,
+        /// The peer's node name (its certificate's).
+        node: String,
+        /// The generation its Hello carried.
+        generation: u64,
     },
     Msg {
         key: u64,
@@ -172,6 +176,7 @@ impl BackupNode {
                 page_size: geometry.1,
                 mem_bytes: geometry.2,
                 vm_id: geometry.0.clone(),
+                generation: 0,
             };
             let vm = self.vm_for(&hello)?;
             out.push((geometry.0, vm.committed_at_open));
@@ -336,13 +341,26 @@ impl BackupNode {
                 )))
             }
         };
+        let node = crate::tls::peer_node(&conn).unwrap_or_default();
+        // Per-VM authorization, before anything on disk is touched: under an authority only the VM's
+        // holder, at exactly its generation, may replicate into its replica or switch it over.
+        if let Some(a) = self.authority.get() {
+            if let Err(why) = authorize(a, &hello, &node).await {
+                return refuse(&conn, &mut send, ErrorCode::PermissionDenied, why).await;
+            }
+        }
         let vm = match self.vm_for(&hello) {
             Ok(vm) => vm,
             Err(e) => return refuse(&conn, &mut send, e.code(), e.to_string()).await,
         };
         let key = self.next_key.fetch_add(1, Ordering::Relaxed);
         let (tx, mut out) = mpsc::unbounded_channel::<EncodedFrame>();
-        let _ = vm.tx.send(VmIn::PathUp { key, tx });
+        let _ = vm.tx.send(VmIn::PathUp {
+            key,
+            tx,
+            node,
+            generation: hello.generation,
+        });
         let _ = vm.tx.send(VmIn::Msg {
             key,
             msg: Message::Hello(hello),
@@ -395,6 +413,33 @@ impl BackupNode {
         let _ = vm.tx.send(VmIn::PathDown { key });
         conn.close(0u32.into(), b"bye");
         r.map_err(PathError::Protocol)
+    }
+}
+
+/// Whether node `node` may act for the VM `hello` names: the authority must name it as the holder of
+/// exactly `hello.generation`, running. The reason otherwise, naming node and VM.
+async fn authorize(a: &BackupAuthority, hello: &Hello, node: &str) -> Result<(), String> {
+    let vm = &hello.vm_id;
+    let seen = a.auth.observe(vm).await.map_err(|e| {
+        format!(
+            "cannot check with the fencing authority whether node {node:?} holds VM {vm:?}: {e}"
+        )
+    })?;
+    match seen.record {
+        Some((r, _))
+            if r.holder == node
+                && r.generation == hello.generation
+                && r.state == endophyte_authority::RecordState::Running =>
+        {
+            Ok(())
+        }
+        Some((r, _)) => Err(format!(
+            "node {node:?} may not act for VM {vm:?} at generation {}: the authority says {r}",
+            hello.generation
+        )),
+        None => Err(format!(
+            "node {node:?} may not act for VM {vm:?}: the authority has no record of it (its primary claims it first)"
+        )),
     }
 }
 

@@ -107,6 +107,8 @@ pub(super) fn start(o: Opening) -> Result<(std::sync::mpsc::Sender<VmIn>, u64), 
         // show up before a promote goes through unforced.
         last_heard: Some(Instant::now()),
         silence_reported: false,
+        path_gens: HashMap::new(),
+        newest_generation: 0,
         _lock: lock,
     };
     thread.handle_events(events);
@@ -148,6 +150,11 @@ struct VmThread {
     last_heard: Option<Instant>,
     /// The primary's silence past its lease was logged.
     silence_reported: bool,
+    /// Per path: the peer's node and the generation its Hello carried.
+    path_gens: HashMap<u64, (String, u64)>,
+    /// The newest generation a path's Hello carried for this VM (with the fence's, the floor below which
+    /// paths are refused).
+    newest_generation: u64,
     /// This process's hold on the VM's directory.
     _lock: DirLock,
 }
@@ -194,11 +201,19 @@ impl VmThread {
                     self.target.hold_lost(&why);
                     continue;
                 }
-                VmIn::PathUp { key, tx } => {
-                    self.paths.insert(key, tx);
+                VmIn::PathUp {
+                    key,
+                    tx,
+                    node,
+                    generation,
+                } => {
+                    if self.admit(key, &tx, node, generation) {
+                        self.paths.insert(key, tx);
+                    }
                 }
                 VmIn::PathDown { key } => {
                     self.paths.remove(&key);
+                    self.path_gens.remove(&key);
                 }
                 VmIn::Msg { key, msg } => self.message(key, msg),
             }
@@ -211,7 +226,108 @@ impl VmThread {
         }
     }
 
+    /// A path of node `node` holding `generation` (its Hello's fencing token) comes up: refused below the
+    /// newest generation seen for this VM (a stale primary never writes its old timeline here), and a newer
+    /// one closes the paths of older generations.
+    fn admit(
+        &mut self,
+        key: u64,
+        tx: &mpsc::UnboundedSender<EncodedFrame>,
+        node: String,
+        generation: u64,
+    ) -> bool {
+        // A generation recorded here as aborted or only prepared never ran: its source, one below, still
+        // holds the VM.
+        let f = self.target.fence();
+        let ran = match f.state {
+            endophyte_wire::FenceState::Aborted | endophyte_wire::FenceState::Prepared => {
+                f.generation.saturating_sub(1)
+            }
+            _ => f.generation,
+        };
+        let newest = self.newest_generation.max(ran);
+        if generation < newest {
+            let message = format!(
+                "node {node:?} holds generation {generation} of VM {:?}, but this node has seen generation {newest}: refusing a stale primary",
+                self.o.vm_id
+            );
+            tracing::warn!(vm = %self.o.vm_id, "{message}");
+            let _ = tx.send(
+                Message::Error {
+                    code: ErrorCode::Fenced,
+                    message,
+                }
+                .encode(),
+            );
+            return false;
+        }
+        if generation > self.newest_generation {
+            self.newest_generation = generation;
+            let stale: Vec<u64> = self
+                .path_gens
+                .iter()
+                .filter(|(_, (_, g))| *g < generation)
+                .map(|(k, _)| *k)
+                .collect();
+            for k in stale {
+                if let (Some(tx), Some((n, g))) = (self.paths.remove(&k), self.path_gens.remove(&k))
+                {
+                    let message = format!(
+                        "node {n:?}'s generation {g} of VM {:?} is superseded by generation {generation}",
+                        self.o.vm_id
+                    );
+                    let _ = tx.send(
+                        Message::Error {
+                            code: ErrorCode::Fenced,
+                            message,
+                        }
+                        .encode(),
+                    );
+                }
+            }
+        }
+        self.path_gens.insert(key, (node, generation));
+        true
+    }
+
+    /// A switchover message must name the generation after its path's: a node acts only for the
+    /// generation it holds (a `SwitchoverAbort{u64::MAX}` from anyone else poisons nothing).
+    fn switchover_allowed(&mut self, key: u64, msg: &Message) -> bool {
+        let g = match msg {
+            Message::Switchover(sw) => sw.generation,
+            Message::SwitchoverWarmup { generation }
+            | Message::SwitchoverCommit { generation }
+            | Message::SwitchoverAbort { generation } => *generation,
+            _ => return true,
+        };
+        let Some((node, held)) = self.path_gens.get(&key).cloned() else {
+            return false;
+        };
+        if g == held.saturating_add(1) {
+            return true;
+        }
+        let message = format!(
+            "node {node:?} holds generation {held} of VM {:?}: it may switch over to generation {} only, not {g}",
+            self.o.vm_id,
+            held.saturating_add(1)
+        );
+        tracing::warn!(vm = %self.o.vm_id, "refused: {message}");
+        if let Some(tx) = self.paths.get(&key) {
+            let _ = tx.send(
+                Message::Error {
+                    code: ErrorCode::PermissionDenied,
+                    message,
+                }
+                .encode(),
+            );
+        }
+        false
+    }
+
     fn message(&mut self, key: u64, msg: Message) {
+        if !self.switchover_allowed(key, &msg) {
+            return;
+        }
         let now = Instant::now();
         let replica = self
             .store

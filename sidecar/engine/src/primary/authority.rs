@@ -8,6 +8,7 @@ use std::time::Duration;
 
 use anyhow::Context;
 use endophyte_authority::{Authority, AuthorityConfig, EtcdAuthority, Fencer, Hold};
+use endophyte_vmm::SourceVmm;
 
 use super::gate::GatedVmm;
 use super::shared::Shared;
@@ -18,6 +19,8 @@ struct GateFencer {
     gate: Arc<GatedVmm>,
     shared: Arc<Shared>,
     stop: bool,
+    /// The run guard's timeout (armed again on unfence).
+    guard: Duration,
 }
 
 impl Fencer for GateFencer {
@@ -44,6 +47,12 @@ impl Fencer for GateFencer {
     }
 
     fn unfence(&self) {
+        // The VMM's run guard may have tripped meanwhile: armed again first, under the generation held.
+        if let Some(h) = self.shared.hold.get() {
+            if let Err(e) = self.gate.arm_guard(self.guard, h.generation()) {
+                tracing::error!("arming the run guard again: {e}");
+            }
+        }
         let r = self.gate.unfence();
         self.shared.lock().fence.fenced = self.gate.is_fenced();
         match r {
@@ -78,7 +87,7 @@ pub(super) fn start(
     (vm, node): (&str, &str),
     gate: Arc<GatedVmm>,
     shared: Arc<Shared>,
-    policy: SelfFencePolicy,
+    (policy, guard): (SelfFencePolicy, Duration),
 ) -> anyhow::Result<u64> {
     let auth: Arc<dyn Authority> = {
         let _in = rt.enter();
@@ -101,6 +110,7 @@ pub(super) fn start(
         gate,
         shared: shared.clone(),
         stop: policy == SelfFencePolicy::Stop,
+        guard,
     });
     let hold = Hold::spawn(
         rt.handle(),

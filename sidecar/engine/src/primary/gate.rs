@@ -74,6 +74,24 @@ impl GatedVmm {
         Ok(())
     }
 
+    /// The VMM's run guard paused the guest behind our back (this sidecar was silent) and was armed again:
+    /// the guest runs again if neither the fence nor a cut holds it.
+    ///
+    /// # Errors
+    /// The VMM failed to resume.
+    pub fn resume_after_guard(&self) -> Result<(), VmmError> {
+        let g = self.lock();
+        if g.fenced || g.stopped || g.paused_by_loop {
+            return Ok(());
+        }
+        self.inner.resume()
+    }
+
+    /// Whether the VM was stopped for good (shut down after a migration, or fence policy `stop`).
+    pub fn is_stopped(&self) -> bool {
+        self.lock().stopped
+    }
+
     /// Whether the fence holds the guest.
     pub fn is_fenced(&self) -> bool {
         self.lock().fenced
@@ -128,6 +146,18 @@ impl SourceVmm for GatedVmm {
     fn ram_hash(&self) -> Result<String, VmmError> {
         self.inner.ram_hash()
     }
+    fn arm_guard(&self, timeout: Duration, generation: u64) -> Result<bool, VmmError> {
+        self.inner.arm_guard(timeout, generation)
+    }
+
+    fn keep_alive(&self) -> Result<(), VmmError> {
+        self.inner.keep_alive()
+    }
+
+    fn disarm_guard(&self) -> Result<(), VmmError> {
+        self.inner.disarm_guard()
+    }
+
     fn shutdown(&self) -> Result<(), VmmError> {
         self.lock().stopped = true;
         self.inner.shutdown()

@@ -21,6 +21,7 @@ mod encode;
 mod epoch;
 mod fencing;
 mod gate;
+mod guard;
 mod history;
 mod metrics;
 mod migration;
@@ -132,6 +133,23 @@ pub fn run_sidecar(
         .enable_all()
         .thread_name("endophyte-net")
         .build()?;
+    // Every pause and resume goes through the gate, so that a fenced guest stays paused. The VM is
+    // claimed at the authority before any path connects: each Hello carries the generation held.
+    let mut cfg = cfg;
+    let gate = Arc::new(gate::GatedVmm::new(vmm.clone()));
+    let vmm: Arc<dyn SourceVmm> = gate.clone();
+    if let Some(a) = &cfg.authority {
+        cfg.generation = authority::start(
+            &rt,
+            a,
+            (&cfg.vm_id, &cfg.node),
+            gate.clone(),
+            shared.clone(),
+            (cfg.self_fence, Duration::from_millis(cfg.guard_ms)),
+        )?;
+    } else {
+        tracing::warn!("no fencing authority (--etcd): a promote on a backup is not fenced against this copy; see docs/fencing.md");
+    }
     let client_cfg = identity.client_config_with(cfg.congestion)?;
     let (ev_tx, ev_rx) = mpsc::unbounded_channel();
     let path_stop = Arc::new(tokio::sync::Notify::new());
@@ -143,6 +161,7 @@ pub fn run_sidecar(
                 page_size: page_size as u32,
                 mem_bytes,
                 vm_id: cfg.vm_id.clone(),
+                generation: cfg.generation,
             };
             rt.spawn(run_client_path(
                 client_cfg.clone(),
@@ -219,22 +238,20 @@ pub fn run_sidecar(
         });
     }
 
-    // Every pause and resume goes through the gate, so that a fenced guest stays paused.
-    let gate = Arc::new(gate::GatedVmm::new(vmm.clone()));
-    let vmm: Arc<dyn SourceVmm> = gate.clone();
-    let mut cfg = cfg;
-    if let Some(a) = &cfg.authority {
-        cfg.generation = authority::start(
-            &rt,
-            a,
-            (&cfg.vm_id, &cfg.node),
-            gate.clone(),
-            shared.clone(),
-            cfg.self_fence,
-        )?;
+    // Fail closed: the VMM pauses the guest by itself if this sidecar dies or hangs.
+    let guard_timeout = Duration::from_millis(cfg.guard_ms);
+    let guard_thread = if gate
+        .arm_guard(guard_timeout, cfg.generation)
+        .context("arming the VMM's run guard")?
+    {
+        tracing::info!(timeout_ms = cfg.guard_ms, "the VMM's run guard is armed");
+        Some(guard::spawn(shared.clone(), gate.clone(), guard_timeout)?)
     } else {
-        tracing::warn!("no fencing authority (--etcd): a promote on a backup is not fenced against this copy; see docs/fencing.md");
-    }
+        tracing::warn!(
+            "the VMM has no run guard: a sidecar that dies or hangs leaves its guest running"
+        );
+        None
+    };
     let fence_thread = if cfg.authority.is_some() {
         // The authority's hold is the fence: the backups' answers no longer decide whether the guest runs.
         None
@@ -285,6 +302,16 @@ pub fn run_sidecar(
     shared.request_stop();
     if let Some(t) = fence_thread {
         let _ = t.join();
+    }
+    if let Some(t) = guard_thread {
+        let _ = t.join();
+        // A clean stop without an authority leaves the guest running on purpose; on an error, or under an
+        // authority, the guard stays armed and the connection's close pauses it.
+        if result.is_ok() && cfg.authority.is_none() && !ep.migrated {
+            if let Err(e) = gate.disarm_guard() {
+                tracing::warn!("disarming the run guard: {e}");
+            }
+        }
     }
     if ep.migrated {
         // Whoever asked for the migration learns how it ended before the control socket goes away.

@@ -324,6 +324,7 @@ impl ReplicaStore {
                 page_size: self.page_size as u32,
                 mem_bytes: self.mem_bytes,
                 vm_id: self.vm_id.clone(),
+                generation: 0,
             })
             .encode();
             a.append(&[&hello.head])?;

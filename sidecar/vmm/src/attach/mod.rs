@@ -182,6 +182,39 @@ impl SourceVmm for AttachSource {
         Ok(())
     }
 
+    fn arm_guard(&self, timeout: Duration, generation: u64) -> Result<bool, VmmError> {
+        if !self.client.info().features.guard {
+            return Ok(false);
+        }
+        self.client
+            .arm_guard(timeout, generation)
+            .map_err(failed("arming the run guard"))?;
+        Ok(true)
+    }
+
+    fn keep_alive(&self) -> Result<(), VmmError> {
+        if !self.client.info().features.guard {
+            return Ok(());
+        }
+        match self.client.keep_alive() {
+            Err(endophyte_attach::ClientError::Refused {
+                code: endophyte_attach::ErrorCode::BadState,
+                message,
+                ..
+            }) => Err(VmmError::GuardTripped(message)),
+            r => r.map_err(failed("keeping the run guard alive")),
+        }
+    }
+
+    fn disarm_guard(&self) -> Result<(), VmmError> {
+        if !self.client.info().features.guard {
+            return Ok(());
+        }
+        self.client
+            .disarm_guard()
+            .map_err(failed("disarming the run guard"))
+    }
+
     fn save_state(&self) -> Result<VmState, VmmError> {
         let s = self
             .client

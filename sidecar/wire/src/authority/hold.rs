@@ -296,6 +296,12 @@ impl HoldKeeper {
             .map_or(Duration::ZERO, |u| u.saturating_duration_since(now))
     }
 
+    /// Until when (boot clock) the guest may run without another acknowledged keep-alive; `None` before
+    /// the first claim.
+    pub fn safe_until(&self) -> Option<BootInstant> {
+        self.safe_until
+    }
+
     /// The timing in force.
     pub fn timing(&self) -> HoldTiming {
         self.timing

@@ -2,7 +2,7 @@
 //!
 //! | type | message | direction | payload (little-endian) |
 //! |---|---|---|---|
-//! | 1 | Hello | sidecar -> backup, first on each path | session u64, path u32, page_size u32, mem_bytes u64, vm_id (u16 len + UTF-8) |
+//! | 1 | Hello | sidecar -> backup, first on each path | session u64, path u32, page_size u32, mem_bytes u64, vm_id (u16 len + UTF-8), generation u64 (optional: absent reads 0) |
 //! | 2 | Welcome | backup -> sidecar | instance u64, committed_epoch u64, committed_session u64, node (u16 len + UTF-8), lease_ms u32 |
 //! | 3 | Chunk | sidecar -> backup | epoch u64, seq u32, n_pages u32, raw_len u32, flags u8, 3 zero bytes, content_hash [32], body |
 //! | 4 | ChunkAck | backup -> sidecar | epoch u64, seq u32 |
@@ -84,6 +84,9 @@ pub enum ErrorCode {
     Fenced = 9,
     /// A switchover was refused (the replica does not hold the final epoch, the VMM failed to start).
     SwitchoverFailed = 10,
+    /// The peer may not act for this VM: the fencing authority names another holder or generation, or a
+    /// switchover message names a generation its path's Hello does not lead to.
+    PermissionDenied = 11,
     /// Any code this version does not know.
     Unknown = 0xffff,
 }
@@ -101,6 +104,7 @@ impl ErrorCode {
             8 => Self::TooManyEpochs,
             9 => Self::Fenced,
             10 => Self::SwitchoverFailed,
+            11 => Self::PermissionDenied,
             _ => Self::Unknown,
         }
     }
@@ -119,6 +123,10 @@ pub struct Hello {
     pub mem_bytes: u64,
     /// The VM's name, unique per network.
     pub vm_id: String,
+    /// The VM's generation the sender holds (its fencing token): a backup refuses a sender below the
+    /// generation it has seen, and under a fencing authority one that is not the authority's holder of
+    /// exactly this generation. Encoded after `vm_id`; a Hello without it (an older sidecar) reads as 0.
+    pub generation: u64,
 }
 
 /// The backup's answer to Hello: where replication resumes.
@@ -401,6 +409,7 @@ impl Message {
                 b.put_u32_le(h.page_size);
                 b.put_u64_le(h.mem_bytes);
                 put_str(&mut b, &h.vm_id);
+                b.put_u64_le(h.generation);
             }
             Message::Welcome(w) => {
                 b.put_u64_le(w.instance);
@@ -514,12 +523,18 @@ impl Message {
                 let page_size = p.get_u32_le();
                 let mem_bytes = p.get_u64_le();
                 let vm_id = get_str(&mut p, "Hello")?;
+                let generation = if p.remaining() >= 8 {
+                    p.get_u64_le()
+                } else {
+                    0
+                };
                 Message::Hello(Hello {
                     session,
                     path,
                     page_size,
                     mem_bytes,
                     vm_id,
+                    generation,
                 })
             }
             2 => {

@@ -15,6 +15,7 @@ fn all() -> Vec<Message> {
             page_size: 4096,
             mem_bytes: 1 << 30,
             vm_id: "vm-a".into(),
+            generation: 7,
         }),
         Message::Welcome(Welcome {
             instance: 9,
@@ -131,6 +132,13 @@ fn truncated_payloads_are_malformed_not_panics() {
                         && cut
                             == payload.len() - crate::contrib::encoded_len(&want.contributions) => {
                 }
+                // A Hello cut right before its generation is an older sidecar's: generation 0, and only
+                // there.
+                (Ok(Message::Hello(got)), Message::Hello(want))
+                    if got.generation == 0
+                        && want.generation != 0
+                        && got.vm_id == want.vm_id
+                        && cut == payload.len() - 8 => {}
                 (Ok(_), _) => panic!("{} cut at {cut} decoded", m.name()),
             }
         }
@@ -163,4 +171,28 @@ fn type_zero_is_invalid() {
         payload: Bytes::new(),
     });
     assert_eq!(r, Err(MessageError::UnknownType(0)));
+}
+
+#[test]
+fn a_hello_without_a_generation_reads_as_generation_zero() {
+    let h = Message::Hello(Hello {
+        session: 1,
+        path: 0,
+        page_size: 4096,
+        mem_bytes: 1 << 20,
+        vm_id: "vm".into(),
+        generation: 9,
+    })
+    .encode()
+    .to_vec();
+    // An older sidecar's Hello: the same fields without the trailing generation, in a frame of its own.
+    let body = &h[crate::frame::HEADER_BYTES..h.len() - 8];
+    let mut old = crate::frame::encode_header(1, &[body]).to_vec();
+    old.extend_from_slice(body);
+    let mut d = FrameDecoder::new(1 << 20);
+    d.push(&old);
+    match Message::decode(d.next_frame().unwrap().unwrap()).unwrap() {
+        Message::Hello(h) => assert_eq!((h.vm_id.as_str(), h.generation), ("vm", 0)),
+        other => panic!("{other:?}"),
+    }
 }

@@ -236,6 +236,7 @@ impl Sim {
                 page_size: PS as u32,
                 mem_bytes: (self.pages * PS) as u64,
                 vm_id: "vm".into(),
+                generation: 0,
             }),
         )
         .unwrap();
