@@ -354,6 +354,7 @@ fn a_migration_under_etcd_hands_the_next_generation_to_the_target_which_claims_i
     let Cluster {
         tmp: _tmp,
         etcd,
+        c1,
         c2,
         d1,
         vm: _vm,
@@ -385,6 +386,14 @@ fn a_migration_under_etcd_hands_the_next_generation_to_the_target_which_claims_i
     assert_eq!(
         (fence["generation"].as_u64(), fence["state"].as_str()),
         (Some(2), Some("running"))
+    );
+    // b1's status shows the hold it keeps on the VM it runs.
+    let st = endophyte_engine::control::request(&c1, "GET", "/v1/status", None).unwrap();
+    let hold = &st["vms"][0]["authority"];
+    assert_eq!(
+        (hold["state"].as_str(), hold["generation"].as_u64()),
+        (Some("held"), Some(2)),
+        "{st}"
     );
     let moved = AttachClient::connect(fence["vmm_endpoint"].as_str().unwrap(), "test").unwrap();
     assert!(advances(&moved, Duration::from_millis(500)));

@@ -23,11 +23,17 @@ use endophyte_demo::kv::store::{read_log, Event, State};
 /// One command on the service's API socket; its answer.
 fn ask(api: &Path, line: &str) -> String {
     wait_path(api);
-    let c = UnixStream::connect(api).unwrap();
-    writeln!(&c, "{line}").unwrap();
+    try_ask(api, line).expect("the service answers")
+}
+
+/// One command; `None` when the service went away meanwhile (it exits once its VM migrated away, and may
+/// reset a connection it never read).
+fn try_ask(api: &Path, line: &str) -> Option<String> {
+    let c = UnixStream::connect(api).ok()?;
+    writeln!(&c, "{line}").ok()?;
     let mut answer = String::new();
-    BufReader::new(c).read_line(&mut answer).unwrap();
-    answer.trim_end().to_string()
+    BufReader::new(c).read_line(&mut answer).ok()?;
+    Some(answer.trim_end().to_string())
 }
 
 /// The state the service holds now, as a client reads it.
@@ -47,7 +53,8 @@ impl Writer {
             Some(std::thread::spawn(move || {
                 let mut n = 0u64;
                 while !s.load(Ordering::Relaxed) {
-                    if ask(&api, &format!("SET key-{} {n}", n % 31)) != "OK" {
+                    wait_path(&api);
+                    if try_ask(&api, &format!("SET key-{} {n}", n % 31)).as_deref() != Some("OK") {
                         break;
                     }
                     n += 1;

@@ -307,6 +307,9 @@ pub struct ReplicaStatus {
     pub promotable: bool,
     /// Where the VMM holding the VM here is reached, when one does.
     pub vmm_endpoint: Option<String>,
+    /// This node's hold at the fencing authority on the VM it runs (after a promote or a switchover).
+    #[serde(default)]
+    pub authority: Option<endophyte_authority::HoldStatus>,
 }
 
 /// `GET /v1/status` on a backup.

@@ -135,6 +135,58 @@ pub fn client_endpoint(
     Ok(ep)
 }
 
+/// Where an up path's frames go: its stream, and a lane for pings and pongs that travels as QUIC
+/// datagrams, so that liveness never queues behind megabytes of chunks in the stream (or its flow-control
+/// window). A datagram the peer cannot take goes on the stream instead.
+#[derive(Clone, Debug)]
+pub struct PathTx {
+    stream: mpsc::UnboundedSender<EncodedFrame>,
+    control: mpsc::UnboundedSender<EncodedFrame>,
+}
+
+impl PathTx {
+    /// Queues `f` on the path's stream.
+    ///
+    /// # Errors
+    /// The path is gone.
+    pub fn send(&self, f: EncodedFrame) -> Result<(), mpsc::error::SendError<EncodedFrame>> {
+        self.stream.send(f)
+    }
+
+    /// Queues `msg` where it belongs: a Ping or Pong as a datagram, anything else on the stream.
+    ///
+    /// # Errors
+    /// The path is gone.
+    pub fn send_message(&self, msg: &Message) -> Result<(), mpsc::error::SendError<EncodedFrame>> {
+        match msg {
+            Message::Ping { .. } | Message::Pong { .. } => self.control.send(msg.encode()),
+            _ => self.stream.send(msg.encode()),
+        }
+    }
+}
+
+/// Decodes one datagram as one frame; `None` for anything else (a datagram is dropped, never fatal).
+pub fn decode_datagram(d: &[u8]) -> Option<Message> {
+    let mut dec = endophyte_wire::FrameDecoder::new(64 << 10);
+    dec.push(d);
+    Message::decode(dec.next_frame().ok()??).ok()
+}
+
+/// Sends the control frames queued on `rx` as datagrams on `conn`; one the peer cannot take (datagrams off,
+/// too large) goes to `fallback`, the stream. Ends when the queue closes.
+async fn send_datagrams(
+    conn: &quinn::Connection,
+    mut rx: mpsc::UnboundedReceiver<EncodedFrame>,
+    fallback: mpsc::UnboundedSender<EncodedFrame>,
+) -> Result<(), PathError> {
+    while let Some(f) = rx.recv().await {
+        if conn.send_datagram(bytes::Bytes::from(f.to_vec())).is_err() {
+            let _ = fallback.send(f);
+        }
+    }
+    Ok(())
+}
+
 /// Events a client path reports to its owner.
 #[derive(Debug)]
 pub enum PathEvent {
@@ -143,7 +195,7 @@ pub enum PathEvent {
         /// The backup's Welcome.
         welcome: endophyte_wire::Welcome,
         /// Where to put frames to send on this connection.
-        tx: mpsc::UnboundedSender<EncodedFrame>,
+        tx: PathTx,
     },
     /// A message from the peer.
     Message(Message),
@@ -247,9 +299,34 @@ async fn client_session(
         }
     };
     let (tx, mut rx) = mpsc::unbounded_channel::<EncodedFrame>();
-    if events.send((tag, PathEvent::Up { welcome, tx })).is_err() {
+    let (control, control_rx) = mpsc::unbounded_channel::<EncodedFrame>();
+    let path_tx = PathTx {
+        stream: tx.clone(),
+        control,
+    };
+    if events
+        .send((
+            tag,
+            PathEvent::Up {
+                welcome,
+                tx: path_tx,
+            },
+        ))
+        .is_err()
+    {
         return Ok(());
     }
+    let datagrams_out = send_datagrams(&conn, control_rx, tx);
+    let datagrams_in = async {
+        loop {
+            let d = conn.read_datagram().await?;
+            if let Some(m @ (Message::Pong { .. } | Message::Ping { .. })) = decode_datagram(&d) {
+                if events.send((tag, PathEvent::Message(m))).is_err() {
+                    return Ok(());
+                }
+            }
+        }
+    };
     let writer = async {
         while let Some(f) = rx.recv().await {
             write_frame(&mut send, f).await?;
@@ -271,6 +348,8 @@ async fn client_session(
     let r = tokio::select! {
         r = writer => r,
         r = reader => r,
+        r = datagrams_out => r,
+        r = datagrams_in => r,
     };
     conn.close(0u32.into(), b"path closed");
     r

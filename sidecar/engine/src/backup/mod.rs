@@ -357,10 +357,27 @@ impl BackupNode {
         let (tx, mut out) = mpsc::unbounded_channel::<EncodedFrame>();
         let _ = vm.tx.send(VmIn::PathUp {
             key,
-            tx,
+            tx: tx.clone(),
             node,
             generation: hello.generation,
         });
+        // Pings are answered here, before anything is stored: a journal write or an fsync in the VM's
+        // thread never delays the primary's proof that this backup hears it. Datagram pings are answered
+        // as datagrams.
+        let datagrams = async {
+            loop {
+                let d = match conn.read_datagram().await {
+                    Ok(d) => d,
+                    Err(_) => return Ok::<(), PathError>(()),
+                };
+                if let Some(Message::Ping { token }) = crate::transport::decode_datagram(&d) {
+                    let pong = Message::Pong { token }.encode().to_vec();
+                    if conn.send_datagram(bytes::Bytes::from(pong)).is_err() {
+                        let _ = tx.send(Message::Pong { token }.encode());
+                    }
+                }
+            }
+        };
         let _ = vm.tx.send(VmIn::Msg {
             key,
             msg: Message::Hello(hello),
@@ -377,6 +394,9 @@ impl BackupNode {
         let reader = async {
             loop {
                 match read_message(&mut recv).await {
+                    Ok(Message::Ping { token }) => {
+                        let _ = tx.send(Message::Pong { token }.encode());
+                    }
                     Ok(msg) => {
                         if vm.tx.send(VmIn::Msg { key, msg }).is_err() {
                             return Ok(());
@@ -402,6 +422,7 @@ impl BackupNode {
         };
         let r = tokio::select! {
             r = writer => r.map_err(|e| e.explain()),
+            r = datagrams => r.map_err(|e| e.explain()),
             r = reader => match r {
                 Ok(()) => Ok(()),
                 Err((code, m)) => {

@@ -511,6 +511,7 @@ impl VmThread {
             promotable: self.target.idle()
                 && self.store.as_ref().is_some_and(|s| s.vm_state().is_some()),
             vmm_endpoint: Some(self.target.endpoint().to_string()).filter(|e| !e.is_empty()),
+            authority: self.target.hold_status(),
         }
     }
 

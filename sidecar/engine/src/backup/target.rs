@@ -118,6 +118,11 @@ impl Target {
         ));
     }
 
+    /// This node's hold at the authority on the VM it runs, as status shows it.
+    pub(super) fn hold_status(&self) -> Option<endophyte_authority::HoldStatus> {
+        self.hold.as_ref().map(|h| h.status())
+    }
+
     /// The hold is lost (or another node holds the VM): stop the VM running here.
     pub(super) fn hold_lost(&mut self, why: &str) {
         if self.runs_here() {

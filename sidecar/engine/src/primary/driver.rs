@@ -5,7 +5,7 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use endophyte_wire::Event;
+use endophyte_wire::{Event, Message};
 use tokio::sync::mpsc;
 
 use super::shared::Shared;
@@ -129,7 +129,15 @@ fn step(
             if let Some(b) = bucket.as_mut() {
                 b.tokens -= frame.len() as f64;
             }
-            let _ = tx.send(frame);
+            // Pings and pongs go as datagrams: liveness does not wait behind chunks.
+            match &t.msg {
+                Message::Ping { .. } | Message::Pong { .. } => {
+                    let _ = tx.send_message(&t.msg);
+                }
+                _ => {
+                    let _ = tx.send(frame);
+                }
+            }
         }
     }
     while let Some(ev) = g.sender.poll_event() {

@@ -9,8 +9,7 @@ use std::sync::{Condvar, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
 use endophyte_wire::switchover::SwitchoverOutcome;
-use endophyte_wire::{EncodedFrame, Sender};
-use tokio::sync::mpsc;
+use endophyte_wire::Sender;
 
 use super::metrics::PrimaryMetrics;
 use super::migration::MigrationCtl;
@@ -169,7 +168,7 @@ pub(super) struct Counters {
 pub(super) struct Inner {
     pub sender: Sender,
     /// Per backup, per path: where frames for it go while it is up.
-    pub paths: Vec<Vec<Option<mpsc::UnboundedSender<EncodedFrame>>>>,
+    pub paths: Vec<Vec<Option<crate::transport::PathTx>>>,
     pub durability: Durability,
     pub counters: Counters,
     /// Bandwidth cap in force (`--max-bandwidth`, changed at run time through the control API).
