@@ -42,6 +42,10 @@ struct Args {
     /// (KubeVirt's qemu user is 107); applied when this process runs as root.
     #[arg(long, default_value_t = 107)]
     qemu_uid: u32,
+    /// The fencing authority for every sidecar this hook starts: etcd v3 endpoints, comma-separated
+    /// (the manifests' `endophyte-etcd` cluster). VM annotations cannot change it.
+    #[arg(long, value_delimiter = ',')]
+    etcd: Vec<String>,
 }
 
 fn main() -> anyhow::Result<()> {
@@ -95,6 +99,7 @@ async fn serve(a: Args, socket_dir: PathBuf, compute_dir: PathBuf) -> anyhow::Re
         certs: a.certs.clone(),
         qmp: private.join("qmp.sock"),
         control: private.join("control.sock"),
+        etcd: a.etcd.clone(),
     });
     let hook = Hook {
         qmp_for_qemu: compute_dir

@@ -35,6 +35,8 @@ pub struct SidecarLaunch {
     pub qmp: PathBuf,
     /// The sidecar's control socket.
     pub control: PathBuf,
+    /// The fencing authority's etcd endpoints (`--etcd`); empty: none (the sidecar says so loudly).
+    pub etcd: Vec<String>,
 }
 
 /// The sidecar's supervisor; one per hook process (one VM per virt-launcher pod).
@@ -182,6 +184,9 @@ impl Supervisor {
         }
         for b in &a.backups {
             c.arg("--backup").arg(b);
+        }
+        if !l.etcd.is_empty() {
+            c.arg("--etcd").arg(l.etcd.join(","));
         }
         c.args(&a.args)
             .stdin(std::process::Stdio::null())

@@ -11,7 +11,9 @@ use serde::Deserialize;
 /// `;`-separated backups, each in `endophyte sidecar --backup` form:
 /// `name=NODE,addr=IP:PORT[,paths=N][,via=RELAY+RELAY]`.
 pub const BACKUPS: &str = "endophyte.io/backups";
-/// The VM's name in the Endophyte network (default `<namespace>-<name>`).
+/// The VM's name in the Endophyte network (default `vm-<uid>`: the UID of the VirtualMachine that owns
+/// the VMI, stable across its restarts, or the VMI's own for a VMI without one). Names built from
+/// namespace and name collide (`team-a/db` and `team/a-db` both read `team-a-db`); UIDs do not.
 pub const VM_ID: &str = "endophyte.io/vm-id";
 /// The node name whose certificate the sidecar presents (default: the VM id).
 pub const NODE: &str = "endophyte.io/node";
@@ -31,6 +33,14 @@ const RESERVED: &[&str] = &[
     "--control-socket",
     "--backup",
     "--config",
+    // Fencing is the operator's, not the VM owner's: annotations cannot switch it off or pick a
+    // generation.
+    "--self-fence",
+    "--fence-after-ms",
+    "--generation",
+    "--guard-ms",
+    "--etcd",
+    "--authority-ttl-ms",
 ];
 
 /// Why a VMI cannot be attached.
@@ -50,6 +60,9 @@ pub enum VmiError {
     /// The extra flags do not split or carry a reserved flag.
     #[error("annotation {SIDECAR_ARGS}: {0}")]
     BadArgs(String),
+    /// Neither the VMI nor its owner has a UID, and no [`VM_ID`] annotation names the VM.
+    #[error("the VMI has no metadata.uid (nor an owning VirtualMachine's): give the VM an {VM_ID} annotation")]
+    NoUid,
     /// An annotation's value is empty or unusable as a name.
     #[error("annotation {key}: {value:?} is not a name (letters, digits, '-', '_', '.')")]
     BadName {
@@ -67,11 +80,18 @@ struct Vmi {
 
 #[derive(Deserialize)]
 struct Metadata {
-    name: String,
     #[serde(default)]
-    namespace: Option<String>,
+    uid: Option<String>,
+    #[serde(default, rename = "ownerReferences")]
+    owners: Vec<Owner>,
     #[serde(default)]
     annotations: BTreeMap<String, String>,
+}
+
+#[derive(Deserialize)]
+struct Owner {
+    kind: String,
+    uid: String,
 }
 
 /// How one VM is replicated: the sidecar's identity, backups and extra flags.
@@ -100,10 +120,16 @@ impl Attachment {
         let a = &m.annotations;
         let vm_id = match a.get(VM_ID) {
             Some(v) => name(VM_ID, v)?,
-            None => match &m.namespace {
-                Some(ns) if !ns.is_empty() => format!("{ns}-{}", m.name),
-                _ => m.name.clone(),
-            },
+            None => {
+                let uid = m
+                    .owners
+                    .iter()
+                    .find(|o| o.kind == "VirtualMachine")
+                    .map(|o| o.uid.as_str())
+                    .or(m.uid.as_deref())
+                    .ok_or(VmiError::NoUid)?;
+                name("metadata.uid", &format!("vm-{uid}"))?
+            }
         };
         let node = match a.get(NODE) {
             Some(v) => name(NODE, v)?,
@@ -172,7 +198,13 @@ mod tests {
         serde_json::to_vec(&serde_json::json!({
             "apiVersion": "kubevirt.io/v1",
             "kind": "VirtualMachineInstance",
-            "metadata": {"name": "db", "namespace": "prod", "annotations": annotations},
+            "metadata": {
+                "name": "db",
+                "namespace": "prod",
+                "uid": "1f2e3d4c-0000-4000-8000-00000000aaaa",
+                "ownerReferences": [{"kind": "VirtualMachine", "name": "db", "uid": "9a8b7c6d-0000-4000-8000-00000000bbbb"}],
+                "annotations": annotations
+            },
             "spec": {"domain": {"devices": {}}}
         }))
         .unwrap()
@@ -185,8 +217,9 @@ mod tests {
             SIDECAR_ARGS: "--quorum 1 --max-bandwidth '100MB/s'",
         })))
         .unwrap();
-        assert_eq!(a.vm_id, "prod-db");
-        assert_eq!(a.node, "prod-db");
+        // The owning VirtualMachine's UID: stable across the VMI's restarts, unique across namespaces.
+        assert_eq!(a.vm_id, "vm-9a8b7c6d-0000-4000-8000-00000000bbbb");
+        assert_eq!(a.node, a.vm_id);
         assert_eq!(a.backups.len(), 2);
         assert_eq!(a.args, ["--quorum", "1", "--max-bandwidth", "100MB/s"]);
     }
@@ -200,6 +233,25 @@ mod tests {
         let bad =
             e(serde_json::json!({BACKUPS: "name=b1,addr=10.0.0.5:1", SIDECAR_ARGS: "--qmp /x"}));
         assert!(bad.contains("--qmp"), "{bad}");
+        for flag in [
+            "--self-fence off",
+            "--generation 9",
+            "--etcd=http://x:1",
+            "--guard-ms 100000",
+        ] {
+            let bad =
+                e(serde_json::json!({BACKUPS: "name=b1,addr=10.0.0.5:1", SIDECAR_ARGS: flag}));
+            assert!(bad.contains("set by the hook"), "{flag}: {bad}");
+        }
+        let no_uid = Attachment::from_vmi(
+            &serde_json::to_vec(&serde_json::json!({
+                "metadata": {"name": "db", "annotations": {BACKUPS: "name=b1,addr=10.0.0.5:1"}}
+            }))
+            .unwrap(),
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(no_uid.contains("uid") && no_uid.contains(VM_ID), "{no_uid}");
         let bad = e(serde_json::json!({BACKUPS: "name=b1,addr=10.0.0.5:1", VM_ID: "a/b"}));
         assert!(bad.contains(VM_ID), "{bad}");
         let bad = Attachment::from_vmi(b"{\"kind\": 1}")

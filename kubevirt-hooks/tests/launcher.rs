@@ -157,7 +157,7 @@ fn the_hook_answers_virt_launcher_in_every_version() {
         "{}",
         e.message()
     );
-    let no_backups = br#"{"metadata": {"name": "a", "namespace": "b"}}"#;
+    let no_backups = br#"{"metadata": {"name": "a", "namespace": "b", "uid": "6d1c0e4e-9b1a-4c57-a1b7-3f8a0e1b2c3d"}}"#;
     let e = rt
         .block_on(c.on_define_domain(&xml, no_backups))
         .unwrap_err();

@@ -187,6 +187,7 @@ fn the_vm_and_the_plugin_say_what_the_hook_reads() {
         "apiVersion": "kubevirt.io/v1",
         "kind": "VirtualMachineInstance",
         "metadata": {"name": "vm-fedora", "namespace": vm["metadata"]["namespace"].as_str().unwrap(),
+                     "uid": "2b7e1f0a-5c3d-4e8f-9a6b-1c2d3e4f5a6b",
                      "annotations": serde_json::to_value(annotations).unwrap()},
     });
     let a = Attachment::from_vmi(&serde_json::to_vec(&vmi).unwrap()).unwrap();

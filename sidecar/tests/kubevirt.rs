@@ -68,8 +68,8 @@ fn hook_binary() -> PathBuf {
         .expect("cargo named the hook's executable")
 }
 
-/// The VM id the hook derives from [`vmi`]'s name and namespace, which is also its node name.
-const VM: &str = "default-vm-e2e";
+/// The VM id the hook derives from [`vmi`]'s owning VirtualMachine's UID, which is also its node name.
+const VM: &str = "vm-0e2e0e2e-0000-4000-8000-000000000001";
 
 /// The hook binary, a scratch directory and the reaper of what runs in it.
 fn setup() -> (PathBuf, tempfile::TempDir, Reaper) {
@@ -92,6 +92,8 @@ fn vmi(backups: &[(&str, std::net::SocketAddr)], hashes: &Path) -> Vec<u8> {
         "metadata": {
             "name": "vm-e2e",
             "namespace": "default",
+            "uid": "0e2e0e2e-0000-4000-8000-0000000000ff",
+            "ownerReferences": [{"apiVersion": "kubevirt.io/v1", "kind": "VirtualMachine", "name": "vm-e2e", "uid": "0e2e0e2e-0000-4000-8000-000000000001"}],
             "annotations": {
                 "hooks.kubevirt.io/hookSidecars": "[{\"image\": \"endophyte-kubevirt-hook\"}]",
                 "endophyte.io/backups": backups.join("; "),
