@@ -308,7 +308,13 @@ impl Connection {
         }
         // Logging goes on (so no write is missed); the next consumer takes the log over. A throttle or a
         // console hold this connection set ends with it.
-        let closed_guard = self.holders().guard.closed(self.id);
+        // A client that shut the VM down (it runs elsewhere now) leaves nothing to guard.
+        let closed_guard = if matches!(result, Ok(true)) {
+            self.holders().guard.disarm(self.id);
+            None
+        } else {
+            self.holders().guard.closed(self.id)
+        };
         if let Some(why) = closed_guard {
             trip(&*self.target, &why);
         }
