@@ -277,17 +277,11 @@ fn a_primary_cut_from_etcd_stops_its_guest_before_one_of_two_racing_backups_prom
     // Healed: the old sidecar learns from etcd that another node holds the VM, and exits non-zero; its
     // guest never ran again.
     proxy.set_cut(false);
-    let t = Instant::now();
-    let status = loop {
-        if let Some(st) = sidecar.try_wait().unwrap() {
-            break st;
-        }
-        assert!(
-            t.elapsed() < Duration::from_secs(20),
-            "the superseded sidecar did not exit"
-        );
-        std::thread::sleep(Duration::from_millis(100));
-    };
+    let status = exit_within(
+        &mut sidecar,
+        Duration::from_secs(20),
+        "the superseded sidecar",
+    );
     assert!(!status.success(), "a superseded sidecar exited 0");
     stop_sampling.store(true, Ordering::SeqCst);
     sampler.join().unwrap();

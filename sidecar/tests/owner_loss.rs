@@ -171,17 +171,7 @@ fn a_hung_sidecar_leaves_its_guest_paused_and_cannot_resume_it_when_it_wakes() {
     // guard, and the guest stays paused.
     // SAFETY: as above.
     assert_eq!(unsafe { libc::kill(sidecar.id() as i32, libc::SIGCONT) }, 0);
-    let t = std::time::Instant::now();
-    let status = loop {
-        if let Some(st) = sidecar.try_wait().unwrap() {
-            break st;
-        }
-        assert!(
-            t.elapsed() < Duration::from_secs(30),
-            "the woken sidecar did not end"
-        );
-        std::thread::sleep(Duration::from_millis(100));
-    };
+    let status = exit_within(&mut sidecar, Duration::from_secs(30), "the woken sidecar");
     assert!(!status.success(), "a sidecar whose guard tripped exited 0");
     std::thread::sleep(Duration::from_millis(500));
     assert_eq!(

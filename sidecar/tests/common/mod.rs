@@ -301,6 +301,18 @@ pub fn sidecar_start(args: &[String]) -> Sidecar {
     ))
 }
 
+/// Waits up to `limit` for `child` to exit by itself; panics naming `what` otherwise.
+pub fn exit_within(child: &mut Child, limit: Duration, what: &str) -> std::process::ExitStatus {
+    let t = Instant::now();
+    loop {
+        if let Some(st) = child.try_wait().unwrap() {
+            return st;
+        }
+        assert!(t.elapsed() < limit, "{what} did not exit within {limit:?}");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
 /// Asks a sidecar started by [`sidecar_start`] to stop (SIGTERM: final epoch, then exit) and returns its
 /// JSON report.
 pub fn sidecar_stop(sidecar: Sidecar) -> serde_json::Value {
