@@ -400,3 +400,68 @@ fn a_migration_under_etcd_hands_the_next_generation_to_the_target_which_claims_i
     );
     moved.shutdown().unwrap();
 }
+
+#[test]
+fn a_hung_sidecar_under_etcd_leaves_its_guest_paused_a_promote_follows_and_waking_resumes_nothing()
+{
+    if !kvm_available() {
+        return;
+    }
+    let Cluster {
+        tmp: _tmp,
+        etcd,
+        c1,
+        vm: _vm,
+        probe,
+        mut sidecar,
+        _b,
+        ..
+    } = cluster();
+    assert!(advances(&probe, Duration::from_millis(300)));
+    // The sidecar hangs (SIGSTOP): it renews nothing and pauses nothing itself.
+    signal(sidecar.id(), libc::SIGSTOP);
+    let hung = Instant::now();
+    // The VMM's guard pauses the guest (1.5 s of silence), before the lease can end at etcd (5 s): the
+    // guest's counter, sampled before each promote attempt, last moved before the winning attempt.
+    let mut prev = guest_pages(&probe);
+    let mut last_moved = Instant::now();
+    let (promoted, asked) = loop {
+        let p = guest_pages(&probe);
+        if p != prev {
+            (prev, last_moved) = (p, Instant::now());
+        }
+        let asked = Instant::now();
+        match promote(&c1) {
+            Ok(v) => break (v, asked),
+            Err(e) => {
+                assert!(e.contains("lease"), "{e}");
+                assert!(hung.elapsed() < Duration::from_secs(20), "no promote: {e}");
+                std::thread::sleep(Duration::from_millis(100));
+            }
+        }
+    };
+    assert!(
+        last_moved < asked && guest_pages(&probe) == prev,
+        "the hung sidecar's guest ran until the promote"
+    );
+    eprintln!(
+        "guest last moved {:?} after the hang, promoted {:?} after it",
+        last_moved.duration_since(hung),
+        asked.duration_since(hung)
+    );
+    assert_eq!(promoted["generation"], 2, "{promoted}");
+    // The sidecar wakes: its hold lapsed, the reclaim is refused (b1 holds generation 2), it exits, and
+    // the old guest never runs again.
+    signal(sidecar.id(), libc::SIGCONT);
+    let status = exit_within(&mut sidecar, Duration::from_secs(20), "the woken sidecar");
+    assert!(!status.success(), "a superseded sidecar exited 0");
+    assert!(
+        !advances(&probe, Duration::from_millis(500)),
+        "the woken sidecar resumed its guest"
+    );
+    let (record, _) = observe(&etcd).record.unwrap();
+    assert_eq!((record.generation, record.holder.as_str()), (2, "b1"));
+    let vm2 = AttachClient::connect(promoted["vmm_socket"].as_str().unwrap(), "test").unwrap();
+    assert!(advances(&vm2, Duration::from_millis(500)));
+    vm2.shutdown().unwrap();
+}
