@@ -272,10 +272,13 @@ impl Keeper {
                 _ = tokio::time::sleep(TICK) => {}
             }
             self.keeper.handle_timeout(boot_now());
-            while let Some(a) = self.keeper.poll_action() {
+            // The live view first: a fencer told to unfence asks it (`may_run_now`) before resuming.
+            let actions: Vec<HoldAction> =
+                std::iter::from_fn(|| self.keeper.poll_action()).collect();
+            self.update_status();
+            for a in actions {
                 self.act(a, &done_tx);
             }
-            self.update_status();
         }
     }
 

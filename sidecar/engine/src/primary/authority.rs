@@ -107,7 +107,7 @@ pub(super) fn start(
     tracing::info!(%vm, generation = claimed.generation, authority = %auth.describe(),
         ttl_ms = cfg.ttl().as_millis() as u64, "claimed the VM at the fencing authority");
     let fencer = Arc::new(GateFencer {
-        gate,
+        gate: gate.clone(),
         shared: shared.clone(),
         stop: policy == SelfFencePolicy::Stop,
         guard,
@@ -120,7 +120,9 @@ pub(super) fn start(
         claimed,
         fencer,
     );
-    let _ = shared.hold.set(Arc::new(hold));
+    let hold = Arc::new(hold);
+    let _ = shared.hold.set(hold.clone());
+    gate.set_may_run(move || hold.may_run_now());
     Ok(claimed.generation)
 }
 

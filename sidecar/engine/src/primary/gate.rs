@@ -18,10 +18,15 @@ struct Gate {
     stopped: bool,
 }
 
-/// A [`SourceVmm`] whose guest runs only when neither the epoch loop nor the self-fence holds it.
+/// Whether the guest may run at this instant (the hold at the fencing authority covers it).
+type MayRun = Box<dyn Fn() -> bool + Send + Sync>;
+
+/// A [`SourceVmm`] whose guest runs only when neither the epoch loop nor the self-fence holds it, and,
+/// under a fencing authority, only while the hold covers the instant of the resume.
 pub(super) struct GatedVmm {
     inner: Arc<dyn SourceVmm>,
     gate: Mutex<Gate>,
+    may_run: std::sync::OnceLock<MayRun>,
 }
 
 impl GatedVmm {
@@ -29,7 +34,30 @@ impl GatedVmm {
         Self {
             inner,
             gate: Mutex::new(Gate::default()),
+            may_run: std::sync::OnceLock::new(),
         }
+    }
+
+    /// Under a fencing authority: every resume first asks `f` whether the hold covers this instant. One
+    /// that does not leaves the guest paused and the gate fenced, which the hold's own fence and unfence
+    /// then take over; a sidecar woken from a stop cannot resume its guest in the moment before its
+    /// keeper notices the hold lapsed.
+    pub fn set_may_run(&self, f: impl Fn() -> bool + Send + Sync + 'static) {
+        let _ = self.may_run.set(Box::new(f));
+    }
+
+    /// Whether the hold (if any) covers now; when not, the gate fences itself.
+    fn hold_covers(&self, g: &mut Gate) -> bool {
+        if self.may_run.get().is_some_and(|f| !f()) {
+            if !g.fenced {
+                tracing::warn!(
+                    "the authority hold does not cover this instant: the guest stays paused"
+                );
+            }
+            g.fenced = true;
+            return false;
+        }
+        true
     }
 
     fn lock(&self) -> MutexGuard<'_, Gate> {
@@ -68,7 +96,7 @@ impl GatedVmm {
             return Ok(());
         }
         g.fenced = false;
-        if !g.paused_by_loop {
+        if !g.paused_by_loop && self.hold_covers(&mut g) {
             self.inner.resume()?;
         }
         Ok(())
@@ -80,8 +108,8 @@ impl GatedVmm {
     /// # Errors
     /// The VMM failed to resume.
     pub fn resume_after_guard(&self) -> Result<(), VmmError> {
-        let g = self.lock();
-        if g.fenced || g.stopped || g.paused_by_loop {
+        let mut g = self.lock();
+        if g.fenced || g.stopped || g.paused_by_loop || !self.hold_covers(&mut g) {
             return Ok(());
         }
         self.inner.resume()
@@ -128,7 +156,7 @@ impl SourceVmm for GatedVmm {
     /// Ends a cut's pause; a fenced guest stays paused.
     fn resume(&self) -> Result<(), VmmError> {
         let mut g = self.lock();
-        if !g.fenced {
+        if !g.fenced && self.hold_covers(&mut g) {
             self.inner.resume()?;
         }
         g.paused_by_loop = false;
