@@ -120,8 +120,10 @@ pub fn run_sidecar(
             node: cfg.node.clone(),
             mem_bytes,
             backups: cfg.backups.iter().map(|b| b.name.clone()).collect(),
-            fence_after: (cfg.self_fence != crate::config::SelfFencePolicy::Off)
-                .then(|| cfg.fence_after()),
+            // Under an authority its hold is the fence: the backups' leases bound nothing.
+            fence_after: (cfg.self_fence != crate::config::SelfFencePolicy::Off
+                && cfg.authority.is_none())
+            .then(|| cfg.fence_after()),
         },
         crate::services::console::Console::new(console_out),
         cfg.max_bandwidth,
